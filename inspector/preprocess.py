@@ -11,7 +11,6 @@ from __future__ import annotations
 import io as _io
 import logging
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -165,7 +164,7 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
         return img.copy()
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
+    t = torch.from_numpy(np.array(img, dtype=np.float32, order="C"))[None, None]
     r = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
     out = torch.zeros((size, size), dtype=torch.float32)
     top, left = (size - nh) // 2, (size - nw) // 2
@@ -479,5 +478,3 @@ def random_views(
     return x.clamp_(0, 1)
 
 
-def _warn(msg: str) -> None:  # pragma: no cover - thin helper
-    warnings.warn(msg, stacklevel=3)

@@ -1,0 +1,366 @@
+"""The feature engine: batched, cached, multi-view extraction of per-layer embeddings.
+
+``extract(cohort, extractor="ssl")`` resizes every slice to the extractor's input size, runs the
+extractor in batches (CUDA with autocast when present, else CPU), pools per layer, and stores the
+result in the content-addressed cache (:mod:`inspector.cache`). Views (identity, flips, small
+rotations) are extracted by transforming the input images, so that view-invariant matching can
+compare every view of a query with the identity view of the training set.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .cache import EmbeddingCache, hash_key
+from .models import Extractor, get_extractor
+from .preprocess import affine_warp, resize_square
+from .types import Cohort
+
+__all__ = [
+    "Features",
+    "ProgressFn",
+    "VIEWS",
+    "FLIP_VIEWS",
+    "view_images",
+    "cohort_images",
+    "prepare_extractor",
+    "extract",
+]
+
+log = logging.getLogger(__name__)
+
+#: ``progress(stage, done, total)``: the CLI renders it with tqdm, the app with ``st.progress``.
+ProgressFn = Callable[[str, int, int], None]
+
+#: The flip group: identity, horizontal, vertical and both.
+FLIP_VIEWS: tuple[str, ...] = ("id", "hflip", "vflip", "hvflip")
+#: Every view name understood by :func:`view_images` (rotations as ``rot<deg>``, e.g. ``rot+5``).
+VIEWS: tuple[str, ...] = (*FLIP_VIEWS, "rot-5", "rot+5", "rot-10", "rot+10")
+
+_MEMMAP_BYTES = 512 * 1024**2  # outputs bigger than this stream to a memory-mapped file
+
+
+def view_images(images: np.ndarray, view: str) -> np.ndarray:
+    """Apply a named view to a batch of images.
+
+    Parameters
+    ----------
+    images : np.ndarray, shape (n, H, W), float32
+    view : str
+        ``id``, ``hflip``, ``vflip``, ``hvflip`` or ``rot<signed degrees>`` (e.g. ``rot+5``).
+
+    Returns
+    -------
+    np.ndarray, shape (n, H, W), float32
+    """
+    x = np.asarray(images, dtype=np.float32)
+    if view == "id":
+        return x
+    if view == "hflip":
+        return np.ascontiguousarray(x[:, :, ::-1])
+    if view == "vflip":
+        return np.ascontiguousarray(x[:, ::-1, :])
+    if view == "hvflip":
+        return np.ascontiguousarray(x[:, ::-1, ::-1])
+    if view.startswith("rot"):
+        try:
+            angle = float(view[3:])
+        except ValueError as e:
+            raise ValueError(f"Bad rotation view {view!r}; use e.g. 'rot+5' or 'rot-10'.") from e
+        return affine_warp(torch.from_numpy(np.ascontiguousarray(x)), angle_deg=angle).numpy()
+    raise ValueError(f"Unknown view {view!r}; valid views: {VIEWS} (or any 'rot<deg>').")
+
+
+def cohort_images(cohort: Cohort | np.ndarray, size: int) -> np.ndarray:
+    """All slices of a cohort resized to ``size x size`` (aspect kept, zero padded).
+
+    Parameters
+    ----------
+    cohort : Cohort or np.ndarray of shape (n, H, W)
+    size : int
+
+    Returns
+    -------
+    np.ndarray, shape (n, size, size), float32 in [0, 1]
+    """
+    if isinstance(cohort, Cohort):
+        if len(cohort) == 0:
+            raise ValueError(f"Cohort {cohort.name!r} has no slices; nothing to extract.")
+        return np.stack([resize_square(s.array, size) for s in cohort.slices]).astype(np.float32)
+    arr = np.asarray(cohort, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[0] == 0:
+        raise ValueError(f"Expected a Cohort or an array of shape (n, H, W) with n >= 1; got {arr.shape}.")
+    if arr.shape[1:] == (size, size):
+        return arr
+    return np.stack([resize_square(a, size) for a in arr]).astype(np.float32)
+
+
+def _content_hash(images: np.ndarray) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=32)
+    h.update(str(images.shape).encode())
+    h.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Features:
+    """Per-layer, per-view pooled embeddings of one cohort.
+
+    Attributes
+    ----------
+    views : dict of str to dict of str to np.ndarray
+        ``views[view][layer]`` has shape (n, C_layer), float32. ``"id"`` is always present.
+    extractor : str
+        Extractor name.
+    fingerprint : str
+        The extractor's fingerprint (config and weights), part of the cache key.
+    content_hash : str
+        Hash of the images the features were computed from.
+    from_cache : dict of str to bool
+        Per view, whether it came from the cache.
+    seconds : float
+        Wall time of the call.
+    """
+
+    views: dict[str, dict[str, np.ndarray]]
+    extractor: str
+    fingerprint: str
+    content_hash: str
+    from_cache: dict[str, bool] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def layers(self) -> dict[str, np.ndarray]:
+        """The identity view: ``{layer: (n, C_layer)}``."""
+        return self.views["id"]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.views["id"])
+
+    def __len__(self) -> int:
+        return next(iter(self.views["id"].values())).shape[0]
+
+
+def prepare_extractor(
+    extractor: str | Extractor,
+    train: Cohort | np.ndarray | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    progress: ProgressFn | None = None,
+    **overrides,
+) -> Extractor:
+    """Build an extractor by name and fit it on the training cohort when it needs fitting.
+
+    Parameters
+    ----------
+    extractor : str or Extractor
+        A registry name (see :func:`inspector.models.available_extractors`) or an instance.
+    train : Cohort or np.ndarray of shape (n, H, W), optional
+        The training cohort T; required when the extractor ``requires_fit`` (``ssl``).
+    cache_dir : path, optional
+        Cache root (trained weights are cached under it).
+    progress : callable, optional
+        ``progress(stage, done, total)``.
+    **overrides
+        Extractor config overrides (e.g. ``checkpoint=...``).
+
+    Returns
+    -------
+    Extractor
+        Fitted if needed.
+    """
+    ext = get_extractor(extractor, **overrides) if isinstance(extractor, str) else extractor
+    if ext.requires_fit and not getattr(ext, "is_fitted", False):
+        if train is None:
+            raise ValueError(
+                f"Extractor {ext.name!r} is trained on the training cohort: pass train=<training cohort>."
+            )
+        images = cohort_images(train, ext.config.input_size)
+        root = Path(cache_dir).expanduser() if cache_dir is not None else EmbeddingCache().root
+        ext.fit(images, cache_dir=root, progress=progress)
+    return ext
+
+
+def _autocast(ext: Extractor):
+    dev = ext.device
+    if dev.type == "cuda" and ext.config.dtype in ("bfloat16", "float16"):
+        return torch.autocast("cuda", dtype=getattr(torch, ext.config.dtype))
+    return nullcontext()
+
+
+class _ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.images[i]))
+
+
+def _run(
+    ext: Extractor,
+    images: np.ndarray,
+    *,
+    stage: str,
+    progress: ProgressFn | None,
+    num_workers: int,
+    spill_dir: Path | None,
+) -> dict[str, np.ndarray]:
+    n = len(images)
+    bs = max(1, int(ext.config.batch_size))
+    loader = torch.utils.data.DataLoader(
+        _ImageDataset(images),
+        batch_size=bs,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=ext.device.type == "cuda",
+    )
+    out: dict[str, np.ndarray] = {}
+    done = 0
+    with torch.inference_mode(), _autocast(ext):
+        for batch in loader:
+            batch = batch.to(ext.device, non_blocking=True).float()
+            feats = ext.forward_batch(batch)
+            for name, t in feats.items():
+                arr = t.detach().float().cpu().numpy()
+                if name not in out:
+                    shape = (n, arr.shape[1])
+                    if spill_dir is not None and n * arr.shape[1] * 4 > _MEMMAP_BYTES:
+                        spill_dir.mkdir(parents=True, exist_ok=True)
+                        out[name] = np.lib.format.open_memmap(
+                            spill_dir / f"{stage}-{name}.npy", mode="w+", dtype=np.float32, shape=shape
+                        )
+                    else:
+                        out[name] = np.empty(shape, dtype=np.float32)
+                out[name][done : done + len(arr)] = arr
+            done += len(batch)
+            if progress:
+                progress(stage, done, n)
+    for name, arr in out.items():
+        if not np.isfinite(arr).all():
+            raise FloatingPointError(
+                f"Extractor {ext.name!r} produced NaN/Inf in layer {name!r}; "
+                "try dtype='float32' or check the checkpoint."
+            )
+    return out
+
+
+def extract(
+    cohort: Cohort | np.ndarray,
+    extractor: str | Extractor = "ssl",
+    *,
+    views: Sequence[str] = ("id",),
+    train: Cohort | np.ndarray | None = None,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: ProgressFn | None = None,
+    num_workers: int = 0,
+    **overrides,
+) -> Features:
+    """Extract pooled per-layer features for every slice of ``cohort``, for each requested view.
+
+    Parameters
+    ----------
+    cohort : Cohort or np.ndarray of shape (n, H, W)
+        Slices in [0, 1]; resized to the extractor's input size.
+    extractor : str or Extractor
+        Registry name or a ready (fitted) extractor. ``"ssl"`` is trained on ``train`` (default: the
+        cohort itself) the first time and cached by the training set's hash.
+    views : sequence of str
+        Views to extract (see :data:`VIEWS`); ``"id"`` is always included.
+    train : Cohort or np.ndarray, optional
+        The training cohort for extractors that need fitting.
+    cache_dir : path, optional
+        Cache root (default: :func:`inspector.cache.default_cache_dir`).
+    use_cache : bool
+        Read and write the embedding cache.
+    progress : callable, optional
+        ``progress(stage, done, total)`` with stages ``training`` and ``extracting[:<view>]``.
+    num_workers : int
+        DataLoader workers for preparing batches.
+    **overrides
+        Extractor config overrides when ``extractor`` is a name.
+
+    Returns
+    -------
+    Features
+        ``features.layers[layer]`` has shape (n, C_layer).
+
+    Examples
+    --------
+    >>> feats = inspector.extract(inspector.load_cohort("sample_data/train"), extractor="ssl")  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    cache = EmbeddingCache(cache_dir, enabled=use_cache)
+    ext = prepare_extractor(
+        extractor, train if train is not None else cohort, cache_dir=cache.root, progress=progress, **overrides
+    )
+    images = cohort_images(cohort, ext.config.input_size)
+    content = _content_hash(images)
+    fingerprint = ext.fingerprint()
+    wanted = list(dict.fromkeys(["id", *views]))
+    result: dict[str, dict[str, np.ndarray]] = {}
+    hits: dict[str, bool] = {}
+    for view in wanted:
+        key = hash_key(
+            kind="embeddings",
+            content=content,
+            extractor=ext.name,
+            fingerprint=fingerprint,
+            view=view,
+            version=__version__,
+        )
+        arrays = cache.load(key)
+        if arrays is not None and set(arrays) == set(ext.layers):
+            result[view] = {name: arrays[name] for name in ext.layers}
+            hits[view] = True
+            if progress:
+                progress(f"extracting:{view}", len(images), len(images))
+            continue
+        arrays = _run(
+            ext,
+            view_images(images, view),
+            stage=f"extracting:{view}",
+            progress=progress,
+            num_workers=num_workers,
+            spill_dir=cache.root / "spill" / key[:16] if use_cache else None,
+        )
+        cache.save(
+            key,
+            arrays,
+            {
+                "extractor": ext.name,
+                "fingerprint": fingerprint,
+                "config": ext.config.to_dict(),
+                "view": view,
+                "n": len(images),
+                "content": content,
+                "version": __version__,
+            },
+        )
+        result[view] = {name: np.asarray(arrays[name]) for name in ext.layers}
+        hits[view] = False
+    secs = time.perf_counter() - t0
+    log.info(
+        "extracted %s x %d views with %s in %.2fs (cache hits: %s)",
+        len(images),
+        len(wanted),
+        ext.name,
+        secs,
+        sum(hits.values()),
+    )
+    return Features(result, ext.name, fingerprint, content, hits, secs)
