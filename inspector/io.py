@@ -1,0 +1,1217 @@
+"""Readers and cohort discovery: NIfTI, DICOM (files, multi-frame, series), PNG/TIFF/JPEG, NumPy.
+
+:func:`load_cohort` turns a folder, a CSV manifest or a single file into a :class:`~inspector.types.Cohort`
+of preprocessed 2D :class:`~inspector.types.Slice` objects. Every file that is not loaded ends up in
+``Cohort.skipped`` with a reason; nothing is dropped silently and a bad file never aborts a load.
+
+Conventions
+-----------
+* **Raw slice** (what :attr:`Slice.sha256` hashes, what ``original_shape`` describes): the slice in
+  display orientation with the source's own values before intensity normalisation: the stored
+  integers (or floats) of PNG/TIFF/JPEG/NumPy files, NIfTI values after the header's ``scl_slope``
+  scaling, DICOM values after a non-identity modality rescale (``RescaleSlope``/``RescaleIntercept``
+  or a Modality LUT; float64 then) and after ``MONOCHROME1`` inversion (negation). RGB images are
+  converted to luminance first.
+* **Normalisation** is per volume (or per 2D image) with
+  :func:`inspector.preprocess.normalise_volume`, never per slice; then the background rule and the
+  square resize are applied per slice.
+* **NIfTI / MGH orientation**: the image is reoriented to the closest canonical (RAS+) orientation;
+  ``sagittal`` slices along voxel axis 0, ``coronal`` along axis 1, ``axial`` along axis 2. Every
+  slice is shown in the radiological convention: patient right on the image left; axial and coronal
+  with anterior/superior up; sagittal with superior up and anterior on the left. ``slice_index``
+  counts from the left/posterior/inferior end.
+* **DICOM** slices keep the acquisition plane and the stored row/column layout (the standard
+  display); ``axis`` is derived from ``ImageOrientationPatient`` (``"2d"`` when unknown), and
+  :attr:`LoadConfig.axis` does not reslice DICOM. Single-frame files of one series in one folder
+  form a volume ordered by ``ImagePositionPatient`` projected on the slice normal (``InstanceNumber``
+  as fallback); its ``Slice.path`` is the folder (``folder/series-<n>`` when a folder holds several
+  series). Multi-frame files keep their frame order, one slice per frame.
+* **NumPy** arrays carry no orientation: a 2D array is one image; a 3D array is a volume sliced along
+  :attr:`LoadConfig.array_axis` (default the **last** axis, ``arr[:, :, k]``; use ``0`` for
+  ``(n, H, W)`` stacks), each slice kept as stored (no rotation), with the nominal axis label
+  ``"axial"``. Each array of an ``.npz`` is handled the same way, with path ``file.npz:key``. A
+  multi-page TIFF is a volume of its pages (also labelled ``"axial"``).
+* **Subjects** (unless a manifest says otherwise): one per volume file (the file stem without its
+  extensions; the relative path without extension when two volume files in different folders share
+  a stem), one per DICOM patient (pseudonymised ``PatientID``, else ``PatientName``, else the
+  ``SeriesInstanceUID``), and for 2D image files the parent folder relative to the root (the root's
+  own name for files at the root).
+* **Privacy**: raw DICOM ``PatientID``/``PatientName`` never leave :func:`_dicom_subject`; only
+  :func:`pseudonymise` digests do. pydicom warnings raised while reading are swallowed and counted
+  (their text may quote header values).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import warnings
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .preprocess import ConstantImageError, PreprocessConfig, is_background, normalise_volume, resize_square
+from .types import Cohort, SkippedFile, Slice, raw_pixel_hash
+
+__all__ = [
+    "LoadConfig",
+    "load_cohort",
+    "read_labels",
+    "pseudonymise",
+    "CohortNotFoundError",
+    "NoImagesError",
+    "ManifestError",
+    "LoadWarning",
+    "SUPPORTED_EXTENSIONS",
+    "IGNORED_NAMES",
+]
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]
+
+_NIFTI_EXTS = (".nii.gz", ".nii", ".mgz", ".mgh")
+_DICOM_EXTS = (".dcm", ".dicom", ".ima")
+_PIL_EXTS = (".png", ".jpg", ".jpeg")
+_TIFF_EXTS = (".tif", ".tiff")
+_KIND_BY_EXT: dict[str, str] = {
+    **{e: "nifti" for e in _NIFTI_EXTS},
+    **{e: "dicom" for e in _DICOM_EXTS},
+    **{e: "pil" for e in _PIL_EXTS},
+    **{e: "tiff" for e in _TIFF_EXTS},
+    ".npy": "npy",
+    ".npz": "npz",
+}
+_KIND_LABEL = {
+    "nifti": "NIfTI/MGH",
+    "dicom": "DICOM",
+    "pil": "image",
+    "tiff": "TIFF",
+    "npy": "NumPy .npy",
+    "npz": "NumPy .npz",
+}
+
+#: File extensions :func:`load_cohort` reads (DICOM files may also have no extension).
+SUPPORTED_EXTENSIONS: tuple[str, ...] = tuple(_KIND_BY_EXT)
+#: File names that are never images (the sample data's ground truth and manifests); hidden files too.
+IGNORED_NAMES: frozenset[str] = frozenset({"labels.csv", "manifest.csv"})
+
+_SUPPORTED_TEXT = ", ".join(SUPPORTED_EXTENSIONS) + ", DICOM without extension"
+_VOLUME_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+_LABEL_VALUES = frozenset({"copy", "novel"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Public configuration, errors, helpers
+# ----------------------------------------------------------------------------------------------
+
+
+class CohortNotFoundError(FileNotFoundError):
+    """The cohort path (folder, manifest or file) does not exist."""
+
+
+class NoImagesError(ValueError):
+    """A folder or manifest yielded no readable image.
+
+    Attributes
+    ----------
+    skipped : list of SkippedFile
+        Every file that was found but not loaded, with its reason.
+    """
+
+    def __init__(self, message: str, skipped: Sequence[SkippedFile] = ()) -> None:
+        super().__init__(message)
+        self.skipped = list(skipped)
+
+
+class ManifestError(ValueError):
+    """A CSV manifest is malformed (missing columns, unreadable)."""
+
+
+class LoadWarning(UserWarning):
+    """A recoverable fallback while reading (4D volume reduced to one volume, colour to grey...)."""
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How files become slices. Frozen and hashable, so it can be part of cache keys.
+
+    Attributes
+    ----------
+    axis : str
+        Slicing axis for NIfTI/MGH volumes: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
+    volume_index : int
+        Which volume of a 4D NIfTI to read (a warning names the file).
+    preprocess : PreprocessConfig
+        Percentiles, square output ``size`` and the background rule.
+    salt : str
+        Salt of :func:`pseudonymise` for DICOM subject IDs; change it to unlink IDs across releases.
+    slice_step : int
+        Keep every ``slice_step``-th slice of a volume (indices 0, step, 2*step, ...). Normalisation
+        still uses the whole volume.
+    array_axis : int
+        Axis of 3D NumPy arrays along which slices are taken (default ``-1``, the last axis).
+    """
+
+    axis: str = "axial"
+    volume_index: int = 0
+    preprocess: PreprocessConfig = PreprocessConfig()
+    salt: str = "inspector-v1"
+    slice_step: int = 1
+    array_axis: int = -1
+
+    def __post_init__(self) -> None:
+        if self.axis not in _VOLUME_AXES:
+            raise ValueError(f"LoadConfig.axis must be one of {sorted(_VOLUME_AXES)}; got {self.axis!r}.")
+        if self.volume_index < 0:
+            raise ValueError(f"LoadConfig.volume_index must be >= 0; got {self.volume_index}.")
+        if self.slice_step < 1:
+            raise ValueError(f"LoadConfig.slice_step must be >= 1; got {self.slice_step}.")
+        if not isinstance(self.salt, str) or not self.salt:
+            raise ValueError("LoadConfig.salt must be a non-empty string.")
+        if self.array_axis not in (-3, -2, -1, 0, 1, 2):
+            raise ValueError(f"LoadConfig.array_axis must be in -3..2; got {self.array_axis}.")
+        if not isinstance(self.preprocess, PreprocessConfig):
+            raise TypeError(f"LoadConfig.preprocess must be a PreprocessConfig; got {type(self.preprocess)}.")
+
+
+def pseudonymise(raw: str, salt: str) -> str:
+    """A stable pseudonymous subject ID for a raw identifier.
+
+    Parameters
+    ----------
+    raw : str
+        The raw identifier (e.g. a DICOM PatientID). Never logged.
+    salt : str
+        Project-specific salt; the same (raw, salt) always gives the same ID.
+
+    Returns
+    -------
+    str
+        ``"sub-"`` followed by the first 10 hex characters of ``sha256(salt + raw)``.
+    """
+    digest = hashlib.sha256((salt + raw).encode("utf-8")).hexdigest()
+    return "sub-" + digest[:10]
+
+
+def read_labels(folder_or_csv: str | Path) -> Any:
+    """Read the ground-truth ``labels.csv`` of a (sample) synthetic set, if there is one.
+
+    Parameters
+    ----------
+    folder_or_csv : str or Path
+        A folder (``labels.csv`` inside it is read) or the CSV file itself.
+
+    Returns
+    -------
+    pandas.DataFrame or None
+        Columns ``path, label, source, augmentation`` (``source`` and ``augmentation`` only when
+        present in the file), ``path`` in POSIX form, ``label`` in ``{"copy", "novel"}``; ``None`` when
+        the folder holds no ``labels.csv``.
+
+    Raises
+    ------
+    CohortNotFoundError
+        If ``folder_or_csv`` does not exist.
+    ValueError
+        If the file lacks the ``path``/``label`` columns or holds other labels than copy/novel.
+    """
+    import pandas as pd
+
+    p = Path(folder_or_csv).expanduser()
+    if not p.exists():
+        raise CohortNotFoundError(f"{p} does not exist; expected a folder holding labels.csv or the CSV itself.")
+    csv = p / "labels.csv" if p.is_dir() else p
+    if not csv.is_file():
+        log.debug("no labels.csv in %s", p)
+        return None
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise ValueError(f"Could not read labels file {csv}: {type(e).__name__}: {e}") from e
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in ("path", "label") if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"Labels file {csv} lacks column(s) {missing}; found {list(df.columns)}. "
+            "Expected columns: path,label,source,augmentation."
+        )
+    df["path"] = [Path(s.strip()).as_posix() for s in df["path"]]
+    df["label"] = df["label"].str.strip().str.lower()
+    bad = sorted(set(df["label"]) - _LABEL_VALUES)
+    if bad:
+        raise ValueError(f"Labels file {csv} holds label(s) {bad[:5]}; expected one of {sorted(_LABEL_VALUES)}.")
+    return df
+
+
+# ----------------------------------------------------------------------------------------------
+# Internal data structures
+# ----------------------------------------------------------------------------------------------
+
+
+class _Skip(Exception):
+    """Internal: a file (or part of it) cannot be loaded; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class _Override:
+    """Manifest values for one row: subject and label (None = use the default)."""
+
+    subject_id: str | None = None
+    label: str | None = None
+
+
+@dataclass
+class _Candidate:
+    abs: Path
+    rel: str
+    kind: str
+    override: _Override | None = None
+
+
+@dataclass
+class _Unit:
+    """One volume or 2D image, in display orientation, before normalisation.
+
+    ``raw`` is a sequence of n 2D arrays (a 3D array (n, H, W) or a list); ``indices`` the slice index
+    of each. ``subject_rule`` is ``"stem"``, ``"folder"`` or ``"fixed"`` (``subject_id`` already set).
+    """
+
+    path: str
+    raw: Any
+    indices: list[int]
+    axis: str
+    spacing: tuple[float, float]
+    subject_rule: str
+    file_rel: str
+    subject_id: str = ""
+    override: _Override | None = None
+
+
+def _warn(message: str) -> None:
+    """``warnings.warn`` pointing at the first caller outside this module (the user's call)."""
+    level = 1
+    frame = sys._getframe(0)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+        level += 1
+    warnings.warn(message, LoadWarning, stacklevel=level)
+
+
+def _kind_of(name: str) -> tuple[str | None, str]:
+    """Reader kind and matched extension for a file name (``None`` when the extension is unknown)."""
+    low = name.lower()
+    for ext in sorted(_KIND_BY_EXT, key=len, reverse=True):
+        if low.endswith(ext) and len(low) > len(ext):
+            return _KIND_BY_EXT[ext], ext
+    return None, "".join(Path(name).suffixes[-1:])
+
+
+def _strip_ext(rel: str) -> str:
+    kind, ext = _kind_of(rel)
+    if kind is not None:
+        return rel[: -len(ext)]
+    return rel
+
+
+def _has_dicm_preamble(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return Path(os.path.relpath(path, root)).as_posix()
+
+
+def _finite_spacing(values: Sequence[Any]) -> tuple[float, float]:
+    out = []
+    for v in values:
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            f = 1.0
+        out.append(f if np.isfinite(f) and f > 0 else 1.0)
+    return out[0], out[1]
+
+
+def _luminance(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601-2 luminance of an (..., 3+) array, float64."""
+    c = np.asarray(rgb, dtype=np.float64)
+    return c[..., 0] * 0.299 + c[..., 1] * 0.587 + c[..., 2] * 0.114
+
+
+def _check_numeric(arr: np.ndarray, what: str) -> np.ndarray:
+    if arr.dtype.kind == "b":
+        return arr.astype(np.uint8)
+    if arr.dtype.kind not in "uif":
+        raise _Skip(f"unsupported {what} dtype {arr.dtype} (expected integer or float intensities)")
+    if arr.size == 0 or 0 in arr.shape:
+        raise _Skip(f"zero-size {what} (shape {tuple(arr.shape)})")
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return arr
+
+
+# ----------------------------------------------------------------------------------------------
+# Discovery
+# ----------------------------------------------------------------------------------------------
+
+
+def _classify(path: Path, rel: str, skipped: list[SkippedFile], override: _Override | None) -> _Candidate | None:
+    kind, ext = _kind_of(path.name)
+    if kind is None:
+        if _has_dicm_preamble(path):
+            kind = "dicom"
+        else:
+            what = f"({ext})" if ext else "(no extension, no DICOM preamble)"
+            skipped.append(SkippedFile(rel, f"unsupported format {what}; supported: {_SUPPORTED_TEXT}"))
+            log.info("skipped %s: unsupported format %s", rel, what)
+            return None
+    return _Candidate(path, rel, kind, override)
+
+
+def _walk(folder: Path) -> list[Path]:
+    """All non-hidden, non-ignored files under ``folder``, sorted, following symlinks without cycles."""
+    out: list[Path] = []
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        hidden = [d for d in dirnames if d.startswith(".")]
+        for d in hidden:
+            log.debug("ignoring hidden folder %s", os.path.join(dirpath, d))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in sorted(filenames):
+            if fn.startswith("."):
+                log.debug("ignoring hidden file %s", os.path.join(dirpath, fn))
+            elif fn.lower() in IGNORED_NAMES:
+                log.debug("ignoring %s (never an image)", os.path.join(dirpath, fn))
+            else:
+                out.append(Path(dirpath) / fn)
+    return sorted(out, key=lambda p: p.as_posix())
+
+
+def _discover_folder(
+    folder: Path, root: Path, skipped: list[SkippedFile], override: _Override | None = None
+) -> list[_Candidate]:
+    cands = []
+    for p in _walk(folder):
+        c = _classify(p, _rel(p, root), skipped, override)
+        if c is not None:
+            cands.append(c)
+    return cands
+
+
+def _read_manifest(csv: Path, root: Path, skipped: list[SkippedFile]) -> list[_Candidate]:
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise ManifestError(f"Could not read manifest {csv}: {type(e).__name__}: {e}") from e
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in ("path", "subject_id") if c not in df.columns]
+    if missing:
+        raise ManifestError(
+            f"Manifest {csv} lacks column(s) {missing}; found {list(df.columns)}. "
+            "Expected columns: path,subject_id[,label] (paths relative to the manifest's folder or absolute)."
+        )
+    has_label = "label" in df.columns
+    cands: list[_Candidate] = []
+    seen: set[Path] = set()
+    for i, row in enumerate(df.itertuples(index=False), start=2):  # row 1 is the header
+        raw_path = str(row.path).strip()
+        if not raw_path:
+            skipped.append(SkippedFile(f"{csv.name}:row{i}", "manifest row with an empty path"))
+            continue
+        p = Path(raw_path).expanduser()
+        p = p if p.is_absolute() else root / p
+        rel = _rel(p, root)
+        subject = str(row.subject_id).strip() or None
+        label = (str(row.label).strip() or None) if has_label else None
+        ov = _Override(subject, label)
+        if not p.exists():
+            skipped.append(SkippedFile(rel, f"listed in manifest {csv.name} (row {i}) but not found"))
+            log.info("manifest row %d: %s not found", i, rel)
+            continue
+        if p.is_dir():
+            new = _discover_folder(p, root, skipped, ov)
+            if not new:
+                log.info("manifest row %d: folder %s holds no image file", i, rel)
+        else:
+            c = _classify(p, rel, skipped, ov)
+            new = [c] if c is not None else []
+        for c in new:
+            key = c.abs.absolute()
+            if key in seen:
+                skipped.append(SkippedFile(c.rel, f"listed more than once in manifest {csv.name} (row {i} ignored)"))
+                continue
+            seen.add(key)
+            cands.append(c)
+    return cands
+
+
+# ----------------------------------------------------------------------------------------------
+# NIfTI / MGH
+# ----------------------------------------------------------------------------------------------
+
+
+def _display(vol: np.ndarray) -> np.ndarray:
+    """(n, P, Q) canonical-plane slices -> (n, Q, P) in radiological display orientation."""
+    return vol.transpose(0, 2, 1)[:, ::-1, ::-1]
+
+
+def _read_nifti(c: _Candidate, config: LoadConfig) -> list[_Unit]:
+    import nibabel as nib
+
+    img = nib.load(str(c.abs))
+    shape = tuple(int(s) for s in img.shape)
+    if len(shape) == 0 or 0 in shape:
+        raise _Skip(f"zero-size volume (shape {shape})")
+    nd = len(shape)
+    while nd > 3 and shape[nd - 1] == 1:
+        nd -= 1
+    if nd > 4:
+        raise _Skip(f"unsupported {nd}D image (shape {shape}); expected 2D, 3D or 4D")
+    if nd >= 3:
+        img = nib.as_closest_canonical(img)
+        shape = tuple(int(s) for s in img.shape)
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    zooms += [1.0] * (3 - len(zooms))
+    if nd == 4:
+        nvol = shape[3]
+        vi = config.volume_index
+        if vi >= nvol:
+            raise _Skip(f"volume_index {vi} is out of range for a 4D image with {nvol} volumes")
+        _warn(
+            f"{c.rel}: 4D image with {nvol} volumes; reading volume {vi} only "
+            "(choose another with LoadConfig.volume_index)."
+        )
+        index = (slice(None),) * 3 + (vi,) + (0,) * (len(shape) - 4)
+        data = np.asanyarray(img.dataobj[index])
+    else:
+        data = np.asanyarray(img.dataobj)
+        data = data.reshape(data.shape[:nd]) if data.ndim > nd else data
+    data = _check_numeric(np.asarray(data), "volume")
+    if data.ndim == 2:
+        data = data[:, :, None]
+    singleton = [i for i in range(3) if data.shape[i] == 1]
+    if len(singleton) >= 2:
+        raise _Skip(f"degenerate image (shape {tuple(data.shape)}); expected a 2D image or a 3D volume")
+    if len(singleton) == 1:  # a 2D image stored in 3D
+        a = singleton[0]
+        p, q = (i for i in range(3) if i != a)
+        raw = _display(np.moveaxis(data, a, 0))
+        sp = _finite_spacing((zooms[q], zooms[p]))
+        return [_Unit(c.rel, raw, [0], "2d", sp, "folder", c.rel)]
+    a = _VOLUME_AXES[config.axis]
+    p, q = (i for i in range(3) if i != a)
+    raw = _display(np.moveaxis(data, a, 0))
+    sp = _finite_spacing((zooms[q], zooms[p]))
+    return [_Unit(c.rel, raw, list(range(raw.shape[0])), config.axis, sp, "stem", c.rel)]
+
+
+# ----------------------------------------------------------------------------------------------
+# PNG / JPEG / TIFF
+# ----------------------------------------------------------------------------------------------
+
+
+def _pil_to_array(im: Any, rel: str) -> np.ndarray:
+    mode = im.mode
+    if mode == "1":
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("L", "I", "F") or mode.startswith("I;16"):
+        arr = np.asarray(im)
+        return arr.astype(arr.dtype.newbyteorder("=")) if not arr.dtype.isnative else arr
+    if mode in ("LA", "La"):
+        log.debug("%s: grey + alpha image; alpha channel dropped", rel)
+        return np.asarray(im)[..., 0]
+    if mode in ("RGB", "RGBA", "RGBa", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+        conv = im if mode in ("RGB", "RGBA") else im.convert("RGB")
+        _warn(f"{rel}: colour image (mode {mode}) converted to greyscale (ITU-R 601-2 luminance).")
+        return _luminance(np.asarray(conv)[..., :3])
+    raise _Skip(f"unsupported image mode {mode!r}")
+
+
+def _read_pil(c: _Candidate, config: LoadConfig) -> list[_Unit]:
+    from PIL import Image
+
+    with Image.open(c.abs) as im:
+        im.load()
+        n = getattr(im, "n_frames", 1)
+        if n > 1:
+            log.info("%s: %d frames; only the first is read", c.rel, n)
+        arr = _check_numeric(_pil_to_array(im, c.rel), "image")
+    return [_Unit(c.rel, arr[None], [0], "2d", (1.0, 1.0), "folder", c.rel)]
+
+
+def _tiff_series_to_pages(arr: np.ndarray, axes: str, rel: str) -> np.ndarray:
+    """Move a tifffile series to (pages, Y, X), converting samples (colour) to grey."""
+    axes = axes.upper()
+    if "Y" not in axes or "X" not in axes or len(axes) != arr.ndim:
+        if arr.ndim == 2:
+            return arr[None]
+        raise _Skip(f"unsupported TIFF layout (axes {axes!r}, shape {tuple(arr.shape)})")
+    if "S" in axes:
+        s = axes.index("S")
+        arr = np.moveaxis(arr, s, -1)
+        axes = axes[:s] + axes[s + 1 :] + "S"
+        ns = arr.shape[-1]
+        if ns >= 3:
+            _warn(f"{rel}: colour TIFF ({ns} samples) converted to greyscale (ITU-R 601-2 luminance).")
+            arr = _luminance(arr)
+        else:
+            arr = arr[..., 0]
+        axes = axes[:-1]
+    y, x = axes.index("Y"), axes.index("X")
+    arr = np.moveaxis(arr, (y, x), (-2, -1))
+    return arr.reshape((-1, *arr.shape[-2:]))
+
+
+def _read_tiff(c: _Candidate, config: LoadConfig) -> list[_Unit]:
+    try:
+        import tifffile
+
+        with tifffile.TiffFile(c.abs) as tf:
+            if not tf.series:
+                raise _Skip("TIFF holds no image series")
+            if len(tf.series) > 1:
+                log.info("%s: %d image series; only the first is read", c.rel, len(tf.series))
+            series = tf.series[0]
+            pages = _tiff_series_to_pages(np.asarray(series.asarray()), series.axes, c.rel)
+    except _Skip:
+        raise
+    except Exception as e:  # tifffile cannot read it (e.g. a codec is missing): try Pillow
+        log.debug("%s: tifffile failed (%s: %s); trying Pillow", c.rel, type(e).__name__, e)
+        from PIL import Image, ImageSequence
+
+        try:
+            with Image.open(c.abs) as im:
+                pages = np.stack([_pil_to_array(fr, c.rel) for fr in ImageSequence.Iterator(im)])
+        except _Skip:
+            raise
+        except Exception as e2:
+            raise _Skip(
+                f"corrupt or unreadable TIFF (tifffile: {type(e).__name__}: {e}; Pillow: {type(e2).__name__}: {e2})"
+            ) from e2
+    pages = _check_numeric(pages, "image")
+    if pages.shape[0] == 1:
+        return [_Unit(c.rel, pages, [0], "2d", (1.0, 1.0), "folder", c.rel)]
+    return [_Unit(c.rel, pages, list(range(pages.shape[0])), "axial", (1.0, 1.0), "stem", c.rel)]
+
+
+# ----------------------------------------------------------------------------------------------
+# NumPy
+# ----------------------------------------------------------------------------------------------
+
+
+def _array_unit(arr: np.ndarray, path: str, file_rel: str, config: LoadConfig, in_npz: bool) -> _Unit:
+    """A 2D array is one image (subject: its folder, or the archive's stem in an .npz); 3D a volume."""
+    arr = _check_numeric(np.asarray(arr), "array")
+    volume_rule = "npz" if in_npz else "stem"
+    if arr.ndim == 2:
+        return _Unit(path, arr[None], [0], "2d", (1.0, 1.0), "npz" if in_npz else "folder", file_rel)
+    if arr.ndim == 3:
+        vol = np.moveaxis(arr, config.array_axis, 0)
+        return _Unit(path, vol, list(range(vol.shape[0])), "axial", (1.0, 1.0), volume_rule, file_rel)
+    raise _Skip(f"unsupported array shape {tuple(arr.shape)}; expected 2D (H, W) or 3D volume")
+
+
+def _read_npy(c: _Candidate, config: LoadConfig) -> list[_Unit]:
+    try:
+        arr = np.load(c.abs, allow_pickle=False)
+    except ValueError as e:
+        raise _Skip(f"unreadable .npy (pickled/object arrays are not loaded): {e}") from e
+    return [_array_unit(arr, c.rel, c.rel, config, in_npz=False)]
+
+
+def _read_npz(c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+    units = []
+    with np.load(c.abs, allow_pickle=False) as z:
+        keys = sorted(z.files)
+        if not keys:
+            raise _Skip("empty .npz archive (no arrays)")
+        for k in keys:
+            path = f"{c.rel}:{k}"
+            try:
+                # every array of an archive belongs to the archive's subject (file stem)
+                units.append(_array_unit(z[k], path, c.rel, config, in_npz=True))
+            except _Skip as e:
+                skipped.append(SkippedFile(path, str(e)))
+            except Exception as e:
+                skipped.append(SkippedFile(path, f"unreadable array in .npz: {type(e).__name__}: {e}"))
+    return units
+
+
+# ----------------------------------------------------------------------------------------------
+# DICOM
+# ----------------------------------------------------------------------------------------------
+
+
+def _dcmread(path: Path, rel: str, force: bool) -> Any:
+    import pydicom
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = pydicom.dcmread(str(path), defer_size="64 KB", force=force)
+    if caught:  # pydicom's messages may quote header values: count them, never repeat them
+        log.debug("%s: pydicom raised %d warning(s) while reading the header", rel, len(caught))
+    return ds
+
+
+def _read_dicom_header(c: _Candidate) -> Any:
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = _dcmread(c.abs, c.rel, force=False)
+    except InvalidDicomError as e:
+        if _kind_of(c.abs.name)[0] != "dicom":
+            raise _Skip(f"not a valid DICOM file: {_dicom_error(e)}") from e
+        try:  # .dcm without the 128-byte preamble (older files): read anyway
+            ds = _dcmread(c.abs, c.rel, force=True)
+        except Exception as e2:
+            raise _Skip(f"not a valid DICOM file: {_dicom_error(e2)}") from e2
+    if not any(t in ds for t in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise _Skip(
+            "DICOM file without pixel data (a DICOMDIR, report or structure set, or a file truncated "
+            "before its pixel data)"
+        )
+    if "Rows" not in ds or "Columns" not in ds:
+        raise _Skip("DICOM file without Rows/Columns; not an image")
+    return ds
+
+
+def _dicom_subject(ds: Any, salt: str, fallback: str) -> str:
+    """Pseudonymised subject: PatientID, else PatientName, else SeriesInstanceUID, else the path."""
+    for tag in ("PatientID", "PatientName", "SeriesInstanceUID"):
+        value = ds.get(tag)
+        text = str(value).strip() if value is not None else ""
+        if text:
+            return pseudonymise(text, salt)
+    return pseudonymise(fallback, salt)
+
+
+def _dicom_error(e: BaseException, ds: Any | None = None) -> str:
+    """``Type: message`` of a library exception, shortened, with any patient identifier redacted."""
+    text = f"{type(e).__name__}: {e}"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    if ds is not None:
+        for tag in ("PatientID", "PatientName", "OtherPatientIDs", "PatientBirthDate"):
+            try:
+                value = str(ds.get(tag) or "").strip()
+            except Exception:  # a malformed element: nothing to redact
+                continue
+            if value:
+                text = text.replace(value, "<redacted>")
+    return text
+
+
+def _n_frames(ds: Any) -> int:
+    try:
+        return max(1, int(ds.get("NumberOfFrames", 1) or 1))
+    except (TypeError, ValueError):
+        return 1
+
+
+def _functional(ds: Any, item: str, tag: str, frame: int | None = None) -> Any:
+    """A value from the per-frame, then shared functional groups of an enhanced multi-frame file."""
+    groups = []
+    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds:
+        pf = ds.PerFrameFunctionalGroupsSequence
+        if frame < len(pf):
+            groups.append(pf[frame])
+    if "SharedFunctionalGroupsSequence" in ds and len(ds.SharedFunctionalGroupsSequence):
+        groups.append(ds.SharedFunctionalGroupsSequence[0])
+    for g in groups:
+        if item in g and len(g[item].value) and tag in g[item].value[0]:
+            return g[item].value[0].get(tag)
+    return None
+
+
+def _orientation(ds: Any) -> np.ndarray | None:
+    iop = ds.get("ImageOrientationPatient")
+    if iop is None:
+        iop = _functional(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
+    try:
+        v = np.asarray([float(x) for x in iop], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return v if v.shape == (6,) and np.isfinite(v).all() else None
+
+
+def _axis_from_iop(iop: np.ndarray | None) -> str:
+    if iop is None:
+        return "2d"
+    normal = np.cross(iop[:3], iop[3:])
+    if not np.linalg.norm(normal) > 0:
+        return "2d"
+    return ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(normal)))]
+
+
+def _pixel_spacing(ds: Any) -> tuple[float, float]:
+    ps = ds.get("PixelSpacing")
+    if ps is None:
+        ps = _functional(ds, "PixelMeasuresSequence", "PixelSpacing")
+    if ps is None:
+        ps = ds.get("ImagerPixelSpacing")
+    try:
+        return _finite_spacing([ps[0], ps[1]]) if ps is not None and len(ps) >= 2 else (1.0, 1.0)
+    except TypeError:
+        return (1.0, 1.0)
+
+
+def _rescale(ds: Any, frames: np.ndarray) -> np.ndarray:
+    """Modality values of (F, H, W) stored frames: Modality LUT or non-identity slope/intercept."""
+    if ds.get("ModalityLUTSequence"):
+        from pydicom.pixels import apply_modality_lut
+
+        return np.asarray(apply_modality_lut(frames, ds))
+    out = []
+    changed = False
+    for f in range(frames.shape[0]):
+        slope = ds.get("RescaleSlope")
+        inter = ds.get("RescaleIntercept")
+        if slope is None and inter is None:
+            fr = f if frames.shape[0] > 1 else None
+            slope = _functional(ds, "PixelValueTransformationSequence", "RescaleSlope", fr)
+            inter = _functional(ds, "PixelValueTransformationSequence", "RescaleIntercept", fr)
+        s = float(slope) if slope not in (None, "") else 1.0
+        b = float(inter) if inter not in (None, "") else 0.0
+        if s != 1.0 or b != 0.0:
+            changed = True
+        out.append((s, b))
+    if not changed:
+        return frames
+    res = frames.astype(np.float64)
+    for f, (s, b) in enumerate(out):
+        res[f] = res[f] * s + b
+    return res
+
+
+def _decode_dicom(ds: Any, rel: str) -> np.ndarray:
+    """Decoded modality values, (F, H, W), with MONOCHROME1 inverted and colour converted to grey."""
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts is not None and ts.is_compressed:
+        from pydicom.pixels import get_decoder
+
+        try:
+            decoder = get_decoder(ts)
+        except NotImplementedError as e:
+            raise _Skip(
+                f"compressed transfer syntax {ts.name} ({ts}) has no pydicom pixel data decoder; "
+                "convert the file to an uncompressed syntax (e.g. with dcmtk's dcmdjpeg or gdcmconv)"
+            ) from e
+        if not decoder.is_available:
+            needs = "; ".join(decoder.missing_dependencies) or "pylibjpeg plugins or gdcm"
+            raise _Skip(
+                f"compressed transfer syntax {ts.name} ({ts}) cannot be decoded: no installed handler. "
+                f"Install one of: {needs} (pylibjpeg: pip install pylibjpeg pylibjpeg-libjpeg "
+                "pylibjpeg-openjpeg; gdcm: pip install python-gdcm)"
+            )
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            arr = np.asarray(ds.pixel_array)
+        if caught:
+            log.debug("%s: pydicom raised %d warning(s) while decoding pixels", rel, len(caught))
+    except Exception as e:
+        syntax = f" ({ts.name})" if ts is not None else ""
+        raise _Skip(f"could not decode DICOM pixel data{syntax}: {_dicom_error(e, ds)}") from e
+    nf = _n_frames(ds)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    if spp > 1:
+        _warn(f"{rel}: colour DICOM ({spp} samples per pixel) converted to greyscale (ITU-R 601-2 luminance).")
+        arr = _luminance(arr)
+    if nf == 1 or arr.ndim == 2:
+        arr = arr.reshape((1, *arr.shape[-2:]))
+    arr = _check_numeric(arr, "DICOM image")
+    arr = _rescale(ds, arr)
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        arr = -arr.astype(np.float64)
+    return arr
+
+
+def _order_series(items: list[tuple[_Candidate, Any]]) -> tuple[list[int], str]:
+    """Order of the files of one series and how it was found."""
+    n = len(items)
+    inst: list[float] = []
+    for _, ds in items:
+        try:
+            inst.append(float(ds.get("InstanceNumber")))
+        except (TypeError, ValueError):
+            inst.append(float("inf"))
+    iops = [_orientation(ds) for _, ds in items]
+    ipps = []
+    for _, ds in items:
+        try:
+            v = np.asarray([float(x) for x in ds.get("ImagePositionPatient")], dtype=np.float64)
+            ipps.append(v if v.shape == (3,) and np.isfinite(v).all() else None)
+        except (TypeError, ValueError):
+            ipps.append(None)
+    if all(o is not None for o in iops) and all(p is not None for p in ipps):
+        ref = iops[0]
+        if all(np.allclose(o, ref, atol=1e-3) for o in iops):
+            normal = np.cross(ref[:3], ref[3:])
+            pos = [float(np.dot(p, normal)) for p in ipps]
+            return sorted(range(n), key=lambda i: (pos[i], inst[i], items[i][0].rel)), "position"
+    if all(np.isfinite(v) for v in inst):
+        return sorted(range(n), key=lambda i: (inst[i], items[i][0].rel)), "instance"
+    return list(range(n)), "filename"
+
+
+def _dicom_skip(rel: str, e: Exception, ds: Any | None, skipped: list[SkippedFile]) -> None:
+    """Record a DICOM file that could not be read; library messages are shortened and redacted."""
+    reason = str(e) if isinstance(e, _Skip) else f"corrupt or unreadable DICOM file: {_dicom_error(e, ds)}"
+    skipped.append(SkippedFile(rel, reason))
+    log.info("skipped %s: %s", rel, reason)
+
+
+def _read_dicoms(
+    cands: list[_Candidate],
+    config: LoadConfig,
+    skipped: list[SkippedFile],
+    tick: Callable[[int], None],
+) -> list[_Unit]:
+    units: list[_Unit] = []
+    groups: dict[tuple[str, str, _Override | None], list[tuple[_Candidate, Any]]] = defaultdict(list)
+    for c in cands:
+        try:
+            ds = _read_dicom_header(c)
+        except Exception as e:
+            _dicom_skip(c.rel, e, None, skipped)
+            tick(1)
+            continue
+        if _n_frames(ds) > 1:
+            try:
+                vol = _decode_dicom(ds, c.rel)
+                subject = _dicom_subject(ds, config.salt, c.rel)
+                units.append(
+                    _Unit(
+                        c.rel,
+                        vol,
+                        list(range(vol.shape[0])),
+                        _axis_from_iop(_orientation(ds)),
+                        _pixel_spacing(ds),
+                        "fixed",
+                        c.rel,
+                        subject_id=subject,
+                        override=c.override,
+                    )
+                )
+            except Exception as e:
+                _dicom_skip(c.rel, e, ds, skipped)
+            tick(1)
+            continue
+        folder = Path(c.rel).parent.as_posix()
+        uid = str(ds.get("SeriesInstanceUID", "") or "").strip() or f"no-series-uid:{c.rel}"
+        groups[(folder, uid, c.override)].append((c, ds))
+
+    per_folder = Counter(folder for folder, _, _ in groups)
+    series_no: dict[tuple[str, str, _Override | None], int] = {}
+    by_folder: dict[str, list[tuple[str, str, _Override | None]]] = defaultdict(list)
+    for key in groups:
+        by_folder[key[0]].append(key)
+    for _folder, keys in by_folder.items():
+
+        def _sn(k: tuple[str, str, _Override | None]) -> tuple[float, str]:
+            ds0 = groups[k][0][1]
+            try:
+                return float(ds0.get("SeriesNumber")), groups[k][0][0].rel
+            except (TypeError, ValueError):
+                return float("inf"), groups[k][0][0].rel
+
+        for j, k in enumerate(sorted(keys, key=_sn), start=1):
+            series_no[k] = j
+
+    for key, items in groups.items():
+        folder = key[0]
+        if len(items) == 1:
+            path = items[0][0].rel
+        elif per_folder[folder] == 1:
+            path = folder
+        else:
+            path = f"{folder}/series-{series_no[key]}"
+        order, how = _order_series(items)
+        if len(items) > 1:
+            log.debug("%s: %d files ordered by %s", path, len(items), how)
+        subject = _dicom_subject(items[0][1], config.salt, path)
+        decoded: list[tuple[str, np.ndarray]] = []
+        for i in order:
+            c, ds = items[i]
+            try:
+                decoded.append((c.rel, _decode_dicom(ds, c.rel)[0]))
+            except Exception as e:
+                _dicom_skip(c.rel, e, ds, skipped)
+            tick(1)
+        if not decoded:
+            continue
+        shapes = Counter(f.shape for _, f in decoded)
+        main = shapes.most_common(1)[0][0]
+        for rel, f in decoded:
+            if f.shape != main:
+                reason = f"slice shape {f.shape} differs from the rest of its series {main}"
+                skipped.append(SkippedFile(rel, reason))
+                log.info("skipped %s: %s", rel, reason)
+        frames = [f for _, f in decoded if f.shape == main]
+        first = items[order[0]][1]
+        units.append(
+            _Unit(
+                path,
+                frames,
+                list(range(len(frames))),
+                _axis_from_iop(_orientation(first)),
+                _pixel_spacing(first),
+                "fixed",
+                path,
+                subject_id=subject,
+                override=items[0][0].override,
+            )
+        )
+    return units
+
+
+# ----------------------------------------------------------------------------------------------
+# Units -> slices
+# ----------------------------------------------------------------------------------------------
+
+
+def _assign_subjects(units: list[_Unit], root_name: str) -> None:
+    stems: dict[str, set[str]] = defaultdict(set)
+    for u in units:
+        if u.subject_rule in ("stem", "npz"):
+            stems[Path(_strip_ext(u.file_rel)).name].add(u.file_rel)
+    clashes = {s for s, files in stems.items() if len(files) > 1}
+    if clashes:
+        log.info("volume files share the stem(s) %s; their subject IDs use the relative path", sorted(clashes)[:5])
+    for u in units:
+        if u.subject_rule in ("stem", "npz"):
+            stem = Path(_strip_ext(u.file_rel)).name
+            u.subject_id = _strip_ext(u.file_rel) if stem in clashes else stem
+        elif u.subject_rule == "folder":
+            parent = Path(u.file_rel).parent.as_posix()
+            u.subject_id = root_name if parent in (".", "") else parent
+        if u.override is not None and u.override.subject_id:
+            u.subject_id = u.override.subject_id
+        if not u.subject_id:
+            u.subject_id = root_name or "subject"
+
+
+def _unit_slices(u: _Unit, config: LoadConfig, skipped: list[SkippedFile]) -> list[Slice]:
+    pp = config.preprocess
+    raw = u.raw
+    try:
+        vol = np.stack(raw) if isinstance(raw, list) else np.asarray(raw)
+        norm = normalise_volume(vol, pp.percentiles, name=u.path)
+    except ConstantImageError as e:
+        what = "image" if len(u.indices) == 1 else "volume"
+        skipped.append(SkippedFile(u.path, f"constant {what}: {e}"))
+        log.info("skipped %s: constant %s", u.path, what)
+        return []
+    n = norm.shape[0]
+    keep = range(0, n, config.slice_step) if n > 1 else range(1)
+    label = u.override.label if u.override is not None else None
+    out = []
+    for k in keep:
+        s = norm[k]
+        idx = u.indices[k]
+        if is_background(s, pp):
+            frac = float((s > pp.foreground_threshold).mean())
+            const = "constant slice; " if float(s.max()) - float(s.min()) <= 1e-8 else ""
+            reason = f"background-only slice ({const}foreground fraction {frac:.3f} < {pp.min_foreground_fraction:g})"
+            skipped.append(SkippedFile(f"{u.path}#{idx}", reason))
+            log.debug("skipped %s#%d: %s", u.path, idx, reason)
+            continue
+        raw_k = np.asarray(raw[k])
+        arr = resize_square(s, pp.size) if pp.size is not None else s
+        out.append(
+            Slice(
+                array=arr,
+                subject_id=u.subject_id,
+                path=u.path,
+                slice_index=int(idx),
+                axis=u.axis,
+                original_shape=(int(raw_k.shape[0]), int(raw_k.shape[1])),
+                spacing=u.spacing,
+                sha256=raw_pixel_hash(raw_k),
+                label=label,
+            )
+        )
+    return out
+
+
+def _skip_sort_key(sk: SkippedFile) -> tuple[str, int]:
+    base, sep, idx = sk.path.rpartition("#")
+    if sep and idx.isdigit():
+        return base, int(idx)
+    return sk.path, -1
+
+
+def _read_one(c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+    try:
+        if c.kind == "nifti":
+            units = _read_nifti(c, config)
+        elif c.kind == "pil":
+            units = _read_pil(c, config)
+        elif c.kind == "tiff":
+            units = _read_tiff(c, config)
+        elif c.kind == "npy":
+            units = _read_npy(c, config)
+        elif c.kind == "npz":
+            units = _read_npz(c, config, skipped)
+        else:  # pragma: no cover - DICOM is read by _read_dicoms
+            raise _Skip(f"no reader for kind {c.kind!r}")
+    except _Skip as e:
+        skipped.append(SkippedFile(c.rel, str(e)))
+        log.info("skipped %s: %s", c.rel, e)
+        return []
+    except Exception as e:
+        label = _KIND_LABEL.get(c.kind, c.kind)
+        skipped.append(SkippedFile(c.rel, f"corrupt or unreadable {label} file: {type(e).__name__}: {e}"))
+        log.info("skipped %s: corrupt or unreadable %s file (%s)", c.rel, label, type(e).__name__)
+        log.debug("traceback for %s", c.rel, exc_info=True)
+        return []
+    for u in units:
+        u.override = c.override
+    return units
+
+
+def load_cohort(
+    source: str | Path | Cohort,
+    config: LoadConfig = LoadConfig(),
+    *,
+    name: str | None = None,
+    progress: ProgressCallback | None = None,
+) -> Cohort:
+    """Load a folder, a CSV manifest or a single file into a :class:`Cohort` of preprocessed slices.
+
+    Parameters
+    ----------
+    source : str, Path or Cohort
+        A folder (scanned recursively in sorted order; hidden files, ``labels.csv`` and
+        ``manifest.csv`` are ignored), a ``.csv`` manifest with columns ``path,subject_id[,label]``
+        (paths relative to the manifest's folder or absolute; a path may name a folder), a single
+        image file, or a :class:`Cohort` (returned unchanged).
+    config : LoadConfig
+        Slicing axis, 4D volume index, preprocessing, pseudonymisation salt, slice step.
+    name : str, optional
+        Display name of the cohort (default: the root folder's name).
+    progress : callable, optional
+        Called as ``progress("loading", done_files, total_files)``.
+
+    Returns
+    -------
+    Cohort
+        Slices of shape ``(size, size)`` (or native size when ``config.preprocess.size`` is None),
+        float32 in ``[0, 1]``, sorted by relative path then slice index; every file or slice not
+        loaded is listed in ``Cohort.skipped`` with its reason.
+
+    Raises
+    ------
+    CohortNotFoundError
+        If ``source`` does not exist.
+    NoImagesError
+        If no readable, non-background slice was found.
+    ManifestError
+        If a manifest lacks the ``path`` or ``subject_id`` column or cannot be parsed.
+    """
+    if isinstance(source, Cohort):
+        return source
+    if not isinstance(config, LoadConfig):
+        raise TypeError(f"config must be a LoadConfig; got {type(config).__name__}.")
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise CohortNotFoundError(
+            f"Cohort path {src} does not exist. Expected a folder of images ({_SUPPORTED_TEXT}), "
+            "a CSV manifest with columns path,subject_id[,label], or a single image file."
+        )
+    src = src.absolute()
+    skipped: list[SkippedFile] = []
+    if src.is_dir():
+        root = src
+        cands = _discover_folder(src, root, skipped)
+        origin = f"folder {src}"
+    elif src.suffix.lower() == ".csv":
+        root = src.parent
+        cands = _read_manifest(src, root, skipped)
+        origin = f"manifest {src}"
+    else:
+        root = src.parent
+        c = _classify(src, _rel(src, root), skipped, None)
+        cands = [c] if c is not None else []
+        origin = f"file {src}"
+    cohort_name = name or root.name or str(root)
+
+    total = len(cands)
+    done = 0
+
+    def tick(k: int) -> None:
+        nonlocal done
+        done += k
+        if progress is not None:
+            progress("loading", done, total)
+
+    if progress is not None:
+        progress("loading", 0, total)
+    units: list[_Unit] = []
+    dicoms = [c for c in cands if c.kind == "dicom"]
+    for c in cands:
+        if c.kind != "dicom":
+            units.extend(_read_one(c, config, skipped))
+            tick(1)
+    if dicoms:
+        units.extend(_read_dicoms(dicoms, config, skipped, tick))
+
+    _assign_subjects(units, root.name or cohort_name)
+    slices: list[Slice] = []
+    for u in units:
+        slices.extend(_unit_slices(u, config, skipped))
+    slices.sort(key=lambda s: (s.path, s.slice_index))
+    unique: list[Slice] = []
+    seen: set[str] = set()
+    for s in slices:
+        if s.key in seen:
+            skipped.append(SkippedFile(s.key, "duplicate slice key (another source maps to the same path#index)"))
+            continue
+        seen.add(s.key)
+        unique.append(s)
+    skipped.sort(key=_skip_sort_key)
+
+    if not unique:
+        lines = [f"    - {sk.path}: {sk.reason}" for sk in skipped[:20]]
+        if len(skipped) > 20:
+            lines.append(f"    ... and {len(skipped) - 20} more")
+        listing = ("\n  Skipped files:\n" + "\n".join(lines)) if lines else " No candidate files were found."
+        raise NoImagesError(
+            f"No readable image in {origin}. Expected files with extensions {_SUPPORTED_TEXT} "
+            f"(found {total} candidate file(s)).{listing}",
+            skipped,
+        )
+    cohort = Cohort(unique, root, skipped, cohort_name)
+    n_files = len({s.path for s in unique})
+    log.info(
+        "loaded cohort %r: %d slices from %d sources, %d subjects, %d skipped",
+        cohort.name,
+        len(unique),
+        n_files,
+        len(cohort.subjects),
+        len(skipped),
+    )
+    return cohort
