@@ -1,0 +1,219 @@
+"""The ``inspector`` command line: the audit pipeline headless, for CI of model releases.
+
+Exit codes (a stable contract):
+
+- ``0``: the audit ran (and, with ``--fail-on``, passed the gate);
+- ``1``: the audit ran and failed the ``--fail-on`` gate;
+- ``2``: bad input or usage (missing path, no readable images, bad option), with a message on stderr;
+- ``3``: an unexpected internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("inspector")
+
+EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class _TqdmProgress:
+    """Renders ``progress(stage, done, total)`` callbacks as one tqdm bar per stage on stderr."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.bar = None
+        self.stage: str | None = None
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if stage != self.stage:
+            self.close()
+            self.stage = stage
+            self.bar = tqdm(total=max(total, 1), desc=f"{stage:<22}", file=sys.stderr, leave=True, unit="it")
+        if self.bar is not None:
+            self.bar.total = max(total, 1)
+            self.bar.n = done
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``inspector`` command (subcommands ``scan`` and ``report``)."""
+    p = argparse.ArgumentParser(
+        prog="inspector",
+        description=(
+            "MRI Memorization Inspector: tell whether a generative MRI model copied its training patients. "
+            "Runs fully offline; nothing leaves this machine."
+        ),
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser(
+        "scan",
+        help="score every synthetic slice against the training cohort and write scores.csv, summary.json, subjects.csv",
+        description=(
+            "Score every synthetic slice against the training cohort. Writes DIR/scores.csv (one row per synthetic "
+            "slice), DIR/summary.json (dataset verdict, full config, versions, input hashes) and DIR/subjects.csv "
+            "(per training subject). Inputs are folders (scanned recursively: NIfTI, DICOM, PNG/TIFF/JPEG, NPY/NPZ) "
+            "or CSV manifests with columns path,subject_id[,label]."
+        ),
+    )
+    s.add_argument("--train", required=True, metavar="PATH", help="training cohort T the model was trained on")
+    s.add_argument("--synthetic", required=True, metavar="PATH", help="synthetic set G to be released")
+    s.add_argument(
+        "--holdout",
+        metavar="PATH",
+        help="optional real scans from the same source that the model never saw; gives the honest null s(H->T). "
+        "Without it the null is leave-one-subject-out within T.",
+    )
+    s.add_argument(
+        "--extractor",
+        default=None,
+        metavar="NAME",
+        help="feature extractor: ssl (default: a contrastive encoder trained on T, cached), mri-core "
+        "(needs --checkpoint), pixels (baseline)",
+    )
+    s.add_argument("--checkpoint", metavar="FILE", help="MRI-CORE checkpoint file (DINOv2-style or SAM format)")
+    s.add_argument(
+        "--mode",
+        choices=("default", "paper"),
+        default="default",
+        help="default: calibrated, view-invariant, alignment-verified scores (p-values, flags at alpha); "
+        "paper: Deo et al. 2026 exactly (z-scored MI, ONI, split-half bootstrap null)",
+    )
+    s.add_argument(
+        "--alpha",
+        type=float,
+        default=0.01,
+        help="target false-positive rate per synthetic slice: a slice is flagged when p <= alpha (default 0.01)",
+    )
+    s.add_argument("--fdr", action="store_true", help="control the false discovery rate (Benjamini-Hochberg) instead")
+    s.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial", help="slicing axis for volumes")
+    s.add_argument("--size", type=int, default=128, help="square size slices are resampled to (default 128)")
+    s.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda")
+    s.add_argument("--cache-dir", metavar="DIR", help="cache for embeddings and trained encoders (default: user cache)")
+    s.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
+    s.add_argument("--seed", type=int, default=0, help="random seed (encoder training, bootstrap)")
+    s.add_argument(
+        "--fail-on",
+        choices=("flagged", "verdict", "never"),
+        default="never",
+        help="CI gate: 'flagged' exits 1 when any slice is flagged beyond what alpha explains (the lower end of "
+        "the 95%% interval of the flagged fraction exceeds alpha) or --max-flagged is exceeded; 'verdict' exits 1 "
+        "when the dataset verdict says copying; 'never' (default) always exits 0 after a successful scan",
+    )
+    s.add_argument(
+        "--max-flagged",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --fail-on flagged: fail when more than N slices are flagged (default: use the interval rule)",
+    )
+    s.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser(
+        "report",
+        help="write the self-contained HTML release report of an audit folder",
+        description="Write one self-contained HTML file (images embedded, opens offline) for a privacy officer.",
+    )
+    r.add_argument("--audit", required=True, metavar="DIR", help="a folder written by 'inspector scan'")
+    r.add_argument("--reviews", metavar="DB", help="review database (default: DIR/reviews.sqlite3 if present)")
+    r.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write")
+    return p
+
+
+def _scan(args: argparse.Namespace) -> int:
+    from .audit import AuditConfig, audit, gate
+
+    if not 0 < args.alpha < 1:
+        raise ValueError(f"--alpha must be in (0, 1); got {args.alpha}.")
+    cfg = AuditConfig.create(
+        mode=args.mode,
+        extractor=args.extractor,
+        checkpoint=args.checkpoint,
+        alpha=args.alpha,
+        fdr=args.fdr,
+        axis=args.axis,
+        size=args.size,
+        device=args.device,
+        seed=args.seed,
+    )
+    progress = _TqdmProgress(enabled=not args.quiet)
+    try:
+        result = audit(
+            args.train,
+            args.synthetic,
+            holdout=args.holdout,
+            config=cfg,
+            cache_dir=args.cache_dir,
+            use_cache=not args.no_cache,
+            progress=progress,
+        )
+    finally:
+        progress.close()
+    out = Path(args.out)
+    result.save(out)
+    v = result.verdict
+    print(result.verdict_text(), file=sys.stderr)
+    print(f"wrote {out / 'scores.csv'}, {out / 'summary.json'}, {out / 'subjects.csv'}", file=sys.stderr)
+    failed, why = gate(v, args.fail_on, max_flagged=args.max_flagged)
+    if failed:
+        print(f"GATE FAILED (--fail-on {args.fail_on}): {why}", file=sys.stderr)
+        return EXIT_GATE
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    path = write_report(args.audit, args.out, reviews=args.reviews)
+    print(f"wrote {path}", file=sys.stderr)
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``inspector`` console script. Returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "scan":
+            return _scan(args)
+        if args.command == "report":
+            return _report(args)
+    except (FileNotFoundError, ValueError, NotADirectoryError, PermissionError) as e:
+        print(f"inspector {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - last resort: a message, not a traceback, and a distinct code
+        log.debug("internal error", exc_info=True)
+        print(f"inspector {args.command}: internal error: {type(e).__name__}: {e} (rerun with -vv)", file=sys.stderr)
+        return EXIT_INTERNAL
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_INPUT
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
