@@ -445,7 +445,10 @@ class AuditResult:
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``scores.csv``, ``summary.json``, ``subjects.csv`` and ``audit.npz`` into ``out_dir``.
+        """Write ``scores.csv``, ``summary.json``, ``subjects.csv``, ``audit.npz`` and the pair evidence into ``out_dir``.
+
+        The evidence (``evidence.npz`` + ``manifest.json``: images of flagged pairs, input file hashes) lets
+        ``inspector report`` build the release report from the folder alone.
 
         Returns
         -------
@@ -468,6 +471,9 @@ class AuditResult:
             arrays[f"alignment__{key}"] = np.asarray(val)
         np.savez(buf, **arrays)
         atomic_write_bytes(out / "audit.npz", buf.getvalue())
+        from .report import write_evidence
+
+        write_evidence(self, out)
         log.info("audit %s saved to %s", self.audit_id[:12], out)
         return out
 

@@ -1,0 +1,416 @@
+"""Our default mode: view-invariant feature matching with alignment-verified re-ranking (DESIGN §3).
+
+:class:`MemorizationScorer` is a scikit-learn-style estimator. ``fit`` whitens the training features
+per layer with a shrunk covariance (:class:`inspector.scores.Whitener`); ``score_samples`` takes the
+features of every *view* of the query slices (identity, flips, optional small rotations), shortlists
+the training slices nearest over all views, registers each candidate onto the query with a similarity
+transform (:func:`inspector.align.register_pairs`) and scores it by normalised cross-correlation over
+the aligned overlap. Higher ``similarity`` means *more memorised*.
+
+The feature similarity of a (query, training) pair is the mean over layers of the whitened cosine
+similarities: every layer's whitened, L2-normalised vector is scaled by ``1/sqrt(L)`` and the layers
+are concatenated, so one inner-product search gives that mean exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .align import register_pairs
+from .index import knn
+from .scores import Whitener
+
+__all__ = ["MatchResult", "MemorizationScorer", "view_flip"]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+def view_flip(view: str) -> str:
+    """The flip that maps a training slice onto a query slice matched under ``view``.
+
+    A query whose view ``v`` (a flip) matches training slice ``t`` satisfies ``v(query) ≈ t``, hence
+    ``query ≈ v(t)``: flips are their own inverses. Rotation views return ``"none"``; the
+    registration recovers the angle.
+    """
+    return view if view in ("hflip", "vflip", "hvflip") else "none"
+
+
+@dataclass
+class MatchResult:
+    """Scores of query slices against the training set (one row per query).
+
+    Attributes
+    ----------
+    similarity : np.ndarray, shape (m,)
+        The score that is calibrated: aligned NCC of the best shortlisted candidate when re-ranking,
+        else the feature similarity. Higher = more memorised.
+    feature_similarity : np.ndarray, shape (m,)
+        Mean whitened cosine to the best feature candidate, over all views.
+    layer_similarity : np.ndarray, shape (m, L)
+        Per layer, whitened cosine to the nearest training slice under the matched view.
+    nearest : np.ndarray of int, shape (m,)
+        Training index of the final match.
+    view : np.ndarray of str, shape (m,)
+        The query view under which the final match was found.
+    neighbours, neighbour_sims : dict of str to np.ndarray, shape (m, top_k)
+        Per layer, nearest training indices (``-1`` = none) and their similarities under ``view``.
+    margin : np.ndarray, shape (m,)
+        Feature similarity to the matched subject minus that to the best other subject (a lower bound
+        when no other subject is among the searched candidates).
+    alignment : dict of str to np.ndarray
+        The final match's registration: ``train_index``, ``ncc``, ``angle``, ``scale``, ``shift``
+        (m, 2), ``flip``. Empty without re-ranking.
+    """
+
+    similarity: np.ndarray
+    feature_similarity: np.ndarray
+    layer_similarity: np.ndarray
+    nearest: np.ndarray
+    view: np.ndarray
+    neighbours: dict[str, np.ndarray]
+    neighbour_sims: dict[str, np.ndarray]
+    margin: np.ndarray
+    alignment: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class MemorizationScorer:
+    """View-invariant, alignment-verified nearest-neighbour scorer (the default mode).
+
+    Parameters
+    ----------
+    shrinkage : str or float
+        Covariance shrinkage of the per-layer whitening (``"ledoit-wolf"`` or a coefficient in [0, 1]).
+    shortlist : int
+        Training candidates per query that are registered and re-ranked.
+    top_k : int
+        Neighbours kept per layer for display and attribution.
+    rerank : bool
+        Register the shortlist and score by aligned NCC; otherwise score by feature similarity.
+    align_size : int
+        Working resolution of the registration (pixels).
+    margin_k : int
+        Candidates searched per view for the shortlist and the subject margin.
+    device : str
+        ``auto``, ``cpu`` or ``cuda`` for the search and the registration.
+    chunk : int
+        Queries registered per chunk (bounds memory).
+    """
+
+    def __init__(
+        self,
+        *,
+        shrinkage: str | float = "ledoit-wolf",
+        shortlist: int = 5,
+        top_k: int = 5,
+        rerank: bool = True,
+        align_size: int = 64,
+        margin_k: int = 32,
+        device: str = "auto",
+        chunk: int = 256,
+    ) -> None:
+        self.shrinkage = shrinkage
+        self.shortlist = shortlist
+        self.top_k = top_k
+        self.rerank = rerank
+        self.align_size = align_size
+        self.margin_k = margin_k
+        self.device = device
+        self.chunk = chunk
+
+    # ------------------------------------------------------------------ fitting
+    def fit(
+        self,
+        train_layers: Mapping[str, np.ndarray],
+        *,
+        images: np.ndarray | None = None,
+        groups: Sequence[str] | np.ndarray | None = None,
+    ) -> MemorizationScorer:
+        """Fit the per-layer whiteners on the training features.
+
+        Parameters
+        ----------
+        train_layers : mapping of str to np.ndarray, shape (n, C_layer)
+            Identity-view features of the training cohort T.
+        images : np.ndarray, shape (n, H, W), optional
+            Training slices in [0, 1]; required when ``rerank``.
+        groups : array of str, shape (n,), optional
+            Subject ID per training slice (attribution, leave-one-subject-out).
+
+        Returns
+        -------
+        MemorizationScorer
+        """
+        if not train_layers:
+            raise ValueError("train_layers is empty; pass {layer_name: (n, C) array} for at least one layer.")
+        if self.shortlist < 1 or self.top_k < 1:
+            raise ValueError(f"shortlist and top_k must be >= 1; got {self.shortlist}, {self.top_k}.")
+        self.layers_ = list(train_layers)
+        n = {np.asarray(v).shape[0] for v in train_layers.values()}
+        if len(n) != 1:
+            raise ValueError(f"All layers must have the same number of training rows; got {sorted(n)}.")
+        self.n_ = n.pop()
+        if self.n_ < 2:
+            raise ValueError(f"The training cohort has {self.n_} slice(s); at least 2 are needed to whiten features.")
+        self.whiteners_ = {
+            layer: Whitener(method="shrinkage", shrinkage=self.shrinkage).fit(np.asarray(x, np.float64))
+            for layer, x in train_layers.items()
+        }
+        self.train_white_ = {layer: self._white(layer, x) for layer, x in train_layers.items()}
+        self.train_concat_ = self._concat(self.train_white_)
+        if self.rerank:
+            if images is None:
+                raise ValueError("rerank=True needs the training images: fit(..., images=(n, H, W) array).")
+            images = np.asarray(images, np.float32)
+            if images.ndim != 3 or images.shape[0] != self.n_:
+                raise ValueError(f"images must have shape ({self.n_}, H, W); got {images.shape}.")
+        self.images_ = images
+        self.groups_ = None if groups is None else np.asarray(groups).astype(str)
+        if self.groups_ is not None and self.groups_.shape != (self.n_,):
+            raise ValueError(f"groups must have shape ({self.n_},); got {self.groups_.shape}.")
+        return self
+
+    def _white(self, layer: str, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.whiteners_[layer].transform(np.asarray(x, np.float64)), np.float32)
+
+    def _concat(self, white: Mapping[str, np.ndarray]) -> np.ndarray:
+        scale = np.float32(1.0 / np.sqrt(len(self.layers_)))
+        return np.ascontiguousarray(np.concatenate([white[layer] * scale for layer in self.layers_], axis=1))
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "train_concat_"):
+            raise RuntimeError("MemorizationScorer is not fitted; call fit(train_layers, ...) first.")
+
+    # ------------------------------------------------------------------ scoring
+    def score_samples(
+        self,
+        query_views: Mapping[str, Mapping[str, np.ndarray]],
+        *,
+        images: np.ndarray | None = None,
+        groups: Sequence[str] | np.ndarray | None = None,
+        progress: ProgressFn | None = None,
+        stage: str = "scoring",
+    ) -> MatchResult:
+        """Score query slices given the features of each of their views.
+
+        Parameters
+        ----------
+        query_views : mapping of view name to {layer: np.ndarray of shape (m, C_layer)}
+            Must include ``"id"``; every view must hold every fitted layer.
+        images : np.ndarray, shape (m, H, W), optional
+            The query slices in [0, 1]; required when ``rerank``.
+        groups : array of str, shape (m,), optional
+            With fitted training groups, training slices of the query's own group are never matched
+            (the leave-one-subject-out null).
+        progress : callable, optional
+            ``progress(stage, done, total)``.
+        stage : str
+            Stage name for the progress callback.
+
+        Returns
+        -------
+        MatchResult
+        """
+        self._check_fitted()
+        if "id" not in query_views:
+            raise ValueError(f"query_views must include the 'id' view; got {list(query_views)}.")
+        views = list(query_views)
+        m = np.asarray(query_views["id"][self.layers_[0]]).shape[0]
+        for v in views:
+            missing = [layer for layer in self.layers_ if layer not in query_views[v]]
+            if missing:
+                raise ValueError(f"View {v!r} lacks layer(s) {missing}; fitted layers are {self.layers_}.")
+        qg = tg = None
+        if groups is not None:
+            if self.groups_ is None:
+                raise ValueError("groups given for the queries but the scorer was fitted without training groups.")
+            qg = np.asarray(groups).astype(str)
+            if qg.shape != (m,):
+                raise ValueError(f"groups must have shape ({m},); got {qg.shape}.")
+            tg = self.groups_
+        if self.rerank:
+            if images is None:
+                raise ValueError("rerank=True needs the query images: score_samples(..., images=(m, H, W)).")
+            images = np.asarray(images, np.float32)
+            if images.ndim != 3 or images.shape[0] != m:
+                raise ValueError(f"images must have shape ({m}, H, W); got {images.shape}.")
+
+        # 1. whitened features per view, concatenated search over all views
+        white = {v: {layer: self._white(layer, query_views[v][layer]) for layer in self.layers_} for v in views}
+        kc = min(self.n_, max(self.shortlist, self.margin_k))
+        sims_v, idx_v = [], []
+        for i, v in enumerate(views):
+            s, ix = knn(self._concat(white[v]), self.train_concat_, kc, metric="ip", query_groups=qg, base_groups=tg)
+            sims_v.append(s)
+            idx_v.append(ix)
+            if progress:
+                progress(f"{stage}:search", i + 1, len(views))
+        sims = np.concatenate(sims_v, axis=1)  # (m, V*kc)
+        idx = np.concatenate(idx_v, axis=1)
+        view_of = np.repeat(np.arange(len(views)), [a.shape[1] for a in sims_v])
+        cand, cand_sim, cand_view = _merge_candidates(sims, idx, view_of, self.shortlist)
+        feature_similarity = np.where(cand[:, 0] >= 0, cand_sim[:, 0], -1.0).astype(np.float32)
+
+        # 2. alignment-verified re-ranking of the shortlist
+        alignment: dict[str, np.ndarray] = {}
+        if self.rerank:
+            choice, alignment = self._rerank(images, cand, cand_view, views, progress, stage)
+            similarity = alignment["ncc"].astype(np.float32)
+        else:
+            choice = np.zeros(m, dtype=np.int64)
+            similarity = feature_similarity.copy()
+        rows = np.arange(m)
+        nearest = cand[rows, choice]
+        best_view_i = cand_view[rows, choice]
+        best_view_i = np.where(nearest >= 0, best_view_i, 0)
+        view = np.array([views[i] for i in best_view_i], dtype=object)
+
+        # 3. per-layer neighbours under the matched view (display, attribution)
+        k = min(self.top_k, self.n_)
+        neighbours = {layer: np.full((m, k), -1, np.int64) for layer in self.layers_}
+        neighbour_sims = {layer: np.full((m, k), -1.0, np.float32) for layer in self.layers_}
+        for vi, v in enumerate(views):
+            sel = np.flatnonzero(best_view_i == vi)
+            if sel.size == 0:
+                continue
+            for layer in self.layers_:
+                s, ix = knn(
+                    white[v][layer][sel],
+                    self.train_white_[layer],
+                    k,
+                    metric="ip",
+                    query_groups=None if qg is None else qg[sel],
+                    base_groups=tg,
+                )
+                neighbours[layer][sel] = ix
+                neighbour_sims[layer][sel] = np.where(ix >= 0, s, -1.0)
+        layer_similarity = np.stack([neighbour_sims[layer][:, 0] for layer in self.layers_], axis=1)
+
+        # 4. margin to the next subject, in feature-similarity units
+        margin = self._margins(sims, idx, nearest)
+        return MatchResult(
+            similarity=np.nan_to_num(similarity, nan=-1.0, posinf=1.0, neginf=-1.0),
+            feature_similarity=feature_similarity,
+            layer_similarity=layer_similarity.astype(np.float32),
+            nearest=nearest.astype(np.int64),
+            view=view,
+            neighbours=neighbours,
+            neighbour_sims=neighbour_sims,
+            margin=margin,
+            alignment=alignment,
+        )
+
+    def _rerank(
+        self,
+        images: np.ndarray,
+        cand: np.ndarray,
+        cand_view: np.ndarray,
+        views: list[str],
+        progress: ProgressFn | None,
+        stage: str,
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        m, kk = cand.shape
+        ncc = np.full((m, kk), -1.0, np.float32)
+        angle = np.zeros((m, kk), np.float32)
+        scale = np.ones((m, kk), np.float32)
+        shift = np.zeros((m, kk, 2), np.float32)
+        flip = np.full((m, kk), "none", dtype=object)
+        flip_names = np.array([view_flip(v) for v in views], dtype=object)
+        for start in range(0, m, self.chunk):
+            rows = np.arange(start, min(m, start + self.chunk))
+            r, c = np.nonzero(cand[rows] >= 0)
+            if r.size:
+                q = rows[r]
+                t = cand[q, c]
+                al = register_pairs(
+                    images[q],
+                    self.images_[t],
+                    flips=flip_names[cand_view[q, c]],
+                    size=self.align_size,
+                    device=self.device,
+                )
+                ncc[q, c] = al.ncc
+                angle[q, c] = al.angle
+                scale[q, c] = al.scale
+                shift[q, c] = al.shift
+                flip[q, c] = al.flip
+            if progress:
+                progress(f"{stage}:align", int(rows[-1]) + 1, m)
+        ncc = np.nan_to_num(ncc, nan=-1.0)
+        choice = np.argmax(ncc, axis=1)
+        rows = np.arange(m)
+        alignment = {
+            "train_index": cand[rows, choice].astype(np.int64),
+            "ncc": ncc[rows, choice].astype(np.float32),
+            "angle": angle[rows, choice],
+            "scale": scale[rows, choice],
+            "shift": shift[rows, choice],
+            "flip": flip[rows, choice].astype(str),
+        }
+        return choice, alignment
+
+    def _margins(self, sims: np.ndarray, idx: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+        m = len(nearest)
+        out = np.zeros(m, np.float32)
+        if self.groups_ is None:
+            return out
+        valid = idx >= 0
+        subj = np.where(valid, self.groups_[np.clip(idx, 0, None)], "")
+        s = np.where(valid, sims, -np.inf)
+        for j in range(m):
+            if nearest[j] < 0:
+                continue
+            mine = self.groups_[nearest[j]]
+            same = subj[j] == mine
+            best_same = s[j][same].max() if same.any() else -np.inf
+            other = valid[j] & ~same
+            if other.any():
+                best_other = s[j][other].max()
+            else:  # no other subject among the candidates: a lower bound
+                best_other = s[j][valid[j]].min() if valid[j].any() else best_same
+            out[j] = float(best_same - best_other) if np.isfinite(best_same) else 0.0
+        return out
+
+
+def _merge_candidates(
+    sims: np.ndarray, idx: np.ndarray, view_of: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unique training candidates per row, best view each, sorted by similarity.
+
+    Parameters
+    ----------
+    sims, idx : np.ndarray, shape (m, P)
+        Candidate similarities and training indices pooled over views (``-1`` = none).
+    view_of : np.ndarray of int, shape (P,)
+        The view index of each column.
+    k : int
+        Candidates kept per row.
+
+    Returns
+    -------
+    cand (m, k) int64 (``-1`` padded), cand_sim (m, k) float32, cand_view (m, k) int64
+    """
+    m, _ = sims.shape
+    s = np.where(idx >= 0, sims, -np.inf)
+    order = np.argsort(-s, axis=1, kind="stable")
+    s_sorted = np.take_along_axis(s, order, axis=1)
+    i_sorted = np.take_along_axis(idx, order, axis=1)
+    v_sorted = view_of[order]
+    cand = np.full((m, k), -1, np.int64)
+    cand_sim = np.full((m, k), -1.0, np.float32)
+    cand_view = np.zeros((m, k), np.int64)
+    for j in range(m):
+        ok = np.isfinite(s_sorted[j])
+        ij = i_sorted[j][ok]
+        _, first = np.unique(ij, return_index=True)
+        first = np.sort(first)[:k]
+        n = len(first)
+        cand[j, :n] = ij[first]
+        cand_sim[j, :n] = s_sorted[j][ok][first]
+        cand_view[j, :n] = v_sorted[j][ok][first]
+    return cand, cand_sim, cand_view
