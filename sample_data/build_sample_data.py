@@ -47,7 +47,7 @@ import shutil
 import sys
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +125,7 @@ class Source:
         Volume of a 4D image to read (None for 3D/2D files).
     only_indices : tuple of int or None
         Restrict a volume to these slice indices (None: all non-background slices).
-    min_index : dict
+    min_index : tuple of (str, int)
         Per axis, the lowest slice index allowed (used to keep one hemisphere of a symmetric template).
     mirror_axes : tuple of str
         Axes whose slices are left-right mirror-symmetric (``hflip`` is the identity on them).
@@ -142,7 +142,7 @@ class Source:
     axes: tuple[str, ...]
     volume_index: int | None = None
     only_indices: tuple[int, ...] | None = None
-    min_index: dict[str, int] = field(default_factory=dict)
+    min_index: tuple[tuple[str, int], ...] = ()
     mirror_axes: tuple[str, ...] = ()
     crop_zero_border: bool = False
     description: str = ""
@@ -163,7 +163,7 @@ SOURCES: tuple[Source, ...] = (
         ("axial", "coronal", "sagittal"),
         # The 2009a *symmetric* template: sagittal slice 98 - k equals slice 98 + k exactly, so only
         # the midline and the right hemisphere are used; axial/coronal slices are their own mirror.
-        min_index={"sagittal": 98},
+        min_index=(("sagittal", 98),),
         mirror_axes=("axial", "coronal"),
         description="ICBM 2009a nonlinear symmetric MNI152 T1w template (average of 152 adults), 1 mm",
     ),
@@ -460,7 +460,7 @@ def candidates(src: Source, max_side: int = MAX_SIDE) -> list[Item]:
             p, q = (i for i in range(3) if i != a)
             stack = _display(np.moveaxis(norm, a, 0))
             spacing = (zooms[q], zooms[p])
-            allowed = range(src.min_index.get(axis, 0), stack.shape[0])
+            allowed = range(dict(src.min_index).get(axis, 0), stack.shape[0])
             if src.only_indices is not None:
                 allowed = [k for k in allowed if k in src.only_indices]
             valid = [k for k in allowed if not is_background(stack[k])]
