@@ -1,0 +1,745 @@
+"""MRI Memorization Inspector: the Streamlit app.
+
+Run with ``make app`` (or ``streamlit run app.py``; ``.streamlit/config.toml`` binds 127.0.0.1 and
+turns usage statistics off). The app calls the library only: every number comes from
+:class:`inspector.result.AuditResult`, and images are rendered from its float arrays by
+:mod:`inspector.ui`. Reviewer decisions go to SQLite through :class:`inspector.review.ReviewStore`.
+
+Environment
+-----------
+INSPECTOR_REVIEWS_DB
+    Default reviews database (otherwise ``audits/reviews.sqlite3`` under the working directory).
+INSPECTOR_CACHE_DIR
+    Embedding and encoder cache of the library.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from inspector import ui
+from inspector.review import DECISIONS, ReviewError, ReviewStore
+
+log = logging.getLogger("inspector.app")
+
+PAGES: tuple[str, ...] = ("Overview", "Flagged", "Pair", "Review", "Export")
+_DEFAULTS = {"train": "sample_data/train", "synthetic": "sample_data/synthetic", "holdout": "sample_data/holdout"}
+_MAX_CACHED_AUDITS = 4
+
+st.set_page_config(page_title="MRI Memorization Inspector", page_icon="🧠", layout="wide")
+
+
+# ==============================================================================================
+# The result cache: one process-wide store keyed by the inputs, their modification state and the config
+# ==============================================================================================
+
+
+@dataclass
+class Entry:
+    """A finished audit held in memory, with the pair evidence already looked at."""
+
+    result: Any
+    seconds: float
+    pairs: dict[int, Any] = field(default_factory=dict)
+
+
+@st.cache_resource(show_spinner=False)
+def audit_store() -> dict[str, Entry]:
+    """Process-wide audit results keyed by :func:`run_key` (kept across reruns and sessions)."""
+    return {}
+
+
+def run_key(paths: dict[str, Path | None], config: Any) -> str:
+    """Cache key: the resolved input paths, the state of the files under them and the full config."""
+    parts = {
+        name: None if p is None else {"path": str(p), "state": ui.input_signature(p)} for name, p in paths.items()
+    }
+    blob = json.dumps({"inputs": parts, "config": config.to_dict()}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def pair_of(entry: Entry, index: int) -> Any:
+    """``result.pair(index)``, computed once per audit and row."""
+    if index not in entry.pairs:
+        entry.pairs[index] = entry.result.pair(index)
+    return entry.pairs[index]
+
+
+# ==============================================================================================
+# Sidebar
+# ==============================================================================================
+
+
+def inputs_ui() -> dict[str, Any]:
+    """Draw the sidebar inputs and return their values (plain values, no result)."""
+    sb = st.sidebar
+    sb.title("🧠 Memorization Inspector")
+    sb.caption("Did a generative MRI model copy its training patients?")
+    sb.subheader("Cohorts")
+    vals: dict[str, Any] = {}
+    vals["train"] = sb.text_input("Training cohort (folder or CSV manifest)", _DEFAULTS["train"], key="in_train")
+    vals["synthetic"] = sb.text_input("Synthetic set (folder or CSV manifest)", _DEFAULTS["synthetic"], key="in_synthetic")
+    vals["holdout"] = sb.text_input(
+        "Holdout of unseen real scans (optional)",
+        _DEFAULTS["holdout"],
+        key="in_holdout",
+        help="Real scans the model never saw; they calibrate the scores. Leave empty to calibrate "
+        "leave-one-subject-out within the training cohort.",
+    )
+    sb.subheader("Method")
+    vals["extractor"] = sb.selectbox(
+        "Feature extractor",
+        ui.EXTRACTORS,
+        key="in_extractor",
+        help="ssl: an encoder trained on the training cohort (no download); pixels: raw pixels (fast); "
+        "mri-core: the paper's MRI foundation model (needs its checkpoint).",
+    )
+    vals["checkpoint"] = ""
+    if vals["extractor"] == "mri-core":
+        vals["checkpoint"] = sb.text_input("MRI-CORE checkpoint file", key="in_checkpoint")
+    vals["mode"] = sb.radio(
+        "Mode",
+        ui.MODES,
+        key="in_mode",
+        horizontal=True,
+        help="default: calibrated, flip/rotation-invariant, alignment-verified; paper: Deo et al. 2026 exactly.",
+    )
+    vals["alpha"] = sb.select_slider(
+        "α: target false-positive rate per slice",
+        ui.ALPHAS,
+        value=0.01,
+        format_func=ui.format_alpha,
+        key="in_alpha",
+    )
+    vals["layers"] = sb.text_input("Layers (optional, comma-separated)", "", key="in_layers")
+    vals["fdr"] = sb.checkbox("Benjamini–Hochberg control across the set", False, key="in_fdr")
+    with sb.expander("Reviews"):
+        vals["reviews_db"] = st.text_input("Reviews database (SQLite)", str(ui.default_reviews_db()), key="in_reviews_db")
+    vals["run"] = sb.button("Run audit", type="primary", key="run", width="stretch")
+    return vals
+
+
+# ==============================================================================================
+# Running the audit
+# ==============================================================================================
+
+
+def _skipped_frame(cohorts: dict[str, Any]) -> pd.DataFrame:
+    rows = [
+        {"cohort": name, "file": sk.path, "reason": sk.reason}
+        for name, c in cohorts.items()
+        if c is not None
+        for sk in c.skipped
+    ]
+    return pd.DataFrame(rows, columns=["cohort", "file", "reason"])
+
+
+def _show_error(message: str, skipped: list[Any] | None = None) -> None:
+    st.error(message, icon="🚫")
+    if skipped:
+        with st.expander(f"{len(skipped)} file(s) skipped, with the reason", expanded=True):
+            st.dataframe(
+                pd.DataFrame([{"file": s.path, "reason": s.reason} for s in skipped]), hide_index=True, width="stretch"
+            )
+
+
+def run_audit(vals: dict[str, Any]) -> str | None:
+    """Resolve the inputs, look the audit up in the cache or run it with progress; return its key.
+
+    Every failure becomes a message on screen (never a traceback) and ``None``.
+    """
+    from inspector.audit import AuditConfig, InsufficientDataError, audit
+    from inspector.io import CohortNotFoundError, ManifestError, NoImagesError
+
+    try:
+        paths: dict[str, Path | None] = {
+            "train": ui.resolve_input(vals["train"], what="training cohort"),
+            "synthetic": ui.resolve_input(vals["synthetic"], what="synthetic set"),
+            "holdout": ui.resolve_input(vals["holdout"], what="holdout") if vals["holdout"].strip() else None,
+        }
+        checkpoint = None
+        if vals["extractor"] == "mri-core":
+            checkpoint = str(ui.resolve_input(vals["checkpoint"], what="MRI-CORE checkpoint"))
+        config = AuditConfig.create(
+            mode=vals["mode"],
+            extractor=vals["extractor"],
+            checkpoint=checkpoint,
+            alpha=float(vals["alpha"]),
+            layers=list(ui.parse_layers(vals["layers"])),
+            fdr=bool(vals["fdr"]),
+        )
+        key = run_key(paths, config)
+    except ui.InputPathError as e:
+        _show_error(str(e))
+        return None
+    except (ValueError, OSError) as e:
+        _show_error(f"These settings cannot be used: {e}")
+        return None
+
+    store = audit_store()
+    if key in store:
+        st.toast("Same inputs and settings as before: the cached result is shown.", icon="⚡")
+        return key
+
+    box = st.container(border=True)
+    box.markdown("**Running the audit**")
+    bar = box.progress(0.0, text="Starting")
+    stages_ph = box.empty()
+    seen: dict[str, str] = {}
+
+    def render(label: str, frac: float, text: str) -> None:
+        bar.progress(frac, text=text)
+        seen[label] = text
+        stages_ph.markdown("\n".join(f"- {t}" for t in seen.values()))
+
+    throttle = ui.ProgressThrottle(render)
+    t0 = time.perf_counter()
+    try:
+        result = audit(paths["train"], paths["synthetic"], paths["holdout"], config, progress=throttle)
+    except CohortNotFoundError as e:
+        box.empty()
+        _show_error(f"A cohort path does not exist: {e}")
+        return None
+    except NoImagesError as e:
+        box.empty()
+        _show_error(f"No readable images: {e}", getattr(e, "skipped", None))
+        return None
+    except ManifestError as e:
+        box.empty()
+        _show_error(f"The manifest cannot be used: {e}")
+        return None
+    except InsufficientDataError as e:
+        box.empty()
+        _show_error(f"Not enough data for this audit: {e}")
+        return None
+    except (ValueError, OSError, RuntimeError) as e:
+        box.empty()
+        log.exception("audit failed")
+        _show_error(f"The audit could not run: {e}")
+        return None
+    except Exception as e:  # noqa: BLE001 - the user sees a message, the log keeps the traceback
+        box.empty()
+        log.exception("audit failed")
+        _show_error(f"The audit failed unexpectedly ({type(e).__name__}: {e}). The server log has the details.")
+        return None
+    seconds = time.perf_counter() - t0
+    box.empty()
+    while len(store) >= _MAX_CACHED_AUDITS:
+        store.pop(next(iter(store)))
+    store[key] = Entry(result, seconds)
+    return key
+
+
+# ==============================================================================================
+# Shared pieces
+# ==============================================================================================
+
+
+def review_store(path_text: str) -> ReviewStore | None:
+    try:
+        return ReviewStore(Path(path_text).expanduser())
+    except (ReviewError, OSError) as e:
+        st.error(f"The reviews database {path_text!r} cannot be opened: {e}. Choose another file in the sidebar.")
+        return None
+
+
+def _latest(store: ReviewStore | None, audit_id: str) -> dict[str, Any]:
+    return store.latest(audit_id) if store is not None else {}
+
+
+def _pair_label(result: Any, i: int) -> str:
+    row = result.table.iloc[i]
+    return (
+        f"{row['synthetic_path']}#{int(row['slice_index'])} · similarity {float(row['similarity']):.4f} · "
+        f"p {ui.format_p(float(row['p_value']))} · subject {row['nearest_train_subject']}"
+    )
+
+
+def _open_pair(index: int) -> None:
+    st.session_state["pair_index"] = int(index)
+    st.session_state["pair_select"] = int(index)
+    st.session_state["page"] = "Pair"
+
+
+def _on_table_select() -> None:
+    state = st.session_state.get("flag_table")
+    rows = list(getattr(getattr(state, "selection", None), "rows", []) or [])
+    order = st.session_state.get("_flag_rows", [])
+    if rows and rows[0] < len(order):
+        _open_pair(order[rows[0]])
+
+
+def header(entry: Entry) -> None:
+    r = entry.result
+    cfg = r.config
+    st.title("MRI Memorization Inspector")
+    parts = [
+        f"audit `{r.audit_id[:12]}`",
+        f"mode **{cfg.mode}**",
+        f"extractor **{cfg.extractor}**",
+        f"training {len(r.train)} slices / {len(r.train.subjects)} subjects",
+        f"synthetic {len(r.synthetic)} slices",
+        f"holdout {len(r.holdout)} slices" if r.holdout is not None else "no holdout (leave-one-subject-out null)",
+        f"computed in {entry.seconds:.1f} s",
+    ]
+    st.caption(" · ".join(parts))
+    skipped = _skipped_frame({"training": r.train, "synthetic": r.synthetic, "holdout": r.holdout})
+    if len(skipped):
+        with st.expander(f"⚠️ {len(skipped)} file(s) or slice(s) were skipped while loading"):
+            st.dataframe(skipped, hide_index=True, width="stretch")
+
+
+# ==============================================================================================
+# Pages
+# ==============================================================================================
+
+
+def overview_page(entry: Entry, alpha: float) -> None:
+    r = entry.result
+    v = r.verdict
+    c = r.summary_counts(alpha)
+    text = r.verdict_text(alpha)
+    lo, hi = c["fraction_ci95"]
+    box = st.error if lo > alpha else (st.warning if c["n_flagged"] else st.success)
+    box(f"**Verdict.** {text}", icon="🔎")
+    if v.get("warning"):
+        st.warning(v["warning"])
+
+    cols = st.columns(5)
+    cols[0].metric(f"Flagged at α = {ui.format_alpha(alpha)}", f"{c['n_flagged']} / {c['n_synthetic']}")
+    cols[0].caption(
+        f"{c['fraction_flagged'] * 100:.1f} % (95 % interval {lo * 100:.1f}–{hi * 100:.1f} %); "
+        f"≈ {c['expected_false_positives']:.1f} expected by chance"
+    )
+    cols[1].metric("Mann–Whitney AUC", f"{v['mann_whitney_auc']:.3f}")
+    cols[1].caption(
+        f"synthetic vs {v.get('null_kind', 'null')} null, p = {ui.format_p(v['mann_whitney_p'])}; "
+        "0.5 = as novel as unseen real scans, → 1 = copying"
+    )
+    cols[2].metric("Mean ONI (paper)", f"{v['mean_oni']:.3f}")
+    cols[2].caption(
+        f"paper's rule ONI < 0.68 → {'memorised' if v['paper_rule_memorised'] else 'not memorised'}; "
+        f"mean MI z = {v.get('mean_mi_z', float('nan')):.2f}"
+    )
+    b = r.baselines
+    if "ct_score" in b:
+        cols[3].metric("CT-score (Meehan)", f"{b['ct_score']:.2f}")
+        cols[3].caption("≪ 0 = data copying, ≈ 0 = fine, ≫ 0 = underfitting")
+    else:
+        cols[3].metric("CT-score (Meehan)", "n/a")
+        cols[3].caption(str(b.get("ct_score_error", "not computed")))
+    if "auth_pct" in b:
+        cols[4].metric("AuthPct (Alaa)", f"{float(b['auth_pct']):.1f} %")
+        cols[4].caption("share of synthetic slices judged authentic (not copies)")
+    else:
+        cols[4].metric("AuthPct (Alaa)", "n/a")
+        cols[4].caption(str(b.get("auth_pct_error", "not computed")))
+
+    flags = r.flagged_at(alpha)
+    thr = r.threshold_for(alpha)
+    st.subheader("Synthetic similarities against the null")
+    st.plotly_chart(
+        ui.histogram_figure(
+            r.table["similarity"].to_numpy(), r.null_similarity, thr,
+            null_kind=v.get("null_kind", "null"), alpha=alpha, flagged=flags,
+        ),
+        key="hist",
+    )
+    if not np.isfinite(thr):
+        st.caption(
+            f"No similarity can reach p ≤ {alpha:g} with a null of {len(r.null_similarity)} slices "
+            f"(the smallest p-value is {v.get('min_p_value', float('nan')):.3g}); choose a larger α."
+        )
+
+    if r.has_ground_truth:
+        roc = r.roc()
+        conf = r.confusion_at(alpha)
+        st.subheader("Against the ground truth (labels.csv)")
+        c1, c2 = st.columns([3, 2])
+        if roc is not None:
+            point = ui.operating_point(conf) if conf is not None else None
+            c1.plotly_chart(ui.roc_figure(roc, point, alpha=alpha), key="roc")
+            c2.metric("ROC AUC", f"{roc['auc']:.3f}")
+            c2.metric("Average precision", f"{roc['average_precision']:.3f}")
+        if conf is not None:
+            c2.markdown(f"**Confusion at α = {ui.format_alpha(alpha)}**")
+            c2.dataframe(
+                pd.DataFrame(
+                    {"flagged": [conf["tp"], conf["fp"]], "not flagged": [conf["fn"], conf["tn"]]},
+                    index=["copy (truth)", "novel (truth)"],
+                ),
+                width="stretch",
+            )
+    with st.expander("Timings and settings"):
+        st.json({"timings_seconds": {k: round(float(t), 3) for k, t in r.timings.items()}, "config": r.config.to_dict()})
+
+
+def flagged_page(entry: Entry, alpha: float, latest: dict[str, Any]) -> None:
+    r = entry.result
+    flags = r.flagged_at(alpha)
+    st.subheader(f"{int(flags.sum())} flagged synthetic slices at α = {ui.format_alpha(alpha)}")
+    f1, f2, f3, f4 = st.columns([2, 2, 2, 1])
+    search = f1.text_input("Filter by synthetic file", key="flt_search", placeholder="part of a path")
+    subjects = sorted(r.table.loc[flags, "nearest_train_subject"].astype(str).unique())
+    chosen = f2.multiselect("Matched training subject", subjects, key="flt_subjects")
+    status = f3.selectbox("Review status", ("all", "not reviewed", "reviewed", *DECISIONS), key="flt_status")
+    include_all = f4.toggle("All slices", key="flt_all", help="Show every synthetic slice, not only flagged ones.")
+    frame = ui.flagged_frame(r.table, flags, latest, len(r.layers), include_all=include_all)
+    if search:
+        frame = frame[frame["synthetic"].str.contains(search, case=False, regex=False)]
+    if chosen:
+        frame = frame[frame["matched_subject"].isin(chosen)]
+    if status == "not reviewed":
+        frame = frame[frame["decision"] == ""]
+    elif status == "reviewed":
+        frame = frame[frame["decision"] != ""]
+    elif status != "all":
+        frame = frame[frame["decision"] == status]
+    frame = frame.sort_values("similarity", ascending=False)
+    st.session_state["_flag_rows"] = [int(i) for i in frame.index]
+    if frame.empty:
+        st.info("No slice matches these filters at this threshold.")
+        return
+    st.caption("Click a column header to sort; click a row (its left edge) to open the pair.")
+    st.dataframe(
+        frame,
+        key="flag_table",
+        on_select=_on_table_select,
+        selection_mode="single-row",
+        hide_index=True,
+        width="stretch",
+        height=min(600, 38 + 35 * len(frame)),
+        column_config={
+            "synthetic": st.column_config.TextColumn("synthetic slice", width="medium"),
+            "similarity": st.column_config.NumberColumn("similarity", format="%.4f"),
+            "p_value": st.column_config.NumberColumn("p-value", format="%.4g"),
+            "mi": st.column_config.NumberColumn("MI (null CDF)", format="%.3f"),
+            "consensus": st.column_config.TextColumn("layer consensus", help="layers whose top match is this subject"),
+            "matched_subject": st.column_config.TextColumn("matched training subject"),
+            "matched_slice": st.column_config.NumberColumn("matched slice"),
+            "margin": st.column_config.NumberColumn("margin to next subject", format="%.3f"),
+            "decision": st.column_config.TextColumn("review decision"),
+        },
+    )
+    c1, c2 = st.columns([4, 1])
+    options = list(frame.index)
+    pick = c1.selectbox("Or choose a slice", options, format_func=lambda i: _pair_label(r, int(i)), key="flag_pick")
+    c2.button("Open pair", key="open_pair", on_click=_open_pair, args=(int(pick),), width="stretch", type="primary")
+
+
+def _img(container: Any, arr: np.ndarray, caption: str, view: dict[str, Any], *, diff: bool = False) -> None:
+    png = ui.render_png(
+        arr, low=view["low"], high=view["high"], size=view["size"], resample=view["resample"], colour_difference=diff
+    )
+    container.image(png, caption=caption, width="stretch")
+
+
+def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dict[str, Any]) -> None:
+    r = entry.result
+    flags = r.flagged_at(alpha)
+    options = [int(i) for i in np.flatnonzero(flags)]
+    current = st.session_state.get("pair_index")
+    if current is not None and current not in options:
+        options = sorted([*options, int(current)])
+    if not options:
+        st.info("No slice is flagged at this threshold. Raise α, or pick any slice in the Flagged page (All slices).")
+        return
+    if current is None:
+        current = options[0]
+    st.session_state["pair_select"] = int(current)
+
+    def on_pick() -> None:
+        st.session_state["pair_index"] = int(st.session_state["pair_select"])
+
+    def step(delta: int) -> None:
+        pos = options.index(int(st.session_state.get("pair_index", options[0]) or options[0]))
+        st.session_state["pair_index"] = options[(pos + delta) % len(options)]
+
+    c0, c1, c2 = st.columns([8, 1, 1], vertical_alignment="bottom")
+    c0.selectbox(
+        f"Flagged pair ({options.index(current) + 1} of {len(options)})",
+        options,
+        format_func=lambda i: _pair_label(r, int(i)),
+        key="pair_select",
+        on_change=on_pick,
+    )
+    c1.button("◀ Previous", key="pair_prev", on_click=step, args=(-1,), width="stretch")
+    c2.button("Next ▶", key="pair_next", on_click=step, args=(1,), width="stretch")
+    index = int(current)
+    st.session_state["pair_index"] = index
+    try:
+        ev = pair_of(entry, index)
+    except Exception as e:  # noqa: BLE001 - shown, not raised
+        log.exception("pair evidence failed")
+        st.error(f"The evidence for this slice cannot be shown ({type(e).__name__}: {e}).")
+        return
+    row = r.table.iloc[index]
+    sha = str(row["sha256"])
+
+    m = st.columns(6)
+    m[0].metric("Similarity", f"{float(row['similarity']):.4f}")
+    m[1].metric("p-value", ui.format_p(float(row["p_value"])))
+    m[2].metric("Layer consensus", f"{int(row.get('layer_consensus', 0))}/{len(r.layers)}")
+    m[3].metric("Matched subject", str(row["nearest_train_subject"]))
+    m[4].metric("Matched slice", str(int(row["nearest_train_slice"])))
+    decision_ph = m[5].empty()
+    if ev.transform:
+        t = ev.transform
+        shift = ", ".join(f"{s:+.1f}" for s in t.get("shift", []))
+        st.caption(
+            f"Registration of the best candidate: flip **{t.get('flip', 'none')}**, rotation {t.get('angle', 0):+.1f}°, "
+            f"scale {t.get('scale', 1):.3f}, shift ({shift}) px, aligned NCC **{t.get('ncc', float('nan')):.4f}**. "
+            "Neighbours are shown in the synthetic slice's view (a flipped match is flipped back)."
+        )
+
+    with st.container(border=True):
+        k1, k2, k3, k4, k5 = st.columns([2, 2, 3, 2, 2])
+        low = k1.slider("Window low", 0.0, 1.0, 0.0, 0.01, key="win_low")
+        high = k2.slider("Window high", 0.0, 1.0, 1.0, 0.01, key="win_high")
+        mix = k3.slider(
+            "Before / after: synthetic ↔ aligned training", 0, 100, 50, 5, key="blend", format="%d %%",
+            help="0 % shows the synthetic slice, 100 % the aligned training slice.",
+        )
+        size = k4.select_slider("Display size", (128, 192, 256, 320, 384, 512), 256, key="disp_size")
+        resample = k5.radio("Upscaling", ("nearest", "bilinear"), key="resample", horizontal=True)
+    if high <= low:
+        st.warning(f"The window needs high > low (now {low:.2f}–{high:.2f}); showing 0–1.")
+        low, high = 0.0, 1.0
+    view = {"low": low, "high": high, "size": size, "resample": resample}
+
+    top = st.columns(4)
+    _img(top[0], ev.synthetic, f"synthetic · {row['synthetic_path']}#{int(row['slice_index'])}", view)
+    if ev.aligned is not None:
+        _img(top[1], ev.aligned, f"aligned training · {row['nearest_train_subject']} slice "
+             f"{int(r.train[ev.transform['train_index']].slice_index)}", view)
+        _img(top[2], ev.difference, f"|synthetic − aligned| (black = identical; scale 0–{high - low:.2f})", view,
+             diff=True)
+        _img(top[3], ui.blend(ev.synthetic, ev.aligned, mix / 100), f"blend: {100 - mix} % synthetic, {mix} % aligned",
+             view)
+    else:
+        first = next(iter(ev.layers.values()))[0]
+        _img(top[1], first["image"], f"nearest training · {first['subject_id']} slice {first['slice_index']}", view)
+        top[2].info("Paper mode keeps no registration, so no aligned difference map; blend shows the nearest slice.")
+        _img(top[3], ui.blend(ev.synthetic, first["image"], mix / 100), f"blend: {100 - mix} % synthetic", view)
+
+    left, right = st.columns([3, 2])
+    with left:
+        subject_scroll(r, row, ev, view)
+    with right:
+        review_form(r, row, store, latest)
+
+    dec = latest.get(sha)
+    decision_ph.metric("Decision", dec.decision if dec is not None else "—")
+
+    st.subheader("Nearest training slices at every feature layer")
+    st.caption("Rows: feature layers (shallow → deep). Columns: the top neighbours, most similar first.")
+    k = max(len(v) for v in ev.layers.values())
+    for layer, neigh in ev.layers.items():
+        cols = st.columns([1.2, *([2] * k)])
+        sim_col = f"sim_{layer}"
+        cols[0].markdown(f"**{layer}**")
+        if sim_col in row:
+            cols[0].caption(f"layer similarity {float(row[sim_col]):.4f}")
+        for j, nb in enumerate(neigh):
+            mark = " ★" if nb["subject_id"] == row["nearest_train_subject"] else ""
+            _img(cols[j + 1], nb["image"],
+                 f"#{j + 1} · {nb['subject_id']} slice {nb['slice_index']} · sim {nb['similarity']:.4f}{mark}", view)
+
+
+def subject_scroll(r: Any, row: Any, ev: Any, view: dict[str, Any]) -> None:
+    """Scroll through the matched training subject's slices next to the synthetic slice."""
+    subj = str(row["nearest_train_subject"])
+    idx = r.subject_slices(subj) if subj else []
+    st.markdown(f"**Scroll through training subject {subj or '—'}**")
+    if not idx:
+        st.caption("No matched training subject.")
+        return
+    matched = int(row["nearest_train_index"]) if "nearest_train_index" in row else idx[0]
+    start = idx.index(matched) if matched in idx else 0
+    if len(idx) > 1:
+        pos = st.slider(
+            f"slice of {subj} ({len(idx)} slices; matched: position {start + 1})",
+            1, len(idx), start + 1, key=f"scroll_{r.audit_id[:8]}_{int(row.name)}",
+        ) - 1
+    else:
+        pos = 0
+    ti = idx[pos]
+    flip = ev.transform.get("flip", "none") if ev.transform else "none"
+    sl = r.train[ti]
+    c1, c2 = st.columns(2)
+    _img(c1, ev.synthetic, "synthetic", view)
+    rel = "matched slice" if ti == matched else f"{pos - start:+d} from the matched slice"
+    arr = ui.apply_flip(np.asarray(sl.array), flip)
+    if arr.shape != ev.synthetic.shape:
+        from PIL import Image
+
+        arr = np.asarray(Image.fromarray(arr.astype(np.float32)).resize(ev.synthetic.shape[::-1]))
+    _img(c2, arr, f"{subj} slice {sl.slice_index} ({rel})", view)
+
+
+def review_form(r: Any, row: Any, store: ReviewStore | None, latest: dict[str, Any]) -> None:
+    """Record a decision for the pair; confirm only after the database has committed it."""
+    sha = str(row["sha256"])
+    slice_key = f"{row['synthetic_path']}#{int(row['slice_index'])}"
+    st.markdown("**Review this pair**")
+    if store is None:
+        st.caption("No usable reviews database; set one in the sidebar.")
+        return
+    current = latest.get(sha)
+    with st.form(f"review_{sha[:16]}", border=True):
+        decision = st.radio(
+            "Decision",
+            DECISIONS,
+            index=DECISIONS.index(current.decision) if current is not None else None,
+            key=f"dec_{sha[:16]}",
+            horizontal=True,
+        )
+        comment = st.text_area("Comment", current.comment if current is not None else "", key=f"com_{sha[:16]}",
+                               height=80)
+        reviewer = st.text_input("Reviewer name", key="reviewer_name")
+        submitted = st.form_submit_button("Save decision", type="primary", key="save_decision")
+    if submitted:
+        if decision is None:
+            st.warning("Choose a decision first.")
+        elif not (reviewer or "").strip():
+            st.warning("Enter the reviewer's name.")
+        else:
+            try:
+                saved = store.record(r.audit_id, sha, decision, reviewer, comment, slice_key=slice_key)
+            except ReviewError as e:
+                st.error(f"Not saved: {e}")
+            else:
+                st.success(f"Saved: **{saved.decision}** by {saved.reviewer} at {saved.created_at} (record {saved.id}).")
+                latest[sha] = saved
+    hist = store.history(r.audit_id, sha)
+    if hist:
+        with st.expander(f"History of this slice ({len(hist)} decision(s))"):
+            st.dataframe(
+                pd.DataFrame([{"when": h.created_at, "decision": h.decision, "reviewer": h.reviewer,
+                               "comment": h.comment} for h in hist]),
+                hide_index=True, width="stretch",
+            )
+
+
+def review_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dict[str, Any]) -> None:
+    r = entry.result
+    flags = r.flagged_at(alpha)
+    shas = r.table.loc[flags, "sha256"].astype(str).tolist()
+    if store is not None:
+        done, total = store.progress(r.audit_id, shas)
+        st.subheader(f"Review progress: {done} of {total} flagged pairs decided")
+        st.progress(done / total if total else 1.0, text=f"{done} / {total} at α = {ui.format_alpha(alpha)}")
+    st.subheader("Per training subject")
+    st.caption("The unit a privacy officer signs off: how many synthetic slices copy each training subject.")
+    st.dataframe(ui.subject_review_frame(r.subjects, r.table, flags, latest, DECISIONS), hide_index=True,
+                 width="stretch")
+    if store is not None:
+        st.subheader("All decisions of this audit")
+        df = store.to_frame(r.audit_id)
+        if df.empty:
+            st.caption("No decision recorded yet. Open a flagged pair to review it.")
+        else:
+            st.dataframe(df[["slice_key", "decision", "comment", "reviewer", "created_at"]], hide_index=True,
+                         width="stretch")
+        st.caption(f"Stored in {store.path}")
+
+
+def export_page(entry: Entry, store: ReviewStore | None, reviews_db: str) -> None:
+    r = entry.result
+    reviews = store.to_frame(r.audit_id) if store is not None else pd.DataFrame(columns=["slice_sha256"])
+    st.subheader("Scores and decisions")
+    scores = ui.scores_with_decisions(r.table, reviews)
+    st.download_button("Download scores.csv (with decisions)", scores.to_csv(index=False).encode(),
+                       file_name=f"scores_{r.audit_id[:12]}.csv", mime="text/csv", key="dl_scores")
+    st.download_button("Download subjects.csv", r.subjects.to_csv(index=False).encode(),
+                       file_name=f"subjects_{r.audit_id[:12]}.csv", mime="text/csv", key="dl_subjects")
+    st.subheader("Release report")
+    if importlib.util.find_spec("inspector.report") is None:
+        st.info("The HTML release report is not available in this installation.")
+        return
+    out_dir = Path(reviews_db).expanduser().parent / f"audit_{r.audit_id[:12]}"
+    signer = st.text_input("Signed off by (optional)", key="signoff_name")
+    if st.button("Save the audit and build the report", key="build_report"):
+        try:
+            from inspector.report import write_report
+
+            with st.spinner("Writing the audit folder and the report"):
+                r.save(out_dir)
+                html = out_dir / "report.html"
+                kwargs: dict[str, Any] = {"reviews": store.path if store is not None else None}
+                if signer.strip():
+                    kwargs["signoff"] = signer.strip()
+                write_report(out_dir, html, **kwargs)
+            st.session_state["report_path"] = str(html)
+        except Exception as e:  # noqa: BLE001 - shown, not raised
+            log.exception("report failed")
+            st.error(f"The report could not be written ({type(e).__name__}: {e}).")
+    path = st.session_state.get("report_path")
+    if path and Path(path).is_file() and Path(path).parent == out_dir:
+        st.success(f"Audit saved to {out_dir}")
+        st.download_button("Download report.html", Path(path).read_bytes(), file_name=f"report_{r.audit_id[:12]}.html",
+                           mime="text/html", key="dl_report")
+
+
+# ==============================================================================================
+# Main
+# ==============================================================================================
+
+
+def main() -> None:
+    vals = inputs_ui()
+    if vals["run"]:
+        key = run_audit(vals)
+        st.session_state["active"] = key
+        st.session_state.pop("pair_index", None)
+        if key is not None:
+            st.session_state["view_alpha"] = audit_store()[key].result.config.alpha
+        else:
+            return
+    key = st.session_state.get("active")
+    entry = audit_store().get(key) if key else None
+    if entry is None:
+        st.title("MRI Memorization Inspector")
+        st.info(
+            "Choose the training cohort, the synthetic set and (ideally) a holdout of unseen real scans in the "
+            "sidebar, then press **Run audit**. The defaults point at the bundled sample data."
+        )
+        return
+
+    header(entry)
+    store = review_store(vals["reviews_db"])
+    latest = _latest(store, entry.result.audit_id)
+    c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
+    page = c1.radio("Page", PAGES, key="page", horizontal=True, label_visibility="collapsed")
+    if "view_alpha" not in st.session_state:
+        st.session_state["view_alpha"] = entry.result.config.alpha
+    alpha = c2.select_slider(
+        "Flag threshold α (per-slice false-positive rate; no recomputation)",
+        ui.ALPHAS,
+        format_func=ui.format_alpha,
+        key="view_alpha",
+    )
+    if page == "Overview":
+        overview_page(entry, alpha)
+    elif page == "Flagged":
+        flagged_page(entry, alpha, latest)
+    elif page == "Pair":
+        pair_page(entry, alpha, store, latest)
+    elif page == "Review":
+        review_page(entry, alpha, store, latest)
+    else:
+        export_page(entry, store, vals["reviews_db"])
+
+
+main()

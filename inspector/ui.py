@@ -1,0 +1,638 @@
+"""Display helpers for the Streamlit app: paths, progress text, image rendering, figures, tables.
+
+Nothing here computes a score. Every number the app shows comes from
+:class:`~inspector.result.AuditResult` (``flagged_at``, ``threshold_for``, ``summary_counts``,
+``roc``, ``confusion_at``, ``pair``); this module only turns those numbers and arrays into
+pictures, text and tables. It imports no Streamlit, so it is unit-testable on its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "ALPHAS",
+    "EXTRACTORS",
+    "MODES",
+    "InputPathError",
+    "ProgressThrottle",
+    "apply_flip",
+    "blend",
+    "colourise_difference",
+    "default_reviews_db",
+    "flagged_frame",
+    "format_alpha",
+    "format_p",
+    "histogram_figure",
+    "input_signature",
+    "operating_point",
+    "parse_layers",
+    "render_png",
+    "repo_root",
+    "resolve_input",
+    "roc_figure",
+    "scores_with_decisions",
+    "stage_label",
+    "subject_review_frame",
+    "window_to_uint8",
+]
+
+#: Log-spaced per-slice false-positive rates offered by the threshold controls.
+ALPHAS: tuple[float, ...] = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
+#: Extractor names the sidebar offers (the registry in :mod:`inspector.models` validates them).
+EXTRACTORS: tuple[str, ...] = ("ssl", "pixels", "mri-core")
+#: Audit modes (see :class:`~inspector.result.AuditConfig`).
+MODES: tuple[str, ...] = ("default", "paper")
+
+#: Environment variable overriding the default reviews database path.
+REVIEWS_DB_ENV = "INSPECTOR_REVIEWS_DB"
+
+_STAGES: tuple[tuple[str, str], ...] = (
+    ("loading", "Loading"),
+    ("training", "Training the encoder"),
+    ("fit", "Training the encoder"),
+    ("extracting", "Extracting features"),
+    ("searching", "Searching nearest neighbours"),
+    ("search", "Searching nearest neighbours"),
+    ("aligning", "Aligning candidates"),
+    ("align", "Aligning candidates"),
+    ("scoring", "Scoring"),
+    ("null", "Scoring the null"),
+    ("synthetic", "Scoring synthetic slices"),
+    ("holdout", "Scoring the holdout null"),
+    ("baselines", "Baselines"),
+)
+
+
+class InputPathError(FileNotFoundError):
+    """A cohort path typed into the app does not exist (the message names every place looked at)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Paths and cache keys
+# ----------------------------------------------------------------------------------------------
+
+
+def repo_root() -> Path:
+    """The folder holding ``app.py`` (the repository root when running from a checkout)."""
+    return Path(__file__).resolve().parent.parent
+
+
+def resolve_input(text: str, *, what: str, bases: Sequence[Path] | None = None) -> Path:
+    """Resolve a cohort path typed in the sidebar.
+
+    Parameters
+    ----------
+    text : str
+        Absolute path, ``~`` path, or a path relative to the working directory or the repository root.
+    what : str
+        What the path is for (``"training cohort"``), used in the error message.
+    bases : sequence of Path, optional
+        Folders a relative path is tried against, in order (default: the working directory, then the
+        repository root).
+
+    Returns
+    -------
+    Path
+        The existing, absolute path.
+
+    Raises
+    ------
+    InputPathError
+        When the path is empty or exists nowhere; the message lists every place looked at.
+    """
+    raw = (text or "").strip()
+    if not raw:
+        raise InputPathError(f"No {what} given: type a folder or a CSV manifest path.")
+    p = Path(raw).expanduser()
+    if p.is_absolute():
+        if p.exists():
+            return p
+        raise InputPathError(f"The {what} path {p} does not exist. Check the spelling or choose another folder.")
+    tried = []
+    for base in bases if bases is not None else (Path.cwd(), repo_root()):
+        cand = (base / p).absolute()
+        if cand.exists():
+            return cand
+        tried.append(str(cand))
+    raise InputPathError(
+        f"The {what} path {raw!r} does not exist; looked at: {', '.join(dict.fromkeys(tried))}. "
+        "Type an existing folder or CSV manifest."
+    )
+
+
+def input_signature(path: str | Path) -> str:
+    """A fingerprint of the files under a cohort path: names, sizes and modification times.
+
+    A folder contributes every file below it; a CSV manifest contributes itself and each file or
+    folder it lists (``path`` column, relative to the manifest's folder). Used in the app's
+    result-cache key so that an edited cohort is re-audited, and an unchanged one is not.
+
+    Parameters
+    ----------
+    path : str or Path
+        An existing folder, manifest or file.
+
+    Returns
+    -------
+    str
+        Hex sha256.
+    """
+    p = Path(path)
+    h = hashlib.sha256(str(p.absolute()).encode())
+
+    def add_tree(root: Path) -> None:
+        if root.is_file():
+            st = root.stat()
+            h.update(f"{root}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            return
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                f = Path(dirpath) / name
+                try:
+                    st = f.stat()
+                except OSError:
+                    continue
+                h.update(f"{f.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+
+    if p.is_file() and p.suffix.lower() == ".csv":
+        add_tree(p)
+        try:
+            with p.open(newline="", encoding="utf-8", errors="replace") as fh:
+                rows = list(csv.DictReader(fh))
+        except OSError:
+            rows = []
+        for row in rows:
+            ref = (row.get("path") or "").strip()
+            if not ref:
+                continue
+            q = Path(ref) if Path(ref).is_absolute() else p.parent / ref
+            if q.exists():
+                add_tree(q)
+            else:
+                h.update(f"missing:{ref}\n".encode())
+    elif p.exists():
+        add_tree(p)
+    return h.hexdigest()
+
+
+def default_reviews_db(cwd: Path | None = None) -> Path:
+    """The reviews database: ``$INSPECTOR_REVIEWS_DB`` if set, else ``audits/reviews.sqlite3`` under the cwd."""
+    env = os.environ.get(REVIEWS_DB_ENV)
+    if env:
+        return Path(env).expanduser()
+    return (cwd or Path.cwd()) / "audits" / "reviews.sqlite3"
+
+
+def parse_layers(text: str) -> tuple[str, ...]:
+    """Layer names from a comma- or space-separated string (empty -> the extractor's defaults)."""
+    parts = [t.strip() for t in (text or "").replace(",", " ").split()]
+    return tuple(dict.fromkeys(t for t in parts if t))
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress and formatting
+# ----------------------------------------------------------------------------------------------
+
+
+def stage_label(stage: str) -> str:
+    """A readable label for a progress stage such as ``"loading:train"`` or ``"extracting:hflip"``."""
+    head, _, detail = stage.partition(":")
+    label = head.replace("_", " ")
+    for prefix, text in _STAGES:
+        if head.startswith(prefix):
+            label = text
+            break
+    return f"{label} ({detail})" if detail else label
+
+
+class ProgressThrottle:
+    """Adapts ``progress(stage, done, total)`` to a renderer, at most every ``min_interval`` seconds.
+
+    A new stage and the last step of a stage are always rendered, so the display never lags behind
+    a finished stage.
+
+    Parameters
+    ----------
+    render : callable
+        ``render(label, fraction, text)`` with ``fraction`` in [0, 1] and ``text`` like
+        ``"Extracting features (id): 96 / 120"``.
+    min_interval : float
+        Seconds between two intermediate renders of the same stage.
+    """
+
+    def __init__(self, render: Callable[[str, float, str], None], min_interval: float = 0.15) -> None:
+        self.render = render
+        self.min_interval = min_interval
+        self.stages: list[str] = []
+        self._last_stage = ""
+        self._last_time = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        new = stage != self._last_stage
+        if new:
+            self.stages.append(stage)
+        if not (new or done >= total or now - self._last_time >= self.min_interval):
+            return
+        self._last_stage, self._last_time = stage, now
+        label = stage_label(stage)
+        frac = min(1.0, max(0.0, done / total)) if total > 0 else 1.0
+        self.render(label, frac, f"{label}: {done} / {total}" if total > 0 else label)
+
+
+def format_p(p: float) -> str:
+    """A p-value for display: 3 significant digits, ``< 1e-4`` style below 0.0001."""
+    if p is None or not math.isfinite(p):
+        return "n/a"
+    return f"{p:.3g}" if p >= 1e-4 else "< 0.0001"
+
+
+def format_alpha(a: float) -> str:
+    """An alpha as a percentage: ``0.01 -> "1 %"``, ``0.0005 -> "0.05 %"``."""
+    return f"{a * 100:g} %"
+
+
+# ----------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------
+
+# inferno, sampled at 9 points: black (no difference) to pale yellow (differs by the window width)
+_INFERNO = np.array(
+    [
+        [0, 0, 4],
+        [31, 12, 72],
+        [85, 15, 109],
+        [136, 34, 106],
+        [186, 54, 85],
+        [227, 89, 51],
+        [249, 140, 10],
+        [249, 201, 50],
+        [252, 255, 164],
+    ],
+    dtype=np.float64,
+)
+_LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_INFERNO)), _INFERNO[:, c]) for c in range(3)], 1)
+_LUT = np.round(_LUT).astype(np.uint8)
+
+
+def window_to_uint8(arr: np.ndarray, low: float = 0.0, high: float = 1.0) -> np.ndarray:
+    """Apply an intensity window to float intensities and map it to 8 bits for display.
+
+    Parameters
+    ----------
+    arr : np.ndarray, shape (H, W)
+        Float intensities (the library's slices are in [0, 1]).
+    low, high : float
+        Window; values <= low are black, >= high white.
+
+    Returns
+    -------
+    np.ndarray, shape (H, W), uint8
+    """
+    a = np.asarray(arr, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"window_to_uint8 expects a 2D (H, W) array; got shape {a.shape}.")
+    if not high > low:
+        raise ValueError(f"The intensity window needs high > low; got low={low}, high={high}.")
+    out = np.clip((a - low) / (high - low), 0.0, 1.0)
+    return np.round(np.nan_to_num(out) * 255).astype(np.uint8)
+
+
+def colourise_difference(diff: np.ndarray, width: float = 1.0) -> np.ndarray:
+    """Map an absolute-difference map to an inferno colour image.
+
+    Parameters
+    ----------
+    diff : np.ndarray, shape (H, W)
+        ``|a - b|`` on the image intensity scale.
+    width : float
+        Difference shown as the brightest colour (use the intensity window's width so that a
+        narrower window magnifies differences exactly as it magnifies the images).
+
+    Returns
+    -------
+    np.ndarray, shape (H, W, 3), uint8
+    """
+    if width <= 0:
+        raise ValueError(f"difference width must be > 0; got {width}.")
+    return _LUT[window_to_uint8(diff, 0.0, width)]
+
+
+def apply_flip(img: np.ndarray, flip: str) -> np.ndarray:
+    """Show an image in the view a match was found in (``h``/``hflip``, ``v``/``vflip``, ``hv``/``hvflip``)."""
+    f = str(flip or "none")
+    if f in ("h", "hflip"):
+        return img[:, ::-1]
+    if f in ("v", "vflip"):
+        return img[::-1]
+    if f in ("hv", "hvflip", "vh"):
+        return img[::-1, ::-1]
+    return img
+
+
+def blend(before: np.ndarray, after: np.ndarray, t: float) -> np.ndarray:
+    """Cross-fade two images for a before/after comparison: ``(1 - t) * before + t * after``."""
+    if before.shape != after.shape:
+        raise ValueError(f"blend needs images of one shape; got {before.shape} and {after.shape}.")
+    t = float(min(1.0, max(0.0, t)))
+    return (1.0 - t) * np.asarray(before, np.float64) + t * np.asarray(after, np.float64)
+
+
+def render_png(
+    arr: np.ndarray,
+    *,
+    low: float = 0.0,
+    high: float = 1.0,
+    size: int = 256,
+    resample: str = "nearest",
+    colour_difference: bool = False,
+) -> bytes:
+    """Render a float slice as a PNG at a readable size.
+
+    Parameters
+    ----------
+    arr : np.ndarray, shape (H, W)
+        Float intensities (or an absolute-difference map when ``colour_difference``).
+    low, high : float
+        Intensity window (for a difference map, ``high - low`` is the colour scale's width).
+    size : int
+        Longer side of the output in pixels; the aspect ratio is kept.
+    resample : str
+        ``"nearest"`` (pixels stay visible) or ``"bilinear"``.
+    colour_difference : bool
+        Render with the inferno colour map from 0 to ``high - low``.
+
+    Returns
+    -------
+    bytes
+        PNG data.
+    """
+    from PIL import Image
+
+    if colour_difference:
+        im = Image.fromarray(colourise_difference(arr, high - low), mode="RGB")
+    else:
+        im = Image.fromarray(window_to_uint8(arr, low, high), mode="L")
+    h, w = np.asarray(arr).shape[:2]
+    scale = size / max(h, w)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    methods = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR}
+    if resample not in methods:
+        raise ValueError(f"resample must be one of {sorted(methods)}; got {resample!r}.")
+    if new != (w, h):
+        im = im.resize(new, methods[resample])
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------
+
+
+def histogram_figure(
+    synthetic: np.ndarray,
+    null: np.ndarray,
+    threshold: float,
+    *,
+    null_kind: str = "null",
+    alpha: float | None = None,
+    flagged: np.ndarray | None = None,
+) -> Any:
+    """Overlaid histograms of the synthetic similarities and the null, with the flag threshold.
+
+    Parameters
+    ----------
+    synthetic : np.ndarray, shape (m,)
+        ``AuditResult.table["similarity"]``.
+    null : np.ndarray, shape (n_null,)
+        ``AuditResult.null_similarity``.
+    threshold : float
+        ``AuditResult.threshold_for(alpha)``; not drawn when infinite.
+    null_kind : str
+        How the null was built (legend text).
+    alpha : float, optional
+        For the threshold's label.
+    flagged : np.ndarray of bool, shape (m,), optional
+        ``AuditResult.flagged_at(alpha)``; flagged synthetic slices are drawn as their own series.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    import plotly.graph_objects as go
+
+    syn = np.asarray(synthetic, np.float64)
+    nul = np.asarray(null, np.float64)
+    both = np.concatenate([syn[np.isfinite(syn)], nul[np.isfinite(nul)]])
+    lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
+    span = hi - lo if hi > lo else 1.0
+    bins = {"start": lo - 0.01 * span, "end": hi + 0.01 * span, "size": span / 40}
+    fig = go.Figure()
+    fig.add_trace(
+        go.Histogram(x=nul, name=f"null ({null_kind}, n={len(nul)})", xbins=bins, histnorm="probability density",
+                     marker_color="#8c9bab", opacity=0.65)
+    )
+    if flagged is not None and np.asarray(flagged).any():
+        f = np.asarray(flagged, bool)
+        fig.add_trace(
+            go.Histogram(x=syn[~f], name=f"synthetic, not flagged (n={int((~f).sum())})", xbins=bins,
+                         histnorm="probability density", marker_color="#3b75af", opacity=0.65)
+        )
+        fig.add_trace(
+            go.Histogram(x=syn[f], name=f"synthetic, flagged (n={int(f.sum())})", xbins=bins,
+                         histnorm="probability density", marker_color="#d62728", opacity=0.8)
+        )
+    else:
+        fig.add_trace(
+            go.Histogram(x=syn, name=f"synthetic (n={len(syn)})", xbins=bins, histnorm="probability density",
+                         marker_color="#3b75af", opacity=0.65)
+        )
+    if math.isfinite(threshold):
+        label = f"threshold at α = {format_alpha(alpha)}" if alpha is not None else "threshold"
+        fig.add_vline(x=threshold, line_dash="dash", line_color="#d62728", line_width=2,
+                      annotation_text=f"{label}: {threshold:.4f}", annotation_position="top left")
+    fig.update_layout(
+        barmode="overlay",
+        xaxis_title="similarity to the nearest training slice (higher = more like a copy)",
+        yaxis_title="density",
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+        margin={"l": 10, "r": 10, "t": 60, "b": 10},
+        height=380,
+    )
+    return fig
+
+
+def operating_point(confusion: Mapping[str, int]) -> tuple[float, float]:
+    """The (false-positive rate, true-positive rate) of ``AuditResult.confusion_at(alpha)`` counts."""
+    tp, fp, fn, tn = (int(confusion[k]) for k in ("tp", "fp", "fn", "tn"))
+    fpr = fp / (fp + tn) if fp + tn else 0.0
+    tpr = tp / (tp + fn) if tp + fn else 0.0
+    return fpr, tpr
+
+
+def roc_figure(roc: Mapping[str, Any], point: tuple[float, float] | None = None, *, alpha: float | None = None) -> Any:
+    """The ROC curve of ``AuditResult.roc()`` with the current operating point.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line={"dash": "dot", "color": "#aaa"}))
+    fig.add_trace(
+        go.Scatter(x=np.asarray(roc["fpr"]), y=np.asarray(roc["tpr"]), mode="lines", name=f"ROC (AUC {roc['auc']:.3f})",
+                   line={"color": "#3b75af", "width": 3}, line_shape="hv")
+    )
+    if point is not None:
+        name = f"flags at α = {format_alpha(alpha)}" if alpha is not None else "current threshold"
+        fig.add_trace(
+            go.Scatter(x=[point[0]], y=[point[1]], mode="markers", name=name,
+                       marker={"size": 14, "color": "#d62728", "symbol": "x"})
+        )
+    fig.update_layout(
+        xaxis_title="false-positive rate (novel slices flagged)",
+        yaxis_title="true-positive rate (copies flagged)",
+        xaxis={"range": [-0.02, 1.02]},
+        yaxis={"range": [-0.02, 1.02]},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+        margin={"l": 10, "r": 10, "t": 60, "b": 10},
+        height=380,
+    )
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------
+
+
+def _decision_of(latest: Mapping[str, Any], sha: str) -> str:
+    r = latest.get(sha)
+    return r.decision if r is not None else ""
+
+
+def flagged_frame(
+    table: pd.DataFrame, flags: np.ndarray, latest: Mapping[str, Any], n_layers: int, *, include_all: bool = False
+) -> pd.DataFrame:
+    """The flagged list: one row per flagged synthetic slice (or every slice), for display.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        ``AuditResult.table``.
+    flags : np.ndarray of bool, shape (m,)
+        ``AuditResult.flagged_at(alpha)``.
+    latest : mapping of str to Review
+        ``ReviewStore.latest(audit_id)`` (slice hash -> latest decision).
+    n_layers : int
+        Number of feature layers (for the consensus column ``k/L``).
+    include_all : bool
+        Every synthetic slice, not only the flagged ones.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by the row of ``table``; columns ``synthetic``, ``similarity``, ``p_value``, ``mi``,
+        ``consensus``, ``matched_subject``, ``matched_slice``, ``margin``, ``flagged``, ``decision``
+        and ``truth`` when ground truth exists. Training file paths are left out on purpose: only
+        pseudonymous subject IDs are shown.
+    """
+    flags = np.asarray(flags, bool)
+    rows = table if include_all else table[flags]
+    out = pd.DataFrame(index=rows.index)
+    out["synthetic"] = [f"{p}#{i}" for p, i in zip(rows["synthetic_path"], rows["slice_index"], strict=True)]
+    out["similarity"] = rows["similarity"].astype(float)
+    out["p_value"] = rows["p_value"].astype(float)
+    out["mi"] = rows["mi"].astype(float)
+    cons = rows["layer_consensus"] if "layer_consensus" in rows else pd.Series(0, index=rows.index)
+    out["consensus"] = [f"{int(c)}/{n_layers}" for c in cons]
+    out["matched_subject"] = rows["nearest_train_subject"].astype(str)
+    out["matched_slice"] = rows["nearest_train_slice"].astype(int)
+    if "margin" in rows:
+        out["margin"] = rows["margin"].astype(float)
+    out["flagged"] = flags if include_all else True
+    out["decision"] = [_decision_of(latest, s) for s in rows["sha256"]]
+    if "label" in rows and rows["label"].notna().any():
+        out["truth"] = rows["label"].fillna("").astype(str)
+    return out
+
+
+def scores_with_decisions(table: pd.DataFrame, reviews: pd.DataFrame) -> pd.DataFrame:
+    """``AuditResult.table`` with the latest reviewer decision per slice (``ReviewStore.to_frame``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The table's columns plus ``decision``, ``decision_comment``, ``reviewer``, ``decided_at``
+        (empty where no decision exists).
+    """
+    out = table.copy()
+    cols = {"decision": "decision", "comment": "decision_comment", "reviewer": "reviewer", "created_at": "decided_at"}
+    by_sha = reviews.set_index("slice_sha256") if len(reviews) else None
+    for src, dst in cols.items():
+        if by_sha is None:
+            out[dst] = ""
+        else:
+            out[dst] = [str(by_sha.at[s, src]) if s in by_sha.index else "" for s in out["sha256"]]
+    return out
+
+
+def subject_review_frame(
+    subjects: pd.DataFrame, table: pd.DataFrame, flags: np.ndarray, latest: Mapping[str, Any], decisions: Sequence[str]
+) -> pd.DataFrame:
+    """``AuditResult.subjects`` with flagged counts at the shown threshold and reviewer decision counts.
+
+    Parameters
+    ----------
+    subjects : pandas.DataFrame
+        ``AuditResult.subjects`` (one row per training subject).
+    table : pandas.DataFrame
+        ``AuditResult.table``.
+    flags : np.ndarray of bool, shape (m,)
+        ``AuditResult.flagged_at(alpha)`` at the threshold shown.
+    latest : mapping of str to Review
+        Latest decision per slice hash.
+    decisions : sequence of str
+        :data:`inspector.review.DECISIONS` (one count column each).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``subject_id``, ``n_train_slices``, ``n_synthetic_matched``, ``flagged_now``, ``reviewed``,
+        one column per decision, ``max_similarity``, ``min_p_value``; sorted by ``flagged_now``.
+    """
+    flags = np.asarray(flags, bool)
+    rows = table[flags]
+    per: dict[str, dict[str, int]] = {}
+    for subj, sha in zip(rows["nearest_train_subject"].astype(str), rows["sha256"], strict=True):
+        d = per.setdefault(subj, {"flagged_now": 0, "reviewed": 0, **dict.fromkeys(decisions, 0)})
+        d["flagged_now"] += 1
+        dec = _decision_of(latest, sha)
+        if dec:
+            d["reviewed"] += 1
+            if dec in d:
+                d[dec] += 1
+    out = subjects.copy()
+    for col in ("flagged_now", "reviewed", *decisions):
+        out[col] = [per.get(str(s), {}).get(col, 0) for s in out["subject_id"]]
+    keep = ["subject_id", "n_train_slices", "n_synthetic_matched", "flagged_now", "reviewed", *decisions]
+    keep += [c for c in ("max_similarity", "min_p_value") if c in out]
+    out = out[[c for c in keep if c in out]]
+    return out.sort_values(["flagged_now", "reviewed"], ascending=False, kind="stable").reset_index(drop=True)
