@@ -62,9 +62,7 @@ def audit_store() -> dict[str, Entry]:
 
 def run_key(paths: dict[str, Path | None], config: Any) -> str:
     """Cache key: the resolved input paths, the state of the files under them and the full config."""
-    parts = {
-        name: None if p is None else {"path": str(p), "state": ui.input_signature(p)} for name, p in paths.items()
-    }
+    parts = {name: None if p is None else {"path": str(p), "state": ui.input_signature(p)} for name, p in paths.items()}
     blob = json.dumps({"inputs": parts, "config": config.to_dict()}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -89,7 +87,9 @@ def inputs_ui() -> dict[str, Any]:
     sb.subheader("Cohorts")
     vals: dict[str, Any] = {}
     vals["train"] = sb.text_input("Training cohort (folder or CSV manifest)", _DEFAULTS["train"], key="in_train")
-    vals["synthetic"] = sb.text_input("Synthetic set (folder or CSV manifest)", _DEFAULTS["synthetic"], key="in_synthetic")
+    vals["synthetic"] = sb.text_input(
+        "Synthetic set (folder or CSV manifest)", _DEFAULTS["synthetic"], key="in_synthetic"
+    )
     vals["holdout"] = sb.text_input(
         "Holdout of unseen real scans (optional)",
         _DEFAULTS["holdout"],
@@ -125,7 +125,9 @@ def inputs_ui() -> dict[str, Any]:
     vals["layers"] = sb.text_input("Layers (optional, comma-separated)", "", key="in_layers")
     vals["fdr"] = sb.checkbox("Benjamini–Hochberg control across the set", False, key="in_fdr")
     with sb.expander("Reviews"):
-        vals["reviews_db"] = st.text_input("Reviews database (SQLite)", str(ui.default_reviews_db()), key="in_reviews_db")
+        vals["reviews_db"] = st.text_input(
+            "Reviews database (SQLite)", str(ui.default_reviews_db()), key="in_reviews_db"
+        )
     vals["run"] = sb.button("Run audit", type="primary", key="run", width="stretch")
     return vals
 
@@ -351,8 +353,12 @@ def overview_page(entry: Entry, alpha: float) -> None:
     st.subheader("Synthetic similarities against the null")
     st.plotly_chart(
         ui.histogram_figure(
-            r.table["similarity"].to_numpy(), r.null_similarity, thr,
-            null_kind=v.get("null_kind", "null"), alpha=alpha, flagged=flags,
+            r.table["similarity"].to_numpy(),
+            r.null_similarity,
+            thr,
+            null_kind=v.get("null_kind", "null"),
+            alpha=alpha,
+            flagged=flags,
         ),
         key="hist",
     )
@@ -382,7 +388,9 @@ def overview_page(entry: Entry, alpha: float) -> None:
                 width="stretch",
             )
     with st.expander("Timings and settings"):
-        st.json({"timings_seconds": {k: round(float(t), 3) for k, t in r.timings.items()}, "config": r.config.to_dict()})
+        st.json(
+            {"timings_seconds": {k: round(float(t), 3) for k, t in r.timings.items()}, "config": r.config.to_dict()}
+        )
 
 
 def flagged_page(entry: Entry, alpha: float, latest: dict[str, Any]) -> None:
@@ -498,7 +506,8 @@ def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dic
         t = ev.transform
         shift = ", ".join(f"{s:+.1f}" for s in t.get("shift", []))
         st.caption(
-            f"Registration of the best candidate: flip **{t.get('flip', 'none')}**, rotation {t.get('angle', 0):+.1f}°, "
+            f"Registration of the best candidate: flip **{t.get('flip', 'none')}**, "
+            f"rotation {t.get('angle', 0):+.1f}°, "
             f"scale {t.get('scale', 1):.3f}, shift ({shift}) px, aligned NCC **{t.get('ncc', float('nan')):.4f}**. "
             "Neighbours are shown in the synthetic slice's view (a flipped match is flipped back)."
         )
@@ -508,7 +517,13 @@ def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dic
         low = k1.slider("Window low", 0.0, 1.0, 0.0, 0.01, key="win_low")
         high = k2.slider("Window high", 0.0, 1.0, 1.0, 0.01, key="win_high")
         mix = k3.slider(
-            "Before / after: synthetic ↔ aligned training", 0, 100, 50, 5, key="blend", format="%d %%",
+            "Before / after: synthetic ↔ aligned training",
+            0,
+            100,
+            50,
+            5,
+            key="blend",
+            format="%d %%",
             help="0 % shows the synthetic slice, 100 % the aligned training slice.",
         )
         size = k4.select_slider("Display size", (128, 192, 256, 320, 384, 512), 256, key="disp_size")
@@ -521,12 +536,26 @@ def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dic
     top = st.columns(4)
     _img(top[0], ev.synthetic, f"synthetic · {row['synthetic_path']}#{int(row['slice_index'])}", view)
     if ev.aligned is not None:
-        _img(top[1], ev.aligned, f"aligned training · {row['nearest_train_subject']} slice "
-             f"{int(r.train[ev.transform['train_index']].slice_index)}", view)
-        _img(top[2], ev.difference, f"|synthetic − aligned| (black = identical; scale 0–{high - low:.2f})", view,
-             diff=True)
-        _img(top[3], ui.blend(ev.synthetic, ev.aligned, mix / 100), f"blend: {100 - mix} % synthetic, {mix} % aligned",
-             view)
+        _img(
+            top[1],
+            ev.aligned,
+            f"aligned training · {row['nearest_train_subject']} slice "
+            f"{int(r.train[ev.transform['train_index']].slice_index)}",
+            view,
+        )
+        _img(
+            top[2],
+            ev.difference,
+            f"|synthetic − aligned| (black = identical; scale 0–{high - low:.2f})",
+            view,
+            diff=True,
+        )
+        _img(
+            top[3],
+            ui.blend(ev.synthetic, ev.aligned, mix / 100),
+            f"blend: {100 - mix} % synthetic, {mix} % aligned",
+            view,
+        )
     else:
         first = next(iter(ev.layers.values()))[0]
         _img(top[1], first["image"], f"nearest training · {first['subject_id']} slice {first['slice_index']}", view)
@@ -553,8 +582,12 @@ def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dic
             cols[0].caption(f"layer similarity {float(row[sim_col]):.4f}")
         for j, nb in enumerate(neigh):
             mark = " ★" if nb["subject_id"] == row["nearest_train_subject"] else ""
-            _img(cols[j + 1], nb["image"],
-                 f"#{j + 1} · {nb['subject_id']} slice {nb['slice_index']} · sim {nb['similarity']:.4f}{mark}", view)
+            _img(
+                cols[j + 1],
+                nb["image"],
+                f"#{j + 1} · {nb['subject_id']} slice {nb['slice_index']} · sim {nb['similarity']:.4f}{mark}",
+                view,
+            )
 
 
 def subject_scroll(r: Any, row: Any, ev: Any, view: dict[str, Any]) -> None:
@@ -568,10 +601,16 @@ def subject_scroll(r: Any, row: Any, ev: Any, view: dict[str, Any]) -> None:
     matched = int(row["nearest_train_index"]) if "nearest_train_index" in row else idx[0]
     start = idx.index(matched) if matched in idx else 0
     if len(idx) > 1:
-        pos = st.slider(
-            f"slice of {subj} ({len(idx)} slices; matched: position {start + 1})",
-            1, len(idx), start + 1, key=f"scroll_{r.audit_id[:8]}_{int(row.name)}",
-        ) - 1
+        pos = (
+            st.slider(
+                f"slice of {subj} ({len(idx)} slices; matched: position {start + 1})",
+                1,
+                len(idx),
+                start + 1,
+                key=f"scroll_{r.audit_id[:8]}_{int(row.name)}",
+            )
+            - 1
+        )
     else:
         pos = 0
     ti = idx[pos]
@@ -605,8 +644,9 @@ def review_form(r: Any, row: Any, store: ReviewStore | None, latest: dict[str, A
             key=f"dec_{sha[:16]}",
             horizontal=True,
         )
-        comment = st.text_area("Comment", current.comment if current is not None else "", key=f"com_{sha[:16]}",
-                               height=80)
+        comment = st.text_area(
+            "Comment", current.comment if current is not None else "", key=f"com_{sha[:16]}", height=80
+        )
         reviewer = st.text_input("Reviewer name", key="reviewer_name")
         submitted = st.form_submit_button("Save decision", type="primary", key="save_decision")
     if submitted:
@@ -620,15 +660,22 @@ def review_form(r: Any, row: Any, store: ReviewStore | None, latest: dict[str, A
             except ReviewError as e:
                 st.error(f"Not saved: {e}")
             else:
-                st.success(f"Saved: **{saved.decision}** by {saved.reviewer} at {saved.created_at} (record {saved.id}).")
+                st.success(
+                    f"Saved: **{saved.decision}** by {saved.reviewer} at {saved.created_at} (record {saved.id})."
+                )
                 latest[sha] = saved
     hist = store.history(r.audit_id, sha)
     if hist:
         with st.expander(f"History of this slice ({len(hist)} decision(s))"):
             st.dataframe(
-                pd.DataFrame([{"when": h.created_at, "decision": h.decision, "reviewer": h.reviewer,
-                               "comment": h.comment} for h in hist]),
-                hide_index=True, width="stretch",
+                pd.DataFrame(
+                    [
+                        {"when": h.created_at, "decision": h.decision, "reviewer": h.reviewer, "comment": h.comment}
+                        for h in hist
+                    ]
+                ),
+                hide_index=True,
+                width="stretch",
             )
 
 
@@ -642,16 +689,18 @@ def review_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: d
         st.progress(done / total if total else 1.0, text=f"{done} / {total} at α = {ui.format_alpha(alpha)}")
     st.subheader("Per training subject")
     st.caption("The unit a privacy officer signs off: how many synthetic slices copy each training subject.")
-    st.dataframe(ui.subject_review_frame(r.subjects, r.table, flags, latest, DECISIONS), hide_index=True,
-                 width="stretch")
+    st.dataframe(
+        ui.subject_review_frame(r.subjects, r.table, flags, latest, DECISIONS), hide_index=True, width="stretch"
+    )
     if store is not None:
         st.subheader("All decisions of this audit")
         df = store.to_frame(r.audit_id)
         if df.empty:
             st.caption("No decision recorded yet. Open a flagged pair to review it.")
         else:
-            st.dataframe(df[["slice_key", "decision", "comment", "reviewer", "created_at"]], hide_index=True,
-                         width="stretch")
+            st.dataframe(
+                df[["slice_key", "decision", "comment", "reviewer", "created_at"]], hide_index=True, width="stretch"
+            )
         st.caption(f"Stored in {store.path}")
 
 
@@ -660,10 +709,20 @@ def export_page(entry: Entry, store: ReviewStore | None, reviews_db: str) -> Non
     reviews = store.to_frame(r.audit_id) if store is not None else pd.DataFrame(columns=["slice_sha256"])
     st.subheader("Scores and decisions")
     scores = ui.scores_with_decisions(r.table, reviews)
-    st.download_button("Download scores.csv (with decisions)", scores.to_csv(index=False).encode(),
-                       file_name=f"scores_{r.audit_id[:12]}.csv", mime="text/csv", key="dl_scores")
-    st.download_button("Download subjects.csv", r.subjects.to_csv(index=False).encode(),
-                       file_name=f"subjects_{r.audit_id[:12]}.csv", mime="text/csv", key="dl_subjects")
+    st.download_button(
+        "Download scores.csv (with decisions)",
+        scores.to_csv(index=False).encode(),
+        file_name=f"scores_{r.audit_id[:12]}.csv",
+        mime="text/csv",
+        key="dl_scores",
+    )
+    st.download_button(
+        "Download subjects.csv",
+        r.subjects.to_csv(index=False).encode(),
+        file_name=f"subjects_{r.audit_id[:12]}.csv",
+        mime="text/csv",
+        key="dl_subjects",
+    )
     st.subheader("Release report")
     if importlib.util.find_spec("inspector.report") is None:
         st.info("The HTML release report is not available in this installation.")
@@ -688,8 +747,13 @@ def export_page(entry: Entry, store: ReviewStore | None, reviews_db: str) -> Non
     path = st.session_state.get("report_path")
     if path and Path(path).is_file() and Path(path).parent == out_dir:
         st.success(f"Audit saved to {out_dir}")
-        st.download_button("Download report.html", Path(path).read_bytes(), file_name=f"report_{r.audit_id[:12]}.html",
-                           mime="text/html", key="dl_report")
+        st.download_button(
+            "Download report.html",
+            Path(path).read_bytes(),
+            file_name=f"report_{r.audit_id[:12]}.html",
+            mime="text/html",
+            key="dl_report",
+        )
 
 
 # ==============================================================================================

@@ -284,7 +284,9 @@ _INFERNO = np.array(
     ],
     dtype=np.float64,
 )
-_LUT = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_INFERNO)), _INFERNO[:, c]) for c in range(3)], 1)
+_LUT = np.stack(
+    [np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_INFERNO)), _INFERNO[:, c]) for c in range(3)], 1
+)
 _LUT = np.round(_LUT).astype(np.uint8)
 
 
@@ -444,28 +446,58 @@ def histogram_figure(
     bins = {"start": lo - 0.01 * span, "end": hi + 0.01 * span, "size": span / 40}
     fig = go.Figure()
     fig.add_trace(
-        go.Histogram(x=nul, name=f"null ({null_kind}, n={len(nul)})", xbins=bins, histnorm="probability density",
-                     marker_color="#8c9bab", opacity=0.65)
+        go.Histogram(
+            x=nul,
+            name=f"null ({null_kind}, n={len(nul)})",
+            xbins=bins,
+            histnorm="probability density",
+            marker_color="#8c9bab",
+            opacity=0.65,
+        )
     )
     if flagged is not None and np.asarray(flagged).any():
         f = np.asarray(flagged, bool)
         fig.add_trace(
-            go.Histogram(x=syn[~f], name=f"synthetic, not flagged (n={int((~f).sum())})", xbins=bins,
-                         histnorm="probability density", marker_color="#3b75af", opacity=0.65)
+            go.Histogram(
+                x=syn[~f],
+                name=f"synthetic, not flagged (n={int((~f).sum())})",
+                xbins=bins,
+                histnorm="probability density",
+                marker_color="#3b75af",
+                opacity=0.65,
+            )
         )
         fig.add_trace(
-            go.Histogram(x=syn[f], name=f"synthetic, flagged (n={int(f.sum())})", xbins=bins,
-                         histnorm="probability density", marker_color="#d62728", opacity=0.8)
+            go.Histogram(
+                x=syn[f],
+                name=f"synthetic, flagged (n={int(f.sum())})",
+                xbins=bins,
+                histnorm="probability density",
+                marker_color="#d62728",
+                opacity=0.8,
+            )
         )
     else:
         fig.add_trace(
-            go.Histogram(x=syn, name=f"synthetic (n={len(syn)})", xbins=bins, histnorm="probability density",
-                         marker_color="#3b75af", opacity=0.65)
+            go.Histogram(
+                x=syn,
+                name=f"synthetic (n={len(syn)})",
+                xbins=bins,
+                histnorm="probability density",
+                marker_color="#3b75af",
+                opacity=0.65,
+            )
         )
     if math.isfinite(threshold):
         label = f"threshold at α = {format_alpha(alpha)}" if alpha is not None else "threshold"
-        fig.add_vline(x=threshold, line_dash="dash", line_color="#d62728", line_width=2,
-                      annotation_text=f"{label}: {threshold:.4f}", annotation_position="top left")
+        fig.add_vline(
+            x=threshold,
+            line_dash="dash",
+            line_color="#d62728",
+            line_width=2,
+            annotation_text=f"{label}: {threshold:.4f}",
+            annotation_position="top left",
+        )
     fig.update_layout(
         barmode="overlay",
         xaxis_title="similarity to the nearest training slice (higher = more like a copy)",
@@ -497,14 +529,25 @@ def roc_figure(roc: Mapping[str, Any], point: tuple[float, float] | None = None,
     fig = go.Figure()
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line={"dash": "dot", "color": "#aaa"}))
     fig.add_trace(
-        go.Scatter(x=np.asarray(roc["fpr"]), y=np.asarray(roc["tpr"]), mode="lines", name=f"ROC (AUC {roc['auc']:.3f})",
-                   line={"color": "#3b75af", "width": 3}, line_shape="hv")
+        go.Scatter(
+            x=np.asarray(roc["fpr"]),
+            y=np.asarray(roc["tpr"]),
+            mode="lines",
+            name=f"ROC (AUC {roc['auc']:.3f})",
+            line={"color": "#3b75af", "width": 3},
+            line_shape="hv",
+        )
     )
     if point is not None:
         name = f"flags at α = {format_alpha(alpha)}" if alpha is not None else "current threshold"
         fig.add_trace(
-            go.Scatter(x=[point[0]], y=[point[1]], mode="markers", name=name,
-                       marker={"size": 14, "color": "#d62728", "symbol": "x"})
+            go.Scatter(
+                x=[point[0]],
+                y=[point[1]],
+                mode="markers",
+                name=name,
+                marker={"size": 14, "color": "#d62728", "symbol": "x"},
+            )
         )
     fig.update_layout(
         xaxis_title="false-positive rate (novel slices flagged)",
