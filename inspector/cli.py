@@ -137,7 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--audit", required=True, metavar="DIR", help="a folder written by 'inspector scan'")
     r.add_argument("--reviews", metavar="DB", help="review database (default: DIR/reviews.sqlite3 if present)")
-    r.add_argument("--out", required=True, metavar="FILE", help="the HTML file to write")
+    r.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE",
+        help="the HTML file to write; summary.json (validated against inspector/schemas/summary.schema.json) is "
+        "written beside it",
+    )
+    sg = r.add_argument_group(
+        "sign-off",
+        "record a release decision (stored append-only in the review database and shown in the report); "
+        "--signer, --role and --decision go together",
+    )
+    sg.add_argument("--signer", metavar="NAME", help="who signs off (a staff name)")
+    sg.add_argument("--role", metavar="ROLE", help="the signer's role, e.g. 'privacy officer'")
+    sg.add_argument(
+        "--decision",
+        choices=("release", "do not release", "release after removing the flagged slices"),
+        help="the release decision",
+    )
+    sg.add_argument(
+        "--reason",
+        metavar="TEXT",
+        help="why; required when flagged pairs have no reviewer decision (the sign-off is refused otherwise)",
+    )
+    sg.add_argument("--date", metavar="YYYY-MM-DD", help="date of the decision (default: today, UTC)")
     return p
 
 
@@ -183,10 +207,28 @@ def _scan(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    import json
 
-    path = write_report(args.audit, args.out, reviews=args.reviews)
-    print(f"wrote {path}", file=sys.stderr)
+    from .report import SignOff, summary_path_for, write_report
+
+    signoff = None
+    given = {"--signer": args.signer, "--role": args.role, "--decision": args.decision}
+    if any(v is not None for v in (*given.values(), args.reason, args.date)):
+        missing = [k for k, v in given.items() if not v]
+        if missing:
+            raise ValueError(
+                f"a sign-off needs --signer, --role and --decision together; missing {', '.join(missing)}."
+            )
+        signoff = SignOff(args.signer, args.role, args.decision, date=args.date or "", reason=args.reason or "")
+    path = write_report(args.audit, args.out, reviews=args.reviews, signoff=signoff)
+    spath = summary_path_for(path, args.audit)
+    summary = json.loads(spath.read_text(encoding="utf-8"))
+    rv = summary["reviews"]
+    print(f"wrote {path} (sha256 {summary['report']['sha256']}) and {spath}", file=sys.stderr)
+    print(f"{rv['n_reviewed']} of {rv['n_flagged']} flagged pairs reviewed", file=sys.stderr)
+    if summary.get("signoff"):
+        so = summary["signoff"]
+        print(f"signed off: {so['decision']} by {so['signer']} ({so['role']}) on {so['date']}", file=sys.stderr)
     return EXIT_OK
 
 

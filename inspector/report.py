@@ -1,0 +1,1771 @@
+"""The release report: pair evidence and provenance in the audit folder, a self-contained HTML report,
+a machine-readable ``summary.json``, and the privacy officer's sign-off.
+
+Three steps, each reading only what the previous wrote:
+
+1. :func:`write_evidence` (called by :meth:`AuditResult.save` at the end of ``inspector scan``) writes
+   ``evidence.npz`` (images of every flagged pair and of the closest unflagged pairs) and
+   ``manifest.json`` (every input file's sha256, counts, extractor, config, versions, the hashes of
+   the audit's own output files) into the audit folder.
+2. :func:`write_report` reads the audit folder (never the cohorts), the reviewer decisions
+   (:class:`~inspector.review.ReviewStore`) and the sign-offs, and writes one HTML file that opens
+   offline (images as base64 PNG, inline CSS and SVG, no script, no external link) plus
+   ``summary.json`` beside it, validated against ``inspector/schemas/summary.schema.json``.
+3. :func:`sign_off` records a :class:`SignOff` in an append-only ``signoffs`` table of the review
+   database, only when every flagged pair has a reviewer decision or the signer states why not.
+
+The report states its own sha256, computed over the HTML with the hash replaced by 64 zeros;
+:func:`verify_report` checks it.
+
+No protected health information: the audit folder and the report hold pseudonymous subject IDs,
+relative paths and hashes only; raw DICOM ``PatientName``/``PatientID`` never reach this module
+(:mod:`inspector.io` pseudonymises them on reading).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import hashlib
+import html
+import io
+import json
+import logging
+import math
+import re
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from .cache import atomic_write_bytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .result import AuditResult
+    from .review import Review
+    from .types import Cohort
+
+__all__ = [
+    "SIGNOFF_DECISIONS",
+    "MAX_EVIDENCE_PAIRS",
+    "N_CONTEXT_PAIRS",
+    "AuditFolder",
+    "AuditFolderError",
+    "RecordedSignOff",
+    "SignOff",
+    "SignOffError",
+    "SignOffStore",
+    "SummaryValidationError",
+    "load_audit_folder",
+    "load_summary_schema",
+    "report_summary",
+    "select_evidence_rows",
+    "sha256_file",
+    "sign_off",
+    "summary_path_for",
+    "svg_histogram",
+    "validate_summary",
+    "verify_report",
+    "write_evidence",
+    "write_report",
+]
+
+log = logging.getLogger(__name__)
+
+#: The decisions a signer can take on the release of the synthetic set.
+SIGNOFF_DECISIONS: tuple[str, ...] = ("release", "do not release", "release after removing the flagged slices")
+#: At most this many pairs get images in ``evidence.npz`` (flagged first, most significant first).
+MAX_EVIDENCE_PAIRS = 200
+#: Unflagged pairs with the highest similarity kept as context (within :data:`MAX_EVIDENCE_PAIRS`).
+N_CONTEXT_PAIRS = 20
+#: Lower bound of the white end of the difference-map window (intensities are in [0, 1]).
+DIFF_WINDOW_FLOOR = 0.1
+#: Neighbours per layer kept as images (``min(config.top_k, MAX_NEIGHBOURS)``).
+MAX_NEIGHBOURS = 3
+
+EVIDENCE_FILE = "evidence.npz"
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = "inspector-manifest/1"
+DEFAULT_REVIEWS_FILE = "reviews.sqlite3"
+#: Files of the audit folder whose sha256 the manifest records (checked by the report).
+AUDIT_OUTPUTS: tuple[str, ...] = ("scores.csv", "subjects.csv", "summary.json", "audit.npz", EVIDENCE_FILE)
+
+_HASH_ZEROS = "0" * 64
+_HASH_MARK = '<code id="report-sha256">'
+_HASH_RE = re.compile(rb'<code id="report-sha256">([0-9a-f]{64})</code>')
+_TEXT_COLUMNS = frozenset(
+    {
+        "synthetic_path",
+        "subject_id",
+        "nearest_train_path",
+        "nearest_train_subject",
+        "sha256",
+        "view",
+        "align_flip",
+        "label",
+        "source",
+        "augmentation",
+        "flagged_synthetic",
+    }
+)
+
+
+class AuditFolderError(FileNotFoundError):
+    """The audit folder lacks a file the report needs (run ``inspector scan --out DIR`` first)."""
+
+
+class SignOffError(ValueError):
+    """An invalid sign-off, or one refused because flagged pairs are unreviewed and no reason is given."""
+
+
+class SummaryValidationError(ValueError):
+    """A ``summary.json`` does not follow ``inspector/schemas/summary.schema.json``."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Hashing and the input manifest
+# ----------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | Path) -> str:
+    """Streaming sha256 of a file's bytes (never read whole into memory).
+
+    Returns
+    -------
+    str
+        64 hex characters.
+    """
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+_NPZ_MEMBER = re.compile(r"^(?P<file>.+\.npz):[^/]+$", re.IGNORECASE)
+_SERIES_SUFFIX = re.compile(r"^(?P<folder>.*?)/?series-\d+$")
+
+
+def _folder_files(folder: Path, rel: str) -> list[tuple[str, Path]]:
+    from .io import IGNORED_NAMES
+
+    prefix = "" if rel in ("", ".") else rel.rstrip("/") + "/"
+    return [
+        (prefix + p.name, p)
+        for p in sorted(folder.iterdir(), key=lambda q: q.name)
+        if p.is_file() and not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES
+    ]
+
+
+def _source_files(root: Path, rel: str) -> list[tuple[str, Path]] | None:
+    """The file(s) behind one ``Slice.path``: the file itself, the ``.npz`` of ``file.npz:key``, or every
+    file of a DICOM series folder (``folder`` or ``folder/series-<n>``). ``None`` when nothing is found."""
+    m = _NPZ_MEMBER.match(rel)
+    if m and (root / m["file"]).is_file():
+        return [(m["file"], root / m["file"])]
+    p = root / rel
+    if p.is_file():
+        return [(rel, p)]
+    if p.is_dir():
+        return _folder_files(p, rel)
+    m = _SERIES_SUFFIX.match(rel)
+    if m and (root / m["folder"]).is_dir():
+        return _folder_files(root / m["folder"], m["folder"])
+    return None
+
+
+def _cohort_manifest(c: Cohort | None) -> dict[str, Any] | None:
+    """Counts, content hash, every input file's sha256 and the skipped files of one cohort."""
+    if c is None:
+        return None
+    root = Path(c.root)
+    files: dict[str, Path] = {}
+    missing: list[str] = []
+    for rel in dict.fromkeys(s.path for s in c.slices):
+        found = _source_files(root, rel)
+        if found is None:
+            missing.append(rel)
+            continue
+        for name, p in found:
+            files.setdefault(name, p)
+    rows: list[dict[str, Any]] = []
+    for name in sorted(files):
+        p = files[name]
+        rows.append({"path": name, "bytes": p.stat().st_size, "sha256": sha256_file(p)})
+    for rel in missing:
+        log.warning("input %s of cohort %s is no longer on disk; its hash is not in the manifest", rel, c.name)
+        rows.append({"path": rel, "bytes": None, "sha256": None, "error": "not found when hashing"})
+    return {
+        "root": str(root),
+        "n_slices": len(c),
+        "n_subjects": len(c.subjects),
+        "n_files": len(rows),
+        "n_skipped": len(c.skipped),
+        "content_hash": c.content_hash,
+        "files": rows,
+        "skipped": [{"path": s.path, "reason": s.reason} for s in c.skipped],
+    }
+
+
+def _extractor_info(result: AuditResult) -> dict[str, Any]:
+    ck = result.config.checkpoint
+    info: dict[str, Any] = {
+        "name": result.config.extractor,
+        "fingerprint": result.extractor_fingerprint,
+        "checkpoint": Path(ck).name if ck else None,
+        "checkpoint_sha256": None,
+    }
+    if ck and Path(ck).is_file():
+        info["checkpoint_sha256"] = sha256_file(ck)
+    elif ck:
+        info["checkpoint_note"] = "checkpoint file not found when hashing; the fingerprint identifies the weights"
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# Evidence
+# ----------------------------------------------------------------------------------------------
+
+
+def select_evidence_rows(
+    table: pd.DataFrame, *, max_pairs: int = MAX_EVIDENCE_PAIRS, n_context: int = N_CONTEXT_PAIRS
+) -> np.ndarray:
+    """Rows of the score table whose pair images go into ``evidence.npz``.
+
+    Every flagged slice (lowest p-value, then highest similarity first), then the ``n_context``
+    unflagged slices with the highest similarity, cut at ``max_pairs``.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        ``AuditResult.table`` (columns ``flagged``, ``p_value``, ``similarity``), m rows.
+
+    Returns
+    -------
+    np.ndarray of int64, shape (n,), n <= max_pairs
+    """
+    if max_pairs < 0 or n_context < 0:
+        raise ValueError(f"max_pairs and n_context must be >= 0; got {max_pairs}, {n_context}.")
+    flagged = table["flagged"].to_numpy().astype(bool)
+    p = table["p_value"].to_numpy(float)
+    s = table["similarity"].to_numpy(float)
+    rows = np.arange(len(table))
+    s_key = np.where(np.isfinite(s), -s, np.inf)
+    f_rows = rows[flagged]
+    f_rows = f_rows[np.lexsort((f_rows, s_key[f_rows], p[f_rows]))]
+    u_rows = rows[~flagged]
+    u_rows = u_rows[np.lexsort((u_rows, s_key[u_rows]))][:n_context]
+    return np.concatenate([f_rows, u_rows]).astype(np.int64)[:max_pairs]
+
+
+def write_evidence(
+    result: AuditResult,
+    out_dir: str | Path,
+    *,
+    max_pairs: int = MAX_EVIDENCE_PAIRS,
+    n_context: int = N_CONTEXT_PAIRS,
+) -> None:
+    """Write ``evidence.npz`` and ``manifest.json`` into an audit folder.
+
+    Together with ``scores.csv``, ``subjects.csv``, ``summary.json`` and ``audit.npz`` they let
+    :func:`write_report` build the report from the folder alone.
+
+    ``evidence.npz`` (float16 images, ``S = config.size``, ``k = min(config.top_k, 3)``, ``L`` layers):
+
+    - ``rows`` (n,) int64: rows of ``scores.csv`` (see :func:`select_evidence_rows`);
+    - ``synthetic`` (n, S, S): the synthetic slices;
+    - ``aligned``, ``difference`` (n, S, S): the best training candidate registered onto the synthetic
+      slice and ``|synthetic - aligned|`` (NaN when the audit has no alignment, paper mode);
+    - ``neighbour_images`` (u, S, S): the distinct neighbour images, in each pair's matched view;
+    - ``neighbour_ref`` (n, L, k) int32: index into ``neighbour_images`` per pair, layer and rank
+      (-1 = none);
+    - ``pairs_json``: JSON list, per pair: row, key, sha256, transform and per layer the neighbours'
+      ``train_index``, ``similarity``, ``path``, ``slice_index``, ``subject_id``;
+    - ``layers_json``: JSON list of the L layer names.
+
+    ``manifest.json``: every input file's sha256 (paths relative to the cohort root; each file of a
+    DICOM series folder), counts per cohort, skipped files with reasons, the extractor (name,
+    fingerprint, checkpoint sha256), config, versions, dates and the sha256 of the audit's output files.
+
+    Parameters
+    ----------
+    result : AuditResult
+    out_dir : str or Path
+        The audit folder (``AuditResult.save`` has written the other files into it).
+    max_pairs, n_context : int
+        Bounds of the stored pairs.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = select_evidence_rows(result.table, max_pairs=max_pairs, n_context=n_context)
+    k = max(1, min(int(result.config.top_k), MAX_NEIGHBOURS))
+    layers = list(result.layers)
+    size = int(result.config.size)
+    n = len(rows)
+    synthetic = np.zeros((n, size, size), np.float16)
+    aligned = np.full((n, size, size), np.nan, np.float16)
+    difference = np.full((n, size, size), np.nan, np.float16)
+    refs = np.full((n, len(layers), k), -1, np.int32)
+    nb_images: list[np.ndarray] = []
+    nb_index: dict[tuple[int, str], int] = {}
+    pairs: list[dict[str, Any]] = []
+    table = result.table
+    for j, row in enumerate(rows):
+        ev = result.pair(int(row), k=k)
+        synthetic[j] = ev.synthetic
+        if ev.aligned is not None:
+            aligned[j] = ev.aligned
+        if ev.difference is not None:
+            difference[j] = ev.difference
+        flip = str(ev.transform.get("flip", "none"))
+        meta_layers: dict[str, list[dict[str, Any]]] = {}
+        for li, layer in enumerate(layers):
+            kept = []
+            for r, nb in enumerate(ev.layers.get(layer, [])[:k]):
+                t = int(nb["train_index"])
+                if t < 0:
+                    continue
+                key = (t, flip)
+                if key not in nb_index:
+                    nb_index[key] = len(nb_images)
+                    nb_images.append(np.asarray(nb["image"], np.float16))
+                refs[j, li, r] = nb_index[key]
+                kept.append(
+                    {
+                        "rank": r,
+                        "train_index": t,
+                        "similarity": _finite_or_none(nb["similarity"]),
+                        "path": str(nb["path"]),
+                        "slice_index": int(nb["slice_index"]),
+                        "subject_id": str(nb["subject_id"]),
+                    }
+                )
+            meta_layers[layer] = kept
+        rec = table.iloc[int(row)]
+        pairs.append(
+            {
+                "row": int(row),
+                "key": f"{rec['synthetic_path']}#{int(rec['slice_index'])}",
+                "sha256": str(rec.get("sha256", "")),
+                "flagged": bool(rec["flagged"]),
+                "transform": _jsonable(ev.transform),
+                "layers": meta_layers,
+            }
+        )
+    nb_arr = np.stack(nb_images) if nb_images else np.zeros((0, size, size), np.float16)
+    buf = io.BytesIO()
+    np.savez_compressed(
+        buf,
+        rows=rows,
+        synthetic=synthetic,
+        aligned=aligned,
+        difference=difference,
+        neighbour_images=nb_arr,
+        neighbour_ref=refs,
+        pairs_json=np.array(json.dumps(pairs)),
+        layers_json=np.array(json.dumps(layers)),
+    )
+    atomic_write_bytes(out / EVIDENCE_FILE, buf.getvalue())
+
+    n_flagged = int(table["flagged"].astype(bool).sum())
+    n_flagged_img = int(table["flagged"].to_numpy().astype(bool)[rows].sum()) if n else 0
+    if n_flagged_img < n_flagged:
+        log.warning(
+            "%d flagged slices; images kept for the %d most significant (max_pairs=%d)",
+            n_flagged,
+            n_flagged_img,
+            max_pairs,
+        )
+    outputs = {name: sha256_file(out / name) for name in AUDIT_OUTPUTS if (out / name).is_file()}
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "audit_id": result.audit_id,
+        "audit_created": result.created,
+        "written": _now(),
+        "config": _jsonable(result.config.to_dict()),
+        "extractor": _extractor_info(result),
+        "layers": layers,
+        "versions": dict(result.versions),
+        "cohorts": {
+            "train": _cohort_manifest(result.train),
+            "synthetic": _cohort_manifest(result.synthetic),
+            "holdout": _cohort_manifest(result.holdout),
+        },
+        "evidence": {
+            "file": EVIDENCE_FILE,
+            "n_pairs": n,
+            "n_flagged": n_flagged,
+            "n_flagged_with_images": n_flagged_img,
+            "neighbours_per_layer": k,
+            "max_pairs": max_pairs,
+            "n_context": n_context,
+            "image_dtype": "float16",
+            "image_size": size,
+        },
+        "outputs": outputs,
+    }
+    atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
+    log.info("evidence of %d pairs and the manifest written to %s", n, out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading an audit folder
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Evidence:
+    """``evidence.npz`` as read back. Arrays as documented in :func:`write_evidence`."""
+
+    rows: np.ndarray
+    synthetic: np.ndarray
+    aligned: np.ndarray
+    difference: np.ndarray
+    neighbour_images: np.ndarray
+    neighbour_ref: np.ndarray
+    pairs: list[dict[str, Any]]
+    layers: list[str]
+
+    def position(self, row: int) -> int | None:
+        """Index into the arrays of the pair of score-table row ``row``, or None when not stored."""
+        hit = np.flatnonzero(self.rows == row)
+        return int(hit[0]) if hit.size else None
+
+
+@dataclass
+class AuditFolder:
+    """Everything the report reads from an audit folder.
+
+    Attributes
+    ----------
+    path : Path
+    summary : dict
+        ``summary.json``.
+    table : pandas.DataFrame
+        ``scores.csv`` (one row per synthetic slice).
+    subjects : pandas.DataFrame
+        ``subjects.csv``.
+    null_similarity : np.ndarray, shape (n_null,)
+    manifest : dict or None
+        ``manifest.json`` (None for folders written without it).
+    evidence : Evidence or None
+    integrity : list of dict
+        Per audit output file: ``file``, ``expected``, ``actual``, ``ok``.
+    """
+
+    path: Path
+    summary: dict[str, Any]
+    table: pd.DataFrame
+    subjects: pd.DataFrame
+    null_similarity: np.ndarray
+    manifest: dict[str, Any] | None
+    evidence: Evidence | None
+    integrity: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def audit_id(self) -> str:
+        return str(self.summary["audit_id"])
+
+    @property
+    def flagged_rows(self) -> np.ndarray:
+        """Rows of the flagged slices, most significant first, shape (k,)."""
+        f = self.table["flagged"].to_numpy().astype(bool)
+        rows = np.flatnonzero(f)
+        p = self.table["p_value"].to_numpy(float)[rows]
+        s = self.table["similarity"].to_numpy(float)[rows]
+        return rows[np.lexsort((rows, -np.nan_to_num(s, nan=-np.inf), p))]
+
+    @property
+    def intact(self) -> bool:
+        return all(r["ok"] for r in self.integrity)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    df = pd.read_csv(path, keep_default_na=False, dtype=str)
+    for col in df.columns:
+        if col in _TEXT_COLUMNS:
+            continue
+        num = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
+        if num.notna().sum() == (df[col] != "").sum():
+            df[col] = num
+    return df
+
+
+def _require(folder: Path, name: str) -> Path:
+    p = folder / name
+    if not p.is_file():
+        raise AuditFolderError(
+            f"{p} is missing; {folder} is not a complete audit folder. Run 'inspector scan ... --out {folder}' first."
+        )
+    return p
+
+
+def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
+    """Read an audit folder written by ``inspector scan`` (:meth:`AuditResult.save`).
+
+    Raises
+    ------
+    AuditFolderError
+        When the folder or ``summary.json``/``scores.csv``/``subjects.csv`` is missing.
+    """
+    folder = Path(audit_dir).expanduser()
+    if not folder.is_dir():
+        raise AuditFolderError(f"Audit folder {folder} does not exist; run 'inspector scan ... --out {folder}' first.")
+    try:
+        summary = json.loads(_require(folder, "summary.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{folder / 'summary.json'} is not valid JSON ({e}); re-run 'inspector scan'.") from e
+    table = _read_csv(_require(folder, "scores.csv"))
+    subjects = _read_csv(_require(folder, "subjects.csv"))
+    null = np.zeros(0)
+    if (folder / "audit.npz").is_file():
+        with np.load(folder / "audit.npz", allow_pickle=False) as z:
+            if "null_similarity" in z:
+                null = np.asarray(z["null_similarity"], np.float64)
+    manifest = None
+    if (folder / MANIFEST_FILE).is_file():
+        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    else:
+        log.warning("%s has no %s: the report will lack input hashes", folder, MANIFEST_FILE)
+    evidence = None
+    if (folder / EVIDENCE_FILE).is_file():
+        with np.load(folder / EVIDENCE_FILE, allow_pickle=False) as z:
+            evidence = Evidence(
+                rows=np.asarray(z["rows"], np.int64),
+                synthetic=np.asarray(z["synthetic"], np.float32),
+                aligned=np.asarray(z["aligned"], np.float32),
+                difference=np.asarray(z["difference"], np.float32),
+                neighbour_images=np.asarray(z["neighbour_images"], np.float32),
+                neighbour_ref=np.asarray(z["neighbour_ref"], np.int64),
+                pairs=json.loads(str(z["pairs_json"])),
+                layers=json.loads(str(z["layers_json"])),
+            )
+    else:
+        log.warning("%s has no %s: the report will show no pair images", folder, EVIDENCE_FILE)
+    integrity = []
+    for name, expected in (manifest or {}).get("outputs", {}).items():
+        actual = sha256_file(folder / name) if (folder / name).is_file() else None
+        integrity.append({"file": name, "expected": expected, "actual": actual, "ok": actual == expected})
+    if not all(r["ok"] for r in integrity):
+        bad = [r["file"] for r in integrity if not r["ok"]]
+        log.warning("audit folder %s was modified after the scan: %s", folder, ", ".join(bad))
+    return AuditFolder(folder, summary, table, subjects, null, manifest, evidence, integrity)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sign-off
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignOff:
+    """A release decision by a named person.
+
+    Attributes
+    ----------
+    signer : str
+        Who signs (a staff name, never a patient's).
+    role : str
+        Their role, e.g. "privacy officer".
+    decision : str
+        One of :data:`SIGNOFF_DECISIONS`.
+    date : str
+        ISO date ``YYYY-MM-DD`` (or date-time) of the decision; today (UTC) when empty.
+    reason : str
+        Why; required when flagged pairs are unreviewed.
+    """
+
+    signer: str
+    role: str
+    decision: str
+    date: str = ""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("signer", "role"):
+            val = getattr(self, name)
+            if not isinstance(val, str) or not val.strip():
+                raise SignOffError(f"SignOff.{name} is required; got {val!r}. State who signs and in which role.")
+            object.__setattr__(self, name, val.strip())
+        if self.decision not in SIGNOFF_DECISIONS:
+            raise SignOffError(f"SignOff.decision {self.decision!r} is not one of {SIGNOFF_DECISIONS}.")
+        date = (self.date or "").strip() or _dt.datetime.now(_dt.UTC).date().isoformat()
+        try:
+            _dt.datetime.fromisoformat(date)
+        except ValueError as e:
+            raise SignOffError(f"SignOff.date {self.date!r} is not an ISO date; use YYYY-MM-DD.") from e
+        object.__setattr__(self, "date", date)
+        object.__setattr__(self, "reason", (self.reason or "").strip())
+
+
+@dataclass(frozen=True)
+class RecordedSignOff:
+    """A sign-off as stored: the :class:`SignOff` fields plus the review state when it was recorded."""
+
+    id: int
+    audit_id: str
+    signer: str
+    role: str
+    decision: str
+    date: str
+    reason: str
+    recorded_at: str
+    n_flagged: int
+    n_reviewed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SIGNOFF_SCHEMA = """
+CREATE TABLE IF NOT EXISTS signoffs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    audit_id TEXT NOT NULL,
+    signer TEXT NOT NULL,
+    role TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    date TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    recorded_at TEXT NOT NULL,
+    n_flagged INTEGER NOT NULL,
+    n_reviewed INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS signoffs_audit ON signoffs (audit_id, id);
+CREATE TRIGGER IF NOT EXISTS signoffs_no_update BEFORE UPDATE ON signoffs
+BEGIN SELECT RAISE(ABORT, 'signoffs are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS signoffs_no_delete BEFORE DELETE ON signoffs
+BEGIN SELECT RAISE(ABORT, 'signoffs are append-only'); END;
+"""
+
+
+class SignOffStore:
+    """Append-only table ``signoffs`` in the review database (updates and deletes abort).
+
+    Parameters
+    ----------
+    path : str or Path
+        The review database (created with its folder when missing).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            con = self._connect()
+            try:
+                with con:
+                    con.executescript(_SIGNOFF_SCHEMA)
+            finally:
+                con.close()
+        except sqlite3.DatabaseError as e:
+            raise SignOffError(f"{self.path} is not a usable review database ({e}); choose another file.") from e
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute("PRAGMA synchronous=FULL")
+        return con
+
+    def record(self, audit_id: str, signoff: SignOff, *, n_flagged: int, n_reviewed: int) -> RecordedSignOff:
+        """Store a sign-off durably (committed before returning) and return it."""
+        if not audit_id:
+            raise SignOffError("audit_id is required to record a sign-off.")
+        now = _now()
+        con = self._connect()
+        try:
+            with con:
+                cur = con.execute(
+                    "INSERT INTO signoffs (audit_id, signer, role, decision, date, reason, recorded_at, n_flagged,"
+                    " n_reviewed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        audit_id,
+                        signoff.signer,
+                        signoff.role,
+                        signoff.decision,
+                        signoff.date,
+                        signoff.reason,
+                        now,
+                        int(n_flagged),
+                        int(n_reviewed),
+                    ),
+                )
+                row_id = int(cur.lastrowid or 0)
+        finally:
+            con.close()
+        return RecordedSignOff(
+            row_id,
+            audit_id,
+            signoff.signer,
+            signoff.role,
+            signoff.decision,
+            signoff.date,
+            signoff.reason,
+            now,
+            int(n_flagged),
+            int(n_reviewed),
+        )
+
+    def all(self, audit_id: str) -> list[RecordedSignOff]:
+        """Every sign-off of one audit, oldest first."""
+        con = self._connect()
+        try:
+            rows = con.execute(
+                "SELECT id, audit_id, signer, role, decision, date, reason, recorded_at, n_flagged, n_reviewed"
+                " FROM signoffs WHERE audit_id = ? ORDER BY id",
+                (audit_id,),
+            ).fetchall()
+        finally:
+            con.close()
+        return [RecordedSignOff(*r) for r in rows]
+
+    def latest(self, audit_id: str) -> RecordedSignOff | None:
+        rows = self.all(audit_id)
+        return rows[-1] if rows else None
+
+
+def _reviews_path(folder: Path, reviews: str | Path | None, *, create: bool) -> Path | None:
+    """The review database: ``reviews`` (must exist), else ``folder/reviews.sqlite3`` when present (or
+    ``create``), else None."""
+    if reviews is not None:
+        p = Path(reviews).expanduser()
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"Review database {p} does not exist; pass the file the app records decisions in, "
+                f"or omit --reviews to use {folder / DEFAULT_REVIEWS_FILE}."
+            )
+        return p
+    p = folder / DEFAULT_REVIEWS_FILE
+    return p if (p.is_file() or create) else None
+
+
+def _review_state(folder: AuditFolder, db: Path | None) -> tuple[dict[str, Review], dict[str, Any]]:
+    """Latest decision per slice hash and the counts over the flagged pairs."""
+    latest: dict[str, Review] = {}
+    if db is not None and db.is_file():
+        from .review import ReviewStore
+
+        latest = ReviewStore(db).latest(folder.audit_id)
+    rows = folder.flagged_rows
+    hashes = (
+        folder.table["sha256"].astype(str).to_numpy()
+        if "sha256" in folder.table
+        else np.array([""] * len(folder.table))
+    )
+    decided = [latest[hashes[r]] for r in rows if hashes[r] in latest]
+    counts = Counter(r.decision for r in decided)
+    from .review import DECISIONS
+
+    state = {
+        "database": db.name if db is not None else None,
+        "n_flagged": len(rows),
+        "n_reviewed": len(decided),
+        "n_unreviewed": len(rows) - len(decided),
+        "decisions": {d: int(counts.get(d, 0)) for d in DECISIONS},
+    }
+    return latest, state
+
+
+def sign_off(audit_dir: str | Path, signoff: SignOff, *, reviews: str | Path | None = None) -> RecordedSignOff:
+    """Record a sign-off for an audit in the review database's append-only ``signoffs`` table.
+
+    Parameters
+    ----------
+    audit_dir : str or Path
+        The audit folder.
+    signoff : SignOff
+    reviews : str or Path, optional
+        The review database (default ``audit_dir/reviews.sqlite3``, created when missing).
+
+    Returns
+    -------
+    RecordedSignOff
+
+    Raises
+    ------
+    SignOffError
+        When flagged pairs have no reviewer decision and ``signoff.reason`` is empty.
+    """
+    if not isinstance(signoff, SignOff):
+        raise TypeError(f"signoff must be a SignOff; got {type(signoff).__name__}.")
+    folder = load_audit_folder(audit_dir)
+    db = _reviews_path(folder.path, reviews, create=True)
+    assert db is not None
+    _, state = _review_state(folder, db)
+    if state["n_unreviewed"] and not signoff.reason:
+        raise SignOffError(
+            f"{state['n_unreviewed']} of {state['n_flagged']} flagged pairs have no reviewer decision in {db}; "
+            "review them first, or state why you sign off without (SignOff.reason / --reason)."
+        )
+    rec = SignOffStore(db).record(
+        folder.audit_id, signoff, n_flagged=state["n_flagged"], n_reviewed=state["n_reviewed"]
+    )
+    log.info("sign-off %d recorded for audit %s: %s", rec.id, folder.audit_id[:12], rec.decision)
+    return rec
+
+
+def _signoffs(folder: AuditFolder, db: Path | None) -> list[RecordedSignOff]:
+    if db is None or not db.is_file():
+        return []
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        has = con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='signoffs'").fetchone()
+    finally:
+        con.close()
+    return SignOffStore(db).all(folder.audit_id) if has else []
+
+
+# ----------------------------------------------------------------------------------------------
+# summary.json and its schema
+# ----------------------------------------------------------------------------------------------
+
+
+def load_summary_schema() -> dict[str, Any]:
+    """The JSON Schema of ``summary.json`` (``inspector/schemas/summary.schema.json``)."""
+    from importlib import resources
+
+    text = resources.files("inspector").joinpath("schemas", "summary.schema.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def validate_summary(summary: dict[str, Any]) -> None:
+    """Check a summary (the audit's or the report's) against the JSON Schema.
+
+    Raises
+    ------
+    SummaryValidationError
+        Naming the first offending key path and the rule it breaks.
+    """
+    import jsonschema
+
+    schema = load_summary_schema()
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(summary), key=lambda e: list(e.absolute_path))
+    if errors:
+        e = errors[0]
+        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise SummaryValidationError(
+            f"summary.json does not follow the schema at {where}: {e.message} "
+            f"({len(errors)} error(s); schema inspector/schemas/summary.schema.json)."
+        )
+
+
+def report_summary(
+    folder: AuditFolder,
+    review_state: dict[str, Any],
+    signoff: RecordedSignOff | None,
+    *,
+    report_file: str,
+    report_sha256: str,
+    generated: str,
+) -> dict[str, Any]:
+    """The report's ``summary.json``: the audit's summary plus review counts, sign-off, report hash."""
+    out = dict(folder.summary)
+    out["reviews"] = review_state
+    out["signoff"] = signoff.to_dict() if signoff is not None else None
+    out["report"] = {"file": report_file, "sha256": report_sha256, "generated": generated}
+    out["integrity"] = {
+        "ok": folder.intact,
+        "checked": [r["file"] for r in folder.integrity],
+        "modified": [r["file"] for r in folder.integrity if not r["ok"]],
+    }
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and histograms
+# ----------------------------------------------------------------------------------------------
+
+
+def _window(img: np.ndarray, lo_pct: float = 1.0, hi_pct: float = 99.5) -> tuple[float, float]:
+    v = img[np.isfinite(img)]
+    if v.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(v, [lo_pct, hi_pct])
+    if hi - lo < 1e-6:
+        lo, hi = float(v.min()), float(v.max())
+    if hi - lo < 1e-6:
+        hi = lo + 1.0
+    return float(lo), float(hi)
+
+
+def _hot(x: np.ndarray) -> np.ndarray:
+    """A black-red-yellow-white colour map, x in [0, 1] -> (H, W, 3) uint8."""
+    rgb = np.stack([np.clip(3 * x, 0, 1), np.clip(3 * x - 1, 0, 1), np.clip(3 * x - 2, 0, 1)], axis=-1)
+    return np.round(rgb * 255).astype(np.uint8)
+
+
+def _png_uri(img: np.ndarray, *, window: tuple[float, float] | None = None, hot: bool = False) -> str:
+    """A float image (H, W) windowed (percentiles by default) into a base64 PNG data URI."""
+    from PIL import Image
+
+    a = np.asarray(img, np.float32)
+    lo, hi = window if window is not None else _window(a)
+    x = np.clip((np.nan_to_num(a, nan=lo) - lo) / max(hi - lo, 1e-12), 0, 1)
+    pil = Image.fromarray(_hot(x), "RGB") if hot else Image.fromarray(np.round(x * 255).astype(np.uint8), "L")
+    buf = io.BytesIO()
+    pil.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _fmt_tick(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def svg_histogram(
+    groups: Sequence[tuple[str, Sequence[float] | np.ndarray, str]],
+    *,
+    markers: Sequence[tuple[float, str, str]] = (),
+    bins: int = 40,
+    width: int = 900,
+    height: int = 260,
+    xlabel: str = "",
+    title: str = "",
+) -> str:
+    """An inline SVG of overlaid density histograms with vertical marker lines (no script, no font file).
+
+    Parameters
+    ----------
+    groups : sequence of (label, values, colour)
+        Each group's values (any shape, non-finite values dropped) are drawn as a density (area 1).
+    markers : sequence of (x, label, colour)
+        Vertical dashed lines (non-finite x are left out).
+    bins : int
+        Shared bins over the range of all values and markers.
+
+    Returns
+    -------
+    str
+        An ``<svg>`` element; all text escaped.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1; got {bins}.")
+    vals = [np.asarray(v, np.float64).ravel() for _, v, _ in groups]
+    vals = [v[np.isfinite(v)] for v in vals]
+    mk = [(float(x), lab, col) for x, lab, col in markers if x is not None and math.isfinite(float(x))]
+    pool = np.concatenate([*vals, np.array([x for x, _, _ in mk], np.float64)]) if (vals or mk) else np.zeros(0)
+    if pool.size == 0:
+        lo, hi = 0.0, 1.0
+    else:
+        lo, hi = float(pool.min()), float(pool.max())
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = 0.02 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    edges = np.linspace(lo, hi, bins + 1)
+    dens = []
+    for v in vals:
+        c, _ = np.histogram(v, bins=edges)
+        dens.append(c / (max(len(v), 1) * (edges[1] - edges[0])))
+    ymax = max([float(d.max()) for d in dens if d.size] + [1e-12])
+    ml, mr, mt, mb = 52, 250, 28 if title else 12, 44
+    pw, ph = width - ml - mr, height - mt - mb
+
+    def sx(x: float) -> float:
+        return ml + (x - lo) / (hi - lo) * pw
+
+    def sy(y: float) -> float:
+        return mt + ph - y / (ymax * 1.08) * ph
+
+    e = html.escape
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="{e(title or xlabel)}" class="hist">'
+    ]
+    if title:
+        parts.append(f'<text x="{ml}" y="18" class="t">{e(title)}</text>')
+    parts.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    for t in np.linspace(lo + pad, hi - pad, 5):
+        x = sx(float(t))
+        parts.append(f'<line x1="{x:.1f}" y1="{mt + ph}" x2="{x:.1f}" y2="{mt + ph + 4}" stroke="#666"/>')
+        parts.append(f'<text x="{x:.1f}" y="{mt + ph + 16}" text-anchor="middle">{e(_fmt_tick(float(t)))}</text>')
+    parts.append(f'<text x="{ml - 4}" y="{mt + 10}" text-anchor="end">{e(_fmt_tick(ymax))}</text>')
+    parts.append(f'<text x="{ml - 4}" y="{mt + ph}" text-anchor="end">0</text>')
+    parts.append(
+        f'<text x="12" y="{mt + ph / 2:.1f}" transform="rotate(-90 12 {mt + ph / 2:.1f})" '
+        'text-anchor="middle">density</text>'
+    )
+    if xlabel:
+        parts.append(f'<text x="{ml + pw / 2:.1f}" y="{height - 6}" text-anchor="middle">{e(xlabel)}</text>')
+    for (label, _, colour), d, v in zip(groups, dens, vals, strict=True):
+        if not v.size:
+            continue
+        pts = [f"{sx(edges[0]):.1f},{sy(0):.1f}"]
+        for i, h in enumerate(d):
+            pts.append(f"{sx(edges[i]):.1f},{sy(h):.1f}")
+            pts.append(f"{sx(edges[i + 1]):.1f},{sy(h):.1f}")
+        pts.append(f"{sx(edges[-1]):.1f},{sy(0):.1f}")
+        parts.append(
+            f'<polygon points="{" ".join(pts)}" fill="{e(colour)}" fill-opacity="0.35" stroke="{e(colour)}" '
+            f'stroke-width="1.2"><title>{e(label)} (n = {v.size})</title></polygon>'
+        )
+    for x, label, colour in mk:
+        parts.append(
+            f'<line x1="{sx(x):.1f}" y1="{mt}" x2="{sx(x):.1f}" y2="{mt + ph}" stroke="{e(colour)}" '
+            f'stroke-width="1.5" stroke-dasharray="5,3"><title>{e(label)} = {x:.4g}</title></line>'
+        )
+    ly, lx = mt + 10, ml + pw + 14
+    for label, v, colour in [(g[0], v, g[2]) for g, v in zip(groups, vals, strict=True)]:
+        parts.append(f'<rect x="{lx}" y="{ly - 9}" width="10" height="10" fill="{e(colour)}"/>')
+        parts.append(f'<text x="{lx + 15}" y="{ly}">{e(label)} (n = {v.size})</text>')
+        ly += 15
+    for x, label, colour in mk:
+        parts.append(
+            f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 10}" y2="{ly - 4}" stroke="{e(colour)}" '
+            'stroke-width="1.5" stroke-dasharray="3,2"/>'
+        )
+        parts.append(f'<text x="{lx + 15}" y="{ly}">{e(label)} = {x:.4g}</text>')
+        ly += 15
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;margin:0 auto;max-width:1180px;
+padding:16px 24px;color:#1b1b1b;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{border-bottom:2px solid #ddd;padding-bottom:.2em;margin-top:1.8em}
+h3{font-size:1.05em;margin:.2em 0}
+.meta{color:#555;font-size:.9em}
+.verdict{padding:14px 18px;border-radius:6px;font-size:1.15em;margin:12px 0;border-left:8px solid}
+.verdict.fail{background:#fdecea;border-color:#c62828}.verdict.review{background:#fff8e1;border-color:#f9a825}
+.verdict.pass{background:#e8f5e9;border-color:#2e7d32}
+.warn{background:#fff3cd;border:1px solid #e0c36a;padding:8px 12px;border-radius:4px;margin:8px 0}
+.bad{color:#c62828;font-weight:600}.ok{color:#2e7d32;font-weight:600}
+table{border-collapse:collapse;margin:8px 0;font-size:.9em}
+th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}
+th{background:#f3f3f3}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+code,.hash{font-family:Menlo,Consolas,monospace;font-size:.85em;word-break:break-all}
+.pair{border:1px solid #ccc;border-radius:6px;padding:10px 14px;margin:14px 0;page-break-inside:avoid}
+.pair.flagged{border-left:6px solid #c62828}.pair.context{border-left:6px solid #90a4ae}
+.imgs{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+figure{margin:0;text-align:center;font-size:.78em;max-width:170px}
+figure img{width:160px;height:160px;image-rendering:pixelated;border:1px solid #888;background:#000}
+figure.small{max-width:124px}figure.small img{width:116px;height:116px}
+.layer{display:flex;gap:10px;align-items:flex-start;margin-top:6px}.layer>b{min-width:110px;padding-top:40px}
+.review{padding:6px 10px;border-radius:4px;margin:6px 0}
+.review.done{background:#e3f2fd}.review.none{background:#fdecea;font-weight:600}
+.hist text{font-size:11px;fill:#333}.hist text.t{font-size:13px;font-weight:600}
+details{margin:6px 0}summary{cursor:pointer;font-weight:600}
+.signoff{border:2px solid #333;border-radius:6px;padding:12px 18px;margin:12px 0}
+.sigline{margin-top:28px;border-top:1px solid #333;width:320px;font-size:.85em;color:#555}
+@media print{details{display:block}.pair{page-break-inside:avoid}}
+"""
+
+
+def _e(x: Any) -> str:
+    return html.escape("" if x is None else str(x), quote=True)
+
+
+def _num(x: Any, fmt: str = ".4g") -> str:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return _e(x)
+    if not math.isfinite(v):
+        return "n/a"
+    return format(v, fmt)
+
+
+def _kv_table(rows: Sequence[tuple[str, Any]]) -> str:
+    body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
+    return f'<table class="kv">{body}</table>'
+
+
+def _df_table(df: pd.DataFrame, *, max_rows: int, numeric_fmt: str = ".4g") -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in df.columns)
+    body = []
+    for _, r in df.head(max_rows).iterrows():
+        cells = []
+        for c in df.columns:
+            v = r[c]
+            if isinstance(v, int | np.integer):
+                cells.append(f'<td class="num">{int(v)}</td>')
+            elif isinstance(v, float | np.floating):
+                cells.append(f'<td class="num">{_num(v, numeric_fmt)}</td>')
+            else:
+                cells.append(f"<td>{_e(v)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    more = ""
+    if len(df) > max_rows:
+        more = f'<p class="meta">… and {len(df) - max_rows} more rows (see the CSV file in the audit folder).</p>'
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>{more}"
+
+
+def _figure(
+    img: np.ndarray, caption: str, *, hot: bool = False, window: tuple[float, float] | None = None, css: str = ""
+) -> str:
+    src = _png_uri(img, hot=hot, window=window)
+    cap = _e(caption)
+    return f'<figure class="{_e(css)}"><img alt="{cap}" src="{src}"><figcaption>{cap}</figcaption></figure>'
+
+
+def _threshold(null: np.ndarray, alpha: float) -> float:
+    """The similarity above which ``p <= alpha`` (:meth:`AuditResult.threshold_for`, same rule)."""
+    from types import SimpleNamespace
+
+    from .result import AuditResult
+
+    if null.size == 0:
+        return float("inf")
+    return AuditResult.threshold_for(SimpleNamespace(null_similarity=null), alpha)  # type: ignore[arg-type]
+
+
+def _review_html(rev: Review | None) -> str:
+    if rev is None:
+        return '<div class="review none">UNREVIEWED: no reviewer decision recorded for this pair.</div>'
+    comment = f" Comment: “{_e(rev.comment)}”" if rev.comment else " (no comment)"
+    return (
+        f'<div class="review done">Reviewer decision: <b>{_e(rev.decision)}</b> by {_e(rev.reviewer)} '
+        f"on {_e(rev.created_at)}.{comment}</div>"
+    )
+
+
+def _pair_html(folder: AuditFolder, row: int, rank: int, rev: Review | None, *, flagged: bool, full: bool) -> str:
+    t = folder.table.iloc[row]
+    key = f"{t['synthetic_path']}#{int(t['slice_index'])}"
+    near = f"{t.get('nearest_train_path', '')}#{t.get('nearest_train_slice', '')}"
+    subj = t.get("nearest_train_subject", "")
+    cls = "flagged" if flagged else "context"
+    out = [f'<section class="pair {cls}" id="pair-{row}">']
+    out.append(
+        f"<h3>{'Flagged' if flagged else 'Unflagged'} pair {rank}: synthetic <code>{_e(key)}</code> "
+        f"→ training <code>{_e(near)}</code> (subject {_e(subj)})</h3>"
+    )
+    if flagged:
+        out.append(_review_html(rev))
+    elif rev is not None:
+        out.append(_review_html(rev))
+    facts = [
+        ("p-value", _num(t["p_value"])),
+        ("similarity", _num(t["similarity"])),
+        ("MI (calibrated)", _num(t["mi"])),
+        ("MI z (paper)", _num(t["mi_z"])),
+        ("ONI (paper)", _num(t["oni"])),
+    ]
+    for col, label in (
+        ("layer_consensus", "layers agreeing on the subject"),
+        ("margin", "margin to the next subject"),
+        ("align_ncc", "aligned NCC"),
+        ("pixel_corr", "pixel correlation"),
+    ):
+        if col in t.index and str(t[col]) != "":
+            facts.append((label, _num(t[col])))
+    out.append(
+        "<table><tr>"
+        + "".join(f"<th>{_e(k)}</th>" for k, _ in facts)
+        + "</tr><tr>"
+        + "".join(f'<td class="num">{_e(v)}</td>' for _, v in facts)
+        + "</tr></table>"
+    )
+    ev = folder.evidence
+    pos = ev.position(row) if ev is not None else None
+    if ev is None or pos is None:
+        out.append(
+            '<p class="warn">No images stored for this pair (the audit keeps at most '
+            f"{MAX_EVIDENCE_PAIRS} pairs); see scores.csv.</p></section>"
+        )
+        return "".join(out)
+    meta = ev.pairs[pos]
+    tr = meta.get("transform") or {}
+    if tr:
+        shift = tr.get("shift") or [0, 0]
+        out.append(
+            f'<p class="meta">Registration of the best candidate: flip {_e(tr.get("flip", "none"))}, '
+            f"rotation {_num(_round0(tr.get('angle')), '.2f')}°, scale {_num(tr.get('scale'), '.3f')}, "
+            f"shift ({_num(_round0(shift[0]), '.2f')}, {_num(_round0(shift[1]), '.2f')}) px, "
+            f"NCC {_num(tr.get('ncc'), '.4f')}.</p>"
+        )
+    figs = [_figure(ev.synthetic[pos], "synthetic")]
+    if np.isfinite(ev.aligned[pos]).any():
+        figs.append(_figure(ev.aligned[pos], "best training candidate, aligned"))
+        d = ev.difference[pos]
+        # never stretch float noise of an exact copy into a "hot" map: the window is at least 0.1 of the
+        # intensity range [0, 1]
+        hi = max(float(np.nanpercentile(d, 99.5)), DIFF_WINDOW_FLOOR)
+        figs.append(
+            _figure(
+                d,
+                f"|difference|, black 0 → white {hi:.3g} (mean {float(np.nanmean(d)):.3g})",
+                hot=True,
+                window=(0.0, hi),
+            )
+        )
+    out.append('<div class="imgs">' + "".join(figs) + "</div>")
+    if full:
+        out.append('<p class="meta">Nearest training slices at each feature layer, in the matched view:</p>')
+        for li, layer in enumerate(ev.layers):
+            nbs = meta["layers"].get(layer, [])
+            cells = []
+            for nb in nbs:
+                r = int(nb.get("rank", 0))
+                ref = int(ev.neighbour_ref[pos, li, r]) if r < ev.neighbour_ref.shape[2] else -1
+                if ref < 0:
+                    continue
+                cap = (
+                    f"#{r + 1} {nb['subject_id']} · {nb['path']}#{nb['slice_index']} · "
+                    f"sim {_num(nb['similarity'], '.3f')}"
+                )
+                cells.append(_figure(ev.neighbour_images[ref], cap, css="small"))
+            out.append(
+                f'<div class="layer"><b>layer {_e(layer)}</b>'
+                f'<div class="imgs">{"".join(cells) or "<em>none</em>"}</div></div>'
+            )
+    out.append("</section>")
+    return "".join(out)
+
+
+def _verdict_class(v: dict[str, Any]) -> str:
+    if v.get("copying"):
+        return "fail"
+    return "review" if int(v.get("n_flagged", 0)) else "pass"
+
+
+def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
+    s, v, b = folder.summary, folder.summary.get("verdict", {}), folder.summary.get("baselines", {})
+    t = folder.table
+    lo, hi = (v.get("fraction_ci95") or [None, None])[:2]
+    mi = t["mi"].to_numpy(float) if "mi" in t else np.zeros(0)
+    rows = [
+        (
+            "Flagged slices",
+            f"{v.get('n_flagged')} of {v.get('n_synthetic')} "
+            f"({_num(100 * float(v.get('fraction_flagged', 0)), '.2f')} %; "
+            f"95 % interval {_num(100 * float(lo or 0), '.2f')}–{_num(100 * float(hi or 1), '.2f')} %); "
+            f"about {_num(v.get('expected_false_positives'), '.1f')} expected by chance",
+            "A slice is flagged when its p-value ≤ α. Even a model that copied nothing gets about α × (number of "
+            "slices) flags by chance. Copying is indicated when the whole 95 % interval of the flagged fraction lies "
+            "above α.",
+        ),
+        (
+            "α (alpha)",
+            f"{_num(v.get('alpha'))}" + (" with Benjamini–Hochberg FDR control" if v.get("fdr") else " per slice"),
+            "The target false-positive rate per synthetic slice: the chance that a slice as novel as a real, unseen "
+            "scan is flagged. Smaller α = fewer false alarms, fewer detections.",
+        ),
+        (
+            "Null reference",
+            f"{v.get('null_kind')}, {v.get('n_null')} slices; "
+            f"smallest possible p-value {_num(v.get('min_p_value'))}",
+            "What 'novel' looks like: similarities to the training set of real scans the model never saw (holdout), "
+            "or of each training subject against the other subjects. α must be at least the smallest possible p-value.",
+        ),
+        (
+            "p-value (per slice)",
+            f"median {_num(np.nanmedian(t['p_value'].to_numpy(float)) if len(t) else float('nan'))}",
+            "The fraction of the null at least as similar to the training set as this slice (with +1 smoothing). "
+            "Small = more similar to a training slice than unseen real scans are.",
+        ),
+        (
+            "MI (calibrated, per slice)",
+            f"median {_num(np.nanmedian(mi) if mi.size else float('nan'))}; {int((mi >= 0.99).sum())} slices ≥ 0.99",
+            "The null's cumulative distribution at the slice's similarity, in [0, 1]: 0.99 = more similar to the "
+            "training set than 99 % of unseen real scans. 0.5 = typical of real unseen data.",
+        ),
+        (
+            "MI z-score (paper)",
+            f"mean {_num(v.get('mean_mi_z'))}",
+            "Deo et al. 2026: (s − μ0)/σ0 against a split-half bootstrap null of the training set. Higher = more "
+            "memorised. Not calibrated to a false-positive rate.",
+        ),
+        (
+            "ONI (paper)",
+            f"mean {_num(v.get('mean_oni'))}: the paper's rule ({_e(v.get('paper_rule'))}) says "
+            + ("memorised" if v.get("paper_rule_memorised") else "not memorised"),
+            "ONI = −tanh(MI z) in (−1, 1): −1 memorised, +1 novel. The paper proposes the universal dataset threshold "
+            "mean ONI < 0.68. It is shown for comparison; the calibrated α test above is the one this verdict uses.",
+        ),
+        (
+            "Mann–Whitney AUC",
+            f"{_num(v.get('mann_whitney_auc'), '.3f')} (p = {_num(v.get('mann_whitney_p'))})",
+            "Probability that a random synthetic slice is more similar to the training set than a random null slice. "
+            "0.5 = as novel as unseen real scans; towards 1 = copying; below 0.5 = less similar than real data.",
+        ),
+    ]
+    base = [
+        (
+            "CT-score (Meehan et al. 2020)",
+            "ct_score",
+            "Z-statistic comparing synthetic-to-training with held-out-to-training distances per k-means cell: "
+            "clearly negative (below about −3) = data copying, about 0 = fine, positive = underfitting. "
+            "Needs a holdout.",
+        ),
+        (
+            "AuthPct (Alaa et al. 2022)",
+            "auth_pct",
+            "Percentage of synthetic slices farther from their nearest training slice than that slice is from its own "
+            "nearest training neighbour. Lower = more copying.",
+        ),
+        (
+            "Distance to closest record (median)",
+            "dcr_median",
+            "Median feature distance of a synthetic slice to its closest training slice. 0 = exact copies; compare "
+            "with the distances of real unseen scans.",
+        ),
+        (
+            "Pixel correlation (median)",
+            "pixel_corr_median",
+            "Median of each synthetic slice's best raw-pixel correlation with any training slice (over flips). "
+            "Near 1 = pixel-level copies; blind to shifts and rotations.",
+        ),
+    ]
+    for label, key, how in base:
+        if key in b and b[key] is not None:
+            val = _num(b[key])
+        else:
+            prefix = key.rsplit("_median", 1)[0]
+            val = "not computed: " + str(b.get(f"{prefix}_error") or b.get(f"{key}_error") or "n/a")
+        rows.append((label, val, how))
+    _ = s
+    return rows
+
+
+def _provenance_html(folder: AuditFolder, generated: str) -> str:
+    s, m = folder.summary, folder.manifest or {}
+    out = ['<h2 id="provenance">Provenance</h2>']
+    ext = m.get("extractor") or {
+        "name": s.get("config", {}).get("extractor"),
+        "fingerprint": s.get("extractor_fingerprint"),
+    }
+    out.append(
+        _kv_table(
+            [
+                ("audit ID", s.get("audit_id")),
+                ("audit run (UTC)", s.get("created")),
+                ("report generated (UTC)", generated),
+                ("extractor", ext.get("name")),
+                ("extractor fingerprint", ext.get("fingerprint")),
+                ("checkpoint", ext.get("checkpoint") or "none"),
+                ("checkpoint sha256", ext.get("checkpoint_sha256") or ext.get("checkpoint_note") or "n/a"),
+                ("layers", ", ".join(s.get("layers", []))),
+            ]
+        )
+    )
+    counts = []
+    for name in ("train", "synthetic", "holdout"):
+        c = (m.get("cohorts") or {}).get(name) or (s.get("cohorts") or {}).get(name)
+        if c is None:
+            counts.append(
+                {"cohort": name, "slices": "none", "subjects": "", "files": "", "skipped": "", "content hash": ""}
+            )
+            continue
+        counts.append(
+            {
+                "cohort": name,
+                "slices": c.get("n_slices"),
+                "subjects": c.get("n_subjects"),
+                "files": c.get("n_files"),
+                "skipped": c.get("n_skipped"),
+                "content hash": c.get("content_hash"),
+            }
+        )
+    out.append("<h3>Inputs</h3>" + _df_table(pd.DataFrame(counts), max_rows=10))
+    if not m:
+        out.append('<p class="warn">This audit folder has no manifest.json: input file hashes are not available.</p>')
+    for name in ("train", "synthetic", "holdout"):
+        c = (m.get("cohorts") or {}).get(name)
+        if not c:
+            continue
+        files = pd.DataFrame(c.get("files", []), columns=["path", "bytes", "sha256"])
+        out.append(
+            f"<details><summary>{_e(name)}: sha256 of {len(files)} input files (paths relative to "
+            f"<code>{_e(c.get('root'))}</code>)</summary>{_df_table(files, max_rows=len(files) + 1)}</details>"
+        )
+        if c.get("skipped"):
+            sk = pd.DataFrame(c["skipped"], columns=["path", "reason"])
+            out.append(
+                f"<details><summary>{_e(name)}: {len(sk)} skipped files or slices, with reasons</summary>"
+                f"{_df_table(sk, max_rows=len(sk) + 1)}</details>"
+            )
+    cfg = s.get("config", {})
+    out.append(
+        "<details open><summary>Configuration</summary>"
+        + _kv_table([(k, json.dumps(v) if isinstance(v, list | dict | None) else v) for k, v in cfg.items()])
+        + "</details>"
+    )
+    out.append(
+        "<details><summary>Software versions</summary>" + _kv_table(list(s.get("versions", {}).items())) + "</details>"
+    )
+    if folder.integrity:
+        rows = pd.DataFrame(
+            [
+                {
+                    "file": r["file"],
+                    "sha256 at scan": r["expected"],
+                    "sha256 now": r["actual"] or "missing",
+                    "status": "intact" if r["ok"] else "MODIFIED",
+                }
+                for r in folder.integrity
+            ]
+        )
+        head = (
+            '<p class="ok">Every audit output file matches the hash recorded at scan time.</p>'
+            if folder.intact
+            else '<p class="bad">Audit output files changed after the scan; the report may not reflect the audit.</p>'
+        )
+        out.append("<h3>Audit folder integrity</h3>" + head + _df_table(rows, max_rows=20))
+    out.append(
+        "<h3>This report's hash</h3>"
+        f"<p>sha256: {_HASH_MARK}{_HASH_ZEROS}</code></p>"
+        "<p>How to verify: replace the 64 hexadecimal digits above with 64 zeros (<code>0</code>) in the HTML file "
+        "and compute the SHA-256 of the file's bytes; it must equal the stated hash. For example "
+        '<code>sed -E \'s/(id="report-sha256"&gt;)[0-9a-f]{64}/\\1' + _HASH_ZEROS + "/' report.html | sha256sum</code>"
+        ' or, in Python, <code>inspector.report.verify_report("report.html")</code>. Any change to the file '
+        "(including the sign-off) changes the hash.</p>"
+    )
+    return "".join(out)
+
+
+def _signoff_html(records: Sequence[RecordedSignOff], state: dict[str, Any], audit_dir: Path) -> str:
+    out = ['<h2 id="signoff">Sign-off</h2>']
+    if not records:
+        out.append(
+            '<div class="signoff"><p><b>Not signed off.</b> Record a decision with<br><code>inspector report '
+            f"--audit {_e(audit_dir)} --out report.html --signer NAME --role ROLE --decision "
+            "{release | &quot;do not release&quot; | &quot;release after removing the flagged slices&quot;} "
+            "[--reason TEXT]</code><br>A sign-off is accepted when every flagged pair has a reviewer decision, or "
+            "with a stated reason.</p>"
+            '<div class="sigline">Signature, name, role</div><div class="sigline">Date</div></div>'
+        )
+        return "".join(out)
+    last = records[-1]
+    warn = ""
+    copies = int(state["decisions"].get("copy", 0)) + int(state["decisions"].get("near copy", 0))
+    if last.decision == "release" and copies:
+        warn = f'<p class="warn">Released although reviewers marked {copies} flagged pair(s) as copies.</p>'
+    reason = f"<p>Reason: {_e(last.reason)}</p>" if last.reason else ""
+    out.append(
+        f'<div class="signoff"><p>Decision: <b>{_e(last.decision)}</b></p>'
+        f"<p>Signed by <b>{_e(last.signer)}</b> ({_e(last.role)}) on {_e(last.date)}; recorded {_e(last.recorded_at)} "
+        f"(sign-off #{last.id}).</p>{reason}"
+        f"<p>At signing, {last.n_reviewed} of {last.n_flagged} flagged pairs had a reviewer decision.</p>{warn}</div>"
+    )
+    if len(records) > 1:
+        hist = pd.DataFrame([r.to_dict() for r in records[:-1]])[
+            ["id", "date", "signer", "role", "decision", "reason", "recorded_at", "n_reviewed", "n_flagged"]
+        ]
+        out.append(
+            f"<details><summary>{len(records) - 1} earlier sign-off(s)</summary>"
+            f"{_df_table(hist, max_rows=1000)}</details>"
+        )
+    return "".join(out)
+
+
+def _render(
+    folder: AuditFolder,
+    latest: dict[str, Review],
+    state: dict[str, Any],
+    records: Sequence[RecordedSignOff],
+    generated: str,
+) -> str:
+    s = folder.summary
+    v = s.get("verdict", {})
+    t = folder.table
+    hashes = t["sha256"].astype(str).to_numpy() if "sha256" in t else np.array([""] * len(t))
+    title = "Memorisation audit: release report"
+    out = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{_e(title)} {_e(str(s.get('audit_id', ''))[:12])}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>{_e(title)}</h1>",
+        f'<p class="meta">Audit {_e(s.get("audit_id"))} · run {_e(s.get("created"))} · report {_e(generated)} · '
+        f"mode {_e(v.get('mode', s.get('config', {}).get('mode')))} · "
+        f"extractor {_e(s.get('config', {}).get('extractor'))}</p>",
+        '<p class="meta">Sections: <a href="#verdict">verdict</a> · <a href="#figures">figures</a> · '
+        '<a href="#distributions">distributions</a> · <a href="#flagged">flagged pairs</a> · '
+        '<a href="#unreviewed">unreviewed</a> · <a href="#subjects">subjects</a> · '
+        '<a href="#provenance">provenance</a> · <a href="#signoff">sign-off</a></p>',
+    ]
+    # ---------------------------------------------------------------- verdict
+    out.append('<h2 id="verdict">Verdict</h2>')
+    out.append(f'<div class="verdict {_verdict_class(v)}">{_e(s.get("verdict_text", ""))}</div>')
+    auc = v.get("mann_whitney_auc")
+    words = []
+    if auc is not None and math.isfinite(float(auc)):
+        a = float(auc)
+        how = (
+            "clearly more similar to the training set than"
+            if a >= 0.6
+            else "about as similar to the training set as"
+            if a > 0.4
+            else "less similar to the training set than"
+        )
+        words.append(
+            f"Overall, the synthetic slices are {how} the reference real scans ({_e(v.get('null_kind'))}): "
+            f"Mann–Whitney AUC {a:.3f}, where 0.5 means as novel as unseen real scans."
+        )
+    words.append(
+        f"The paper's rule (mean ONI < 0.68) says {'memorised' if v.get('paper_rule_memorised') else 'not memorised'} "
+        f"(mean ONI {_num(v.get('mean_oni'), '.3f')})."
+    )
+    words.append(
+        f"Review: {state['n_reviewed']} of {state['n_flagged']} flagged pairs have a reviewer decision"
+        + (f"; {state['n_unreviewed']} are unreviewed." if state["n_unreviewed"] else ".")
+    )
+    if records:
+        words.append(f"Signed off: {records[-1].decision} ({records[-1].signer}, {records[-1].date}).")
+    else:
+        words.append("Not signed off yet.")
+    out.append("<p>" + " ".join(_e(w) for w in words) + "</p>")
+    if v.get("warning"):
+        out.append(f'<p class="warn">{_e(v["warning"])}</p>')
+    if folder.integrity and not folder.intact:
+        mod = ", ".join(r["file"] for r in folder.integrity if not r["ok"])
+        out.append(f'<p class="warn">The audit folder was modified after the scan ({_e(mod)}); see Provenance.</p>')
+    out.append(
+        '<p class="meta">How the audit works: every synthetic slice is compared with every training slice '
+        "(features shortlist candidates; in the default mode each candidate is registered onto the synthetic slice "
+        "and scored by normalised cross-correlation, so flipped, rotated or shifted copies are found). Its similarity "
+        "is then compared with the similarities of real scans the model never saw (the null): a slice far more "
+        "similar to a training slice than unseen real scans ever are is flagged.</p>"
+    )
+    # ---------------------------------------------------------------- figures
+    out.append('<h2 id="figures">The figures and how to read them</h2>')
+    out.append(
+        "<table><thead><tr><th>Figure</th><th>Value</th><th>How to read it</th></tr></thead><tbody>"
+        + "".join(f"<tr><th>{_e(a)}</th><td>{_e(b)}</td><td>{_e(c)}</td></tr>" for a, b, c in _figures_rows(folder))
+        + "</tbody></table>"
+    )
+    # ---------------------------------------------------------------- histograms
+    out.append('<h2 id="distributions">Distributions</h2>')
+    sim = t["similarity"].to_numpy(float)
+    alpha = float(v.get("alpha", s.get("config", {}).get("alpha", 0.01)))
+    thr = _threshold(folder.null_similarity, alpha)
+    out.append(
+        svg_histogram(
+            [
+                ("synthetic", sim, "#c62828"),
+                (f"null ({v.get('null_kind', 'reference')})", folder.null_similarity, "#1565c0"),
+            ],
+            markers=[(thr, f"threshold at α = {alpha:g}", "#000000")],
+            xlabel="similarity to the nearest training slice (higher = more similar)",
+            title="Synthetic similarities against the null",
+        )
+    )
+    if not math.isfinite(thr):
+        out.append(
+            '<p class="warn">No threshold can be drawn: with this null no similarity reaches p ≤ α.</p>'
+            if thr == float("inf")
+            else '<p class="warn">Every similarity is flagged at this α.</p>'
+        )
+    out.append(
+        '<p class="meta">Synthetic slices to the right of the dashed threshold are flagged. A model that copies '
+        "nothing gives a red histogram on top of the blue one; copies form a separate bump at high similarity.</p>"
+    )
+    if "oni" in t:
+        out.append(
+            svg_histogram(
+                [("synthetic ONI", t["oni"].to_numpy(float), "#6a1b9a")],
+                markers=[
+                    (0.68, "paper's threshold", "#000000"),
+                    (float(v.get("mean_oni", float("nan"))), "mean ONI", "#ef6c00"),
+                ],
+                xlabel="ONI (−1 memorised … +1 novel)",
+                title="The paper's per-slice ONI",
+            )
+        )
+    # ---------------------------------------------------------------- flagged pairs
+    rows = folder.flagged_rows
+    out.append(f'<h2 id="flagged">Flagged pairs ({len(rows)})</h2>')
+    if not len(rows):
+        out.append("<p>No synthetic slice is flagged at this α.</p>")
+    else:
+        out.append(
+            '<p class="meta">Most significant first. Each pair shows the synthetic slice, the best training '
+            "candidate registered onto it and their absolute difference (a copy leaves only noise), then the nearest "
+            "training slices at every feature layer. Images are windowed per image (1st–99.5th percentile).</p>"
+        )
+    for rank, row in enumerate(rows, start=1):
+        out.append(_pair_html(folder, int(row), rank, latest.get(hashes[row]), flagged=True, full=True))
+    # ---------------------------------------------------------------- unreviewed
+    out.append(f'<h2 id="unreviewed">Unreviewed flagged pairs ({state["n_unreviewed"]})</h2>')
+    unrev = [int(r) for r in rows if hashes[r] not in latest]
+    if unrev:
+        df = pd.DataFrame(
+            {
+                "rank": [int(np.flatnonzero(rows == r)[0]) + 1 for r in unrev],
+                "synthetic slice": [f"{t.at[r, 'synthetic_path']}#{int(t.at[r, 'slice_index'])}" for r in unrev],
+                "p-value": [float(t.at[r, "p_value"]) for r in unrev],
+                "similarity": [float(t.at[r, "similarity"]) for r in unrev],
+                "nearest training slice": [
+                    f"{t.at[r, 'nearest_train_path']}#{t.at[r, 'nearest_train_slice']}" for r in unrev
+                ],
+                "training subject": [str(t.at[r, "nearest_train_subject"]) for r in unrev],
+            }
+        )
+        out.append(
+            '<p class="bad">These flagged pairs have no reviewer decision. Review them in the app before signing off, '
+            "or state why not in the sign-off.</p>" + _df_table(df, max_rows=len(df) + 1)
+        )
+    else:
+        out.append("<p>Every flagged pair has a reviewer decision.</p>" if len(rows) else "<p>Nothing to review.</p>")
+    # ---------------------------------------------------------------- context pairs
+    ev = folder.evidence
+    if ev is not None:
+        ctx = [int(r) for r in ev.rows if not bool(t.at[int(r), "flagged"])]
+        if ctx:
+            out.append(
+                f"<details><summary>The {len(ctx)} most similar unflagged synthetic slices (for context)</summary>"
+                + "".join(
+                    _pair_html(folder, r, i, latest.get(hashes[r]), flagged=False, full=False)
+                    for i, r in enumerate(ctx, start=1)
+                )
+                + "</details>"
+            )
+    # ---------------------------------------------------------------- subjects
+    out.append('<h2 id="subjects">Per training subject</h2>')
+    out.append(
+        '<p class="meta">Pseudonymous subject IDs. A subject with flagged synthetic slices is a patient whose '
+        "scans the model may reproduce: the unit of the release decision.</p>"
+    )
+    out.append(_df_table(folder.subjects, max_rows=1000))
+    # ---------------------------------------------------------------- provenance and sign-off
+    out.append(_provenance_html(folder, generated))
+    out.append(_signoff_html(records, state, folder.path))
+    out.append(
+        '<p class="meta">Generated offline by the MRI Memorization Inspector '
+        f"{_e(s.get('versions', {}).get('inspector', ''))}. This file embeds every image and style; it loads nothing "
+        "from the network.</p></body></html>\n"
+    )
+    return "\n".join(out)
+
+
+def summary_path_for(out_html: str | Path, audit_dir: str | Path) -> Path:
+    """Where :func:`write_report` writes the report's ``summary.json``: beside the HTML, or
+    ``<name>.summary.json`` when the HTML is in the audit folder (never overwrite the audit's own)."""
+    out_html = Path(out_html).expanduser()
+    p = out_html.parent / "summary.json"
+    if p.resolve() == (Path(audit_dir).expanduser() / "summary.json").resolve():
+        # never overwrite the audit's own summary.json (its hash is in the manifest)
+        return out_html.with_name(out_html.stem + ".summary.json")
+    return p
+
+
+def write_report(
+    audit_dir: str | Path,
+    out_html: str | Path,
+    *,
+    reviews: str | Path | None = None,
+    signoff: SignOff | None = None,
+) -> Path:
+    """Write the self-contained HTML release report of an audit folder, and ``summary.json`` beside it.
+
+    Parameters
+    ----------
+    audit_dir : str or Path
+        A folder written by ``inspector scan`` (:meth:`AuditResult.save`).
+    out_html : str or Path
+        The HTML file to write (its folder is created).
+    reviews : str or Path, optional
+        The review database; default ``audit_dir/reviews.sqlite3`` when it exists.
+    signoff : SignOff, optional
+        Recorded first (see :func:`sign_off`; refused while flagged pairs are unreviewed and no reason is
+        given), then shown in the report with any earlier sign-offs.
+
+    Returns
+    -------
+    Path
+        The HTML file. ``summary.json`` is written beside it (``<name>.summary.json`` when the HTML is
+        written into the audit folder, whose own ``summary.json`` is never overwritten).
+
+    Raises
+    ------
+    AuditFolderError
+        The audit folder is incomplete.
+    FileNotFoundError
+        ``reviews`` was given but does not exist.
+    SignOffError
+        The sign-off is refused.
+    """
+    folder = load_audit_folder(audit_dir)
+    out = Path(out_html).expanduser()
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the HTML file to write, e.g. {out / 'report.html'}.")
+    db = _reviews_path(folder.path, reviews, create=signoff is not None)
+    if signoff is not None:
+        sign_off(folder.path, signoff, reviews=db)
+    latest, state = _review_state(folder, db)
+    records = _signoffs(folder, db)
+    generated = _now()
+    text = _render(folder, latest, state, records, generated)
+    if text.count(_HASH_MARK) != 1:
+        raise RuntimeError("the report template must hold exactly one hash marker")
+    data = text.encode("utf-8")
+    digest = hashlib.sha256(data).hexdigest()
+    data = data.replace((_HASH_MARK + _HASH_ZEROS).encode(), (_HASH_MARK + digest).encode(), 1)
+    summary = report_summary(
+        folder, state, records[-1] if records else None, report_file=out.name, report_sha256=digest, generated=generated
+    )
+    validate_summary(summary)
+    atomic_write_bytes(out, data)
+    spath = summary_path_for(out, folder.path)
+    atomic_write_bytes(spath, json.dumps(_jsonable(summary), indent=2).encode())
+    log.info("report %s (sha256 %s) and %s written", out, digest[:12], spath)
+    return out
+
+
+def verify_report(path: str | Path) -> bool:
+    """Whether an HTML report still matches the sha256 it states.
+
+    Raises
+    ------
+    ValueError
+        When the file holds no (or more than one) report hash.
+    """
+    data = Path(path).read_bytes()
+    hits = list(_HASH_RE.finditer(data))
+    if len(hits) != 1:
+        raise ValueError(f"{path} holds {len(hits)} report hash markers; expected exactly one (is it a report?).")
+    m = hits[0]
+    stated = m.group(1).decode()
+    blank = data[: m.start(1)] + _HASH_ZEROS.encode() + data[m.end(1) :]
+    return hashlib.sha256(blank).hexdigest() == stated
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _round0(x: Any, nd: int = 2) -> Any:
+    """Round for display without a negative zero."""
+    try:
+        return round(float(x), nd) + 0.0
+    except (TypeError, ValueError):
+        return x
+
+
+def _finite_or_none(x: Any) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return obj.as_posix()
+    return obj
