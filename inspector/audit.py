@@ -147,7 +147,9 @@ def _subjects_table(table: pd.DataFrame, t: Cohort) -> pd.DataFrame:
                 "n_flagged": len(flagged),
                 "max_similarity": float(mine["similarity"].max()) if len(mine) else np.nan,
                 "min_p_value": float(mine["p_value"].min()) if len(mine) else np.nan,
-                "flagged_synthetic": ";".join(f"{p}#{i}" for p, i in zip(flagged["synthetic_path"], flagged["slice_index"], strict=True)),
+                "flagged_synthetic": ";".join(
+                    f"{p}#{i}" for p, i in zip(flagged["synthetic_path"], flagged["slice_index"], strict=True)
+                ),
             }
         )
     df = pd.DataFrame(rows)
@@ -207,7 +209,6 @@ def audit(
         calibrated_mi,
         empirical_p_values,
         mann_whitney_auc,
-        zscore_oni,
     )
 
     cfg = config or AuditConfig()
@@ -373,8 +374,8 @@ def audit(
     if not verdict["alpha_reachable"]:
         verdict["warning"] = (
             f"The null has only {n_null} slices, so the smallest possible p-value is {min_p:.3g} > alpha = "
-            f"{cfg.alpha:g}: no slice can be flagged. Give a larger holdout (at least {int(np.ceil(1 / cfg.alpha)) - 1} "
-            "slices) or a larger alpha."
+            f"{cfg.alpha:g}: no slice can be flagged. Give a larger holdout (at least "
+            f"{int(np.ceil(1 / cfg.alpha)) - 1} slices) or a larger alpha."
         )
         log.warning(verdict["warning"])
     subjects = _subjects_table(table, T)
@@ -452,7 +453,9 @@ def _concat_space(FT: Any, others: list[Any]) -> list[np.ndarray]:
     return [np.concatenate(parts, axis=1).astype(np.float32) for parts in out]
 
 
-def _baselines(FT: Any, FG: Any, FH: Any, img_t: np.ndarray, img_g: np.ndarray, cfg: AuditConfig, table: pd.DataFrame) -> dict:
+def _baselines(
+    FT: Any, FG: Any, FH: Any, img_t: np.ndarray, img_g: np.ndarray, cfg: AuditConfig, table: pd.DataFrame
+) -> dict:
     """CT-score, AuthPct, distance to closest record and raw-pixel correlation on the same inputs.
 
     Per-slice values are added to ``table`` (``dcr``, ``authentic``, ``pixel_corr``).
@@ -477,9 +480,16 @@ def _baselines(FT: Any, FG: Any, FH: Any, img_t: np.ndarray, img_g: np.ndarray, 
         out["auth_pct_error"] = f"{type(e).__name__}: {e}"
     if FH is not None:
         try:
-            ct = ct_score(xt, spaces[2], xg, seed=cfg.seed)
+            m, t = len(xg), len(spaces[2])
+            # Meehan's rule wants > 20 generated samples per cell; small sets get fewer cells and a looser
+            # tau (reported), rather than no CT-score at all.
+            n_cells = max(1, min(20, m // 40, t // 10))
+            tau = min(20.0 / m, 0.5 / n_cells)
+            ct = ct_score(xt, spaces[2], xg, n_cells=n_cells, tau=tau, seed=cfg.seed)
             out["ct_score"] = float(ct["ct_score"])
-            out["ct_cells"] = int(ct.get("n_cells", 0))
+            out["ct_cells"] = int(ct.get("n_cells_used", n_cells))
+            if tau < 20.0 / m:
+                out["ct_note"] = f"only {m} synthetic slices: CT-score over {n_cells} cell(s) with tau = {tau:.3f}"
         except Exception as e:  # noqa: BLE001
             out["ct_score_error"] = f"{type(e).__name__}: {e}"
     else:

@@ -1,0 +1,180 @@
+"""audit() end to end on small real-MRI cohorts: ranking, calibration, contract, attribution, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from inspector.audit import AuditConfig, InsufficientDataError, audit
+from inspector.io import CohortNotFoundError
+from inspector.result import SCORE_COLUMNS
+
+FAST = dict(extractor="pixels", alpha=0.05)
+
+
+@pytest.fixture(scope="module")
+def default_result(audit_cohorts, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    p = audit_cohorts
+    return audit(p["train"], p["synthetic"], p["holdout"], AuditConfig(**FAST), cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def paper_result(audit_cohorts, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    p = audit_cohorts
+    return audit(p["train"], p["synthetic"], p["holdout"], AuditConfig(mode="paper", **FAST), cache_dir=cache)
+
+
+def _labels(result):
+    return (result.table["label"] == "copy").to_numpy()
+
+
+def test_copies_rank_above_novel_and_are_flagged(default_result):
+    r = default_result
+    copy = _labels(r)
+    assert copy.sum() == 6 and (~copy).sum() == 10
+    s = r.table["similarity"].to_numpy()
+    # every planted copy (exact, flipped, rotated, noisy, rescaled) scores above every novel slice
+    assert s[copy].min() > s[~copy].max()
+    assert r.table.loc[copy, "flagged"].all()
+    roc = r.roc()
+    assert roc is not None and roc["auc"] == pytest.approx(1.0)
+    # copies are attributed to the right training slice
+    src = r.table.loc[copy, "source"].to_numpy()
+    got = (r.table.loc[copy, "nearest_train_path"]).to_numpy()
+    assert (src == got).all(), list(zip(src, got, strict=True))
+
+
+def test_flipped_copy_matched_under_its_view(default_result):
+    t = default_result.table
+    row = t[(t["augmentation"] == "hflip")].iloc[0]
+    assert row["view"] == "hflip" and row["align_flip"] == "hflip"
+    row = t[(t["augmentation"] == "vflip")].iloc[0]
+    assert row["view"] == "vflip"
+
+
+def test_score_table_contract_and_no_nan(default_result):
+    t = default_result.table
+    for col in SCORE_COLUMNS:
+        assert col in t.columns, col
+    for layer in default_result.layers:
+        assert f"sim_{layer}" in t.columns
+    assert "layer_consensus" in t.columns
+    num = t.select_dtypes(include=[np.number])
+    assert np.isfinite(num.to_numpy(float)).all()
+    assert ((t["mi"] >= 0) & (t["mi"] <= 1)).all()
+    assert ((t["p_value"] > 0) & (t["p_value"] <= 1)).all()
+    np.testing.assert_allclose(t["oni"], -np.tanh(t["mi_z"]), rtol=1e-6, atol=1e-9)
+    assert set(t["flagged"].unique()) <= {0, 1}
+    assert (t["layer_consensus"] >= 0).all() and (t["layer_consensus"] <= len(default_result.layers)).all()
+
+
+def test_p_values_follow_the_holdout_null(default_result):
+    r = default_result
+    null = np.asarray(r.null_similarity)
+    assert r.verdict["null_kind"] == "holdout"
+    assert len(null) == len(r.holdout)
+    s = r.table["similarity"].to_numpy()
+    expect = (1 + (null[None, :] >= s[:, None]).sum(1)) / (1 + len(null))
+    np.testing.assert_allclose(r.table["p_value"], expect)
+    np.testing.assert_array_equal(r.table["flagged"].to_numpy(bool), expect <= r.config.alpha)
+
+
+def test_verdict_and_subjects(default_result):
+    r = default_result
+    v = r.verdict
+    assert v["n_flagged"] == int(r.table["flagged"].sum())
+    lo, hi = v["fraction_ci95"]
+    assert lo <= v["fraction_flagged"] <= hi
+    assert v["mann_whitney_auc"] > 0.5
+    assert v["copying"] is True  # 6 of 16 flagged is far more than alpha explains
+    assert "look copied" in r.verdict_text()
+    subj = r.subjects
+    assert set(subj["subject_id"]) == set(r.train.subjects)
+    assert subj["n_flagged"].sum() == v["n_flagged"]
+    assert subj["n_synthetic_matched"].sum() == len(r.table)
+    for key in ("auth_pct", "ct_score", "dcr_median", "pixel_corr_median"):
+        assert key in r.baselines, r.baselines
+
+
+def test_threshold_lookups_need_no_recomputation(default_result):
+    r = default_result
+    strict, loose = r.flagged_at(0.03), r.flagged_at(0.5)
+    assert strict.sum() <= loose.sum()
+    thr = r.threshold_for(0.05)
+    s = r.table["similarity"].to_numpy()
+    np.testing.assert_array_equal(s > thr, r.flagged_at(0.05) & (s > thr))
+
+
+def test_pair_evidence(default_result):
+    r = default_result
+    i = int(np.argmax(r.table["similarity"].to_numpy()))
+    ev = r.pair(i)
+    assert set(ev.layers) == set(r.layers)
+    for rows in ev.layers.values():
+        assert len(rows) == r.config.top_k
+        assert rows[0]["image"].shape == ev.synthetic.shape
+    assert ev.aligned is not None and ev.difference is not None
+    # the aligned best candidate reproduces the synthetic slice (a planted copy)
+    assert np.corrcoef(ev.aligned.ravel(), ev.synthetic.ravel())[0, 1] > 0.9
+
+
+def test_paper_mode(paper_result, default_result):
+    r = paper_result
+    assert r.verdict["null_kind"] == "split-half bootstrap"
+    assert r.alignment == {}
+    t = r.table
+    np.testing.assert_allclose(t["oni"], -np.tanh(t["mi_z"]), rtol=1e-6)
+    copy = _labels(r)
+    assert t.loc[copy & (t["augmentation"] == "none"), "similarity"].min() > t.loc[~copy, "similarity"].median()
+    # the paper's z-score and ONI do not depend on the mode
+    np.testing.assert_allclose(t["mi_z"], default_result.table["mi_z"], rtol=1e-5)
+
+
+def test_leave_one_subject_out_null(audit_cohorts, tmp_path):
+    p = audit_cohorts
+    r = audit(p["train"], p["synthetic"], None, AuditConfig(**FAST), cache_dir=tmp_path)
+    assert r.verdict["null_kind"] == "leave-one-subject-out"
+    assert len(r.null_similarity) == len(r.train)
+    assert np.isfinite(r.null_similarity).all()
+
+
+def test_single_subject_without_holdout_is_a_clear_error(audit_cohorts, tmp_path):
+    one = tmp_path / "one"
+    shutil.copytree(audit_cohorts["train"] / "sub-axial", one / "sub-axial")
+    with pytest.raises(InsufficientDataError, match="single subject"):
+        audit(one, audit_cohorts["synthetic"], None, AuditConfig(**FAST), cache_dir=tmp_path / "c")
+
+
+def test_unreachable_alpha_is_reported(audit_cohorts, tmp_path):
+    p = audit_cohorts
+    r = audit(
+        p["train"], p["synthetic"], p["holdout"], AuditConfig(extractor="pixels", alpha=0.001), cache_dir=tmp_path
+    )
+    assert r.verdict["alpha_reachable"] is False
+    assert "smallest possible p-value" in r.verdict["warning"]
+    assert r.table["flagged"].sum() == 0
+
+
+def test_missing_path_and_checkpoint_misuse(audit_cohorts, tmp_path):
+    with pytest.raises(CohortNotFoundError, match="does not exist"):
+        audit(tmp_path / "nope", audit_cohorts["synthetic"], config=AuditConfig(**FAST))
+    with pytest.raises(ValueError, match="checkpoints are for extractor='mri-core'"):
+        audit(
+            audit_cohorts["train"],
+            audit_cohorts["synthetic"],
+            config=AuditConfig(checkpoint=str(tmp_path / "x.pt"), **FAST),
+        )
+
+
+def test_save_writes_the_cli_contract(default_result, tmp_path):
+    out = default_result.save(tmp_path / "out")
+    for name in ("scores.csv", "summary.json", "subjects.csv"):
+        assert (out / name).is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"]["n_flagged"] == default_result.verdict["n_flagged"]
+    assert summary["config"]["mode"] == "default"

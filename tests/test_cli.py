@@ -1,0 +1,109 @@
+"""The `inspector scan` command: outputs, exit codes, messages, help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from inspector.cli import build_parser, main
+from inspector.result import SCORE_COLUMNS
+
+
+def test_scan_writes_scores_summary_subjects(audit_cohorts, tmp_path, capsys):
+    p = audit_cohorts
+    out = tmp_path / "out"
+    code = main(
+        [
+            "scan",
+            "--train", str(p["train"]),
+            "--synthetic", str(p["synthetic"]),
+            "--holdout", str(p["holdout"]),
+            "--extractor", "pixels",
+            "--alpha", "0.05",
+            "--cache-dir", str(tmp_path / "cache"),
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    scores = pd.read_csv(out / "scores.csv")
+    for col in SCORE_COLUMNS:
+        assert col in scores.columns
+    assert any(c.startswith("sim_") for c in scores.columns) and "layer_consensus" in scores.columns
+    assert len(scores) == 16
+    # synthetic_path is relative to the synthetic root, as given
+    assert scores["synthetic_path"].str.startswith("gen/").all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["extractor"] == "pixels" and summary["config"]["alpha"] == 0.05
+    assert "inspector" in summary["versions"] and "torch" in summary["versions"]
+    subjects = pd.read_csv(out / "subjects.csv")
+    assert {"subject_id", "n_flagged"} <= set(subjects.columns)
+    err = capsys.readouterr().err
+    assert "synthetic slices" in err
+
+
+def test_bad_input_exits_2_with_a_message(tmp_path, capsys):
+    code = main(
+        ["scan", "--train", str(tmp_path / "missing"), "--synthetic", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err
+
+
+def test_empty_folder_exits_2(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(
+        [
+            "scan",
+            "--train",
+            str(tmp_path / "empty"),
+            "--synthetic",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2
+    assert "No readable image" in capsys.readouterr().err
+
+
+def test_bad_alpha_exits_2(audit_cohorts, tmp_path, capsys):
+    p = audit_cohorts
+    code = main(
+        ["scan", "--train", str(p["train"]), "--synthetic", str(p["synthetic"]), "--alpha", "2", "--out", str(tmp_path)]
+    )
+    assert code == 2
+    assert "alpha" in capsys.readouterr().err
+
+
+def test_help_explains_every_option():
+    parser = build_parser()
+    scan = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith("scan"))
+    for action in scan._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 10, action.dest
+    text = scan.format_help()
+    for opt in ("--train", "--synthetic", "--holdout", "--extractor", "--checkpoint", "--mode", "--alpha", "--out"):
+        assert opt in text
+
+
+def test_console_script_runs():
+    res = subprocess.run([sys.executable, "-m", "inspector.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "scan" in res.stdout
+
+
+@pytest.mark.parametrize("mode", ["paper"])
+def test_scan_paper_mode(audit_cohorts, tmp_path, mode):
+    p = audit_cohorts
+    out = tmp_path / "out"
+    code = main(
+        ["scan", "--train", str(p["train"]), "--synthetic", str(p["synthetic"]), "--mode", mode,
+         "--extractor", "pixels", "--quiet", "--cache-dir", str(tmp_path / "c"), "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    scores = pd.read_csv(out / "scores.csv")
+    assert scores["oni"].between(-1, 1).all()
