@@ -1318,6 +1318,9 @@ def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
     for label, key, how in base:
         if key in b and b[key] is not None:
             val = _num(b[key])
+            note = b.get(f"{key.split('_')[0]}_note") or b.get(f"{key}_note")
+            if note:
+                val += f" ({note})"
         else:
             prefix = key.rsplit("_median", 1)[0]
             val = "not computed: " + str(b.get(f"{prefix}_error") or b.get(f"{key}_error") or "n/a")
@@ -1691,7 +1694,7 @@ def write_report(
         raise ValueError(f"--out {out} is a folder; give the HTML file to write, e.g. {out / 'report.html'}.")
     db = _reviews_path(folder.path, reviews, create=signoff is not None)
     if signoff is not None:
-        sign_off(folder.path, signoff, reviews=db)
+        sign_off(folder.path, signoff, reviews=reviews)
     latest, state = _review_state(folder, db)
     records = _signoffs(folder, db)
     generated = _now()
