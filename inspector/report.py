@@ -1232,6 +1232,7 @@ def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
     t = folder.table
     lo, hi = (v.get("fraction_ci95") or [None, None])[:2]
     mi = t["mi"].to_numpy(float) if "mi" in t else np.zeros(0)
+    min_p = _num(v.get("min_p_value"))
     rows = [
         (
             "Flagged slices",
@@ -1251,8 +1252,7 @@ def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
         ),
         (
             "Null reference",
-            f"{v.get('null_kind')}, {v.get('n_null')} slices; "
-            f"smallest possible p-value {_num(v.get('min_p_value'))}",
+            f"{v.get('null_kind')}, {v.get('n_null')} slices; smallest possible p-value {min_p}",
             "What 'novel' looks like: similarities to the training set of real scans the model never saw (holdout), "
             "or of each training subject against the other subjects. α must be at least the smallest possible p-value.",
         ),
