@@ -20,7 +20,6 @@ import importlib.util
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ PAGES: tuple[str, ...] = ("Overview", "Flagged", "Pair", "Review", "Export")
 _DEFAULTS = {"train": "sample_data/train", "synthetic": "sample_data/synthetic", "holdout": "sample_data/holdout"}
 _MAX_CACHED_AUDITS = 4
 
-st.set_page_config(page_title="MRI Memorization Inspector", page_icon="🧠", layout="wide")
+st.set_page_config(page_title="MRI Memorization Inspector", page_icon=":material/neurology:", layout="wide")
 
 
 # ==============================================================================================
@@ -45,19 +44,8 @@ st.set_page_config(page_title="MRI Memorization Inspector", page_icon="🧠", la
 # ==============================================================================================
 
 
-@dataclass
-class Entry:
-    """A finished audit held in memory, with the pair evidence already looked at."""
-
-    result: Any
-    seconds: float
-    pairs: dict[int, Any] = field(default_factory=dict)
-
-
-@st.cache_resource(show_spinner=False)
-def audit_store() -> dict[str, Entry]:
-    """Process-wide audit results keyed by :func:`run_key` (kept across reruns and sessions)."""
-    return {}
+Entry = ui.AuditEntry
+audit_store = ui.audit_store
 
 
 def run_key(paths: dict[str, Path | None], config: Any) -> str:
@@ -82,7 +70,7 @@ def pair_of(entry: Entry, index: int) -> Any:
 def inputs_ui() -> dict[str, Any]:
     """Draw the sidebar inputs and return their values (plain values, no result)."""
     sb = st.sidebar
-    sb.title("🧠 Memorization Inspector")
+    sb.title(":material/neurology: Memorization Inspector")
     sb.caption("Did a generative MRI model copy its training patients?")
     sb.subheader("Cohorts")
     vals: dict[str, Any] = {}
@@ -124,6 +112,12 @@ def inputs_ui() -> dict[str, Any]:
     )
     vals["layers"] = sb.text_input("Layers (optional, comma-separated)", "", key="in_layers")
     vals["fdr"] = sb.checkbox("Benjamini–Hochberg control across the set", False, key="in_fdr")
+    with sb.expander("Advanced"):
+        vals["top_k"] = st.number_input("Neighbours shown per layer", 1, 10, 5, key="in_top_k")
+        vals["rerank"] = st.checkbox(
+            "Alignment-verified re-ranking", True, key="in_rerank", help="default mode: register each candidate"
+        )
+        vals["shortlist"] = st.number_input("Candidates registered per slice", 1, 20, 5, key="in_shortlist")
     with sb.expander("Reviews"):
         vals["reviews_db"] = st.text_input(
             "Reviews database (SQLite)", str(ui.default_reviews_db()), key="in_reviews_db"
@@ -148,7 +142,7 @@ def _skipped_frame(cohorts: dict[str, Any]) -> pd.DataFrame:
 
 
 def _show_error(message: str, skipped: list[Any] | None = None) -> None:
-    st.error(message, icon="🚫")
+    st.error(message, icon=":material/error:")
     if skipped:
         with st.expander(f"{len(skipped)} file(s) skipped, with the reason", expanded=True):
             st.dataframe(
@@ -180,6 +174,9 @@ def run_audit(vals: dict[str, Any]) -> str | None:
             alpha=float(vals["alpha"]),
             layers=list(ui.parse_layers(vals["layers"])),
             fdr=bool(vals["fdr"]),
+            top_k=int(vals["top_k"]),
+            rerank=bool(vals["rerank"]),
+            shortlist=int(vals["shortlist"]),
         )
         key = run_key(paths, config)
     except ui.InputPathError as e:
@@ -191,13 +188,14 @@ def run_audit(vals: dict[str, Any]) -> str | None:
 
     store = audit_store()
     if key in store:
-        st.toast("Same inputs and settings as before: the cached result is shown.", icon="⚡")
+        st.toast("Same inputs and settings as before: the cached result is shown.", icon=":material/bolt:")
         return key
 
-    box = st.container(border=True)
-    box.markdown("**Running the audit**")
-    bar = box.progress(0.0, text="Starting")
-    stages_ph = box.empty()
+    box = st.empty()
+    panel = box.container(border=True)
+    panel.markdown("**Running the audit**")
+    bar = panel.progress(0.0, text="Starting")
+    stages_ph = panel.empty()
     seen: dict[str, str] = {}
 
     def render(label: str, frac: float, text: str) -> None:
@@ -298,7 +296,7 @@ def header(entry: Entry) -> None:
     st.caption(" · ".join(parts))
     skipped = _skipped_frame({"training": r.train, "synthetic": r.synthetic, "holdout": r.holdout})
     if len(skipped):
-        with st.expander(f"⚠️ {len(skipped)} file(s) or slice(s) were skipped while loading"):
+        with st.expander(f":material/warning: {len(skipped)} file(s) or slice(s) were skipped while loading"):
             st.dataframe(skipped, hide_index=True, width="stretch")
 
 
@@ -314,7 +312,7 @@ def overview_page(entry: Entry, alpha: float) -> None:
     text = r.verdict_text(alpha)
     lo, hi = c["fraction_ci95"]
     box = st.error if lo > alpha else (st.warning if c["n_flagged"] else st.success)
-    box(f"**Verdict.** {text}", icon="🔎")
+    box(f"**Verdict.** {text}", icon=":material/policy:")
     if v.get("warning"):
         st.warning(v["warning"])
 
@@ -350,15 +348,25 @@ def overview_page(entry: Entry, alpha: float) -> None:
 
     flags = r.flagged_at(alpha)
     thr = r.threshold_for(alpha)
-    st.subheader("Synthetic similarities against the null")
+    h1, h2 = st.columns([3, 1], vertical_alignment="bottom")
+    h1.subheader("Synthetic similarities against the null")
+    sims = r.table["similarity"].to_numpy()
+    can_log = bool(np.nanmax(sims) <= 1.0 and np.nanmax(r.null_similarity) <= 1.0)
+    log_gap = h2.toggle(
+        "Spread the top (log10(1 − similarity))",
+        key="hist_log",
+        disabled=not can_log,
+        help="Copies pile up at similarity ≈ 1; this axis spreads them out.",
+    )
     st.plotly_chart(
         ui.histogram_figure(
-            r.table["similarity"].to_numpy(),
+            sims,
             r.null_similarity,
             thr,
             null_kind=v.get("null_kind", "null"),
             alpha=alpha,
             flagged=flags,
+            log_gap=log_gap and can_log,
         ),
         key="hist",
     )
@@ -379,13 +387,11 @@ def overview_page(entry: Entry, alpha: float) -> None:
             c2.metric("ROC AUC", f"{roc['auc']:.3f}")
             c2.metric("Average precision", f"{roc['average_precision']:.3f}")
         if conf is not None:
-            c2.markdown(f"**Confusion at α = {ui.format_alpha(alpha)}**")
-            c2.dataframe(
-                pd.DataFrame(
-                    {"flagged": [conf["tp"], conf["fp"]], "not flagged": [conf["fn"], conf["tn"]]},
-                    index=["copy (truth)", "novel (truth)"],
-                ),
-                width="stretch",
+            c2.markdown(
+                f"**Confusion at α = {ui.format_alpha(alpha)}**\n\n"
+                "| truth | flagged | not flagged |\n|---|---:|---:|\n"
+                f"| copy | {conf['tp']} | {conf['fn']} |\n"
+                f"| novel | {conf['fp']} | {conf['tn']} |"
             )
     with st.expander("Timings and settings"):
         st.json(
@@ -403,7 +409,14 @@ def flagged_page(entry: Entry, alpha: float, latest: dict[str, Any]) -> None:
     chosen = f2.multiselect("Matched training subject", subjects, key="flt_subjects")
     status = f3.selectbox("Review status", ("all", "not reviewed", "reviewed", *DECISIONS), key="flt_status")
     include_all = f4.toggle("All slices", key="flt_all", help="Show every synthetic slice, not only flagged ones.")
-    frame = ui.flagged_frame(r.table, flags, latest, len(r.layers), include_all=include_all)
+    frame = ui.flagged_frame(
+        r.table,
+        flags,
+        latest,
+        len(r.layers),
+        include_all=include_all,
+        train_labels=lambda t: "{1}/{2}".format(*entry.train_position(t)),
+    )
     if search:
         frame = frame[frame["synthetic"].str.contains(search, case=False, regex=False)]
     if chosen:
@@ -414,7 +427,7 @@ def flagged_page(entry: Entry, alpha: float, latest: dict[str, Any]) -> None:
         frame = frame[frame["decision"] != ""]
     elif status != "all":
         frame = frame[frame["decision"] == status]
-    frame = frame.sort_values("similarity", ascending=False)
+    frame = frame.sort_values("similarity", ascending=False, kind="stable")
     st.session_state["_flag_rows"] = [int(i) for i in frame.index]
     if frame.empty:
         st.info("No slice matches these filters at this threshold.")
@@ -435,7 +448,7 @@ def flagged_page(entry: Entry, alpha: float, latest: dict[str, Any]) -> None:
             "mi": st.column_config.NumberColumn("MI (null CDF)", format="%.3f"),
             "consensus": st.column_config.TextColumn("layer consensus", help="layers whose top match is this subject"),
             "matched_subject": st.column_config.TextColumn("matched training subject"),
-            "matched_slice": st.column_config.NumberColumn("matched slice"),
+            "matched_slice": st.column_config.TextColumn("matched slice", help="position among the subject's slices"),
             "margin": st.column_config.NumberColumn("margin to next subject", format="%.3f"),
             "decision": st.column_config.TextColumn("review decision"),
         },
@@ -450,7 +463,7 @@ def _img(container: Any, arr: np.ndarray, caption: str, view: dict[str, Any], *,
     png = ui.render_png(
         arr, low=view["low"], high=view["high"], size=view["size"], resample=view["resample"], colour_difference=diff
     )
-    container.image(png, caption=caption, width="stretch")
+    container.image(png, caption=caption, width="stretch", output_format="PNG")
 
 
 def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dict[str, Any]) -> None:
@@ -495,22 +508,29 @@ def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dic
     row = r.table.iloc[index]
     sha = str(row["sha256"])
 
-    m = st.columns(6)
+    m = st.columns(5)
     m[0].metric("Similarity", f"{float(row['similarity']):.4f}")
     m[1].metric("p-value", ui.format_p(float(row["p_value"])))
     m[2].metric("Layer consensus", f"{int(row.get('layer_consensus', 0))}/{len(r.layers)}")
-    m[3].metric("Matched subject", str(row["nearest_train_subject"]))
-    m[4].metric("Matched slice", str(int(row["nearest_train_slice"])))
-    decision_ph = m[5].empty()
+    m[3].metric("Aligned NCC", f"{ev.transform['ncc']:.4f}" if ev.transform else "n/a")
+    decision_ph = m[4].empty()
+    subj = str(row["nearest_train_subject"])
+    line = f"Matched training subject **{subj}**"
+    if int(row.get("nearest_train_index", -1)) >= 0:
+        line = f"Matched training slice **{entry.train_label(int(row['nearest_train_index']))}**"
     if ev.transform:
         t = ev.transform
         shift = ", ".join(f"{s:+.1f}" for s in t.get("shift", []))
-        st.caption(
-            f"Registration of the best candidate: flip **{t.get('flip', 'none')}**, "
-            f"rotation {t.get('angle', 0):+.1f}°, "
-            f"scale {t.get('scale', 1):.3f}, shift ({shift}) px, aligned NCC **{t.get('ncc', float('nan')):.4f}**. "
-            "Neighbours are shown in the synthetic slice's view (a flipped match is flipped back)."
+        line += (
+            f" · registration: flip **{t.get('flip', 'none')}**, rotation {t.get('angle', 0):+.1f}°, "
+            f"scale {t.get('scale', 1):.3f}, shift ({shift}) px"
         )
+    if "label" in row and isinstance(row["label"], str) and row["label"]:
+        line += f" · ground truth: **{row['label']}**"
+        if isinstance(row.get("augmentation"), str) and row.get("augmentation"):
+            line += f" ({row['augmentation']})"
+    st.markdown(line)
+    st.caption("Neighbours are shown in the synthetic slice's view (a flipped match is flipped back).")
 
     with st.container(border=True):
         k1, k2, k3, k4, k5 = st.columns([2, 2, 3, 2, 2])
@@ -533,77 +553,77 @@ def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dic
         low, high = 0.0, 1.0
     view = {"low": low, "high": high, "size": size, "resample": resample}
 
-    top = st.columns(4)
-    _img(top[0], ev.synthetic, f"synthetic · {row['synthetic_path']}#{int(row['slice_index'])}", view)
-    if ev.aligned is not None:
-        _img(
-            top[1],
-            ev.aligned,
-            f"aligned training · {row['nearest_train_subject']} slice "
-            f"{int(r.train[ev.transform['train_index']].slice_index)}",
-            view,
-        )
-        _img(
-            top[2],
-            ev.difference,
-            f"|synthetic − aligned| (black = identical; scale 0–{high - low:.2f})",
-            view,
-            diff=True,
-        )
-        _img(
-            top[3],
-            ui.blend(ev.synthetic, ev.aligned, mix / 100),
-            f"blend: {100 - mix} % synthetic, {mix} % aligned",
-            view,
-        )
-    else:
-        first = next(iter(ev.layers.values()))[0]
-        _img(top[1], first["image"], f"nearest training · {first['subject_id']} slice {first['slice_index']}", view)
-        top[2].info("Paper mode keeps no registration, so no aligned difference map; blend shows the nearest slice.")
-        _img(top[3], ui.blend(ev.synthetic, first["image"], mix / 100), f"blend: {100 - mix} % synthetic", view)
-
-    left, right = st.columns([3, 2])
-    with left:
-        subject_scroll(r, row, ev, view)
-    with right:
+    main_col, review_col = st.columns([4, 1.25], gap="medium")
+    with review_col:
         review_form(r, row, store, latest)
-
     dec = latest.get(sha)
     decision_ph.metric("Decision", dec.decision if dec is not None else "—")
+    with main_col:
+        top = st.columns(4)
+        _img(top[0], ev.synthetic, f"synthetic · {row['synthetic_path']}#{int(row['slice_index'])}", view)
+        if ev.aligned is not None:
+            _img(top[1], ev.aligned, f"aligned training · {entry.train_label(ev.transform['train_index'])}", view)
+            _img(
+                top[2],
+                ev.difference,
+                f"|synthetic − aligned|: black = identical, yellow ≥ {high - low:.2f}",
+                view,
+                diff=True,
+            )
+            _img(
+                top[3],
+                ui.blend(ev.synthetic, ev.aligned, mix / 100),
+                f"before/after: {100 - mix} % synthetic + {mix} % aligned",
+                view,
+            )
+        else:
+            first = next(iter(ev.layers.values()))[0]
+            _img(top[1], first["image"], f"nearest training · {entry.train_label(first['train_index'])}", view)
+            top[2].info(
+                "Paper mode keeps no registration: no aligned difference map. The blend uses the nearest slice."
+            )
+            _img(
+                top[3],
+                ui.blend(ev.synthetic, first["image"], mix / 100),
+                f"before/after: {100 - mix} % synthetic + {mix} % nearest",
+                view,
+            )
 
     st.subheader("Nearest training slices at every feature layer")
-    st.caption("Rows: feature layers (shallow → deep). Columns: the top neighbours, most similar first.")
+    st.caption(
+        "Rows: feature layers (shallow → deep). Columns: the top neighbours, most similar first; "
+        "★ = the matched training subject."
+    )
     k = max(len(v) for v in ev.layers.values())
     for layer, neigh in ev.layers.items():
-        cols = st.columns([1.2, *([2] * k)])
+        cols = st.columns([1.1, *([2] * k)], vertical_alignment="center")
         sim_col = f"sim_{layer}"
         cols[0].markdown(f"**{layer}**")
         if sim_col in row:
             cols[0].caption(f"layer similarity {float(row[sim_col]):.4f}")
         for j, nb in enumerate(neigh):
-            mark = " ★" if nb["subject_id"] == row["nearest_train_subject"] else ""
-            _img(
-                cols[j + 1],
-                nb["image"],
-                f"#{j + 1} · {nb['subject_id']} slice {nb['slice_index']} · sim {nb['similarity']:.4f}{mark}",
-                view,
-            )
+            nsubj, npos, nn = entry.train_position(nb["train_index"])
+            who = "★" if nsubj == row["nearest_train_subject"] else nsubj
+            _img(cols[j + 1], nb["image"], f"#{j + 1} · sim {nb['similarity']:.4f} · {who} {npos}/{nn}", view)
+    subject_scroll(entry, row, ev, view)
 
 
-def subject_scroll(r: Any, row: Any, ev: Any, view: dict[str, Any]) -> None:
+def subject_scroll(entry: Entry, row: Any, ev: Any, view: dict[str, Any]) -> None:
     """Scroll through the matched training subject's slices next to the synthetic slice."""
+    r = entry.result
     subj = str(row["nearest_train_subject"])
     idx = r.subject_slices(subj) if subj else []
-    st.markdown(f"**Scroll through training subject {subj or '—'}**")
+    st.subheader(f"Scroll through training subject {subj or '—'}")
     if not idx:
         st.caption("No matched training subject.")
         return
     matched = int(row["nearest_train_index"]) if "nearest_train_index" in row else idx[0]
     start = idx.index(matched) if matched in idx else 0
+    pos = start
     if len(idx) > 1:
         pos = (
             st.slider(
-                f"slice of {subj} ({len(idx)} slices; matched: position {start + 1})",
+                f"Slice of {subj}: {len(idx)} slices, the matched one is {start + 1}",
                 1,
                 len(idx),
                 start + 1,
@@ -611,20 +631,20 @@ def subject_scroll(r: Any, row: Any, ev: Any, view: dict[str, Any]) -> None:
             )
             - 1
         )
-    else:
-        pos = 0
-    ti = idx[pos]
     flip = ev.transform.get("flip", "none") if ev.transform else "none"
-    sl = r.train[ti]
-    c1, c2 = st.columns(2)
-    _img(c1, ev.synthetic, "synthetic", view)
-    rel = "matched slice" if ti == matched else f"{pos - start:+d} from the matched slice"
-    arr = ui.apply_flip(np.asarray(sl.array), flip)
-    if arr.shape != ev.synthetic.shape:
-        from PIL import Image
-
-        arr = np.asarray(Image.fromarray(arr.astype(np.float32)).resize(ev.synthetic.shape[::-1]))
-    _img(c2, arr, f"{subj} slice {sl.slice_index} ({rel})", view)
+    if flip not in ("none", "id", ""):
+        st.caption(f"Shown in the matched view ({flip}), like the neighbours above.")
+    window = [p for p in range(pos - 2, pos + 3) if 0 <= p < len(idx)]
+    cols = st.columns(6)
+    _img(cols[0], ev.synthetic, "synthetic", view)
+    for c, p in zip(cols[1:], window, strict=False):
+        arr = ui.apply_flip(np.asarray(r.train[idx[p]].array), flip)
+        tags = []
+        if p == pos:
+            tags.append("▶ selected")
+        if idx[p] == matched:
+            tags.append("matched")
+        _img(c, arr, f"slice {p + 1}/{len(idx)}" + (f" ({', '.join(tags)})" if tags else ""), view)
 
 
 def review_form(r: Any, row: Any, store: ReviewStore | None, latest: dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 Nothing here computes a score. Every number the app shows comes from
 :class:`~inspector.result.AuditResult` (``flagged_at``, ``threshold_for``, ``summary_counts``,
 ``roc``, ``confusion_at``, ``pair``); this module only turns those numbers and arrays into
-pictures, text and tables. It imports no Streamlit, so it is unit-testable on its own.
+pictures, text and tables. Only :func:`audit_store` touches Streamlit (imported on first use), so the
+rest is unit-testable on its own.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,8 @@ import pandas as pd
 
 __all__ = [
     "ALPHAS",
+    "AuditEntry",
+    "audit_store",
     "EXTRACTORS",
     "MODES",
     "InputPathError",
@@ -77,6 +81,66 @@ _STAGES: tuple[tuple[str, str], ...] = (
 
 class InputPathError(FileNotFoundError):
     """A cohort path typed into the app does not exist (the message names every place looked at)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The app's result cache
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditEntry:
+    """A finished audit held in memory by the app.
+
+    Attributes
+    ----------
+    result : AuditResult
+    seconds : float
+        Wall time of the audit call.
+    pairs : dict of int to PairEvidence
+        ``result.pair(i)`` already looked at.
+    """
+
+    result: Any
+    seconds: float
+    pairs: dict[int, Any] = field(default_factory=dict)
+    positions: dict[str, dict[int, int]] = field(default_factory=dict)
+
+    def train_position(self, train_index: int) -> tuple[str, int, int]:
+        """``(subject, position, n)``: a training slice by its pseudonymous subject and its 1-based position
+        among that subject's slices (``AuditResult.subject_slices`` order), never by file name, which
+        could carry a patient's name."""
+        subj = self.result.train[int(train_index)].subject_id
+        if subj not in self.positions:
+            self.positions[subj] = {t: i for i, t in enumerate(self.result.subject_slices(subj))}
+        pos = self.positions[subj]
+        return subj, pos.get(int(train_index), 0) + 1, len(pos)
+
+    def train_label(self, train_index: int) -> str:
+        """``"<subject> · slice 12/40"`` (see :meth:`train_position`)."""
+        subj, p, n = self.train_position(train_index)
+        return f"{subj} · slice {p}/{n}"
+
+
+def _new_store() -> dict[str, AuditEntry]:
+    return {}
+
+
+_store_fn: Callable[[], dict[str, AuditEntry]] | None = None
+
+
+def audit_store() -> dict[str, AuditEntry]:
+    """The app's process-wide audit results, keyed by inputs + their file state + config.
+
+    An ``st.cache_resource`` (Streamlit is imported on first use), so it survives reruns and is
+    shared by sessions; ``st.cache_resource.clear()`` empties it.
+    """
+    global _store_fn
+    if _store_fn is None:
+        import streamlit as st
+
+        _store_fn = st.cache_resource(show_spinner=False)(_new_store)
+    return _store_fn()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -414,6 +478,7 @@ def histogram_figure(
     null_kind: str = "null",
     alpha: float | None = None,
     flagged: np.ndarray | None = None,
+    log_gap: bool = False,
 ) -> Any:
     """Overlaid histograms of the synthetic similarities and the null, with the flag threshold.
 
@@ -431,6 +496,9 @@ def histogram_figure(
         For the threshold's label.
     flagged : np.ndarray of bool, shape (m,), optional
         ``AuditResult.flagged_at(alpha)``; flagged synthetic slices are drawn as their own series.
+    log_gap : bool
+        Plot ``log10(1 - similarity)`` (floored at 1e-7) with the axis reversed, so that values piled
+        up near 1 spread out; copies stay on the right. For similarities that are at most 1.
 
     Returns
     -------
@@ -440,6 +508,16 @@ def histogram_figure(
 
     syn = np.asarray(synthetic, np.float64)
     nul = np.asarray(null, np.float64)
+    label = f"threshold at α = {format_alpha(alpha)}" if alpha is not None else "threshold"
+    if math.isfinite(threshold):
+        label += f": {threshold:.4f}"
+    if log_gap:
+
+        def gap(x: np.ndarray) -> np.ndarray:
+            return np.log10(np.clip(1.0 - x, 1e-7, None))
+
+        syn, nul = gap(syn), gap(nul)
+        threshold = float(gap(np.array([threshold]))[0]) if math.isfinite(threshold) else threshold
     both = np.concatenate([syn[np.isfinite(syn)], nul[np.isfinite(nul)]])
     lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
     span = hi - lo if hi > lo else 1.0
@@ -489,18 +567,22 @@ def histogram_figure(
             )
         )
     if math.isfinite(threshold):
-        label = f"threshold at α = {format_alpha(alpha)}" if alpha is not None else "threshold"
         fig.add_vline(
             x=threshold,
             line_dash="dash",
             line_color="#d62728",
             line_width=2,
-            annotation_text=f"{label}: {threshold:.4f}",
+            annotation_text=label,
             annotation_position="top left",
         )
     fig.update_layout(
         barmode="overlay",
-        xaxis_title="similarity to the nearest training slice (higher = more like a copy)",
+        xaxis_title=(
+            "log10(1 − similarity), reversed (right = more like a copy)"
+            if log_gap
+            else "similarity to the nearest training slice (higher = more like a copy)"
+        ),
+        xaxis={"autorange": "reversed"} if log_gap else {},
         yaxis_title="density",
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
         margin={"l": 10, "r": 10, "t": 60, "b": 10},
@@ -572,7 +654,13 @@ def _decision_of(latest: Mapping[str, Any], sha: str) -> str:
 
 
 def flagged_frame(
-    table: pd.DataFrame, flags: np.ndarray, latest: Mapping[str, Any], n_layers: int, *, include_all: bool = False
+    table: pd.DataFrame,
+    flags: np.ndarray,
+    latest: Mapping[str, Any],
+    n_layers: int,
+    *,
+    include_all: bool = False,
+    train_labels: Callable[[int], str] | None = None,
 ) -> pd.DataFrame:
     """The flagged list: one row per flagged synthetic slice (or every slice), for display.
 
@@ -588,6 +676,9 @@ def flagged_frame(
         Number of feature layers (for the consensus column ``k/L``).
     include_all : bool
         Every synthetic slice, not only the flagged ones.
+    train_labels : callable, optional
+        ``train_index -> label`` for the matched training slice (e.g. :meth:`AuditEntry.train_label`);
+        default: the slice index in its source file.
 
     Returns
     -------
@@ -607,10 +698,15 @@ def flagged_frame(
     cons = rows["layer_consensus"] if "layer_consensus" in rows else pd.Series(0, index=rows.index)
     out["consensus"] = [f"{int(c)}/{n_layers}" for c in cons]
     out["matched_subject"] = rows["nearest_train_subject"].astype(str)
-    out["matched_slice"] = rows["nearest_train_slice"].astype(int)
+    if train_labels is not None and "nearest_train_index" in rows:
+        out["matched_slice"] = [train_labels(int(t)) if int(t) >= 0 else "" for t in rows["nearest_train_index"]]
+        out["matched_slice"] = out["matched_slice"].astype(object)
+    else:
+        out["matched_slice"] = rows["nearest_train_slice"].astype(int)
     if "margin" in rows:
         out["margin"] = rows["margin"].astype(float)
-    out["flagged"] = flags if include_all else True
+    if include_all:
+        out["flagged"] = flags
     out["decision"] = [_decision_of(latest, s) for s in rows["sha256"]]
     if "label" in rows and rows["label"].notna().any():
         out["truth"] = rows["label"].fillna("").astype(str)
