@@ -541,3 +541,14 @@ def test_zscore_oni_formula():
     assert_allclose(oni, -np.tanh(mi), rtol=1e-12)
     mi_c, oni_c = zscore_oni([0.5, 0.7], np.full(5, 0.5))  # a constant null: sigma0 = 1e-4, no Inf
     assert np.isfinite(mi_c).all() and mi_c[0] == 0 and oni_c[1] == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("shape", [(30, 200), (200, 30), (50, 50)])
+def test_ledoit_wolf_shrinkage_matches_sklearn(shape):
+    from sklearn.covariance import ledoit_wolf_shrinkage as sk_lw
+
+    from inspector.scores import ledoit_wolf_shrinkage
+
+    x = np.random.default_rng(3).normal(size=shape) * np.linspace(0.1, 3, shape[1])
+    xc = x - x.mean(0)
+    assert_allclose(ledoit_wolf_shrinkage(xc), sk_lw(xc, assume_centered=True), rtol=1e-9)
