@@ -10,7 +10,7 @@ import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
 import inspector
-from inspector.features import view_images
+from inspector.features import prepare_extractor, view_images
 from inspector.models import MriCoreConfig, SamImageEncoder, SslExtractor, get_extractor
 from inspector.types import Cohort, Slice
 
@@ -172,7 +172,7 @@ def test_ssl_trained_on_a_given_training_cohort(tmp_path):
     assert fs.fingerprint == ft.fingerprint  # the same weights, loaded from the weight cache
     assert len(list((tmp_path / "ssl").glob("*.pt"))) == 1
     with pytest.raises(ValueError, match="pass train="):
-        inspector.features.prepare_extractor("ssl", None, cache_dir=tmp_path)
+        prepare_extractor("ssl", None, cache_dir=tmp_path)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
