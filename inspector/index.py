@@ -4,21 +4,23 @@ Design
 ------
 * **Candidates from faiss, answers from exact arithmetic.** faiss (``faiss.knn`` on the CPU, which is the kernel
   behind ``IndexFlatIP.search`` without copying the base into an index; ``GpuIndexFlatIP`` on a GPU; an
-  ``IVF,SQ8`` index in approximate mode) proposes a candidate set per query. Every candidate is re-scored in
-  float64 from the float32 (normalised) vectors and the top ``k`` are selected with ties broken by the lower base
-  index. Similarities are therefore identical across devices, chunk sizes and thread counts, and duplicated base
-  rows always come out lowest index first.
+  ``IVF,SQ8`` index in approximate mode) proposes a candidate set per query. The candidates that can still reach
+  the top ``k`` are re-scored in float64 from the float32 (normalised) vectors, rounded to float32 (the returned
+  precision), and the top ``k`` are selected with equal values ordered by lower base index. Similarities are
+  therefore the same across devices, chunk sizes and thread counts, and duplicated base rows always come out
+  lowest index first.
 * **Exact means exact, ties included.** In exact mode a query's answer is accepted only when its ``k``-th
   similarity beats the weakest faiss candidate by more than faiss' float32 rounding bound; otherwise (near-ties at
   the boundary, e.g. many identical training slices) the search is repeated with twice the candidates and, past
-  :data:`_FAISS_MAX_K`, by a blocked float64 brute force. The result equals a float64 brute force.
+  :data:`_FAISS_MAX_K`, by a blocked float64 brute force. The result equals a float64 brute force (up to the
+  last bit of float64 summation order).
 * **Leave-one-subject-out.** With groups, a query asks for ``k`` + (size of its own group in the base) + slack
   candidates and drops its own group, so exclusion stays correct when a group is larger than ``k``; queries are
   bucketed by that size so a large group does not slow the others down.
 * **Bounded memory.** Queries are processed ``chunk_size`` rows at a time; no ``m x n`` matrix is ever formed.
 
-Settings for the approximate index (:data:`APPROX_MIN_PAIRS`, :data:`APPROX_MIN_BASE`, :data:`DEFAULT_NPROBE`)
-come from ``python -m benchmarks.bench_index``.
+The exact -> approximate switch (:data:`APPROX_MIN_PAIRS`, :data:`APPROX_MIN_BASE`, :data:`APPROX_MIN_QUERIES`)
+and :data:`DEFAULT_NPROBE` come from ``python -m benchmarks.bench_index``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from sklearn.exceptions import NotFittedError
 __all__ = [
     "APPROX_MIN_BASE",
     "APPROX_MIN_PAIRS",
+    "APPROX_MIN_QUERIES",
     "DEFAULT_NPROBE",
     "DeviceUnavailableError",
     "IndexInputError",
@@ -52,18 +55,24 @@ log = logging.getLogger(__name__)
 METRICS = ("cosine", "ip")
 
 # Exact -> approximate switch, measured with `python -m benchmarks.bench_index` on the 2-core AMD EPYC (KVM)
-# development machine, clustered data, d = 256, k = 10, medians of 3 runs (see the report / RESULTS.md):
-#   m = n = 10k : exact 0.43 s, approximate (IVF-SQ8 build + search) 0.40 s  -> no gain, keep exact
-#   m = n = 30k : exact 3.2 s,  approximate 1.6 s, recall@10 0.997          -> 2x
-#   m = n = 100k: exact 36 s,   approximate 9.0 s, recall@10 0.998          -> 4x
-# Exact costs m*n*d, approximate costs ~n*d (k-means training, adding) + m*(n*nprobe/nlist)*d, so the gain grows
-# with m*n. Approximate pays off from ~1e9 query-base pairs (about 30k x 30k); below that exact answers are cheap
-# enough that we keep them. It also needs a base large enough to cluster.
-APPROX_MIN_PAIRS = 1_000_000_000
+# development machine, which other jobs shared at the time (load average 4-9, so absolute times are several times a
+# quiet run; the ratios measured in the same run are what matter). Clustered data, d = 256, k = 10, m = n, medians:
+#   m = n =   1k: exact  0.11 s, approximate (IVF-SQ8 build + search + exact re-rank)  0.52 s -> 0.2x
+#   m = n =  10k: exact  3.3 s,  approximate  4.3 s -> 0.8x (0.8x-1.2x with 100-subject leave-one-out)
+#   m = n =  20k: exact  9.7 s,  approximate  8.3 s -> 1.2x, recall@10 1.000
+#   m = n =  30k: exact 25.9 s,  approximate  8.4 s -> 3.1x, recall@10 1.000
+#   m = n = 100k: exact  267 s,  approximate 63 s   -> 4.2x, recall@10 0.9999
+# Exact costs ~m*n*d; approximate costs a build that grows with n (k-means on up to 64 * 4 sqrt(n) rows, adding n
+# rows) plus m * (n * nprobe / nlist) * d, so it only pays when both m and n are large. Below ~20k x 20k it wins
+# nothing (and loses exactness); from 30k x 30k it is 3x faster. We switch at 5e8 query-base pairs with at least
+# 20k queries and 20k base rows: few queries against a huge base stay exact (the build would dominate).
+APPROX_MIN_PAIRS = 500_000_000
 APPROX_MIN_BASE = 20_000
+APPROX_MIN_QUERIES = 20_000
 
-# IVF lists probed per query. nlist ~ 4 sqrt(n) (1264 lists at n = 100k): nprobe = 32 scans ~2.5 % of the base and
-# gave recall@10 >= 0.99 on clustered data at 10k-100k in the benchmark (after exact re-ranking).
+# IVF lists probed per query. nlist ~ 4 sqrt(n) (1265 lists at n = 100k): nprobe = 32 scans ~2.5 % of the base and
+# gave recall@10 >= 0.9999 on the benchmark's clustered data at 10k-100k (after exact re-ranking). On much harder data
+# (heavily overlapping clusters, top-1 cosine ~0.33) a trial run at 100k gave ~0.93; raise nprobe there.
 DEFAULT_NPROBE = 32
 # Approximate mode retrieves this many times k candidates (SQ8 codes) and re-ranks them exactly.
 DEFAULT_RERANK_FACTOR = 4
@@ -281,8 +290,8 @@ class NeighbourIndex:
     metric : {"cosine", "ip"}
         ``"cosine"`` L2-normalises rows internally (zero rows are an error); ``"ip"`` uses the vectors as given.
     exact : bool or None
-        ``None`` chooses exact search unless the search is large (``m * n >= APPROX_MIN_PAIRS`` and
-        ``n >= APPROX_MIN_BASE``); ``True``/``False`` force it.
+        ``None`` chooses exact search unless the search is large (``m * n >= APPROX_MIN_PAIRS``,
+        ``n >= APPROX_MIN_BASE`` and ``m >= APPROX_MIN_QUERIES``); ``True``/``False`` force it.
     device : str
         ``"auto"`` (GPU faiss when faiss-gpu and a CUDA GPU are present, else CPU), ``"cpu"``, ``"cuda"``,
         ``"cuda:N"``.
@@ -415,7 +424,7 @@ class NeighbourIndex:
     def _use_exact(self, m: int) -> bool:
         if self.exact is not None:
             return bool(self.exact)
-        return not (self.n_ >= APPROX_MIN_BASE and m * self.n_ >= APPROX_MIN_PAIRS)
+        return not (self.n_ >= APPROX_MIN_BASE and m >= APPROX_MIN_QUERIES and m * self.n_ >= APPROX_MIN_PAIRS)
 
     # -- search --------------------------------------------------------------------------------------------------
 
@@ -497,7 +506,7 @@ class NeighbourIndex:
             want = kk + own + max(kk, _MIN_SLACK)
         else:
             want = self.rerank_factor * kk + own
-        # candidates per row, rounded up to a power of two so that rows with similar needs share a faiss call
+        # candidates per row, rounded up on a coarse grid so that rows with similar needs share a faiss call
         kprime = _bucket(want)
         approx = np.full(r, not exact)
         pending = np.arange(r)
@@ -526,7 +535,7 @@ class NeighbourIndex:
                         cand,
                         None if codes is None else codes[rows],
                         kk,
-                        dist=None if use_approx else dist,
+                        dist,
                         tol=None if use_approx else tol[rows],
                     )
                     out_s[rows], out_i[rows] = rs, ri
@@ -544,7 +553,8 @@ class NeighbourIndex:
                     ok = (nvalid >= kk) & (rs[:, kk - 1] > dmin + tol[rows])
                     bad = rows[~ok]
                     kprime[bad] = np.minimum(kprime[bad] * 2, max(n, 1))
-                    # once faiss would have to return everything, the dense path is the cheaper exact answer
+                    # once faiss would have to return the whole base: a complete faiss search if n <= _FAISS_MAX_K
+                    # (kp is clipped to n above), else the blocked brute force
                     kprime[bad] = np.where(kprime[bad] >= n, _FAISS_MAX_K + 1, kprime[bad])
                     retry.append(bad)
             pending = np.concatenate(retry) if retry else np.empty(0, dtype=np.int64)
@@ -567,14 +577,15 @@ class NeighbourIndex:
         cand: np.ndarray,
         codes: np.ndarray | None,
         kk: int,
-        dist: np.ndarray | None = None,
-        tol: np.ndarray | None = None,
+        dist: np.ndarray,
+        tol: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Exact scores of the candidates, own group dropped, top ``kk`` with index tie-break.
 
         Scores are float64 dot products of the float32 vectors, rounded to float32 (the returned precision, on
-        which ties are defined). With exact faiss distances ``dist`` and their rounding bound ``tol``, only the
-        candidates that can still reach the top ``kk`` (``dist >= kk-th valid dist - 2 tol``) are re-scored.
+        which ties are defined). With exact faiss scores ``dist`` and their rounding bound ``tol``, only the
+        candidates that can still reach the top ``kk`` (``dist >= kk-th valid dist - 2 tol``) are re-scored; with
+        approximate scores (``tol=None``), the best ``rerank_factor * kk`` valid candidates are.
 
         Returns
         -------
@@ -587,10 +598,16 @@ class NeighbourIndex:
             valid &= self._base_codes[np.maximum(cand, 0)] != codes[:, None]
         nvalid = valid.sum(axis=1)
         score = valid
-        if dist is not None and tol is not None and c > kk:
+        if tol is not None and c > kk:
             dv = np.where(valid, dist.astype(np.float64), -np.inf)
             dkk = -np.partition(-dv, kk - 1, axis=1)[:, kk - 1]  # kk-th largest valid faiss value (-inf if short)
             score = valid & (dv >= (dkk - 2.0 * tol)[:, None])
+        elif tol is None and c > self.rerank_factor * kk:
+            # approximate scores: re-rank the best rerank_factor * kk valid candidates (more only on exact ties)
+            nk = self.rerank_factor * kk
+            dv = np.where(valid, dist.astype(np.float64), -np.inf)
+            dth = -np.partition(-dv, nk - 1, axis=1)[:, nk - 1]
+            score = valid & (dv >= dth[:, None])
         sims = np.full((r, c), -np.inf)
         rr, cc = np.nonzero(score)
         step = max(1, _ELEM_BUDGET // (4 * self.d_))
@@ -663,8 +680,9 @@ def knn(
     query_groups, base_groups : (m,) and (n,) arrays of hashables, optional
         Give both to exclude, for every query row, the base rows of its own group (leave-one-subject-out).
     exact : bool or None
-        ``None``: exact search unless ``m * n >= APPROX_MIN_PAIRS`` and ``n >= APPROX_MIN_BASE`` (then an
-        IVF-SQ8 index proposes ``4 k`` candidates that are re-ranked exactly); ``True``/``False`` force it.
+        ``None``: exact search unless ``m * n >= APPROX_MIN_PAIRS``, ``n >= APPROX_MIN_BASE`` and
+        ``m >= APPROX_MIN_QUERIES`` (then an IVF-SQ8 index proposes candidates and the best ``4 k`` are re-ranked
+        exactly); ``True``/``False`` force it.
     device : str
         ``"auto"`` (GPU faiss if faiss-gpu and a CUDA GPU are present, else CPU), ``"cpu"``, ``"cuda"``,
         ``"cuda:N"``.

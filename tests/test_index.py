@@ -288,6 +288,10 @@ def test_auto_switches_to_approximate_past_the_threshold(monkeypatch):
     assert small._ivf is None  # 40 x 500 pairs: exact
     monkeypatch.setattr(index_mod, "APPROX_MIN_PAIRS", 1000)
     monkeypatch.setattr(index_mod, "APPROX_MIN_BASE", 100)
+    monkeypatch.setattr(index_mod, "APPROX_MIN_QUERIES", 10)
+    few = NeighbourIndex().fit(b)
+    few.search(q[:5], 5)
+    assert few._ivf is None  # 5 queries: the index build would dominate, stays exact
     big = NeighbourIndex().fit(b)
     sims, idx = big.search(q, 5)
     assert big._ivf is not None
