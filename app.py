@@ -533,7 +533,7 @@ def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dic
     st.caption("Neighbours are shown in the synthetic slice's view (a flipped match is flipped back).")
 
     with st.container(border=True):
-        k1, k2, k3, k4, k5 = st.columns([2, 2, 3, 2, 2])
+        k1, k2, k3, k6, k4, k5 = st.columns([2, 2, 3, 1.4, 2, 2])
         low = k1.slider("Window low", 0.0, 1.0, 0.0, 0.01, key="win_low")
         high = k2.slider("Window high", 0.0, 1.0, 1.0, 0.01, key="win_high")
         mix = k3.slider(
@@ -546,6 +546,14 @@ def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dic
             format="%d %%",
             help="0 % shows the synthetic slice, 100 % the aligned training slice.",
         )
+        gain = k6.selectbox(
+            "Difference gain",
+            (1, 2, 4, 8),
+            index=2,
+            key="diff_gain",
+            format_func=lambda g: f"×{g}",
+            help="Magnifies the difference map: yellow = a difference of window width / gain.",
+        )
         size = k4.select_slider("Display size", (128, 192, 256, 320, 384, 512), 256, key="disp_size")
         resample = k5.radio("Upscaling", ("nearest", "bilinear"), key="resample", horizontal=True)
     if high <= low:
@@ -553,41 +561,36 @@ def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dic
         low, high = 0.0, 1.0
     view = {"low": low, "high": high, "size": size, "resample": resample}
 
-    main_col, review_col = st.columns([4, 1.25], gap="medium")
-    with review_col:
-        review_form(r, row, store, latest)
+    top = st.columns(4)
+    _img(top[0], ev.synthetic, f"synthetic · {row['synthetic_path']}#{int(row['slice_index'])}", view)
+    if ev.aligned is not None:
+        _img(top[1], ev.aligned, f"aligned training · {entry.train_label(ev.transform['train_index'])}", view)
+        _img(
+            top[2],
+            ev.difference,
+            f"|synthetic − aligned| ×{gain}: black = identical, yellow ≥ {(high - low) / gain:.3g}",
+            {**view, "high": low + (high - low) / gain},
+            diff=True,
+        )
+        _img(
+            top[3],
+            ui.blend(ev.synthetic, ev.aligned, mix / 100),
+            f"before/after: {100 - mix} % synthetic + {mix} % aligned",
+            view,
+        )
+    else:
+        first = next(iter(ev.layers.values()))[0]
+        _img(top[1], first["image"], f"nearest training · {entry.train_label(first['train_index'])}", view)
+        top[2].info("Paper mode keeps no registration: no aligned difference map. The blend uses the nearest slice.")
+        _img(
+            top[3],
+            ui.blend(ev.synthetic, first["image"], mix / 100),
+            f"before/after: {100 - mix} % synthetic + {mix} % nearest",
+            view,
+        )
+    review_form(r, row, store, latest)
     dec = latest.get(sha)
     decision_ph.metric("Decision", dec.decision if dec is not None else "—")
-    with main_col:
-        top = st.columns(4)
-        _img(top[0], ev.synthetic, f"synthetic · {row['synthetic_path']}#{int(row['slice_index'])}", view)
-        if ev.aligned is not None:
-            _img(top[1], ev.aligned, f"aligned training · {entry.train_label(ev.transform['train_index'])}", view)
-            _img(
-                top[2],
-                ev.difference,
-                f"|synthetic − aligned|: black = identical, yellow ≥ {high - low:.2f}",
-                view,
-                diff=True,
-            )
-            _img(
-                top[3],
-                ui.blend(ev.synthetic, ev.aligned, mix / 100),
-                f"before/after: {100 - mix} % synthetic + {mix} % aligned",
-                view,
-            )
-        else:
-            first = next(iter(ev.layers.values()))[0]
-            _img(top[1], first["image"], f"nearest training · {entry.train_label(first['train_index'])}", view)
-            top[2].info(
-                "Paper mode keeps no registration: no aligned difference map. The blend uses the nearest slice."
-            )
-            _img(
-                top[3],
-                ui.blend(ev.synthetic, first["image"], mix / 100),
-                f"before/after: {100 - mix} % synthetic + {mix} % nearest",
-                view,
-            )
 
     st.subheader("Nearest training slices at every feature layer")
     st.caption(
@@ -596,7 +599,7 @@ def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dic
     )
     k = max(len(v) for v in ev.layers.values())
     for layer, neigh in ev.layers.items():
-        cols = st.columns([1.1, *([2] * k)], vertical_alignment="center")
+        cols = st.columns([1.1, *([2] * k)], vertical_alignment="top")
         sim_col = f"sim_{layer}"
         cols[0].markdown(f"**{layer}**")
         if sim_col in row:
@@ -651,24 +654,24 @@ def review_form(r: Any, row: Any, store: ReviewStore | None, latest: dict[str, A
     """Record a decision for the pair; confirm only after the database has committed it."""
     sha = str(row["sha256"])
     slice_key = f"{row['synthetic_path']}#{int(row['slice_index'])}"
-    st.markdown("**Review this pair**")
     if store is None:
         st.caption("No usable reviews database; set one in the sidebar.")
         return
     current = latest.get(sha)
     with st.form(f"review_{sha[:16]}", border=True):
-        decision = st.radio(
+        st.markdown("**Review this pair**")
+        c1, c2, c3, c4 = st.columns([3, 4, 2, 1.3], vertical_alignment="bottom")
+        decision = c1.radio(
             "Decision",
             DECISIONS,
             index=DECISIONS.index(current.decision) if current is not None else None,
             key=f"dec_{sha[:16]}",
             horizontal=True,
         )
-        comment = st.text_area(
-            "Comment", current.comment if current is not None else "", key=f"com_{sha[:16]}", height=80
-        )
-        reviewer = st.text_input("Reviewer name", key="reviewer_name")
-        submitted = st.form_submit_button("Save decision", type="primary", key="save_decision")
+        comment = c2.text_input("Comment", current.comment if current is not None else "", key=f"com_{sha[:16]}")
+        reviewer = c3.text_input("Reviewer name", key="reviewer_name")
+        with c4:
+            submitted = st.form_submit_button("Save decision", type="primary", key="save_decision", width="stretch")
     if submitted:
         if decision is None:
             st.warning("Choose a decision first.")
@@ -747,26 +750,35 @@ def export_page(entry: Entry, store: ReviewStore | None, reviews_db: str) -> Non
     if importlib.util.find_spec("inspector.report") is None:
         st.info("The HTML release report is not available in this installation.")
         return
-    out_dir = Path(reviews_db).expanduser().parent / f"audit_{r.audit_id[:12]}"
-    signer = st.text_input("Signed off by (optional)", key="signoff_name")
-    if st.button("Save the audit and build the report", key="build_report"):
-        try:
-            from inspector.report import write_report
+    import inspector.report as report
 
+    out_dir = Path(reviews_db).expanduser().parent / f"audit_{r.audit_id[:12]}"
+    st.caption(f"Saves the audit folder to {out_dir} and writes report.html into it.")
+    with st.form("report_form", border=True):
+        sign = st.checkbox("Record a release sign-off in the report", key="so_enable")
+        c1, c2, c3 = st.columns(3)
+        signer = c1.text_input("Signed off by", key="so_signer")
+        role = c2.text_input("Role", "privacy officer", key="so_role")
+        decision = c3.selectbox("Release decision", report.SIGNOFF_DECISIONS, key="so_decision")
+        reason = st.text_input("Reason (required while flagged pairs are unreviewed)", key="so_reason")
+        build = st.form_submit_button("Save the audit and build the report", type="primary", key="build_report")
+    if build:
+        try:
+            signoff = report.SignOff(signer=signer, role=role, decision=decision, reason=reason) if sign else None
             with st.spinner("Writing the audit folder and the report"):
                 r.save(out_dir)
-                html = out_dir / "report.html"
-                kwargs: dict[str, Any] = {"reviews": store.path if store is not None else None}
-                if signer.strip():
-                    kwargs["signoff"] = signer.strip()
-                write_report(out_dir, html, **kwargs)
+                html = report.write_report(
+                    out_dir, out_dir / "report.html", reviews=store.path if store is not None else None, signoff=signoff
+                )
             st.session_state["report_path"] = str(html)
+        except (report.SignOffError, report.AuditFolderError, ValueError, OSError) as e:
+            st.error(f"The report was not written: {e}")
         except Exception as e:  # noqa: BLE001 - shown, not raised
             log.exception("report failed")
-            st.error(f"The report could not be written ({type(e).__name__}: {e}).")
+            st.error(f"The report could not be written ({type(e).__name__}: {e}). The server log has the details.")
     path = st.session_state.get("report_path")
     if path and Path(path).is_file() and Path(path).parent == out_dir:
-        st.success(f"Audit saved to {out_dir}")
+        st.success(f"Audit saved to {out_dir}; report written to {path}.")
         st.download_button(
             "Download report.html",
             Path(path).read_bytes(),

@@ -221,7 +221,7 @@ def test_a_decision_is_stored_and_found_again_in_a_fresh_session(ran):
     i = int(at.session_state["pair_index"])
     sha = str(r.table.loc[i, "sha256"])
     at.radio(key=f"dec_{sha[:16]}").set_value("near copy")
-    at.text_area(key=f"com_{sha[:16]}").input("same sulci, slightly rotated")
+    at.text_input(key=f"com_{sha[:16]}").input("same sulci, slightly rotated")
     at.text_input(key="reviewer_name").input("Dr Test")
     at.button(key="save_decision").click().run()
     assert not at.exception
@@ -248,11 +248,21 @@ def test_a_decision_is_stored_and_found_again_in_a_fresh_session(ran):
     assert list(decisions["decision"]) == ["near copy"] and list(decisions["reviewer"]) == ["Dr Test"]
 
 
-def test_export_offers_scores_with_decisions(ran):
-    at = ran.at
+def test_export_offers_the_scores_and_writes_the_release_report(ran):
+    from inspector.report import verify_report
+
+    at, r = ran.at, ran.result
     go(at, "Export")
     labels = [b.label for b in at.get("download_button")]
-    assert "Download scores.csv (with decisions)" in labels and "Download subjects.csv" in labels
+    assert labels == ["Download scores.csv (with decisions)", "Download subjects.csv"]
+    at.button(key="build_report").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    html = Path(at.session_state["report_path"])
+    assert html.parent == ran.env.db.parent / f"audit_{r.audit_id[:12]}"
+    assert html.is_file() and verify_report(html)
+    saved = pd.read_csv(html.parent / "scores.csv")
+    assert len(saved) == len(r.table)
+    assert "Download report.html" in [b.label for b in at.get("download_button")]
 
 
 # ------------------------------------------------------------------------------------------------ errors
