@@ -131,8 +131,13 @@ def test_run_open_a_pair_and_record_a_decision(server):
             search.press("Enter")
             pick = page.get_by_role("combobox", name="Or choose a slice")
             expect(pick).to_have_value(re.compile(rf"^{re.escape(name)}#0 · similarity"), timeout=30_000)
-            page.get_by_role("button", name="Open pair").click()
+            # a click on the table row's selection box opens the pair (the grid is a canvas: click by position;
+            # Streamlit's rows and header are 35 px high, the selection column 32 px wide)
+            grid = page.get_by_test_id("stDataFrame").bounding_box()
+            page.mouse.click(grid["x"] + 16, grid["y"] + 35 + 17)
             page.get_by_text("Nearest training slices at every feature layer").wait_for(timeout=60_000)
+            opened = page.get_by_role("combobox", name=re.compile("^Flagged pair")).input_value()
+            assert opened.startswith(f"{name}#0 · similarity"), opened
             assert page.get_by_test_id("stExpander").filter(has_text="History").count() == 0
 
             # record a decision; the UI confirms only after the database has it
