@@ -1,0 +1,843 @@
+"""Alignment-verified re-ranking: register candidate training slices onto synthetic slices.
+
+Each pair (synthetic slice = *fixed*, training candidate = *moving*) is registered with a similarity
+transform (rotation, isotropic scale, shift), after an optional flip of the moving image, and scored by
+normalised cross-correlation (NCC) over the aligned overlap. A copy (even rotated, shifted, cropped,
+flipped, noisy or intensity-changed) aligns to its source almost perfectly; a different slice of the same
+subject a few millimetres away does not.
+
+The search is batched over pairs in torch (CUDA when present) and has three stages:
+
+1. **Coarse grid** at ``coarse_size`` pixels: for every flip, angle and scale on a grid, the masked NCC
+   over *all* integer shifts within ``max_shift`` is computed at once with FFTs (Padfield's masked
+   correlation), so the best shift of each grid point comes for free. The best grid point per pair wins.
+2. **Refinement** by the enhanced correlation coefficient algorithm (ECC; Evangelidis & Psarakis 2008),
+   a Gauss-Newton maximisation of the (weighted, zero-mean) correlation coefficient with a closed-form
+   step, first at ``coarse_size`` and then at ``size`` pixels. The moving image's validity mask is warped
+   along and used as the weight, so zero padding is never scored. The best iterate per pair is kept, so
+   refinement never lowers the coarse score.
+3. **Score** of the final transform at ``size`` pixels with the chosen ``measure``.
+
+Transforms follow :func:`inspector.preprocess.affine_warp`: ``apply_alignment`` flips the moving image,
+then calls ``affine_warp(image, angle, shift, scale)``; the result lies in the fixed image's frame. The
+transform is expressed in normalised coordinates, so it applies at any resolution of the same field of
+view (the registration runs at ``size`` pixels, the app shows 128 or 256).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .preprocess import affine_warp
+
+__all__ = [
+    "FLIPS",
+    "MEASURES",
+    "Alignment",
+    "register_pairs",
+    "apply_alignment",
+    "apply_alignment_single",
+    "pair_ncc",
+    "score_alignment",
+    "canonical_flip",
+]
+
+log = logging.getLogger(__name__)
+
+#: Canonical flip names, applied to the moving image before the similarity transform.
+FLIPS: tuple[str, ...] = ("none", "hflip", "vflip", "hvflip")
+_FLIP_ALIASES: dict[str, str] = {
+    "none": "none",
+    "id": "none",
+    "identity": "none",
+    "h": "hflip",
+    "hflip": "hflip",
+    "v": "vflip",
+    "vflip": "vflip",
+    "hv": "hvflip",
+    "vh": "hvflip",
+    "hvflip": "hvflip",
+    "vhflip": "hvflip",
+}
+#: Scores of the final transform (see :func:`register_pairs`); the first is the default.
+MEASURES: tuple[str, ...] = ("poly_fg", "ncc_fg", "ncc", "grad")
+#: Foreground rule of the ``*_fg`` measures: above this fraction of the image's range over the overlap.
+FG_FRACTION = 0.05
+
+ProgressFn = Callable[[str, int, int], None]
+
+_EPS = 1e-8
+
+
+def canonical_flip(name: str) -> str:
+    """Canonical flip name for ``name`` (accepts the feature views ``id``/``hflip``/``vflip``/``hvflip``).
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a known flip.
+    """
+    key = str(name).strip().lower()
+    if key not in _FLIP_ALIASES:
+        raise ValueError(f"Unknown flip {name!r}; valid flips: {FLIPS} (aliases: {sorted(_FLIP_ALIASES)}).")
+    return _FLIP_ALIASES[key]
+
+
+@dataclass
+class Alignment:
+    """Best similarity transform and its verification score for each of N (fixed, moving) pairs.
+
+    Attributes
+    ----------
+    ncc : np.ndarray, shape (N,), float32 in [-1, 1]
+        The verification score after alignment: a normalised correlation over the aligned overlap (the
+        ``measure`` of :func:`register_pairs`). Higher means *more likely a copy*.
+    angle : np.ndarray, shape (N,), float32
+        Rotation in degrees (the ``angle_deg`` of :func:`inspector.preprocess.affine_warp`).
+    scale : np.ndarray, shape (N,), float32
+        Zoom factor (> 1 magnifies the moving image).
+    shift : np.ndarray, shape (N, 2), float32
+        ``(dx, dy)`` as a fraction of the field of view, same convention as ``affine_warp``.
+    flip : np.ndarray, shape (N,), object (str)
+        Flip applied to the moving image before the transform: ``none``, ``hflip``, ``vflip``, ``hvflip``.
+    overlap : np.ndarray, shape (N,), float32, optional
+        Fraction of the fixed frame covered by the aligned moving image.
+    """
+
+    ncc: np.ndarray
+    angle: np.ndarray
+    scale: np.ndarray
+    shift: np.ndarray
+    flip: np.ndarray
+    overlap: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.ncc = np.asarray(self.ncc, dtype=np.float32).reshape(-1)
+        n = self.ncc.shape[0]
+        self.angle = np.asarray(self.angle, dtype=np.float32).reshape(-1)
+        self.scale = np.asarray(self.scale, dtype=np.float32).reshape(-1)
+        self.shift = np.asarray(self.shift, dtype=np.float32).reshape(-1, 2)
+        self.flip = np.asarray([canonical_flip(f) for f in np.asarray(self.flip).reshape(-1)], dtype=object)
+        if self.overlap is not None:
+            self.overlap = np.asarray(self.overlap, dtype=np.float32).reshape(-1)
+        for name in ("angle", "scale", "shift", "flip", "overlap"):
+            arr = getattr(self, name)
+            if arr is not None and arr.shape[0] != n:
+                raise ValueError(f"Alignment.{name} has {arr.shape[0]} rows but ncc has {n}; all must match.")
+
+    def __len__(self) -> int:
+        return int(self.ncc.shape[0])
+
+    def transform(self, index: int) -> dict[str, Any]:
+        """The transform of pair ``index`` as the dict :func:`apply_alignment_single` takes."""
+        i = int(index)
+        return {
+            "flip": str(self.flip[i]),
+            "angle": float(self.angle[i]),
+            "scale": float(self.scale[i]),
+            "shift": [float(v) for v in self.shift[i]],
+            "ncc": float(self.ncc[i]),
+        }
+
+    def as_dict(self) -> dict[str, np.ndarray]:
+        """Plain arrays (``ncc``, ``angle``, ``scale``, ``shift``, ``flip`` and ``overlap`` when known)."""
+        out = {"ncc": self.ncc, "angle": self.angle, "scale": self.scale, "shift": self.shift, "flip": self.flip}
+        if self.overlap is not None:
+            out["overlap"] = self.overlap
+        return out
+
+    def take(self, index: np.ndarray | Sequence[int]) -> Alignment:
+        """A new :class:`Alignment` with the rows ``index`` (integer array or boolean mask)."""
+        idx = np.asarray(index)
+        return Alignment(
+            self.ncc[idx],
+            self.angle[idx],
+            self.scale[idx],
+            self.shift[idx],
+            self.flip[idx],
+            None if self.overlap is None else self.overlap[idx],
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Input handling
+# ----------------------------------------------------------------------------------------------
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu" or str(device).startswith("cuda"):
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available; use 'auto' or 'cpu'.")
+        return torch.device(device)
+    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:i]'; got {device!r}.")
+
+
+def _check_stack(arr: Any, name: str) -> np.ndarray:
+    x = np.asarray(arr)
+    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise TypeError(f"{name} must be a numeric array of shape (N, H, W); got dtype {x.dtype}.")
+    if x.ndim != 3:
+        raise ValueError(
+            f"{name} must have shape (N, H, W); got shape {x.shape}. Stack single images with np.stack or x[None]."
+        )
+    if min(x.shape[1:]) < 8:
+        raise ValueError(f"{name} images must be at least 8 x 8 pixels; got {x.shape[1:]}.")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).sum())
+        rows = np.unique(np.nonzero(~np.isfinite(x))[0])[:5].tolist()
+        raise ValueError(f"{name} holds {bad} NaN/Inf values (first rows {rows}); clean or normalise them first.")
+    return x
+
+
+def _check_flips(flips: Sequence[str] | np.ndarray | str | None, n: int) -> np.ndarray | None:
+    if flips is None:
+        return None
+    if isinstance(flips, str):
+        return np.full(n, canonical_flip(flips), dtype=object)
+    arr = np.asarray(flips, dtype=object).reshape(-1)
+    if arr.shape[0] != n:
+        raise ValueError(f"flips has {arr.shape[0]} entries but there are {n} pairs; give one flip per pair or None.")
+    return np.asarray([canonical_flip(f) for f in arr], dtype=object)
+
+
+def _to_square(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, H, W) -> (n, size, size): zero pad to a centred square (aspect kept), then resample."""
+    _, h, w = x.shape
+    if h != w:
+        m = max(h, w)
+        top, left = (m - h) // 2, (m - w) // 2
+        x = F.pad(x, (left, m - w - left, top, m - h - top))
+    if x.shape[-1] != size:
+        down = x.shape[-1] > size
+        x = F.interpolate(x[:, None], size=(size, size), mode="bilinear", align_corners=False, antialias=down)[:, 0]
+    return x.contiguous()
+
+
+def _flip_tensor(x: torch.Tensor, flip: str) -> torch.Tensor:
+    if flip == "hflip":
+        return x.flip(-1)
+    if flip == "vflip":
+        return x.flip(-2)
+    if flip == "hvflip":
+        return x.flip(-2, -1)
+    return x
+
+
+def _flip_each(x: torch.Tensor, flips: np.ndarray) -> torch.Tensor:
+    """Flip each image of (n, H, W) by its own flip name (one vectorised pass per flip kind)."""
+    out = x.clone()
+    for name in FLIPS[1:]:
+        sel = np.nonzero(flips == name)[0]
+        if sel.size:
+            idx = torch.as_tensor(sel, device=x.device)
+            out[idx] = _flip_tensor(x[idx], name)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Transform parameterisation
+# ----------------------------------------------------------------------------------------------
+# The sampling map from fixed-frame to moving-frame normalised coordinates is
+#     x_m = (1 + a) x - b y + tx,   y_m = b x + (1 + a) y + ty
+# which is exactly the ``theta`` of affine_warp with cos/s = 1 + a, sin/s = b, t = -A (2 shift).
+
+
+def _params_from_similarity(angle_deg: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    ang = angle_deg * (math.pi / 180.0)
+    c, s = torch.cos(ang) / scale, torch.sin(ang) / scale
+    sx, sy = -2.0 * shift[..., 0], -2.0 * shift[..., 1]
+    tx = c * sx - s * sy
+    ty = s * sx + c * sy
+    return torch.stack([c - 1.0, s, tx, ty], dim=-1)
+
+
+def _similarity_from_params(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    c, s, tx, ty = p[..., 0] + 1.0, p[..., 1], p[..., 2], p[..., 3]
+    det = (c * c + s * s).clamp_min(_EPS)
+    angle = torch.atan2(s, c) * (180.0 / math.pi)
+    scale = 1.0 / torch.sqrt(det)
+    # shift = -A^-1 t / 2 with A^-1 = [[c, s], [-s, c]] / det
+    dx = -(c * tx + s * ty) / det / 2.0
+    dy = -(-s * tx + c * ty) / det / 2.0
+    return angle, scale, torch.stack([dx, dy], dim=-1)
+
+
+def _grid(p: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampling grid (n, r, r, 2) of params (n, 4) over base coordinates X, Y (r, r); and the hard mask.
+
+    The mask is 1 where all four bilinear neighbours lie inside the moving image (no zero padding mixed in).
+    """
+    n, r = p.shape[0], X.shape[-1]
+    c = (p[:, 0] + 1.0)[:, None, None]
+    s = p[:, 1][:, None, None]
+    grid = torch.empty((n, r, r, 2), device=p.device, dtype=p.dtype)
+    xm, ym = grid[..., 0], grid[..., 1]
+    xm.copy_(X * c - Y * s + p[:, 2, None, None])
+    ym.copy_(X * s + Y * c + p[:, 3, None, None])
+    lim = 1.0 - 1.0 / r + 1e-5
+    mask = ((xm.abs() <= lim) & (ym.abs() <= lim)).to(p.dtype)
+    return grid, mask
+
+
+def _warp(x: torch.Tensor, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Warp (n, C, r, r) by params (n, 4), bilinear with zero fill; returns (n, C, r, r) and the mask (n, r, r)."""
+    X, Y = _base_coords(x.shape[-1], x.device, x.dtype)
+    grid, mask = _grid(p, X, Y)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False), mask
+
+
+def _base_coords(r: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised pixel-centre coordinates (align_corners=False): X varies along columns, Y along rows."""
+    t = (torch.arange(r, device=device, dtype=dtype) * 2.0 + 1.0) / r - 1.0
+    return t[None, :].expand(r, r), t[:, None].expand(r, r)
+
+
+def _gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Central-difference gradients of (..., r, r) in normalised-coordinate units (d/dx, d/dy)."""
+    r = x.shape[-1]
+    xp = F.pad(x.reshape(-1, 1, *x.shape[-2:]), (1, 1, 1, 1), mode="replicate").reshape(*x.shape[:-2], r + 2, r + 2)
+    gx = (xp[..., 1:-1, 2:] - xp[..., 1:-1, :-2]) * (r / 4.0)
+    gy = (xp[..., 2:, 1:-1] - xp[..., :-2, 1:-1]) * (r / 4.0)
+    return gx, gy
+
+
+def _weighted_ncc(f: torch.Tensor, g: torch.Tensor, w: torch.Tensor, dims: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
+    """Weighted Pearson correlation of f and g with weights w over ``dims``; 0 where undefined."""
+    sw = w.sum(dims, keepdim=True).clamp_min(_EPS)
+    fc = f - (w * f).sum(dims, keepdim=True) / sw
+    gc = g - (w * g).sum(dims, keepdim=True) / sw
+    num = (w * fc * gc).sum(dims)
+    vf = (w * fc * fc).sum(dims)
+    vg = (w * gc * gc).sum(dims)
+    den = torch.sqrt(vf * vg)
+    ok = (vf > 1e-10 * sw.reshape(vf.shape)) & (vg > 1e-10 * sw.reshape(vg.shape))
+    return torch.where(ok, num / den.clamp_min(1e-20), torch.zeros_like(num)).clamp(-1.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# ECC refinement (batched Gauss-Newton on the correlation coefficient)
+# ----------------------------------------------------------------------------------------------
+
+
+def _ecc_step(
+    fixed: torch.Tensor,
+    warped: torch.Tensor,
+    gx: torch.Tensor,
+    gy: torch.Tensor,
+    w: torch.Tensor,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One ECC step for the similarity warp, from one 7 x 7 Gram matrix per pair.
+
+    Parameters
+    ----------
+    fixed, warped, gx, gy : (B, P)
+        Fixed image, warped moving image and its warped gradients (d/dx, d/dy in normalised units),
+        flattened over P pixels.
+    w : (B, P)
+        Binary weights (validity mask of the warped moving image).
+    X, Y : (P,)
+        Normalised pixel-centre coordinates.
+
+    Returns
+    -------
+    rho : (B,) weighted correlation coefficient at the current warp (-1 where undefined).
+    dp : (B, 4) the ECC update of ``(a, b, tx, ty)`` (0 where no ascent step exists).
+    ok : (B,) bool, whether ``dp`` is a valid ECC step.
+    """
+    b, n_px = fixed.shape
+    rows = torch.empty((b, 7, n_px), device=fixed.device, dtype=fixed.dtype)
+    wgx, wgy = rows[:, 2], rows[:, 3]
+    torch.mul(w, gx, out=wgx)
+    torch.mul(w, gy, out=wgy)
+    torch.mul(wgx, X, out=rows[:, 0]).addcmul_(wgy, Y)  # J_a = gx X + gy Y
+    torch.mul(wgy, X, out=rows[:, 1]).addcmul_(wgx, Y, value=-1.0)  # J_b = gy X - gx Y
+    torch.mul(w, fixed, out=rows[:, 4])
+    torch.mul(w, warped, out=rows[:, 5])
+    rows[:, 6] = w
+    gram = torch.bmm(rows, rows.transpose(1, 2))  # w is binary, so w^2 = w: all weighted sums at once
+    sw = gram[:, 6, 6].clamp_min(1.0)
+    mean = gram[:, :, 6] / sw[:, None]
+    cov = gram - gram[:, :, 6:7] * mean[:, None, :]  # centred over the overlap
+    H = cov[:, :4, :4]
+    g_r, g_w = cov[:, :4, 4], cov[:, :4, 5]
+    rr, ww, rw = cov[:, 4, 4], cov[:, 5, 5], cov[:, 4, 5]
+    good = (rr > 1e-9 * sw) & (ww > 1e-9 * sw)
+    rho = torch.where(good, rw / torch.sqrt((rr * ww).clamp_min(1e-30)), torch.full_like(rw, -1.0)).clamp(-1.0, 1.0)
+    ridge = 1e-6 * H.diagonal(dim1=1, dim2=2).mean(-1).abs() + 1e-12
+    H = H + torch.eye(4, device=H.device, dtype=H.dtype) * ridge[:, None, None]
+    sol = torch.linalg.solve(H, torch.stack([g_r, g_w], dim=-1))
+    h_r, h_w = sol[..., 0], sol[..., 1]
+    lam_n = ww - (g_w * h_w).sum(-1)
+    lam_d = rw - (g_r * h_w).sum(-1)
+    ok = good & (lam_d > 1e-7 * torch.sqrt((rr * ww).clamp_min(0.0)))
+    lam = torch.where(ok, lam_n / lam_d.clamp_min(1e-30), torch.zeros_like(lam_n))
+    dp = lam[:, None] * h_r - h_w
+    ok = ok & torch.isfinite(dp).all(-1)
+    dp = torch.where(ok[:, None], dp, torch.zeros_like(dp))
+    return rho, dp, ok
+
+
+def _ecc_refine(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    params: torch.Tensor,
+    iterations: int,
+    bounds: tuple[float, float, float, float],
+    tol: float = 1e-4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Maximise the masked correlation of fixed (B, r, r) and moving (B, r, r) warped by params (B, 4).
+
+    ECC (Evangelidis & Psarakis 2008) with a forward-additive update of the linear similarity parameters
+    ``(a, b, tx, ty)`` and a trust region; the weight is the hard validity mask of the warped moving image.
+    Returns the best iterate per pair (within ``bounds`` = max |angle|, min scale, max scale, max |shift|)
+    and its correlation (B,).
+    """
+    b, r, _ = fixed.shape
+    dev, dt = fixed.device, fixed.dtype
+    X, Y = _base_coords(r, dev, dt)
+    xf, yf = X.reshape(-1), Y.reshape(-1)
+    # centre both images once (NCC does not care) so the moment sums cancel less in float32
+    f = (fixed - fixed.mean((1, 2), keepdim=True)).reshape(b, -1)
+    mv = moving - moving.mean((1, 2), keepdim=True)
+    gx, gy = _gradients(moving)
+    stack = torch.stack([mv, gx, gy], dim=1)  # (B, 3, r, r)
+    best_p = params.clone()
+    best_rho = torch.full((b,), -2.0, device=dev, dtype=dt)
+    p = params.clone()
+    max_ang, min_sc, max_sc, max_sh = bounds
+    step_cap = torch.tensor([0.05, 0.05, 0.08, 0.08], device=dev, dtype=dt)
+    for _ in range(iterations + 1):
+        grid, w = _grid(p, X, Y)
+        warped = F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=False).view(b, 3, -1)
+        rho, dp, _ok = _ecc_step(f, warped[:, 0], warped[:, 1], warped[:, 2], w.view(b, -1), xf, yf)
+        ang, sc, sh = _similarity_from_params(p)
+        inside = (ang.abs() <= max_ang) & (sc >= min_sc) & (sc <= max_sc) & (sh.abs().amax(-1) <= max_sh)
+        improved = (rho > best_rho) & inside
+        best_rho = torch.where(improved, rho, best_rho)
+        best_p = torch.where(improved[:, None], p, best_p)
+        dp = torch.maximum(torch.minimum(dp, step_cap), -step_cap)  # trust region: ~3 deg, 5 % scale, 4 % FOV
+        if float(dp.abs().max()) < tol:
+            break
+        p = p + dp
+    return best_p, best_rho
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 3: the verification score
+# ----------------------------------------------------------------------------------------------
+
+
+def _erode(mask: torch.Tensor, px: int) -> torch.Tensor:
+    if px <= 0:
+        return mask
+    return -F.max_pool2d(-mask[:, None], 2 * px + 1, stride=1, padding=px)[:, 0]
+
+
+def _foreground(x: torch.Tensor, w: torch.Tensor, fraction: float = FG_FRACTION) -> torch.Tensor:
+    """Pixels of x (B, r, r) above ``fraction`` of its intensity range over the overlap w (B, r, r)."""
+    inside = w > 0
+    lo = torch.where(inside, x, torch.full_like(x, math.inf)).amin((1, 2), keepdim=True)
+    hi = torch.where(inside, x, torch.full_like(x, -math.inf)).amax((1, 2), keepdim=True)
+    lo, hi = torch.nan_to_num(lo, posinf=0.0), torch.nan_to_num(hi, neginf=0.0)
+    return (x > lo + fraction * (hi - lo)).to(x.dtype)
+
+
+def _poly_corr(f: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Signed multiple correlation of f on (g, g^2) with weights w over the last two dims, (B,).
+
+    The correlation after the best quadratic intensity map of g: invariant to affine intensity changes and
+    close to invariant to gamma. Signed by the linear correlation; 0 where undefined.
+    """
+    dims = (-2, -1)
+    sw = w.sum(dims, keepdim=True).clamp_min(_EPS)
+
+    def centre(t: torch.Tensor) -> torch.Tensor:
+        return t - (w * t).sum(dims, keepdim=True) / sw
+
+    fc, g1, g2 = centre(f), centre(g), centre(g * g)
+    wf = w * fc
+    vff = (wf * fc).sum(dims)
+    r = torch.stack([(wf * g1).sum(dims), (wf * g2).sum(dims)], dim=-1)  # (B, 2)
+    w1, w2 = w * g1, w * g2
+    a, bb, c = (w1 * g1).sum(dims), (w1 * g2).sum(dims), (w2 * g2).sum(dims)
+    ridge = 1e-6 * (a + c) + 1e-12
+    a, c = a + ridge, c + ridge
+    det = a * c - bb * bb
+    # r' G^-1 r for the 2 x 2 Gram matrix G = [[a, bb], [bb, c]]
+    quad = (c * r[:, 0] ** 2 - 2 * bb * r[:, 0] * r[:, 1] + a * r[:, 1] ** 2) / det.clamp_min(1e-30)
+    ok = (vff > 1e-10 * sw.view(vff.shape)) & (a > 1e-10 * sw.view(a.shape)) & (det > 0)
+    r2 = torch.where(ok, quad / vff.clamp_min(1e-30), torch.zeros_like(vff)).clamp(0.0, 1.0)
+    return torch.sqrt(r2) * torch.where(r[:, 0] < 0, -1.0, 1.0)
+
+
+def _score(
+    fixed: torch.Tensor, moving: torch.Tensor, p: torch.Tensor, measure: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verification score (B,) of moving (B, r, r) warped by p (B, 4) against fixed, and the overlap fraction."""
+    warped, w = _warp(moving[:, None], p)
+    warped = warped[:, 0]
+    if measure == "ncc":
+        score = _weighted_ncc(fixed, warped, w)
+    elif measure in ("ncc_fg", "poly_fg"):
+        m = w * torch.maximum(_foreground(fixed, w), _foreground(warped, w))
+        score = _weighted_ncc(fixed, warped, m) if measure == "ncc_fg" else _poly_corr(fixed, warped, m)
+    elif measure == "grad":
+        fx, fy = _gradients(fixed)
+        gx, gy = _gradients(warped)
+        m = _erode(w, 1)[:, None].expand(-1, 2, -1, -1)
+        score = _weighted_ncc(torch.stack([fx, fy], 1), torch.stack([gx, gy], 1), m, dims=(-3, -2, -1))
+    else:  # pragma: no cover - validated by the callers
+        raise ValueError(f"Unknown measure {measure!r}; valid measures: {MEASURES}.")
+    return score, w.mean((1, 2))
+
+
+def pair_ncc(fixed: np.ndarray, moving: np.ndarray, *, size: int | None = None) -> np.ndarray:
+    """Plain pixel NCC of each pair over the whole frame, without alignment (the raw-pixel baseline).
+
+    Parameters
+    ----------
+    fixed, moving : np.ndarray, shape (N, H, W) and (N, H', W')
+    size : int, optional
+        Resample both to ``size x size`` first (aspect kept, zero padded); default the fixed size when the
+        shapes differ.
+
+    Returns
+    -------
+    np.ndarray, shape (N,), float32 in [-1, 1]
+    """
+    f = _check_stack(fixed, "fixed")
+    g = _check_stack(moving, "moving")
+    if f.shape[0] != g.shape[0]:
+        raise ValueError(f"fixed has {f.shape[0]} images but moving has {g.shape[0]}; pass one moving per fixed.")
+    if size is None and f.shape[1:] != g.shape[1:]:
+        size = max(f.shape[1:])
+    ft, gt = torch.from_numpy(f), torch.from_numpy(g)
+    if size is not None:
+        ft, gt = _to_square(ft, size), _to_square(gt, size)
+    return _weighted_ncc(ft, gt, torch.ones_like(ft)).numpy().astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------
+
+
+def register_pairs(
+    fixed: np.ndarray,
+    moving: np.ndarray,
+    *,
+    flips: Sequence[str] | np.ndarray | str | None = None,
+    size: int = 64,
+    device: str = "auto",
+    max_angle: float = 15.0,
+    batch_size: int = 256,
+    scale_range: tuple[float, float] = (0.8, 1.25),
+    max_shift: float = 0.15,
+    angle_starts: Sequence[float] | None = None,
+    coarse_size: int = 32,
+    iterations: tuple[int, int] = (10, 10),
+    flip_candidates: int = 2,
+    measure: str = "poly_fg",
+    progress: ProgressFn | None = None,
+) -> Alignment:
+    """Register each moving image onto its fixed image and score the aligned overlap.
+
+    Parameters
+    ----------
+    fixed : np.ndarray, shape (N, H, W)
+        Synthetic slices, values in [0, 1] (any affine intensity range works: NCC is invariant to it).
+    moving : np.ndarray, shape (N, H', W')
+        Training candidates, one per fixed image. Both stacks are resampled to ``size x size`` (centred,
+        aspect kept, zero padded) internally.
+    flips : sequence of str of length N, str, or None
+        Per pair, the flip to apply to ``moving`` first (``none``/``id``, ``hflip``, ``vflip``, ``hvflip``;
+        e.g. the feature view it matched under). ``None`` tries all four and keeps the best.
+    size : int
+        Working resolution of the fine refinement and of the score.
+    device : str
+        ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
+    max_angle : float
+        Largest rotation accepted, in degrees (± this).
+    batch_size : int
+        Pairs registered at once.
+    scale_range : (float, float)
+        Smallest and largest zoom accepted.
+    max_shift : float
+        Largest shift accepted on each axis, fraction of the field of view.
+    angle_starts : sequence of float, optional
+        Starting angles of the coarse ECC runs (every start x every flip is refined at ``coarse_size``).
+        Default: ``(0,)`` when ``max_angle <= 10`` else ``(-2/3, 0, 2/3) * max_angle``.
+    coarse_size : int
+        Resolution of the coarse (multi-start) level.
+    iterations : (int, int)
+        ECC iterations at ``coarse_size`` and at ``size``.
+    flip_candidates : int
+        With ``flips=None``, how many of the best flips of the coarse level are refined at ``size`` (the
+        brain is nearly left-right symmetric, so the runner-up flip is refined too by default).
+    measure : str
+        Score of the final transform, computed over the aligned overlap (zero padding never counts):
+
+        - ``poly_fg`` (default): correlation after the best quadratic intensity map (robust to gamma) over
+          the head, i.e. the pixels where either image exceeds 5 % of its range;
+        - ``ncc_fg``: plain NCC over the same foreground;
+        - ``ncc``: plain NCC over the whole overlap (background included);
+        - ``grad``: NCC of the gradient fields.
+
+        ``poly_fg`` separated copies from neighbouring slices best in ``benchmarks/bench_align.py``
+        (background pixels agree for any two slices of a head and compress the NCC towards 1; ``grad``
+        suffers from blur at 128 px).
+    progress : callable, optional
+        ``progress("aligning", done, total)`` after every batch.
+
+    Returns
+    -------
+    Alignment
+        Arrays over the N pairs: ``ncc`` (the score), ``angle``, ``scale``, ``shift``, ``flip``, ``overlap``.
+
+    Raises
+    ------
+    ValueError
+        On shape or count mismatches, NaN/Inf values, unknown flips or measures, or bad settings.
+    TypeError
+        On non-numeric input.
+    """
+    f_np = _check_stack(fixed, "fixed")
+    m_np = _check_stack(moving, "moving")
+    n = f_np.shape[0]
+    if m_np.shape[0] != n:
+        raise ValueError(f"fixed has {n} images but moving has {m_np.shape[0]}; pass one moving image per fixed image.")
+    flip_arr = _check_flips(flips, n)
+    if measure not in MEASURES:
+        raise ValueError(f"Unknown measure {measure!r}; valid measures: {MEASURES}.")
+    if size < 16 or coarse_size < 16:
+        raise ValueError(f"size and coarse_size must be >= 16 pixels; got {size}, {coarse_size}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+    if not 0 <= max_angle <= 45:
+        raise ValueError(f"max_angle must be in [0, 45] degrees; got {max_angle}.")
+    lo_s, hi_s = (float(v) for v in scale_range)
+    if not 0.25 <= lo_s <= 1.0 <= hi_s <= 4.0:
+        raise ValueError(f"scale_range must satisfy 0.25 <= low <= 1 <= high <= 4; got {scale_range}.")
+    if not 0 <= max_shift <= 0.5:
+        raise ValueError(f"max_shift must be in [0, 0.5] (fraction of the FOV); got {max_shift}.")
+    it_coarse, it_fine = (int(v) for v in iterations)
+    if it_coarse < 0 or it_fine < 0:
+        raise ValueError(f"iterations must be two non-negative integers; got {iterations}.")
+    if angle_starts is None:
+        angle_starts = (0.0,) if max_angle <= 10 else (-2.0 * max_angle / 3.0, 0.0, 2.0 * max_angle / 3.0)
+    starts = [float(a) for a in angle_starts]
+    if not starts or any(abs(a) > max_angle for a in starts):
+        raise ValueError(f"angle_starts must be a non-empty list within +-max_angle={max_angle}; got {angle_starts}.")
+    dev = _resolve_device(device)
+    if n == 0:
+        empty = np.zeros(0, dtype=np.float32)
+        return Alignment(empty, empty, empty, np.zeros((0, 2), np.float32), np.zeros(0, dtype=object), empty)
+
+    cs = min(int(coarse_size), int(size))
+    dt = torch.float32
+    bounds = (float(max_angle), lo_s, hi_s, float(max_shift))
+    start_p = _params_from_similarity(
+        torch.tensor(starts, device=dev, dtype=dt),
+        torch.ones(len(starts), device=dev, dtype=dt),
+        torch.zeros((len(starts), 2), device=dev, dtype=dt),
+    )  # (A, 4)
+    n_a = len(starts)
+
+    out_ncc, out_p, out_flip, out_ov = [], [], [], []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        ft = _to_square(torch.from_numpy(f_np[start:stop]).to(dev), size)
+        mt = _to_square(torch.from_numpy(m_np[start:stop]).to(dev), size)
+        b = ft.shape[0]
+        if flip_arr is None:
+            views = torch.stack([_flip_tensor(mt, name) for name in FLIPS], dim=1)  # (b, 4, s, s)
+        else:
+            views = _flip_each(mt, flip_arr[start:stop])[:, None]
+        v = views.shape[1]
+        fc = _to_square(ft, cs)
+        vc = _to_square(views.reshape(b * v, size, size), cs).reshape(b, v, cs, cs)
+        # coarse level: every (flip, start angle) at cs pixels
+        p_c, r_c = _ecc_refine(
+            fc[:, None, None].expand(b, v, n_a, cs, cs).reshape(-1, cs, cs),
+            vc[:, :, None].expand(b, v, n_a, cs, cs).reshape(-1, cs, cs),
+            start_p.expand(b * v, n_a, 4).reshape(-1, 4),
+            it_coarse,
+            bounds,
+        )
+        r_c = r_c.view(b, v, n_a)
+        best_a = r_c.argmax(-1)  # (b, v)
+        p_c = p_c.view(b, v, n_a, 4).gather(2, best_a[..., None, None].expand(b, v, 1, 4))[:, :, 0]
+        r_c = r_c.gather(2, best_a[..., None])[..., 0]  # (b, v)
+        k = min(max(1, int(flip_candidates)), v)
+        top = torch.topk(r_c, k, dim=1).indices  # (b, k); deterministic ties: lowest index first on CPU
+        bi = torch.arange(b, device=dev)[:, None].expand(b, k)
+        p = p_c[bi, top].reshape(b * k, 4)
+        cand = views[bi, top].reshape(b * k, size, size)
+        f_rep = ft[:, None].expand(b, k, size, size).reshape(b * k, size, size)
+        if cs < size and it_fine > 0:
+            p, _ = _ecc_refine(f_rep, cand, p, it_fine, bounds)
+        score, overlap = _score(f_rep, cand, p, measure)
+        sc = score.view(b, k)
+        pick = sc.argmax(1)
+        ar = torch.arange(b, device=dev)
+        score = sc[ar, pick]
+        p = p.view(b, k, 4)[ar, pick]
+        overlap = overlap.view(b, k)[ar, pick]
+        if flip_arr is None:
+            chosen = top[ar, pick].cpu().numpy()
+            out_flip.append(np.asarray([FLIPS[i] for i in chosen], dtype=object))
+        else:
+            out_flip.append(flip_arr[start:stop])
+        out_ncc.append(score.cpu())
+        out_p.append(p.cpu())
+        out_ov.append(overlap.cpu())
+        if progress is not None:
+            progress("aligning", stop, n)
+    angle, scale, shift = _similarity_from_params(torch.cat(out_p).double())
+    return Alignment(
+        ncc=torch.cat(out_ncc).numpy(),
+        angle=angle.numpy(),
+        scale=scale.numpy(),
+        shift=shift.numpy(),
+        flip=np.concatenate(out_flip),
+        overlap=torch.cat(out_ov).numpy(),
+    )
+
+
+def score_alignment(
+    fixed: np.ndarray, moving: np.ndarray, alignment: Alignment, *, size: int = 64, measure: str = "poly_fg"
+) -> np.ndarray:
+    """Score already registered pairs with a (possibly different) ``measure``, without re-registering.
+
+    Parameters
+    ----------
+    fixed : np.ndarray, shape (N, H, W)
+    moving : np.ndarray, shape (N, H', W')
+        The inputs of :func:`register_pairs`.
+    alignment : Alignment
+        Its result.
+    size : int
+        Resolution of the score (use the ``size`` of the registration to reproduce ``alignment.ncc``).
+    measure : str
+        One of :data:`MEASURES`.
+
+    Returns
+    -------
+    np.ndarray, shape (N,), float32 in [-1, 1]
+    """
+    f_np = _check_stack(fixed, "fixed")
+    m_np = _check_stack(moving, "moving")
+    if f_np.shape[0] != m_np.shape[0]:
+        raise ValueError(f"fixed has {f_np.shape[0]} images but moving has {m_np.shape[0]}; they must pair up.")
+    _check_alignment_rows(alignment, f_np.shape[0])
+    if measure not in MEASURES:
+        raise ValueError(f"Unknown measure {measure!r}; valid measures: {MEASURES}.")
+    ft = _to_square(torch.from_numpy(f_np), size)
+    mt = _flip_each(_to_square(torch.from_numpy(m_np), size), alignment.flip)
+    p = _params_from_similarity(
+        torch.from_numpy(alignment.angle.astype(np.float32)),
+        torch.from_numpy(alignment.scale.astype(np.float32)),
+        torch.from_numpy(alignment.shift.astype(np.float32)),
+    )
+    out = []
+    for start in range(0, f_np.shape[0], 1024):
+        sl = slice(start, start + 1024)
+        out.append(_score(ft[sl], mt[sl], p[sl], measure)[0])
+    return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def _check_alignment_rows(alignment: Alignment, n: int) -> None:
+    if not isinstance(alignment, Alignment):
+        raise TypeError(f"alignment must be an Alignment (from register_pairs); got {type(alignment).__name__}.")
+    if len(alignment) != n:
+        raise ValueError(f"alignment has {len(alignment)} pairs but {n} moving images were given.")
+
+
+def _warp_native(x: torch.Tensor, angle: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """affine_warp in the centred square frame of (n, H, W) images, cropped back to (H, W)."""
+    _, h, w = x.shape
+    if h == w:
+        return affine_warp(x, angle_deg=angle, shift=shift, scale=scale)
+    m = max(h, w)
+    top, left = (m - h) // 2, (m - w) // 2
+    sq = F.pad(x, (left, m - w - left, top, m - h - top))
+    out = affine_warp(sq, angle_deg=angle, shift=shift, scale=scale)
+    return out[:, top : top + h, left : left + w]
+
+
+def apply_alignment(moving: np.ndarray, alignment: Alignment) -> np.ndarray:
+    """Flip then transform each moving image into its fixed image's frame, at the images' own resolution.
+
+    Parameters
+    ----------
+    moving : np.ndarray, shape (N, H, W)
+        Usually the same images given to :func:`register_pairs` (any resolution of the same field of view;
+        non-square images are transformed in their centred square frame and cropped back).
+    alignment : Alignment
+        From :func:`register_pairs`, N pairs.
+
+    Returns
+    -------
+    np.ndarray, shape (N, H, W), float32 (zero outside the moving image's field of view)
+    """
+    x = _check_stack(moving, "moving")
+    _check_alignment_rows(alignment, x.shape[0])
+    t = _flip_each(torch.from_numpy(np.ascontiguousarray(x)), alignment.flip)
+    out = _warp_native(
+        t,
+        torch.from_numpy(alignment.angle.astype(np.float32)),
+        torch.from_numpy(alignment.scale.astype(np.float32)),
+        torch.from_numpy(alignment.shift.astype(np.float32)),
+    )
+    return out.numpy().astype(np.float32, copy=False)
+
+
+def apply_alignment_single(moving: np.ndarray, transform: dict[str, Any]) -> np.ndarray:
+    """Flip then transform one moving image (see :func:`apply_alignment`).
+
+    Parameters
+    ----------
+    moving : np.ndarray, shape (H, W)
+    transform : dict
+        Keys ``flip`` (default ``none``), ``angle`` (degrees, default 0), ``scale`` (default 1) and ``shift``
+        (``[dx, dy]`` fraction of the FOV, default ``[0, 0]``); other keys (``ncc``, ``train_index``) are
+        ignored. :meth:`Alignment.transform` builds it.
+
+    Returns
+    -------
+    np.ndarray, shape (H, W), float32
+    """
+    img = np.asarray(moving)
+    if img.ndim != 2:
+        raise ValueError(f"apply_alignment_single expects one (H, W) image; got shape {img.shape}.")
+    if not isinstance(transform, dict):
+        raise TypeError(f"transform must be a dict with flip/angle/scale/shift; got {type(transform).__name__}.")
+    shift = np.asarray(transform.get("shift", (0.0, 0.0)), dtype=np.float32).reshape(-1)
+    if shift.shape != (2,):
+        raise ValueError(f"transform['shift'] must be [dx, dy]; got {transform.get('shift')!r}.")
+    scale = float(transform.get("scale", 1.0))
+    if not scale > 0 or not math.isfinite(scale):
+        raise ValueError(f"transform['scale'] must be a positive finite number; got {scale!r}.")
+    al = Alignment(
+        ncc=np.zeros(1, np.float32),
+        angle=np.asarray([float(transform.get("angle", 0.0))], np.float32),
+        scale=np.asarray([scale], np.float32),
+        shift=shift[None],
+        flip=np.asarray([transform.get("flip", "none")], dtype=object),
+    )
+    return apply_alignment(img[None], al)[0]
