@@ -1,0 +1,1125 @@
+"""Detection benchmark: the paper's controlled-duplication protocol, done right (BENCHMARK.md).
+
+``python -m benchmarks.detection [--quick] [--seeds 0 1 2] [--splits slice subject] [--ablations]``
+
+For every seed and split (:mod:`benchmarks.data`) the per-slice scores of every method are computed
+once on the unseen slices (which serve both as the holdout H and as the novel slices of G, cross-fitted
+over folds) and once per condition on that condition's copies; the synthetic sets G of every rate are
+then subsets of those scores (the scores of a slice do not depend on the rest of G: T and the nulls are
+fixed). Every score comes from the library's own code paths:
+
+``paper/<backbone>``
+    :class:`inspector.scores.PaperScorer` (Deo et al. 2026) on the identity view, its split-half null,
+    ``p`` against that null as the audit's paper mode does, the paper's ``oni`` and mean ONI.
+``default/<backbone>``
+    :class:`inspector.matching.MemorizationScorer` configured exactly as :class:`AuditConfig`'s
+    defaults (views, shortlist, re-ranking, alignment size; the seed follows the benchmark seed), with
+    the holdout null ``s(H → T)`` and :func:`inspector.scores.empirical_p_values`, as ``audit()`` does
+    when a holdout is given.
+``baselines``
+    :mod:`inspector.baselines` on the audit's baseline feature space (``inspector.audit._concat_space``)
+    and on pixels at ``align_size``: distance to closest record (``dcr``), Alaa's authenticity
+    (``authpct``, its own binary rule), raw-pixel correlation over the four flips (``pixcorr``), and
+    Meehan's CT-score (dataset level only, with the audit's cell rule).
+Cheap ablations (no extra registration): ``norerank`` (the default mode's own feature similarity over
+the four flip views, i.e. ``rerank=False``), ``feat-id`` (identity view only, no re-ranking) and
+``feat-rot`` (flips and ±5°/±10° rotation views, no re-ranking). ``--ablations`` adds registered
+variants of the default mode (other view sets, shortlist, alignment size) on a subset of conditions.
+
+Metrics per (split, seed, condition, rate) and G: sample-level ROC-AUC, average precision, TPR at 1 %
+FPR (the largest TPR whose FPR <= 0.01 on G's novel slices), and the flags at the method's default
+threshold (``p <= alpha``); dataset level: fraction flagged, Mann–Whitney AUC against the null, mean
+ONI (paper), CT-score, AuthPct. The false-positive rate at ``alpha`` is also pooled over every novel
+slice of every fold and seed (a slice's ``p`` never depends on the copies), with a Wilson interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from inspector.audit import _concat_space
+from inspector.baselines import auth_pct, ct_score, dcr, pixel_correlation
+from inspector.features import FLIP_VIEWS, VIEWS, Features, extract, prepare_extractor
+from inspector.matching import MemorizationScorer
+from inspector.preprocess import CONDITIONS, HARD_CONDITIONS, PAPER_CONDITIONS, resize_square
+from inspector.result import AuditConfig, wilson_interval
+from inspector.scores import PaperScorer, empirical_p_values, mann_whitney_auc
+
+from .data import (
+    DATA_DIR,
+    RATES,
+    CopySet,
+    SliceBank,
+    Split,
+    draw_g,
+    load_bank,
+    make_copies,
+    make_split,
+    n_copies,
+)
+
+__all__ = [
+    "PAPER_TABLE4",
+    "QUICK_CONDITIONS",
+    "ABLATION_CONDITIONS",
+    "ABLATIONS",
+    "MethodScores",
+    "BenchConfig",
+    "SeedRun",
+    "score_seed",
+    "evaluate",
+    "run",
+    "summarise",
+    "tpr_at_fpr",
+    "ranking_metrics",
+    "main",
+]
+
+log = logging.getLogger("benchmarks.detection")
+
+#: Published sample-level AUCs of Deo et al. 2026, Table 4 (mean over three datasets and 5-45 % rates).
+PAPER_TABLE4: dict[str, float] = {
+    "none": 1.000,
+    "noise_0.01": 1.000,
+    "noise_0.02": 1.000,
+    "intensity": 1.000,
+    "rotate_3": 0.871,
+    "rotate_5": 0.758,
+    "hflip": 0.733,
+    "vflip": 0.727,
+}
+PAPER_TABLE4_OVERALL = 0.886
+#: Conditions of ``--quick``.
+QUICK_CONDITIONS: tuple[str, ...] = (
+    "none",
+    "noise_0.02",
+    "rotate_5",
+    "hflip",
+    "vflip",
+    "rotate_10",
+    "crop_85_95",
+    "combo",
+)
+#: Conditions of the registered ablations (the geometric ones, where views and alignment matter).
+ABLATION_CONDITIONS: tuple[str, ...] = (
+    "none",
+    "rotate_5",
+    "hflip",
+    "vflip",
+    "rotate_10",
+    "shift_8pct",
+    "crop_85_95",
+    "combo",
+)
+#: Registered variants of the default mode (AuditConfig overrides) run by ``--ablations``.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "views=id": {"views": ("id",)},
+    "views=flips+rot": {"views": VIEWS},
+    "shortlist=10": {"shortlist": 10},
+    "align_size=96": {"align_size": 96},
+}
+DEFAULT_N_G = 48
+ROTATION_VIEWS: tuple[str, ...] = VIEWS  # flips and +-5, +-10 degree rotations
+
+
+def ranking_metrics(y: np.ndarray, s: np.ndarray, max_fpr: float = 0.01) -> tuple[float, float, float]:
+    """ROC-AUC, average precision and TPR at ``max_fpr`` of scores ``s`` for labels ``y``, in one sort.
+
+    Same definitions as :func:`sklearn.metrics.roc_auc_score`, :func:`sklearn.metrics.average_precision_score`
+    and the ROC curve of :func:`sklearn.metrics.roc_curve` (tied scores form one threshold), at a fraction
+    of their input-checking cost (the benchmark evaluates tens of thousands of synthetic sets).
+
+    Parameters
+    ----------
+    y : np.ndarray of {0, 1}, shape (m,)
+        1 = copy (positive). Both classes must be present.
+    s : np.ndarray, shape (m,)
+        Higher = more likely a copy.
+    max_fpr : float
+
+    Returns
+    -------
+    (auc, ap, tpr_at_max_fpr)
+        ``tpr_at_max_fpr`` is the largest TPR at a threshold whose FPR is <= ``max_fpr``.
+    """
+    y = np.asarray(y).astype(np.int64)
+    s = np.asarray(s, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    ss, ys = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(ss)), len(ss) - 1]  # last position of each group of tied scores
+    tps = np.cumsum(ys)[last].astype(np.float64)
+    fps = (last + 1) - tps
+    n_pos, n_neg = tps[-1], fps[-1]
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"ranking_metrics needs both classes; got {int(n_pos)} positives, {int(n_neg)} negatives.")
+    tpr = np.r_[0.0, tps / n_pos]
+    fpr = np.r_[0.0, fps / n_neg]
+    auc = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))
+    ap = float(np.sum(np.diff(tpr) * (tps / (tps + fps))))
+    tpr1 = float(tpr[fpr <= max_fpr + 1e-12].max())
+    return auc, ap, tpr1
+
+
+def tpr_at_fpr(y: np.ndarray, s: np.ndarray, max_fpr: float = 0.01) -> float:
+    """Largest true-positive rate at a threshold whose false-positive rate is <= ``max_fpr``.
+
+    Parameters
+    ----------
+    y : np.ndarray of {0, 1}, shape (m,)
+    s : np.ndarray, shape (m,)
+        Higher = more likely positive.
+    """
+    return ranking_metrics(y, s, max_fpr)[2]
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-slice scores
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MethodScores:
+    """Per-slice scores of one method for one (split, seed).
+
+    Attributes
+    ----------
+    method : str
+        ``family/backbone`` (e.g. ``default/ssl``).
+    family : str
+        ``paper``, ``default``, ``ablation`` or ``baseline``.
+    backbone : str
+        Feature extractor (``pixels``, ``ssl``, ``mri-core``) or ``-`` for pixel correlation.
+    unseen : np.ndarray, shape (n_U,)
+        Score of every unseen slice (higher = more memorised).
+    copies : dict of str to np.ndarray, shape (k,)
+        Score of every copy, per condition.
+    calibration : str
+        ``holdout`` (``p`` against the scores of the fold's holdout), ``fixed`` (against ``null``),
+        ``rule`` (the method's own binary flag in ``flag_*``) or ``none``.
+    null : np.ndarray or None
+        Fixed null (the paper's split-half bootstrap).
+    flag_unseen, flag_copies : optional
+        Binary flags of a ``rule`` method.
+    oni_unseen, oni_copies : optional
+        The paper's ONI per slice (dataset score = mean).
+    """
+
+    method: str
+    family: str
+    backbone: str
+    unseen: np.ndarray
+    copies: dict[str, np.ndarray] = field(default_factory=dict)
+    calibration: str = "none"
+    null: np.ndarray | None = None
+    flag_unseen: np.ndarray | None = None
+    flag_copies: dict[str, np.ndarray] = field(default_factory=dict)
+    oni_unseen: np.ndarray | None = None
+    oni_copies: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass
+class BenchConfig:
+    """Settings of a benchmark run.
+
+    Attributes
+    ----------
+    seeds : sequence of int
+    splits : sequence of str
+        ``slice`` and/or ``subject``.
+    conditions : sequence of str
+        Names in :data:`inspector.preprocess.CONDITIONS`.
+    rates : sequence of float
+    backbones : sequence of str
+        Extractors for the paper and default modes.
+    default_backbones_subject : sequence of str or None
+        Backbones of the (registered) default mode in the subject split (None: all).
+    n_g : int
+        Fixed size of G.
+    n_draws : int
+        Random G per fold and rate.
+    ablations : dict
+        Registered default-mode variants (AuditConfig overrides) run on ``ablation_conditions``.
+    ablation_conditions : sequence of str
+    ablation_backbone : str
+    cache_dir : Path
+        Cache of trained ssl encoders.
+    mri_core_checkpoint : str or None
+    """
+
+    seeds: Sequence[int] = (0, 1, 2)
+    splits: Sequence[str] = ("slice", "subject")
+    conditions: Sequence[str] = tuple(CONDITIONS)
+    rates: Sequence[float] = RATES
+    backbones: Sequence[str] = ("pixels", "ssl")
+    default_backbones_subject: Sequence[str] | None = None
+    n_g: int = DEFAULT_N_G
+    n_draws: int = 2
+    ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ablation_conditions: Sequence[str] = ABLATION_CONDITIONS
+    ablation_backbone: str = "ssl"
+    cache_dir: Path = DATA_DIR / "cache"
+    mri_core_checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        bad = [c for c in [*self.conditions, *self.ablation_conditions] if c not in CONDITIONS]
+        if bad:
+            raise ValueError(f"Unknown condition(s) {bad}; valid: {list(CONDITIONS)}.")
+        if "mri-core" in self.backbones and not self.mri_core_checkpoint:
+            raise ValueError(
+                "mri-core needs a real checkpoint (--mri-core-checkpoint); with random weights its detection "
+                "numbers are meaningless."
+            )
+
+
+@dataclass
+class SeedRun:
+    """Everything computed for one (split, seed): per-slice scores, the CT spaces, timings."""
+
+    split: Split
+    methods: dict[str, MethodScores]
+    ct_spaces: dict[str, dict[str, Any]]
+    n_copies: int
+    timings: dict[str, float]
+    encoders: dict[str, dict[str, Any]]
+    unseen_acquisition: np.ndarray
+
+
+def _audit_config(seed: int, **overrides: Any) -> AuditConfig:
+    """AuditConfig's defaults, the seed following the benchmark seed, plus explicit overrides."""
+    return dataclasses.replace(AuditConfig(), seed=seed, **overrides)
+
+
+def _extractor_kw(cfg: AuditConfig, backbone: str, checkpoint: str | None) -> dict[str, Any]:
+    kw: dict[str, Any] = {"device": cfg.device, "seed": cfg.seed}
+    if backbone == "mri-core":
+        kw["checkpoint"] = checkpoint
+    return kw
+
+
+def _small(x: np.ndarray, s: int) -> np.ndarray:
+    return x if x.shape[1:] == (s, s) else np.stack([resize_square(a, s) for a in x])
+
+
+def _default_scores(
+    cfg: AuditConfig,
+    FT: Features,
+    FU: Features,
+    FC: dict[str, Features],
+    img_t: np.ndarray,
+    img_u: np.ndarray,
+    copies: dict[str, CopySet],
+    groups: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
+    """The default mode exactly as audit() runs it (holdout given): similarity and feature similarity.
+
+    Returns
+    -------
+    ({"similarity", "feature"} -> unseen scores (n_U,), {"similarity", "feature"} -> {condition: (k,)})
+    """
+    scorer = MemorizationScorer(
+        shortlist=cfg.shortlist,
+        top_k=cfg.top_k,
+        rerank=cfg.rerank,
+        align_size=cfg.align_size,
+        device=cfg.device,
+    ).fit(FT.layers, images=img_t, groups=groups)
+    views = tuple(cfg.views)
+    ru = scorer.score_samples({v: FU.views[v] for v in views}, images=img_u)
+    un = {"similarity": ru.similarity.astype(np.float64), "feature": ru.feature_similarity.astype(np.float64)}
+    co: dict[str, dict[str, np.ndarray]] = {"similarity": {}, "feature": {}}
+    for cond, cs in copies.items():
+        rc = scorer.score_samples({v: FC[cond].views[v] for v in views}, images=cs.images)
+        co["similarity"][cond] = rc.similarity.astype(np.float64)
+        co["feature"][cond] = rc.feature_similarity.astype(np.float64)
+    return un, co
+
+
+def _feature_only(
+    FT: Features, FU: Features, FC: dict[str, Features], views: Sequence[str]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """MemorizationScorer without re-ranking over ``views``: its feature similarity."""
+    sc = MemorizationScorer(rerank=False, device="cpu").fit(FT.layers)
+    u = sc.score_samples({v: FU.views[v] for v in views}).similarity.astype(np.float64)
+    c = {k: sc.score_samples({v: f.views[v] for v in views}).similarity.astype(np.float64) for k, f in FC.items()}
+    return u, c
+
+
+def score_seed(
+    bank: SliceBank,
+    split: Split,
+    bc: BenchConfig,
+    *,
+    conditions: Sequence[str],
+    progress: Callable[[str], None] | None = None,
+) -> SeedRun:
+    """Per-slice scores of every method for one (split, seed).
+
+    Parameters
+    ----------
+    bank : SliceBank
+    split : Split
+    bc : BenchConfig
+    conditions : sequence of str
+        Conditions whose copies are made and scored.
+    progress : callable, optional
+        Called with a short message after each stage.
+    """
+    seed = split.seed
+    cfg = _audit_config(seed)
+    say = progress or (lambda msg: log.info(msg))
+    timings: dict[str, float] = {}
+    encoders: dict[str, dict[str, Any]] = {}
+    n_c = n_copies(max(bc.rates), bc.n_g)
+    t0 = time.perf_counter()
+    copies = {c: make_copies(bank, split, c, n_c, seed) for c in conditions}
+    timings["copies"] = time.perf_counter() - t0
+    img_t = bank.images[split.train]
+    img_u = bank.images[split.unseen]
+    groups = bank.acquisition[split.train].astype(str)
+    methods: dict[str, MethodScores] = {}
+    ct_spaces: dict[str, dict[str, Any]] = {}
+    registered_backbones = (
+        bc.backbones
+        if split.kind == "slice" or bc.default_backbones_subject is None
+        else [b for b in bc.backbones if b in bc.default_backbones_subject]
+    )
+    ablations = bc.ablations if split.kind == "slice" else {}
+    for backbone in bc.backbones:
+        t1 = time.perf_counter()
+        ext = prepare_extractor(
+            backbone, img_t, cache_dir=bc.cache_dir, **_extractor_kw(cfg, backbone, bc.mri_core_checkpoint)
+        )
+        encoders[backbone] = {
+            "train_seconds": float(getattr(ext, "train_seconds", 0.0)),
+            "from_cache": bool(getattr(ext, "from_cache", False)),
+        }
+        timings[f"{backbone}:prepare"] = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        kw = {"use_cache": False}
+        all_views = ROTATION_VIEWS
+        FT = extract(img_t, ext, views=("id",), **kw)
+        FU = extract(img_u, ext, views=all_views, **kw)
+        FC = {c: extract(cs.images, ext, views=all_views, **kw) for c, cs in copies.items()}
+        timings[f"{backbone}:extract"] = time.perf_counter() - t1
+        say(f"[{split.kind} seed {seed}] {backbone}: extracted ({timings[f'{backbone}:extract']:.0f}s)")
+
+        # ---- paper mode
+        t1 = time.perf_counter()
+        paper = PaperScorer(n_bootstrap=cfg.n_bootstrap, seed=cfg.seed).fit(FT.layers)
+        pu = paper.score_samples(FU.layers)
+        pcs = {c: paper.score_samples(f.layers) for c, f in FC.items()}
+        methods[f"paper/{backbone}"] = MethodScores(
+            f"paper/{backbone}",
+            "paper",
+            backbone,
+            np.asarray(pu.similarity, np.float64),
+            {c: np.asarray(p.similarity, np.float64) for c, p in pcs.items()},
+            calibration="fixed",
+            null=np.asarray(paper.null_, np.float64),
+            oni_unseen=np.asarray(pu.oni, np.float64),
+            oni_copies={c: np.asarray(p.oni, np.float64) for c, p in pcs.items()},
+        )
+        timings[f"{backbone}:paper"] = time.perf_counter() - t1
+
+        # ---- default mode (registered) and its free ablation (no re-ranking)
+        if backbone in registered_backbones:
+            t1 = time.perf_counter()
+            un, co = _default_scores(cfg, FT, FU, FC, img_t, img_u, copies, groups)
+            methods[f"default/{backbone}"] = MethodScores(
+                f"default/{backbone}", "default", backbone, un["similarity"], co["similarity"], calibration="holdout"
+            )
+            methods[f"norerank/{backbone}"] = MethodScores(
+                f"norerank/{backbone}", "ablation", backbone, un["feature"], co["feature"], calibration="holdout"
+            )
+            timings[f"{backbone}:default"] = time.perf_counter() - t1
+            say(f"[{split.kind} seed {seed}] {backbone}: default mode scored ({timings[f'{backbone}:default']:.0f}s)")
+        for name, views in (("feat-id", ("id",)), ("feat-rot", ROTATION_VIEWS)):
+            u, c = _feature_only(FT, FU, FC, views)
+            methods[f"{name}/{backbone}"] = MethodScores(
+                f"{name}/{backbone}", "ablation", backbone, u, c, calibration="holdout"
+            )
+
+        # ---- registered ablations (slice split, one backbone, a subset of conditions)
+        if ablations and backbone == bc.ablation_backbone:
+            sub = {c: copies[c] for c in bc.ablation_conditions if c in copies}
+            for aname, over in ablations.items():
+                t1 = time.perf_counter()
+                acfg = _audit_config(seed, **over)
+                un, co = _default_scores(acfg, FT, FU, {c: FC[c] for c in sub}, img_t, img_u, sub, groups)
+                key = f"abl:{aname}/{backbone}"
+                methods[key] = MethodScores(key, "ablation", backbone, un["similarity"], co["similarity"], "holdout")
+                timings[f"{backbone}:{key}"] = time.perf_counter() - t1
+                say(f"[{split.kind} seed {seed}] ablation {aname}: {timings[f'{backbone}:{key}']:.0f}s")
+
+        # ---- baselines on the audit's baseline feature space
+        t1 = time.perf_counter()
+        xt, xu = _concat_space(FT, [FU])
+        xc = {c: _concat_space(FT, [f])[1] for c, f in FC.items()}
+        ct_spaces[backbone] = {"train": xt, "unseen": xu, "copies": xc}
+        methods[f"dcr/{backbone}"] = MethodScores(
+            f"dcr/{backbone}",
+            "baseline",
+            backbone,
+            -np.asarray(dcr(xt, xu), np.float64),
+            {c: -np.asarray(dcr(xt, x), np.float64) for c, x in xc.items()},
+        )
+        au = auth_pct(xt, xu)
+        ac = {c: auth_pct(xt, x) for c, x in xc.items()}
+        methods[f"authpct/{backbone}"] = MethodScores(
+            f"authpct/{backbone}",
+            "baseline",
+            backbone,
+            (~au["authentic"]).astype(np.float64),
+            {c: (~a["authentic"]).astype(np.float64) for c, a in ac.items()},
+            calibration="rule",
+            flag_unseen=~au["authentic"],
+            flag_copies={c: ~a["authentic"] for c, a in ac.items()},
+        )
+        timings[f"{backbone}:baselines"] = time.perf_counter() - t1
+
+    t1 = time.perf_counter()
+    s = cfg.align_size
+    small_t = _small(img_t, s)
+    pix_views = FLIP_VIEWS
+    methods["pixcorr/-"] = MethodScores(
+        "pixcorr/-",
+        "baseline",
+        "-",
+        np.asarray(pixel_correlation(small_t, _small(img_u, s), views=pix_views), np.float64),
+        {
+            c: np.asarray(pixel_correlation(small_t, _small(cs.images, s), views=pix_views), np.float64)
+            for c, cs in copies.items()
+        },
+    )
+    timings["pixcorr"] = time.perf_counter() - t1
+    return SeedRun(split, methods, ct_spaces, n_c, timings, encoders, bank.acquisition[split.unseen])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation on the synthetic sets
+# ----------------------------------------------------------------------------------------------
+
+
+def _ct(space: dict[str, Any], h: np.ndarray, novel: np.ndarray, cond: str, cp: np.ndarray, seed: int) -> float:
+    """Meehan's CT-score with the audit's cell rule (``inspector.audit._baselines``)."""
+    xg = np.concatenate([space["unseen"][novel], space["copies"][cond][cp]])
+    xh = space["unseen"][h]
+    m, t = len(xg), len(xh)
+    n_cells = max(1, min(20, m // 40, t // 10))
+    tau = min(20.0 / m, 0.5 / n_cells)
+    # one cell is the same partition whatever the k-means restarts: skip the three redundant ones
+    n_init = 1 if n_cells == 1 else 4
+    return float(ct_score(space["train"], xh, xg, n_cells=n_cells, tau=tau, seed=seed, n_init=n_init)["ct_score"])
+
+
+def evaluate(run: SeedRun, bc: BenchConfig, alpha: float = 0.01) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Metrics of every method on every synthetic set G of one (split, seed).
+
+    Returns
+    -------
+    per_g : DataFrame
+        One row per (condition, fold, rate, draw, method): ``auc``, ``ap``, ``tpr1``, ``flagged``
+        (fraction of G flagged), ``fpr_g``/``tpr_g`` (flags among G's novel/copies), ``mw_auc``,
+        ``mean_oni``, and ``ct`` rows (method ``ct/<backbone>``).
+    novel : DataFrame
+        One row per (method, unseen slice) with ``flagged`` at ``alpha`` when the slice is novel (its
+        fold's holdout as the null) and the slice's acquisition: the pooled false-positive rate.
+    """
+    sp = run.split
+    rows: list[dict[str, Any]] = []
+    seed = sp.seed
+    for cond in next(iter(run.methods.values())).copies:
+        for f in range(sp.n_folds):
+            h = sp.holdout(f)
+            for rate in bc.rates:
+                for d in range(bc.n_draws):
+                    g = draw_g(sp, f, rate, bc.n_g, run.n_copies, seed, d)
+                    y = g.labels
+                    base = {"split": sp.kind, "seed": seed, "condition": cond, "fold": f, "rate": rate, "draw": d}
+                    for m in run.methods.values():
+                        if cond not in m.copies:
+                            continue
+                        s = np.r_[m.unseen[g.novel], m.copies[cond][g.copies]]
+                        r = {**base, "method": m.method, "family": m.family, "backbone": m.backbone}
+                        r["auc"], r["ap"], r["tpr1"] = ranking_metrics(y, s, 0.01)
+                        flags = None
+                        null = None
+                        if m.calibration == "holdout":
+                            null = m.unseen[h]
+                        elif m.calibration == "fixed":
+                            null = m.null
+                        if null is not None:
+                            flags = empirical_p_values(s, null) <= alpha
+                            r["mw_auc"] = mann_whitney_auc(s, null)[0]
+                        elif m.calibration == "rule":
+                            flags = np.r_[m.flag_unseen[g.novel], m.flag_copies[cond][g.copies]]
+                        if flags is not None:
+                            r["flagged"] = flags.mean()
+                            r["fpr_g"] = flags[y == 0].mean()
+                            r["tpr_g"] = flags[y == 1].mean()
+                        if m.oni_unseen is not None:
+                            r["mean_oni"] = float(np.r_[m.oni_unseen[g.novel], m.oni_copies[cond][g.copies]].mean())
+                        rows.append(r)
+                    for backbone, space in run.ct_spaces.items():
+                        if d > 0:  # the CT-score (k-means) on the first draw only: it is dataset level
+                            continue
+                        rows.append(
+                            {
+                                **base,
+                                "method": f"ct/{backbone}",
+                                "family": "baseline",
+                                "backbone": backbone,
+                                "ct": _ct(space, h, g.novel, cond, g.copies, seed),
+                            }
+                        )
+    per_g = pd.DataFrame(rows)
+    nov: list[dict[str, Any]] = []
+    for m in run.methods.values():
+        if m.calibration not in ("holdout", "fixed", "rule"):
+            continue
+        for f in range(sp.n_folds):
+            pos = sp.novel(f)
+            if m.calibration == "rule":
+                flags = m.flag_unseen[pos]
+            else:
+                null = m.unseen[sp.holdout(f)] if m.calibration == "holdout" else m.null
+                flags = empirical_p_values(m.unseen[pos], null) <= alpha
+            for p_, fl in zip(pos, flags, strict=True):
+                nov.append(
+                    {
+                        "split": sp.kind,
+                        "seed": seed,
+                        "method": m.method,
+                        "fold": f,
+                        "acquisition": str(run.unseen_acquisition[p_]),
+                        "flagged": bool(fl),
+                    }
+                )
+    return per_g, pd.DataFrame(nov)
+
+
+def per_acquisition(run: SeedRun, methods: Sequence[str], conditions: Sequence[str]) -> pd.DataFrame:
+    """Per unseen acquisition: AUC of every condition's copies against that acquisition's unseen slices.
+
+    Used for the subject split (held-out acquisitions reported separately).
+    """
+    acq = run.unseen_acquisition
+    rows = []
+    for a in sorted(set(acq.tolist())):
+        sel = acq == a
+        if sel.sum() < 3:
+            continue
+        for name in methods:
+            m = run.methods.get(name)
+            if m is None:
+                continue
+            for cond in conditions:
+                if cond not in m.copies:
+                    continue
+                c = m.copies[cond]
+                y = np.r_[np.zeros(sel.sum()), np.ones(len(c))]
+                rows.append(
+                    {
+                        "split": run.split.kind,
+                        "seed": run.split.seed,
+                        "acquisition": a,
+                        "n_unseen": int(sel.sum()),
+                        "method": name,
+                        "condition": cond,
+                        "auc": ranking_metrics(y, np.r_[m.unseen[sel], c])[0],
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOutput:
+    """All results of :func:`run`."""
+
+    per_g: pd.DataFrame
+    novel: pd.DataFrame
+    acquisitions: pd.DataFrame
+    splits: list[str]
+    timings: pd.DataFrame
+    encoders: pd.DataFrame
+    seconds: float
+    config: BenchConfig
+    bank_counts: dict[str, int]
+
+
+def run(bc: BenchConfig, progress: Callable[[str], None] | None = None) -> RunOutput:
+    """Run the detection benchmark for every split and seed of ``bc``."""
+    t0 = time.perf_counter()
+    bank = load_bank()
+    per_g, novel, acq, timings, encoders, described = [], [], [], [], [], []
+    say = progress or (lambda msg: log.info(msg))
+    for kind in bc.splits:
+        for seed in bc.seeds:
+            t1 = time.perf_counter()
+            sp = make_split(bank, kind, seed)
+            described.append(sp.describe())
+            say(sp.describe())
+            r = score_seed(bank, sp, bc, conditions=bc.conditions, progress=say)
+            g, n = evaluate(r, bc, AuditConfig().alpha)
+            per_g.append(g)
+            novel.append(n)
+            if kind == "subject":
+                acq.append(
+                    per_acquisition(r, ["default/ssl", "paper/ssl", "paper/pixels", "default/pixels"], bc.conditions)
+                )
+            r.timings["evaluate"] = time.perf_counter() - t1 - sum(r.timings.values())
+            r.timings["total"] = time.perf_counter() - t1
+            timings.append({"split": kind, "seed": seed, **r.timings})
+            for b, e in r.encoders.items():
+                encoders.append({"split": kind, "seed": seed, "backbone": b, **e})
+            say(f"[{kind} seed {seed}] done in {r.timings['total']:.0f}s")
+    return RunOutput(
+        per_g=pd.concat(per_g, ignore_index=True),
+        novel=pd.concat(novel, ignore_index=True),
+        acquisitions=pd.concat(acq, ignore_index=True) if acq else pd.DataFrame(),
+        splits=described,
+        timings=pd.DataFrame(timings),
+        encoders=pd.DataFrame(encoders),
+        seconds=time.perf_counter() - t0,
+        config=bc,
+        bank_counts=bank.counts(),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries (Markdown)
+# ----------------------------------------------------------------------------------------------
+
+
+def _seed_means(df: pd.DataFrame, keys: Sequence[str], value: str) -> pd.DataFrame:
+    """Mean over folds and draws within each seed, then mean and sd over seeds."""
+    d = df.dropna(subset=[value])
+    per_seed = d.groupby([*keys, "seed"], sort=False)[value].mean().reset_index()
+    out = per_seed.groupby(list(keys), sort=False)[value].agg(["mean", "std", "count", "min"]).reset_index()
+    out["std"] = out["std"].fillna(0.0)
+    return out
+
+
+def _fmt(mean: float, sd: float | None = None, digits: int = 3) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "—"
+    if sd is None or sd == 0 or (isinstance(sd, float) and math.isnan(sd)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _label(method: str) -> str:
+    fam, bb = method.split("/", 1)
+    names = {
+        "paper": "paper",
+        "default": "default",
+        "norerank": "default, no re-rank",
+        "feat-id": "features, id view",
+        "feat-rot": "features, flips+rot views",
+        "dcr": "DCR",
+        "authpct": "AuthPct",
+        "pixcorr": "pixel corr.",
+        "ct": "CT-score",
+    }
+    if fam.startswith("abl:"):
+        return f"default, {fam[4:]}" + (f" ({bb})" if bb != "-" else "")
+    return names.get(fam, fam) + (f" ({bb})" if bb != "-" else "")
+
+
+def condition_table(
+    per_g: pd.DataFrame, split: str, methods: Sequence[str], metric: str = "auc", with_paper: bool = True
+) -> str:
+    """Rows = conditions (+ averages), columns = methods; cells = metric mean ± sd over seeds (rates pooled)."""
+    d = per_g[(per_g["split"] == split) & per_g["method"].isin(methods)]
+    if d.empty:
+        return "_no data_"
+    s = _seed_means(d, ["method", "condition"], metric)
+    conds = [c for c in CONDITIONS if c in set(d["condition"])]
+    header = (
+        ["condition"] + (["paper Table 4"] if with_paper and metric == "auc" else []) + [_label(m) for m in methods]
+    )
+    rows = []
+    for c in conds:
+        r = [c]
+        if with_paper and metric == "auc":
+            r.append(_fmt(PAPER_TABLE4[c]) if c in PAPER_TABLE4 else "—")
+        for m in methods:
+            x = s[(s["method"] == m) & (s["condition"] == c)]
+            r.append(_fmt(float(x["mean"].iloc[0]), float(x["std"].iloc[0])) if len(x) else "—")
+        rows.append(r)
+    # averages over condition groups: per seed, mean over the group's conditions, then over seeds
+    for name, group in (
+        ("mean, paper's 8", PAPER_CONDITIONS),
+        ("mean, harder", HARD_CONDITIONS),
+        ("mean, all", CONDITIONS),
+    ):
+        gd = d[d["condition"].isin(list(group))]
+        if gd.empty or gd["condition"].nunique() < 2:
+            continue
+        r = [f"**{name}**"]
+        if with_paper and metric == "auc":
+            r.append(_fmt(PAPER_TABLE4_OVERALL) if name == "mean, paper's 8" else "—")
+        for m in methods:
+            x = gd[gd["method"] == m].dropna(subset=[metric])
+            if x.empty:
+                r.append("—")
+                continue
+            ps = x.groupby("seed")[metric].mean()
+            r.append(_fmt(float(ps.mean()), float(ps.std()) if len(ps) > 1 else None))
+        rows.append(r)
+    return _md_table(header, rows)
+
+
+def rate_table(per_g: pd.DataFrame, split: str, method: str, metric: str) -> str:
+    """Rows = conditions, columns = rates, for one method."""
+    d = per_g[(per_g["split"] == split) & (per_g["method"] == method)]
+    if d.empty or metric not in d:
+        return "_no data_"
+    s = _seed_means(d, ["condition", "rate"], metric)
+    rates = sorted(set(d["rate"]))
+    rows = []
+    for c in [c for c in CONDITIONS if c in set(d["condition"])]:
+        r = [c]
+        for rt in rates:
+            x = s[(s["condition"] == c) & (s["rate"] == rt)]
+            r.append(_fmt(float(x["mean"].iloc[0]), float(x["std"].iloc[0])) if len(x) else "—")
+        rows.append(r)
+    return _md_table(["condition"] + [f"d = {int(round(rt * 100))} %" for rt in rates], rows)
+
+
+def fpr_table(novel: pd.DataFrame, split: str, methods: Sequence[str]) -> str:
+    """False-positive rate on novel slices at the default threshold, pooled over folds and seeds."""
+    d = novel[novel["split"] == split]
+    rows = []
+    for m in methods:
+        x = d[d["method"] == m]
+        if x.empty:
+            continue
+        k, n = int(x["flagged"].sum()), len(x)
+        lo, hi = wilson_interval(k, n)
+        per_seed = x.groupby("seed")["flagged"].mean()
+        rows.append(
+            [
+                _label(m),
+                f"{k}/{n}",
+                f"{k / n:.4f}",
+                f"[{lo:.4f}, {hi:.4f}]",
+                ", ".join(f"{v:.3f}" for v in per_seed),
+            ]
+        )
+    return _md_table(["method", "flagged / novel", "FPR", "95 % Wilson", "per seed"], rows)
+
+
+def dataset_table(per_g: pd.DataFrame, split: str, specs: Sequence[tuple[str, str]]) -> str:
+    """Dataset-level scores per rate (mean over conditions and seeds) and their CV across conditions."""
+    d = per_g[per_g["split"] == split]
+    rates = sorted(set(d["rate"]))
+    rows = []
+    for method, metric in specs:
+        x = d[(d["method"] == method)].dropna(subset=[metric]) if metric in d else pd.DataFrame()
+        if x.empty:
+            continue
+        r = [f"{_label(method)}: {metric}"]
+        for rt in rates:
+            xr = x[x["rate"] == rt]
+            per_cond = xr.groupby("condition")[metric].mean()  # over seeds, folds, draws
+            mean = float(per_cond.mean())
+            cv = float(per_cond.std() / abs(mean)) if abs(mean) > 1e-12 and len(per_cond) > 1 else float("nan")
+            r.append(f"{mean:.3f} (CV {cv:.2f})")
+        rows.append(r)
+    return _md_table(["score"] + [f"d = {int(round(rt * 100))} %" for rt in rates], rows)
+
+
+def seed_table(per_g: pd.DataFrame, split: str, methods: Sequence[str], conditions: Sequence[str]) -> str:
+    """Per seed: mean and minimum AUC over ``conditions`` (to check a setting is better on every seed)."""
+    d = per_g[(per_g["split"] == split) & per_g["condition"].isin(list(conditions))]
+    seeds = sorted(set(d["seed"]))
+    rows = []
+    for m in methods:
+        x = d[d["method"] == m]
+        if x.empty:
+            continue
+        r = [_label(m)]
+        for s in seeds:
+            per_c = x[x["seed"] == s].groupby("condition")["auc"].mean()
+            r.append(f"{per_c.mean():.4f} / {per_c.min():.4f}")
+        rows.append(r)
+    return _md_table(["method (mean / min AUC over conditions)"] + [f"seed {s}" for s in seeds], rows)
+
+
+def acquisition_table(acq: pd.DataFrame, novel: pd.DataFrame, method: str) -> str:
+    """Subject split: per held-out acquisition, AUC (paper conditions / harder) and FPR on its slices."""
+    if acq.empty:
+        return "_no data_"
+    d = acq[acq["method"] == method]
+    nv = novel[(novel["split"] == "subject") & (novel["method"] == method)]
+    rows = []
+    for a in sorted(set(d["acquisition"])):
+        x = d[d["acquisition"] == a]
+        p = x[x["condition"].isin(list(PAPER_CONDITIONS))]["auc"]
+        hh = x[x["condition"].isin(list(HARD_CONDITIONS))]["auc"]
+        fl = nv[nv["acquisition"] == a]["flagged"]
+        rows.append(
+            [
+                a,
+                str(x["seed"].nunique()),
+                str(int(x.groupby("seed")["n_unseen"].first().sum())),
+                _fmt(float(p.mean())) if len(p) else "—",
+                _fmt(float(p.min())) if len(p) else "—",
+                _fmt(float(hh.mean())) if len(hh) else "—",
+                _fmt(float(hh.min())) if len(hh) else "—",
+                f"{int(fl.sum())}/{len(fl)}" if len(fl) else "—",
+            ]
+        )
+    return _md_table(
+        ["held-out acquisition", "seeds", "novel slices", "AUC paper's 8", "min", "AUC harder", "min", "flagged (FPR)"],
+        rows,
+    )
+
+
+def machine() -> str:
+    """CPU model, cores, RAM, torch and faiss versions."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import os
+
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    except (ValueError, OSError, AttributeError):
+        ram = float("nan")
+    try:
+        import faiss
+
+        fv = faiss.__version__
+    except ImportError:  # pragma: no cover
+        fv = "not installed"
+    import os as _os
+
+    load = ", ".join(f"{x:.1f}" for x in _os.getloadavg()) if hasattr(_os, "getloadavg") else "?"
+    return (
+        f"{cpu}, {_os.cpu_count()} logical cores, {ram:.0f} GB RAM, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), faiss {fv}, numpy {np.__version__}, Python {platform.python_version()}; "
+        f"load average at the end of the run {load} (the cores are shared with other jobs)"
+    )
+
+
+def summarise(out: RunOutput) -> str:
+    """The Markdown report of a run (the detection part of RESULTS.md)."""
+    bc = out.config
+    pg, nv = out.per_g, out.novel
+    backbones = list(bc.backbones)
+    headline = (
+        [f"paper/{b}" for b in backbones]
+        + [f"default/{b}" for b in backbones]
+        + [f"dcr/{backbones[-1]}", f"authpct/{backbones[-1]}", "pixcorr/-"]
+    )
+    parts = []
+    parts.append(
+        f"Seeds {list(bc.seeds)}; |G| = {bc.n_g} at d ∈ {{{', '.join(f'{int(r * 100)}' for r in bc.rates)}}} % "
+        f"({', '.join(str(n_copies(r, bc.n_g)) for r in bc.rates)} copies), {bc.n_draws} random G per fold, "
+        f"rate and seed, 3 folds (each fold's novel pool against the other two folds as H). "
+        f"Slices per acquisition: {out.bank_counts}.\n"
+    )
+    parts.append("Splits:\n" + "\n".join(f"- {s}" for s in out.splits) + "\n")
+    for split in [s for s in ("slice", "subject") if s in set(pg["split"])]:
+        meths = [m for m in headline if m in set(pg[pg["split"] == split]["method"])]
+        title = split.capitalize() + "-level split"
+        parts.append(f"### {title}: sample-level ROC-AUC (mean ± sd over seeds, rates pooled)\n")
+        parts.append(condition_table(pg, split, meths, "auc"))
+        parts.append(f"\n### {split.capitalize()}-level split: TPR at 1 % FPR\n")
+        parts.append(condition_table(pg, split, [m for m in meths if not m.startswith("authpct")], "tpr1", False))
+        parts.append(f"\n### {split.capitalize()}-level split: average precision\n")
+        parts.append(condition_table(pg, split, [m for m in meths if not m.startswith("authpct")], "ap", False))
+        fmeth = [m for m in sorted(set(nv[nv["split"] == split]["method"])) if not m.startswith("abl:")]
+        rank = ["default", "paper", "norerank", "feat-id", "feat-rot", "authpct"]
+        order = sorted(fmeth, key=lambda m: (rank.index(m.split("/")[0]) if m.split("/")[0] in rank else 9, m))
+        parts.append(
+            f"\n### {split.capitalize()}-level split: false-positive rate on novel slices at the default threshold "
+            "(p <= 0.01; AuthPct: its own rule), pooled over folds and seeds\n"
+        )
+        parts.append(fpr_table(nv, split, order))
+        dspecs = []
+        for b in backbones:
+            dspecs += [
+                (f"default/{b}", "flagged"),
+                (f"default/{b}", "mw_auc"),
+                (f"paper/{b}", "mean_oni"),
+                (f"paper/{b}", "flagged"),
+                (f"paper/{b}", "mw_auc"),
+                (f"ct/{b}", "ct"),
+                (f"authpct/{b}", "flagged"),
+            ]
+        parts.append(
+            f"\n### {split.capitalize()}-level split: dataset-level scores (mean over conditions and seeds; "
+            "CV = sd / |mean| across conditions)\n"
+        )
+        parts.append(dataset_table(pg, split, dspecs))
+        for b in backbones:
+            if f"default/{b}" in set(pg[pg["split"] == split]["method"]):
+                parts.append(f"\n### {split.capitalize()}-level split: default mode ({b}), ROC-AUC per rate\n")
+                parts.append(rate_table(pg, split, f"default/{b}", "auc"))
+                parts.append(f"\n### {split.capitalize()}-level split: default mode ({b}), TPR at 1 % FPR per rate\n")
+                parts.append(rate_table(pg, split, f"default/{b}", "tpr1"))
+        if split == "subject":
+            for m in ("default/ssl", "paper/ssl"):
+                parts.append(f"\n### Subject split: held-out acquisitions, {_label(m)} (pooled over seeds)\n")
+                parts.append(acquisition_table(out.acquisitions, nv, m))
+    # settings comparison
+    sl = pg[pg["split"] == "slice"]
+    if not sl.empty:
+        comp = [m for b in backbones for m in (f"default/{b}", f"norerank/{b}", f"feat-id/{b}", f"feat-rot/{b}")]
+        comp = [m for m in comp if m in set(sl["method"])]
+        parts.append("\n### Settings: backbone, re-ranking and views (slice split, ROC-AUC)\n")
+        parts.append(condition_table(pg, "slice", comp, "auc", False))
+        parts.append("\n### Settings per seed (slice split; mean / min ROC-AUC over all conditions)\n")
+        parts.append(seed_table(pg, "slice", comp, list(bc.conditions)))
+        abl = sorted(m for m in set(sl["method"]) if m.startswith("abl:"))
+        if abl:
+            ref = f"default/{bc.ablation_backbone}"
+            parts.append(
+                f"\n### Registered ablations ({bc.ablation_backbone}, slice split, conditions "
+                f"{', '.join(bc.ablation_conditions)}): ROC-AUC\n"
+            )
+            sub = pg[pg["condition"].isin(list(bc.ablation_conditions))]
+            parts.append(condition_table(sub, "slice", [ref, *abl], "auc", False))
+            parts.append("\n#### TPR at 1 % FPR\n")
+            parts.append(condition_table(sub, "slice", [ref, *abl], "tpr1", False))
+            parts.append("\n#### Per seed (mean / min ROC-AUC over these conditions)\n")
+            parts.append(seed_table(pg, "slice", [ref, *abl], list(bc.ablation_conditions)))
+            parts.append("\n#### False-positive rate on novel slices\n")
+            parts.append(fpr_table(nv, "slice", [ref, *abl]))
+    return "\n".join(parts) + "\n"
+
+
+def timing_table(out: RunOutput) -> str:
+    """Wall time per (split, seed) and stage."""
+    t = out.timings.copy()
+    cols = [c for c in t.columns if c not in ("split", "seed")]
+    rows = [
+        [str(r["split"]), str(r["seed"])] + [f"{r[c]:.0f}" if pd.notna(r[c]) else "—" for c in cols]
+        for _, r in t.iterrows()
+    ]
+    enc = out.encoders
+    lines = [_md_table(["split", "seed", *[f"{c} (s)" for c in cols]], rows)]
+    if not enc.empty:
+        ssl = enc[enc["backbone"] == "ssl"]
+        if not ssl.empty:
+            trained = ssl.loc[~ssl["from_cache"], "train_seconds"]
+            med = float(trained.median()) if len(trained) else float("nan")
+            lines.append(
+                f"\nssl encoders: {int((~ssl['from_cache']).sum())} trained in this run (median "
+                f"{med:.0f} s each), "
+                f"{int(ssl['from_cache'].sum())} loaded from the weight cache."
+            )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """BenchConfig from parsed command-line arguments."""
+    quick = bool(args.quick)
+    seeds = args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2])
+    splits = args.splits if args.splits is not None else (["slice"] if quick else ["slice", "subject"])
+    conds = args.conditions if args.conditions is not None else (list(QUICK_CONDITIONS) if quick else list(CONDITIONS))
+    backbones = list(args.backbones)
+    if args.mri_core_checkpoint:
+        backbones.append("mri-core")
+    return BenchConfig(
+        seeds=seeds,
+        splits=splits,
+        conditions=conds,
+        backbones=backbones,
+        default_backbones_subject=args.subject_default_backbones,
+        n_g=args.n_g,
+        n_draws=args.draws,
+        ablations=dict(ABLATIONS) if args.ablations else {},
+        cache_dir=Path(args.cache_dir),
+        mri_core_checkpoint=args.mri_core_checkpoint,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1 seed, slice split, 8 conditions (for iteration)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None)
+    ap.add_argument("--splits", nargs="+", choices=("slice", "subject"), default=None)
+    ap.add_argument("--conditions", nargs="+", default=None, help=f"subset of {list(CONDITIONS)}")
+    ap.add_argument("--backbones", nargs="+", default=["pixels", "ssl"], choices=("pixels", "ssl"))
+    ap.add_argument(
+        "--subject-default-backbones",
+        nargs="+",
+        default=["ssl"],
+        help="backbones of the registered default mode in the subject split (default: ssl, to save time)",
+    )
+    ap.add_argument("--n-g", type=int, default=DEFAULT_N_G, help=f"fixed size of G (default {DEFAULT_N_G})")
+    ap.add_argument("--draws", type=int, default=2, help="random G per fold, rate and seed (default 2)")
+    ap.add_argument("--ablations", action="store_true", help="registered default-mode variants (slice split)")
+    ap.add_argument("--mri-core-checkpoint", default=None, help="MRI-CORE weights; adds the mri-core backbone")
+    ap.add_argument("--cache-dir", default=str(DATA_DIR / "cache"), help="cache of trained ssl encoders")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "_out", help="CSV output folder")
+    return ap
+
+
+def save(out: RunOutput, folder: Path) -> None:
+    """Write the raw tables as CSV (git-ignored)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out.per_g.to_csv(folder / "detection_per_g.csv", index=False)
+    out.novel.to_csv(folder / "detection_novel.csv", index=False)
+    out.timings.to_csv(folder / "detection_timings.csv", index=False)
+    if not out.acquisitions.empty:
+        out.acquisitions.to_csv(folder / "detection_acquisitions.csv", index=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the detection benchmark and print its tables."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # the paper mode's rank-deficient ZCA warns once per fit (documented in RESULTS.md): keep the log readable
+    logging.getLogger("inspector").setLevel(logging.ERROR)
+    logging.getLogger("benchmarks.data").setLevel(logging.WARNING)
+    bc = config_from_args(args)
+    out = run(bc)
+    save(out, args.out)
+    print(summarise(out))
+    print(timing_table(out))
+    print(f"\ntotal {out.seconds:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
