@@ -475,7 +475,7 @@ def _poly_corr(f: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tenso
     r = torch.stack([(wf * g1).sum(dims), (wf * g2).sum(dims)], dim=-1)  # (B, 2)
     w1, w2 = w * g1, w * g2
     a, bb, c = (w1 * g1).sum(dims), (w1 * g2).sum(dims), (w2 * g2).sum(dims)
-    ridge = 1e-6 * (a + c) + 1e-12
+    ridge = 1e-7 * (a + c) + 1e-12
     a, c = a + ridge, c + ridge
     det = a * c - bb * bb
     # r' G^-1 r for the 2 x 2 Gram matrix G = [[a, bb], [bb, c]]

@@ -1,0 +1,423 @@
+"""Alignment-verified re-ranking: registration accuracy, verification scores, references and error paths.
+
+Real MRI: nilearn's MNI152 T1 template (bundled, offline). The template is exactly left-right symmetric,
+so the flip tests use sagittal slices (anterior-posterior x inferior-superior), where no flip is a symmetry.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose, assert_array_equal
+
+import inspector.align as A
+from inspector.align import (
+    FLIPS,
+    MEASURES,
+    Alignment,
+    apply_alignment,
+    apply_alignment_single,
+    canonical_flip,
+    pair_ncc,
+    register_pairs,
+    score_alignment,
+)
+from inspector.preprocess import affine_warp, normalise_volume, resize_square
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # the CI machine is shared; one thread avoids OpenMP barrier stalls under load
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def volume() -> np.ndarray:
+    nilearn_datasets = pytest.importorskip("nilearn.datasets")
+    img = nilearn_datasets.load_mni152_template(resolution=2)
+    return normalise_volume(np.asarray(img.get_fdata()), name="MNI152")
+
+
+def _slices(vol: np.ndarray, axis: int, idx: list[int] | np.ndarray, size: int = SIZE) -> np.ndarray:
+    return np.stack([resize_square(np.take(vol, int(i), axis=axis), size) for i in idx])
+
+
+def _flip_np(x: np.ndarray, flip: str) -> np.ndarray:
+    if flip == "hflip":
+        return x[..., :, ::-1]
+    if flip == "vflip":
+        return x[..., ::-1, :]
+    if flip == "hvflip":
+        return x[..., ::-1, ::-1]
+    return x
+
+
+def _make_copies(src: np.ndarray, seed: int, noise: float = 0.01) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Copies of src: flipped (cycling through all flips), then rotated/shifted/zoomed, plus Gaussian noise."""
+    rng = np.random.default_rng(seed)
+    n = len(src)
+    truth = {
+        "flip": np.asarray([FLIPS[i % 4] for i in range(n)], dtype=object),
+        "angle": rng.uniform(-12, 12, n).astype(np.float32),
+        "shift": rng.uniform(-0.08, 0.08, (n, 2)).astype(np.float32),
+        "scale": rng.uniform(0.87, 1.15, n).astype(np.float32),
+    }
+    flipped = np.stack([np.ascontiguousarray(_flip_np(s, f)) for s, f in zip(src, truth["flip"], strict=True)])
+    warped = affine_warp(
+        torch.from_numpy(flipped),
+        torch.from_numpy(truth["angle"]),
+        torch.from_numpy(truth["shift"]),
+        torch.from_numpy(truth["scale"]),
+    ).numpy()
+    fixed = np.clip(warped + rng.normal(0.0, noise, warped.shape), 0.0, 1.0).astype(np.float32)
+    return fixed, truth
+
+
+@pytest.fixture(scope="module")
+def sagittal(volume: np.ndarray) -> np.ndarray:
+    # one hemisphere of the symmetric template, so no two sources mirror each other
+    return _slices(volume, 0, [20, 24, 28, 32, 36, 40, 22, 30])
+
+
+@pytest.fixture(scope="module")
+def copies(sagittal: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], Alignment]:
+    fixed, truth = _make_copies(sagittal, seed=1)
+    return fixed, truth, register_pairs(fixed, sagittal, flips=None, device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# Registration accuracy on real MRI
+# ----------------------------------------------------------------------------------------------
+
+
+def test_recovers_known_transforms_and_flips(copies, sagittal):
+    fixed, truth, al = copies
+    assert len(al) == len(sagittal)
+    assert list(al.flip) == list(truth["flip"])
+    assert np.abs(al.angle - truth["angle"]).max() < 1.0
+    assert np.abs(al.shift - truth["shift"]).max() * SIZE < 1.0
+    assert np.abs(al.scale / truth["scale"] - 1).max() < 0.015
+    assert al.ncc.min() > 0.95
+    assert al.ncc.dtype == np.float32 and al.shift.shape == (len(sagittal), 2)
+    assert ((al.overlap > 0) & (al.overlap <= 1)).all()
+
+
+def test_given_flips_give_the_same_transform(copies, sagittal):
+    fixed, truth, al = copies
+    given = register_pairs(fixed, sagittal, flips=list(truth["flip"]), device="cpu")
+    assert list(given.flip) == list(truth["flip"])
+    assert_allclose(given.angle, al.angle, atol=0.05)
+    assert_allclose(given.shift, al.shift, atol=0.002)
+    assert_allclose(given.ncc, al.ncc, atol=1e-3)
+
+
+def test_feature_view_names_are_accepted(sagittal):
+    fixed = np.ascontiguousarray(sagittal[:2, :, ::-1])
+    al = register_pairs(fixed, sagittal[:2], flips=["h", "hflip"], device="cpu")
+    assert list(al.flip) == ["hflip", "hflip"]
+    assert canonical_flip("id") == "none" and canonical_flip("HVflip") == "hvflip"
+    assert al.ncc.min() > 0.99
+
+
+def test_recovers_transforms_on_axial_slices_with_rotation_only(volume):
+    src = _slices(volume, 2, [25, 35, 45, 55])
+    angles = np.asarray([-12.0, -6.0, 7.5, 12.0], np.float32)
+    fixed = affine_warp(torch.from_numpy(src), torch.from_numpy(angles)).numpy()
+    al = register_pairs(fixed, src, flips="none", device="cpu")
+    assert_allclose(al.angle, angles, atol=0.5)
+    assert_allclose(al.scale, 1.0, atol=0.01)
+    assert np.abs(al.shift).max() * SIZE < 0.5
+
+
+def test_copies_score_high_and_neighbour_slices_clearly_lower(volume):
+    rng = np.random.default_rng(3)
+    cases = [(0, [22, 28, 34, 40]), (1, [35, 55, 75, 90]), (2, [30, 40, 50, 60])]
+    src = np.concatenate([_slices(volume, a, idx) for a, idx in cases])
+    neighbours = np.concatenate([_slices(volume, a, [i + (3 + k % 4) for k, i in enumerate(idx)]) for a, idx in cases])
+    cp = np.clip(src + rng.normal(0.0, 0.01, src.shape), 0, 1).astype(np.float32)
+    for measure in ("poly_fg", "ncc"):
+        pos = register_pairs(cp, src, measure=measure, device="cpu").ncc
+        neg = register_pairs(neighbours, src, measure=measure, device="cpu").ncc
+        assert pos.min() > 0.95, measure
+        assert neg.max() < pos.min() - 0.01, (measure, neg.max(), pos.min())
+    # the default (foreground, quadratic intensity map) separates far better than plain NCC
+    pos = register_pairs(cp, src, device="cpu").ncc
+    neg = register_pairs(neighbours, src, device="cpu").ncc
+    assert neg.max() < 0.95 and np.median(pos) - np.median(neg) > 0.08
+
+
+def test_default_measure_is_robust_to_gamma(sagittal):
+    src = sagittal[:4]
+    fixed = src**0.7
+    default = register_pairs(fixed, src, flips="none", device="cpu").ncc
+    linear = register_pairs(fixed, src, flips="none", device="cpu", measure="ncc_fg").ncc
+    assert default.min() > 0.995
+    assert (default > linear).all()
+
+
+def test_aligned_image_reproduces_fixed(copies, sagittal):
+    fixed, _, al = copies
+    aligned = apply_alignment(sagittal, al)
+    assert aligned.shape == sagittal.shape and aligned.dtype == np.float32
+    inner = (slice(None), slice(8, -8), slice(8, -8))
+    err = np.abs(aligned - fixed)[inner].mean()
+    raw = np.abs(sagittal - fixed)[inner].mean()
+    assert err < 0.02 and err < raw / 4
+
+
+def test_apply_alignment_single_agrees_with_batch(copies, sagittal):
+    _, _, al = copies
+    batch = apply_alignment(sagittal, al)
+    for i in range(len(al)):
+        one = apply_alignment_single(sagittal[i], al.transform(i))
+        assert_allclose(one, batch[i], atol=1e-6)
+    # the transform is resolution-free: at 128 px it matches the 64 px result resampled
+    big = np.stack([resize_square(s, 128) for s in sagittal])
+    big_al = apply_alignment(big, al)
+    down = np.stack([resize_square(b, SIZE) for b in big_al])
+    assert np.abs(down - batch)[:, 8:-8, 8:-8].mean() < 0.01
+
+
+def test_apply_alignment_matches_flip_then_affine_warp(sagittal):
+    rng = np.random.default_rng(5)
+    n = 4
+    al = Alignment(
+        ncc=np.zeros(n),
+        angle=rng.uniform(-10, 10, n),
+        scale=rng.uniform(0.9, 1.1, n),
+        shift=rng.uniform(-0.05, 0.05, (n, 2)),
+        flip=list(FLIPS),
+    )
+    out = apply_alignment(sagittal[:n], al)
+    ref = np.stack(
+        [
+            affine_warp(
+                torch.from_numpy(np.ascontiguousarray(_flip_np(sagittal[i], FLIPS[i])))[None],
+                float(al.angle[i]),
+                tuple(al.shift[i].tolist()),
+                float(al.scale[i]),
+            )[0].numpy()
+            for i in range(n)
+        ]
+    )
+    assert_allclose(out, ref, atol=1e-6)
+
+
+def test_non_square_images(volume):
+    src = np.stack([np.take(volume, i, axis=0) for i in (24, 30)])  # (2, 117, 95)
+    fixed = affine_warp(torch.from_numpy(_slices(volume, 0, [24, 30])), 6.0).numpy()  # square 64 px copies
+    al = register_pairs(fixed, src, flips="none", device="cpu")
+    assert_allclose(al.angle, 6.0, atol=0.5)
+    out = apply_alignment(src, al)
+    assert out.shape == src.shape
+
+
+def test_score_alignment_reproduces_scores(copies, sagittal):
+    fixed, _, al = copies
+    assert_allclose(score_alignment(fixed, sagittal, al), al.ncc, atol=1e-5)
+    for m in MEASURES:
+        s = score_alignment(fixed, sagittal, al, measure=m)
+        assert s.shape == (len(al),) and (s > 0.9).all(), m
+
+
+def test_deterministic_on_cpu(sagittal):
+    fixed, _ = _make_copies(sagittal[:4], seed=9)
+    a = register_pairs(fixed, sagittal[:4], device="cpu", batch_size=3)
+    b = register_pairs(fixed, sagittal[:4], device="cpu", batch_size=3)
+    for key in ("ncc", "angle", "scale", "shift"):
+        assert_array_equal(getattr(a, key), getattr(b, key))
+    assert list(a.flip) == list(b.flip)
+    # batching does not change the result beyond float noise
+    c = register_pairs(fixed, sagittal[:4], device="cpu", batch_size=256)
+    assert_allclose(c.ncc, a.ncc, atol=1e-5)
+
+
+def test_progress_and_empty_input(sagittal):
+    calls = []
+    register_pairs(
+        sagittal[:3], sagittal[:3], flips="none", device="cpu", batch_size=2, progress=lambda *a: calls.append(a)
+    )
+    assert calls == [("aligning", 2, 3), ("aligning", 3, 3)]
+    empty = register_pairs(np.zeros((0, 32, 32)), np.zeros((0, 32, 32)), device="cpu")
+    assert len(empty) == 0 and empty.shift.shape == (0, 2)
+
+
+def test_constant_images_score_zero():
+    rng = np.random.default_rng(0)
+    img = rng.random((2, 32, 32)).astype(np.float32)
+    blank = np.zeros((2, 32, 32), np.float32)
+    al = register_pairs(blank, img, flips="none", device="cpu")
+    assert_array_equal(al.ncc, 0.0)
+    assert np.isfinite(al.angle).all() and np.isfinite(al.shift).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(copies, sagittal):  # pragma: no cover - no GPU in CI
+    fixed, _, al = copies
+    gpu = register_pairs(fixed, sagittal, device="cuda")
+    assert list(gpu.flip) == list(al.flip)
+    assert_allclose(gpu.ncc, al.ncc, atol=1e-3)
+    assert_allclose(gpu.angle, al.angle, atol=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# References for the building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def _ecc_step_reference(f, g, gx, gy, w, X, Y):
+    """ECC step written out pixel by pixel (Evangelidis & Psarakis 2008, eq. 21-23), float64."""
+    out_rho, out_dp = [], []
+    for i in range(f.shape[0]):
+        m = w[i] > 0
+        ir = f[i][m] - f[i][m].mean()
+        iw = g[i][m] - g[i][m].mean()
+        J = np.stack([gx[i] * X + gy[i] * Y, gy[i] * X - gx[i] * Y, gx[i], gy[i]], axis=1)[m]
+        J = J - J.mean(0)
+        H = J.T @ J
+        Hinv = np.linalg.inv(H)
+        proj_w = iw @ J @ Hinv @ J.T @ iw
+        proj_r = ir @ J @ Hinv @ J.T @ iw
+        lam = (iw @ iw - proj_w) / (ir @ iw - proj_r)
+        out_dp.append(Hinv @ J.T @ (lam * ir - iw))
+        out_rho.append(ir @ iw / np.sqrt((ir @ ir) * (iw @ iw)))
+    return np.asarray(out_rho), np.asarray(out_dp)
+
+
+def test_ecc_step_matches_reference():
+    rng = np.random.default_rng(0)
+    b, r = 3, 16
+    f = rng.random((b, r * r))
+    g = 0.8 * f + 0.2 * rng.random((b, r * r))
+    gx, gy = rng.normal(size=(b, r * r)), rng.normal(size=(b, r * r))
+    w = (rng.random((b, r * r)) > 0.2).astype(np.float64)
+    X, Y = (t.reshape(-1).numpy() for t in A._base_coords(r, torch.device("cpu"), torch.float64))
+    rho, dp, ok = A._ecc_step(*(torch.from_numpy(a) for a in (f, g, gx, gy, w, X, Y)))
+    ref_rho, ref_dp = _ecc_step_reference(f, g, gx, gy, w, X, Y)
+    assert ok.all()
+    assert_allclose(rho.numpy(), ref_rho, rtol=1e-10)
+    assert_allclose(dp.numpy(), ref_dp, rtol=1e-5, atol=1e-12)  # the solver's 1e-6 relative ridge
+
+
+def test_poly_corr_matches_least_squares():
+    rng = np.random.default_rng(1)
+    b, r = 4, 12
+    g = rng.random((b, r, r))
+    f = 0.3 + 0.5 * g**0.6 + 0.05 * rng.normal(size=(b, r, r))
+    f[3] = -f[3]  # anti-correlated: negative sign
+    w = (rng.random((b, r, r)) > 0.3).astype(np.float64)
+    got = A._poly_corr(torch.from_numpy(f), torch.from_numpy(g), torch.from_numpy(w)).numpy()
+    ref = []
+    for i in range(b):
+        m = w[i] > 0
+        design = np.stack([np.ones(m.sum()), g[i][m], g[i][m] ** 2], axis=1)
+        coef, *_ = np.linalg.lstsq(design, f[i][m], rcond=None)
+        resid = f[i][m] - design @ coef
+        r2 = 1 - resid @ resid / ((f[i][m] - f[i][m].mean()) ** 2).sum()
+        ref.append(np.sqrt(r2) * np.sign(np.corrcoef(f[i][m], g[i][m])[0, 1]))
+    assert_allclose(got, ref, rtol=1e-5)  # the 1e-7 relative ridge
+
+
+def test_weighted_ncc_and_pair_ncc_match_corrcoef():
+    rng = np.random.default_rng(2)
+    f, g = rng.random((3, 20, 20)), rng.random((3, 20, 20))
+    g[1] = 2.0 * f[1] + 0.1 * g[1]
+    w = (rng.random((3, 20, 20)) > 0.5).astype(np.float64)
+    got = A._weighted_ncc(torch.from_numpy(f), torch.from_numpy(g), torch.from_numpy(w)).numpy()
+    ref = [np.corrcoef(f[i][w[i] > 0], g[i][w[i] > 0])[0, 1] for i in range(3)]
+    assert_allclose(got, ref, rtol=1e-10)
+    raw = pair_ncc(f.astype(np.float32), g.astype(np.float32))
+    assert_allclose(raw, [np.corrcoef(f[i].ravel(), g[i].ravel())[0, 1] for i in range(3)], rtol=1e-4)
+
+
+def test_parameterisation_roundtrip_and_affine_warp_convention():
+    rng = np.random.default_rng(4)
+    ang = torch.from_numpy(rng.uniform(-20, 20, 6))
+    sc = torch.from_numpy(rng.uniform(0.8, 1.25, 6))
+    sh = torch.from_numpy(rng.uniform(-0.1, 0.1, (6, 2)))
+    p = A._params_from_similarity(ang, sc, sh)
+    a2, s2, h2 = A._similarity_from_params(p)
+    assert_allclose(a2.numpy(), ang.numpy(), atol=1e-9)
+    assert_allclose(s2.numpy(), sc.numpy(), rtol=1e-9)
+    assert_allclose(h2.numpy(), sh.numpy(), atol=1e-9)
+    # warping with the ECC parameters equals affine_warp with the similarity parameters
+    img = torch.from_numpy(rng.random((6, 24, 24)).astype(np.float32))
+    ours, _ = A._warp(img[:, None], p.float())
+    ref = affine_warp(img, ang.float(), sh.float(), sc.float())
+    assert_allclose(ours[:, 0].numpy(), ref.numpy(), atol=1e-5)
+
+
+def test_alignment_container():
+    al = Alignment(ncc=[0.9, 0.5], angle=[1, 2], scale=[1, 1.1], shift=[[0, 0], [0.1, -0.1]], flip=["id", "h"])
+    assert list(al.flip) == ["none", "hflip"]
+    t = al.transform(1)
+    assert t == {
+        "flip": "hflip",
+        "angle": 2.0,
+        "scale": pytest.approx(1.1),
+        "shift": [pytest.approx(0.1), pytest.approx(-0.1)],
+        "ncc": 0.5,
+    }
+    sub = al.take(np.array([True, False]))
+    assert len(sub) == 1 and sub.flip[0] == "none"
+    assert set(al.as_dict()) == {"ncc", "angle", "scale", "shift", "flip"}
+    with pytest.raises(ValueError, match="angle has 1 rows"):
+        Alignment(ncc=[0.9, 0.5], angle=[1], scale=[1, 1], shift=[[0, 0], [0, 0]], flip=["none", "none"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Error paths
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    good = np.zeros((2, 32, 32), np.float32)
+    with pytest.raises(ValueError, match=r"fixed must have shape \(N, H, W\)"):
+        register_pairs(good[0], good)
+    with pytest.raises(ValueError, match="fixed has 2 images but moving has 3"):
+        register_pairs(good, np.zeros((3, 32, 32)))
+    with pytest.raises(ValueError, match="Unknown flip 'diagonal'"):
+        register_pairs(good, good, flips=["none", "diagonal"])
+    with pytest.raises(ValueError, match="flips has 1 entries but there are 2 pairs"):
+        register_pairs(good, good, flips=["none"])
+    bad = good.copy()
+    bad[1, 3, 4] = np.nan
+    with pytest.raises(ValueError, match="moving holds 1 NaN/Inf values"):
+        register_pairs(good, bad)
+    with pytest.raises(ValueError, match="Unknown measure 'mi'"):
+        register_pairs(good, good, measure="mi")
+    with pytest.raises(ValueError, match="device must be"):
+        register_pairs(good, good, device="tpu")
+    with pytest.raises(ValueError, match="at least 8 x 8"):
+        register_pairs(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))
+    with pytest.raises(TypeError, match="numeric array"):
+        register_pairs(np.array([["a"] * 9] * 9, dtype=object)[None], good[:1])
+    with pytest.raises(ValueError, match="scale_range"):
+        register_pairs(good, good, scale_range=(1.1, 1.3))
+    with pytest.raises(ValueError, match="angle_starts"):
+        register_pairs(good, good, angle_starts=(30.0,), max_angle=15)
+
+
+def test_apply_alignment_errors():
+    al = Alignment(ncc=[1.0], angle=[0.0], scale=[1.0], shift=[[0.0, 0.0]], flip=["none"])
+    with pytest.raises(ValueError, match="alignment has 1 pairs but 2 moving images"):
+        apply_alignment(np.zeros((2, 16, 16)), al)
+    with pytest.raises(TypeError, match="must be an Alignment"):
+        apply_alignment(np.zeros((1, 16, 16)), {"angle": 0})
+    with pytest.raises(ValueError, match="one \\(H, W\\) image"):
+        apply_alignment_single(np.zeros((1, 16, 16)), {})
+    with pytest.raises(ValueError, match=r"transform\['shift'\] must be \[dx, dy\]"):
+        apply_alignment_single(np.zeros((16, 16)), {"shift": [0.1]})
+    with pytest.raises(ValueError, match="Unknown flip"):
+        apply_alignment_single(np.zeros((16, 16)), {"flip": "rot90"})
+    with pytest.raises(ValueError, match="positive finite"):
+        apply_alignment_single(np.zeros((16, 16)), {"scale": 0})
+    # defaults: an empty transform is the identity
+    img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
+    assert_allclose(apply_alignment_single(img, {}), img, atol=1e-6)
