@@ -62,6 +62,7 @@ METRICS = ("cosine", "ip")
 #   m = n =  20k: exact  9.7 s,  approximate  8.3 s -> 1.2x, recall@10 1.000
 #   m = n =  30k: exact 25.9 s,  approximate  8.4 s -> 3.1x, recall@10 1.000
 #   m = n = 100k: exact  267 s,  approximate 63 s   -> 4.2x, recall@10 0.9999
+# A second full run (load 7-11) gave 0.2x, 0.7x, 1.9x, 1.3x and 3.3x for the same sizes (recall@10 >= 0.9999).
 # Exact costs ~m*n*d; approximate costs a build that grows with n (k-means on up to 64 * 4 sqrt(n) rows, adding n
 # rows) plus m * (n * nprobe / nlist) * d, so it only pays when both m and n are large. Below ~20k x 20k it wins
 # nothing (and loses exactness); from 30k x 30k it is 3x faster. We switch at 5e8 query-base pairs with at least
