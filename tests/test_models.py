@@ -395,6 +395,28 @@ def test_dinov2_checkpoint_matches_independent_forward(tmp_path):
         assert_allclose(got[f"block{i}"].numpy(), ref[i], rtol=1e-4, atol=1e-4)
 
 
+def test_dinov2_training_state_uses_the_teacher(tmp_path):
+    teacher, student = to_dinov2(random_params(0, grid=4)), to_dinov2(random_params(1, grid=4))
+    state = {
+        "model": {
+            **{"teacher." + k: v for k, v in teacher.items()},
+            **{"student." + k: v for k, v in student.items()},
+            "dino_loss.center": torch.zeros(1, 16),
+        },
+        "iteration": 1000,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnusedWeightsWarning)
+        full = get_extractor("mri-core", checkpoint=str(save(state, tmp_path / "model_0001.pth")), **TINY)
+    only_t = get_extractor("mri-core", checkpoint=str(save({"teacher": teacher}, tmp_path / "t.pth")), **TINY)
+    only_s = get_extractor("mri-core", checkpoint=str(save({"student": student}, tmp_path / "s.pth")), **TINY)
+    imgs = torch.from_numpy(blob_images(2, 64, seed=1))
+    a, t, s = (e.forward_batch(imgs)["block3"].numpy() for e in (full, only_t, only_s))
+    assert_array_equal(a, t)
+    assert np.abs(a - s).max() > 1e-3
+    assert "dino_loss.center" in full.load_report.unused_expected
+
+
 def test_layerscale_is_applied(tmp_path):
     p = random_params(1, grid=4, cls=True, ls=True)
     sd = to_dinov2(p)

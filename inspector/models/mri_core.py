@@ -370,7 +370,17 @@ class LoadReport:
 _WRAPPERS = ("teacher", "model", "state_dict", "student")
 _PREFIX_FORMAT = {"image_encoder.": "sam", "backbone.": "dinov2"}
 # Outside the encoder: heads and SAM's other parts are expected leftovers.
-_EXPECTED_OUTSIDE = ("dino_head.", "ibot_head.", "head.", "prompt_encoder.", "mask_decoder.", "student.")
+_EXPECTED_OUTSIDE = (
+    "dino_head.",
+    "ibot_head.",
+    "head.",
+    "prompt_encoder.",
+    "mask_decoder.",
+    "student.",
+    "dino_loss.",
+    "ibot_patch_loss.",
+    "koleo_loss.",
+)
 # Inside the encoder: tokens, the final norm, the SAM neck.
 _EXPECTED_INSIDE = re.compile(r"^(cls_token|mask_token|register_tokens|norm\.|fc_norm\.|neck\.|head\.)")
 _CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
@@ -539,9 +549,7 @@ def convert_checkpoint(
     tensors, _ = _unwrap(checkpoint)
     keys = {k.removeprefix("module."): v for k, v in tensors.items()}
     if any(k.startswith("teacher.") for k in keys):  # a full DINOv2 training state: keep the teacher
-        keys = {
-            (k.removeprefix("teacher.") if k.startswith("teacher.") else "student." + k): v for k, v in keys.items()
-        }
+        keys = {k.removeprefix("teacher."): v for k, v in keys.items()}
     fmt, prefix = "bare", ""
     for pre, f in _PREFIX_FORMAT.items():
         if any(k.startswith(pre) for k in keys):
