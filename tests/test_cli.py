@@ -107,3 +107,10 @@ def test_scan_paper_mode(audit_cohorts, tmp_path, mode):
     assert code == 0
     scores = pd.read_csv(out / "scores.csv")
     assert scores["oni"].between(-1, 1).all()
+
+
+def test_bad_threads_exits_2(audit_cohorts, tmp_path, capsys):
+    p = audit_cohorts
+    args = ["scan", "--train", str(p["train"]), "--synthetic", str(p["synthetic"]), "--threads", "0"]
+    assert main([*args, "--out", str(tmp_path)]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
