@@ -6,17 +6,20 @@ normalised cross-correlation (NCC) over the aligned overlap. A copy (even rotate
 flipped, noisy or intensity-changed) aligns to its source almost perfectly; a different slice of the same
 subject a few millimetres away does not.
 
-The search is batched over pairs in torch (CUDA when present) and has three stages:
+The search is batched over pairs in torch (CUDA when present, deterministic on CPU), with no per-pair
+Python loop, in three stages:
 
-1. **Coarse grid** at ``coarse_size`` pixels: for every flip, angle and scale on a grid, the masked NCC
-   over *all* integer shifts within ``max_shift`` is computed at once with FFTs (Padfield's masked
-   correlation), so the best shift of each grid point comes for free. The best grid point per pair wins.
-2. **Refinement** by the enhanced correlation coefficient algorithm (ECC; Evangelidis & Psarakis 2008),
-   a Gauss-Newton maximisation of the (weighted, zero-mean) correlation coefficient with a closed-form
-   step, first at ``coarse_size`` and then at ``size`` pixels. The moving image's validity mask is warped
-   along and used as the weight, so zero padding is never scored. The best iterate per pair is kept, so
-   refinement never lowers the coarse score.
-3. **Score** of the final transform at ``size`` pixels with the chosen ``measure``.
+1. **Coarse level** at ``coarse_size`` pixels (32): for every candidate flip (one if the caller knows it from
+   the feature match, else all four) and starting angle, the enhanced correlation coefficient algorithm
+   (ECC; Evangelidis & Psarakis 2008) maximises the masked correlation: a Gauss-Newton ascent with a
+   closed-form step, computed from one 7 x 7 Gram matrix per pair and iteration. Its basin on brain slices
+   is wide (it converged from 15 degrees, 15 % zoom and 12 % shift off on every MNI slice tried), so a
+   grid over angles and scales is unnecessary: one start per flip suffices up to ``max_angle = 20``.
+2. **Fine level** at ``size`` pixels (64): the best coarse candidate(s) are refined with a few more ECC
+   iterations. The moving image's validity mask is warped along and used as the weight, so zero padding
+   is never scored. The best iterate within the bounds is kept.
+3. **Score** of the final transform at ``size`` pixels with the chosen ``measure`` (default ``poly_fg``:
+   correlation after a quadratic intensity map, over the head's foreground; see :func:`register_pairs`).
 
 Transforms follow :func:`inspector.preprocess.affine_warp`: ``apply_alignment`` flips the moving image,
 then calls ``affine_warp(image, angle, shift, scale)``; the result lies in the fixed image's frame. The
@@ -550,7 +553,7 @@ def register_pairs(
     max_shift: float = 0.15,
     angle_starts: Sequence[float] | None = None,
     coarse_size: int = 32,
-    iterations: tuple[int, int] = (10, 10),
+    iterations: tuple[int, int] = (8, 5),
     flip_candidates: int = 2,
     measure: str = "poly_fg",
     progress: ProgressFn | None = None,
@@ -581,7 +584,8 @@ def register_pairs(
         Largest shift accepted on each axis, fraction of the field of view.
     angle_starts : sequence of float, optional
         Starting angles of the coarse ECC runs (every start x every flip is refined at ``coarse_size``).
-        Default: ``(0,)`` when ``max_angle <= 10`` else ``(-2/3, 0, 2/3) * max_angle``.
+        Default: ``(0,)`` when ``max_angle <= 20`` (ECC converged from 15 degrees off, with 15 % zoom and 12 %
+        shift, on every MNI slice tried) else ``(-2/3, 0, 2/3) * max_angle``.
     coarse_size : int
         Resolution of the coarse (multi-start) level.
     iterations : (int, int)
@@ -639,7 +643,7 @@ def register_pairs(
     if it_coarse < 0 or it_fine < 0:
         raise ValueError(f"iterations must be two non-negative integers; got {iterations}.")
     if angle_starts is None:
-        angle_starts = (0.0,) if max_angle <= 10 else (-2.0 * max_angle / 3.0, 0.0, 2.0 * max_angle / 3.0)
+        angle_starts = (0.0,) if max_angle <= 20 else (-2.0 * max_angle / 3.0, 0.0, 2.0 * max_angle / 3.0)
     starts = [float(a) for a in angle_starts]
     if not starts or any(abs(a) > max_angle for a in starts):
         raise ValueError(f"angle_starts must be a non-empty list within +-max_angle={max_angle}; got {angle_starts}.")
@@ -699,13 +703,13 @@ def register_pairs(
         p = p.view(b, k, 4)[ar, pick]
         overlap = overlap.view(b, k)[ar, pick]
         if flip_arr is None:
-            chosen = top[ar, pick].cpu().numpy()
-            out_flip.append(np.asarray([FLIPS[i] for i in chosen], dtype=object))
+            out_flip.append(np.asarray(FLIPS, dtype=object)[top[ar, pick].cpu().numpy()])
         else:
             out_flip.append(flip_arr[start:stop])
         out_ncc.append(score.cpu())
         out_p.append(p.cpu())
         out_ov.append(overlap.cpu())
+        log.debug("registered pairs %d-%d of %d (flips tried: %d, kept: %d)", start, stop, n, v, k)
         if progress is not None:
             progress("aligning", stop, n)
     angle, scale, shift = _similarity_from_params(torch.cat(out_p).double())
