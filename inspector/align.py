@@ -801,7 +801,7 @@ def apply_alignment(moving: np.ndarray, alignment: Alignment) -> np.ndarray:
     """
     x = _check_stack(moving, "moving")
     _check_alignment_rows(alignment, x.shape[0])
-    t = _flip_each(torch.from_numpy(np.ascontiguousarray(x)), alignment.flip)
+    t = _flip_each(torch.from_numpy(np.array(x, dtype=np.float32, order="C", copy=True)), alignment.flip)
     out = _warp_native(
         t,
         torch.from_numpy(alignment.angle.astype(np.float32)),
