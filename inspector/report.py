@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from .cache import atomic_write_bytes
+from .result import _jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .result import AuditResult
@@ -1758,17 +1759,3 @@ def _finite_or_none(x: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return _jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return obj.as_posix()
-    return obj

@@ -445,7 +445,7 @@ class AuditResult:
         }
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write ``scores.csv``, ``summary.json``, ``subjects.csv``, ``audit.npz`` and the pair evidence into ``out_dir``.
+        """Write ``scores.csv``, ``summary.json``, ``subjects.csv``, ``audit.npz`` and the evidence into ``out_dir``.
 
         The evidence (``evidence.npz`` + ``manifest.json``: images of flagged pairs, input file hashes) lets
         ``inspector report`` build the release report from the folder alone.
@@ -489,6 +489,8 @@ def _jsonable(obj: Any) -> Any:
         return _jsonable(obj.item())
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
+    if isinstance(obj, Path):
+        return obj.as_posix()
     return obj
 
 
