@@ -38,7 +38,7 @@ from .preprocess import PreprocessConfig
 from .result import AuditConfig, AuditResult, gate, versions, wilson_interval
 from .types import Cohort
 
-__all__ = ["audit", "AuditConfig", "AuditResult", "gate", "load_inputs", "InsufficientDataError"]
+__all__ = ["audit", "default_scorer", "AuditConfig", "AuditResult", "gate", "load_inputs", "InsufficientDataError"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,23 @@ def _subjects_table(table: pd.DataFrame, t: Cohort) -> pd.DataFrame:
     )
 
 
+def default_scorer(cfg: AuditConfig) -> Any:
+    """The default mode's :class:`~inspector.matching.MemorizationScorer`, configured from ``cfg`` (unfitted).
+
+    The one place the audit's settings become the scorer's, shared with the benchmarks so that they
+    measure exactly what the product runs.
+    """
+    from .matching import MemorizationScorer
+
+    return MemorizationScorer(
+        shortlist=cfg.shortlist,
+        top_k=cfg.top_k,
+        rerank=cfg.rerank,
+        align_size=cfg.align_size,
+        device=cfg.device,
+    )
+
+
 def audit(
     train: str | Path | Cohort,
     synthetic: str | Path | Cohort,
@@ -202,7 +219,6 @@ def audit(
         Too few slices or subjects for the requested null.
     """
     from .features import extract, prepare_extractor
-    from .matching import MemorizationScorer
     from .scores import (
         PaperScorer,
         benjamini_hochberg,
@@ -247,13 +263,7 @@ def audit(
     img_t = _images(T, cfg.size)
     img_g = _images(G, cfg.size)
     if cfg.mode == "default":
-        scorer = MemorizationScorer(
-            shortlist=cfg.shortlist,
-            top_k=cfg.top_k,
-            rerank=cfg.rerank,
-            align_size=cfg.align_size,
-            device=cfg.device,
-        ).fit(FT.layers, images=img_t, groups=train_subj)
+        scorer = default_scorer(cfg).fit(FT.layers, images=img_t, groups=train_subj)
         res = scorer.score_samples(FG.views, images=img_g, progress=progress, stage="synthetic")
         if FH is not None:
             nres = scorer.score_samples(FH.views, images=_images(H, cfg.size), progress=progress, stage="holdout")
