@@ -161,6 +161,24 @@ class SliceBank:
         """Slices per acquisition."""
         return dict(Counter(self.acquisition.tolist()))
 
+    def subset(self, indices: Sequence[int] | np.ndarray) -> SliceBank:
+        """A bank of the slices at ``indices`` (in that order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return SliceBank(**{f.name: getattr(self, f.name)[idx] for f in dataclasses.fields(SliceBank)})
+
+    def sample(self, n: int, seed: int) -> SliceBank:
+        """A seeded subset of ``n`` slices, every acquisition kept in proportion (at least one slice each)."""
+        if not 0 < n <= len(self):
+            raise BenchmarkDataError(f"Cannot sample {n} of {len(self)} slices.")
+        rng = np.random.default_rng([seed, 606])
+        counts = self.counts()
+        take = {a: max(1, int(round(n * c / len(self)))) for a, c in counts.items()}
+        keep = []
+        for a in sorted(take):
+            pool = np.flatnonzero(self.acquisition == a)
+            keep.extend(rng.choice(pool, size=min(take[a], len(pool)), replace=False).tolist())
+        return self.subset(np.sort(np.asarray(keep)))
+
 
 def _bank_key(size: int, sources: Sequence[str]) -> str:
     b = builder()
