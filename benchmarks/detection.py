@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from inspector.audit import _concat_space
+from inspector.audit import _concat_space, _extractor_overrides, default_scorer
 from inspector.baselines import auth_pct, ct_score, dcr, pixel_correlation
 from inspector.features import FLIP_VIEWS, VIEWS, Features, extract, prepare_extractor
 from inspector.matching import MemorizationScorer
@@ -125,6 +125,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "allflips+shortlist=10": {"scorer": "allflips", "shortlist": 10},
 }
 DEFAULT_N_G = 48
+#: Seeds of the full run.
+FULL_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 ROTATION_VIEWS: tuple[str, ...] = VIEWS  # flips and +-5, +-10 degree rotations
 
 
@@ -258,7 +260,7 @@ class BenchConfig:
     mri_core_checkpoint : str or None
     """
 
-    seeds: Sequence[int] = (0, 1, 2)
+    seeds: Sequence[int] = FULL_SEEDS
     splits: Sequence[str] = ("slice", "subject")
     conditions: Sequence[str] = tuple(CONDITIONS)
     rates: Sequence[float] = RATES
@@ -305,10 +307,9 @@ def _audit_config(seed: int, **overrides: Any) -> AuditConfig:
 
 
 def _extractor_kw(cfg: AuditConfig, backbone: str, checkpoint: str | None) -> dict[str, Any]:
-    kw: dict[str, Any] = {"device": cfg.device, "seed": cfg.seed}
-    if backbone == "mri-core":
-        kw["checkpoint"] = checkpoint
-    return kw
+    """The audit's extractor overrides for ``backbone`` (device, seed, layers, checkpoint)."""
+    ck = checkpoint if backbone == "mri-core" else None
+    return _extractor_overrides(dataclasses.replace(cfg, extractor=backbone, checkpoint=ck))
 
 
 def _small(x: np.ndarray, s: int) -> np.ndarray:
@@ -365,13 +366,9 @@ def _default_scores(
     -------
     ({"similarity", "feature"} -> unseen scores (n_U,), {"similarity", "feature"} -> {condition: (k,)})
     """
-    scorer = scorer_cls(
-        shortlist=cfg.shortlist,
-        top_k=cfg.top_k,
-        rerank=cfg.rerank,
-        align_size=cfg.align_size,
-        device=cfg.device,
-    ).fit(FT.layers, images=img_t, groups=groups)
+    base = default_scorer(cfg)  # the audit's own mapping of AuditConfig to the scorer
+    scorer = base if scorer_cls is type(base) else scorer_cls(**vars(base))
+    scorer.fit(FT.layers, images=img_t, groups=groups)
     views = tuple(cfg.views)
     ru = scorer.score_samples({v: FU.views[v] for v in views}, images=img_u)
     un = {"similarity": ru.similarity.astype(np.float64), "feature": ru.feature_similarity.astype(np.float64)}
@@ -704,6 +701,7 @@ class RunOutput:
     novel: pd.DataFrame
     acquisitions: pd.DataFrame
     splits: list[str]
+    split_info: pd.DataFrame
     timings: pd.DataFrame
     encoders: pd.DataFrame
     seconds: float
@@ -715,13 +713,24 @@ def run(bc: BenchConfig, progress: Callable[[str], None] | None = None) -> RunOu
     """Run the detection benchmark for every split and seed of ``bc``."""
     t0 = time.perf_counter()
     bank = load_bank()
-    per_g, novel, acq, timings, encoders, described = [], [], [], [], [], []
+    per_g, novel, acq, timings, encoders, described, info = [], [], [], [], [], [], []
     say = progress or (lambda msg: log.info(msg))
     for kind in bc.splits:
         for seed in bc.seeds:
             t1 = time.perf_counter()
             sp = make_split(bank, kind, seed)
             described.append(sp.describe())
+            info.append(
+                {
+                    "split": kind,
+                    "seed": seed,
+                    "n_train": len(sp.train),
+                    "n_unseen": len(sp.unseen),
+                    "min_holdout": min(len(sp.holdout(f)) for f in range(sp.n_folds)),
+                    "min_novel": min(len(sp.novel(f)) for f in range(sp.n_folds)),
+                    "train_acquisitions": ";".join(sp.train_acquisitions),
+                }
+            )
             say(sp.describe())
             r = score_seed(bank, sp, bc, conditions=bc.conditions, progress=say)
             g, n = evaluate(r, bc, AuditConfig().alpha)
@@ -742,6 +751,7 @@ def run(bc: BenchConfig, progress: Callable[[str], None] | None = None) -> RunOu
         novel=pd.concat(novel, ignore_index=True),
         acquisitions=pd.concat(acq, ignore_index=True) if acq else pd.DataFrame(),
         splits=described,
+        split_info=pd.DataFrame(info),
         timings=pd.DataFrame(timings),
         encoders=pd.DataFrame(encoders),
         seconds=time.perf_counter() - t0,
@@ -1037,7 +1047,7 @@ def summarise(out: RunOutput) -> str:
                 parts.append(f"\n### {split.capitalize()}-level split: default mode ({b}), TPR at 1 % FPR per rate\n")
                 parts.append(rate_table(pg, split, f"default/{b}", "tpr1"))
         if split == "subject":
-            for m in ("default/ssl", "paper/ssl"):
+            for m in [f"default/{b}" for b in backbones] + ["paper/ssl"]:
                 parts.append(f"\n### Subject split: held-out acquisitions, {_label(m)} (pooled over seeds)\n")
                 parts.append(acquisition_table(out.acquisitions, nv, m))
     # settings comparison
@@ -1135,20 +1145,46 @@ def _seed_summary(pg: pd.DataFrame, split: str, method: str, conds: Sequence[str
 
 
 def compare(pg: pd.DataFrame, a: str, b: str, conds: Sequence[str], split: str = "slice") -> dict[str, Any] | None:
-    """Is ``a`` better than ``b`` on every seed? Per-seed mean AUC, mean TPR at 1 % FPR and min AUC."""
+    """Is ``a`` better than ``b`` on every seed? Per seed: mean AUC, mean TPR at 1 % FPR, min AUC over ``conds``.
+
+    ``better``: on every seed neither mean AUC nor mean TPR is lower and at least one is higher (by > 1e-4);
+    ``worse``: the reverse. Otherwise the seeds disagree.
+    """
     sa, sb = _seed_summary(pg, split, a, conds), _seed_summary(pg, split, b, conds)
     if sa.empty or sb.empty:
         return None
     seeds = sorted(set(sa.index) & set(sb.index))
-    da = sa.loc[seeds] - sb.loc[seeds]
-    better = bool(((da["auc"] >= 0) & (da["tpr1"] >= 0)).all() and ((da["auc"] > 1e-4) | (da["tpr1"] > 1e-4)).all())
-    worse = bool(((da["auc"] <= 0) & (da["tpr1"] <= 0)).all() and ((da["auc"] < -1e-4) | (da["tpr1"] < -1e-4)).all())
-    text = "; ".join(
-        f"seed {s}: AUC {sa.loc[s, 'auc']:.4f} vs {sb.loc[s, 'auc']:.4f}, TPR@1% {sa.loc[s, 'tpr1']:.3f} vs "
-        f"{sb.loc[s, 'tpr1']:.3f}, min AUC {sa.loc[s, 'min_auc']:.3f} vs {sb.loc[s, 'min_auc']:.3f}"
-        for s in seeds
-    )
-    return {"better": better, "worse": worse, "text": text, "seeds": seeds}
+    sa, sb = sa.loc[seeds], sb.loc[seeds]
+    da = sa - sb
+    up = (da["auc"] >= 0) & (da["tpr1"] >= 0) & ((da["auc"] > 1e-4) | (da["tpr1"] > 1e-4))
+    down = (da["auc"] <= 0) & (da["tpr1"] <= 0) & ((da["auc"] < -1e-4) | (da["tpr1"] < -1e-4))
+    return {
+        "better": bool(up.all()),
+        "worse": bool(down.all()),
+        "n_better": int(up.sum()),
+        "n_worse": int(down.sum()),
+        "seeds": seeds,
+        "a": sa,
+        "b": sb,
+    }
+
+
+def _cmp_cells(v: dict[str, Any]) -> list[str]:
+    a, b = v["a"], v["b"]
+    n = len(v["seeds"])
+    if v["better"]:
+        verdict = f"better on {n}/{n} seeds"
+    elif v["worse"]:
+        verdict = f"worse on {n}/{n} seeds"
+    else:
+        verdict = f"mixed: better on {v['n_better']}, worse on {v['n_worse']} of {n} seeds"
+    return [
+        verdict,
+        f"{a['auc'].mean():.4f} vs {b['auc'].mean():.4f}",
+        f"{a['tpr1'].mean():.3f} vs {b['tpr1'].mean():.3f}",
+        f"{a['min_auc'].mean():.3f} vs {b['min_auc'].mean():.3f}",
+        f"{(a['auc'] - b['auc']).min():+.4f} … {(a['auc'] - b['auc']).max():+.4f}",
+    ]
 
 
 def recommendations(out: RunOutput) -> list[str]:
@@ -1157,64 +1193,99 @@ def recommendations(out: RunOutput) -> list[str]:
     bc = out.config
     cfg = AuditConfig()
     conds = list(bc.conditions)
-    lines: list[str] = []
     methods = set(pg["method"])
     backbones = [b for b in bc.backbones if f"default/{b}" in methods]
-    # backbone
-    if len(backbones) >= 2:
-        ranked = sorted(
-            backbones, key=lambda b: -float(_seed_summary(pg, "slice", f"default/{b}", conds)["auc"].mean())
-        )
-        best = ranked[0]
-        verdicts = [compare(pg, f"default/{best}", f"default/{b}", conds) for b in ranked[1:]]
-        if all(v and v["better"] for v in verdicts):
-            choice = best
-            why = "better on every seed (mean AUC and mean TPR at 1 % FPR over all conditions)"
-        else:
-            choice = cfg.extractor
-            why = "no backbone is better on every seed, so AuditConfig's choice stands"
-        lines.append(
-            f"- **Extractor: `{choice}`** ({why}; AuditConfig currently says `{cfg.extractor}`). "
-            + " ".join(
-                f"default/{best} vs default/{b}: {v['text']}." for b, v in zip(ranked[1:], verdicts, strict=True) if v
-            )
-        )
-        if choice != cfg.extractor:
-            lines.append(
-                f"  Recommendation: change `AuditConfig.extractor` from `{cfg.extractor}` to `{choice}` "
-                "(not edited here: inspector/result.py belongs to the lead)."
-            )
-    # re-ranking
-    for b in backbones:
-        v = compare(pg, f"default/{b}", f"norerank/{b}", conds)
+    rows: list[list[str]] = []
+    lines: list[str] = []
+
+    def add(what: str, a: str, b: str, cs: Sequence[str]) -> dict[str, Any] | None:
+        v = compare(pg, a, b, cs)
         if v:
-            state = "keep on" if v["better"] else ("turn off" if v["worse"] else "no clear difference")
-            lines.append(f"- **Re-ranking ({b}): {state}.** With vs without: {v['text']}.")
-    # views
+            rows.append([what, *_cmp_cells(v)])
+        return v
+
+    choice = cfg.extractor
+    for i, x in enumerate(backbones):
+        for y in backbones[i + 1 :]:
+            v = add(f"extractor: default/{x} vs default/{y}", f"default/{x}", f"default/{y}", conds)
+            if v and (v["better"] or v["worse"]):
+                choice = x if v["better"] else y
+            w = f"abl:allflips+shortlist=10/{x}", f"abl:allflips+shortlist=10/{y}"
+            if all(m in methods for m in w):
+                add(f"extractor, with the proposed scorer: {x} vs {y}", *w, list(bc.ablation_conditions))
     for b in backbones:
-        v1 = compare(pg, f"feat-rot/{b}", f"norerank/{b}", conds)
-        v2 = compare(pg, f"norerank/{b}", f"feat-id/{b}", conds)
-        if v1 and v2:
-            lines.append(
-                f"- **Views, features only ({b}):** flips vs identity only: "
-                f"{'flips better on every seed' if v2['better'] else 'not better on every seed'} ({v2['text']}). "
-                f"Flips + ±5°/±10° rotations vs flips: "
-                f"{'better on every seed' if v1['better'] else 'not better on every seed'} ({v1['text']})."
-            )
-    abl = sorted(m for m in methods if m.startswith("abl:"))
-    ac = list(bc.ablation_conditions)
-    for m in abl:
+        add(f"re-ranking on vs off ({b})", f"default/{b}", f"norerank/{b}", conds)
+        add(f"features only: flip views vs identity ({b})", f"norerank/{b}", f"feat-id/{b}", conds)
+        add(f"features only: flips+rotations vs flips ({b})", f"feat-rot/{b}", f"norerank/{b}", conds)
+    recommended: list[str] = []
+    for m in sorted((m for m in methods if m.startswith("abl:")), key=lambda m: (m.split("/")[1], m)):
         name, b = m[4:].split("/", 1)
-        v = compare(pg, m, f"default/{b}", ac)
-        if v:
-            if v["better"]:
-                state = f"better than the default on every seed: recommend `{name}`"
-            elif v["worse"]:
-                state = "worse on every seed: keep the default"
-            else:
-                state = "not better on every seed: keep the default"
-            lines.append(f"- **{name}** (registered, {b}, {len(ac)} conditions): {state}. {v['text']}.")
+        v = add(f"`{name}` vs AuditConfig ({b})", m, f"default/{b}", list(bc.ablation_conditions))
+        if v and v["better"] and b == choice:
+            recommended.append(name)
+    lines.append(
+        "Each row compares two methods on every seed of the slice split (all conditions): mean ROC-AUC, mean TPR at "
+        "1 % FPR and the worst condition's AUC, averaged over seeds, and the range of the per-seed AUC difference. "
+        "A setting is recommended only if it is better on every seed.\n"
+    )
+    lines.append(
+        _md_table(
+            [
+                "comparison (first vs second)",
+                "verdict",
+                "mean AUC",
+                "mean TPR@1%",
+                "worst-condition AUC",
+                "ΔAUC per seed",
+            ],
+            rows,
+        )
+    )
+    lines.append("")
+    if choice == cfg.extractor:
+        lines.append(f"- **Extractor: keep `{cfg.extractor}`** (AuditConfig's current choice; see the first row).")
+    else:
+        lines.append(
+            f"- **Extractor: `{choice}`** is better on every seed than AuditConfig's `{cfg.extractor}`: change "
+            "`AuditConfig.extractor` (inspector/result.py, not edited here)."
+        )
+    settings = [r for r in recommended if not r.startswith("allflips")]
+    proposed = [r for r in recommended if r.startswith("allflips")]
+    if settings:
+        lines.append(
+            f"- **AuditConfig settings better on every seed ({choice}):** {', '.join(f'`{r}`' for r in settings)}."
+        )
+    else:
+        lines.append(
+            f"- **AuditConfig settings:** no tried setting is better on every seed with `{choice}`; keep them."
+        )
+    if proposed:
+        lines.append(
+            "- **Library change (proposed, not the product yet):** "
+            + ", ".join(f"`{r}`" for r in proposed)
+            + f" is better on every seed with `{choice}`: register every shortlisted candidate under all four flips "
+            "(`register_pairs(..., flips=None)` in `MemorizationScorer._rerank`) instead of only the flip of the view "
+            "it was shortlisted under (see the notes at the end)."
+        )
     return lines
+
+
+def _span(out: RunOutput, split: str, col: str) -> str:
+    """'a' or 'a-b' over the seeds of one split ('—' when the split was not run)."""
+    d = out.split_info
+    x = d.loc[d["split"] == split, col] if len(d) else pd.Series(dtype=int)
+    if x.empty:
+        return "—"
+    lo, hi = int(x.min()), int(x.max())
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
+def _train_acqs(out: RunOutput) -> str:
+    d = out.split_info
+    if d.empty or not (d["split"] == "subject").any():
+        return "—"
+    sub = d[d["split"] == "subject"]
+    return "; ".join(f"seed {r.seed}: {r.train_acquisitions.replace(';', ', ')}" for r in sub.itertuples())
 
 
 def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
@@ -1232,12 +1303,14 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
         "apart within a volume and axis, resized to the audit's 128 px). The MNI template is exactly left-right "
         "symmetric: only one sagittal hemisphere is used, and its axial/coronal slices (their own mirror image) are "
         "never the source of an `hflip`/`combo` copy (such a copy would be an exact copy, i.e. `none`). "
-        f"**Slice-level split** (as the paper): T = 127 slices (<= 128 so that the contrastive encoder trains one "
-        "batch per epoch), the other 194 dealt to 3 folds per (volume, axis) stratum; for fold f, H = the other "
-        "two folds (129+ slices, so p <= 0.01 is reachable) and the novel pool = fold f (64+ slices): H and G never "
-        "share a slice, and every unseen slice is scored as novel once per seed. **Subject-level split**: whole "
-        "acquisitions go to T (80-128 slices; the 126-slice MNI template is therefore always unseen), the rest to "
-        f"3 folds as above. **G**: fixed size {bc.n_g}, d in {{5, 15, 30, 45}} % "
+        f"**Slice-level split** (as the paper): T = {_span(out, 'slice', 'n_train')} slices, the other "
+        f"{_span(out, 'slice', 'n_unseen')} dealt to 3 folds per (volume, axis) stratum; for fold f, H = the other "
+        f"two folds ({_span(out, 'slice', 'min_holdout')}+ slices, so p <= 0.01 is reachable) and the novel pool = "
+        f"fold f ({_span(out, 'slice', 'min_novel')}+ slices): H and G never share a slice, and every unseen slice "
+        "is scored as novel once per seed. **Subject-level split**: whole acquisitions go to T "
+        f"({_span(out, 'subject', 'n_train')} slices; a seeded choice among the partitions that leave >= 149 unseen "
+        f"slices), the rest ({_span(out, 'subject', 'n_unseen')}) to 3 folds as above; T's acquisitions per seed: "
+        f"{_train_acqs(out)}. **G**: fixed size {bc.n_g}, d in {{5, 15, 30, 45}} % "
         f"({', '.join(str(n_copies(r, bc.n_g)) for r in bc.rates)} copies), {bc.n_draws} random G per fold, rate "
         "and seed; copies are training slices through the condition, always applied. Per-slice scores are computed "
         "once per condition and the G of every rate are subsets (a slice's score depends only on T and the null).\n"
@@ -1278,29 +1351,48 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
             tag = " (AuditConfig's current default)" if m == default_method else ""
             parts.append(f"\n### Targets of issue 7, {_label(m)}{tag}, {split}-level split\n")
             parts.append(_md_table(["target", "measured (mean over seeds)", "met", "shortfall"], rows))
+    for b in backbones:
+        m = f"abl:allflips+shortlist=10/{b}"
+        rows = targets(out, m, "slice") if m in set(pg["method"]) else []
+        if rows:
+            parts.append(
+                f"\n### Targets with the proposed library change (`allflips`, shortlist 10), {b}, slice-level split\n"
+            )
+            parts.append(_md_table(["target", "measured (mean over seeds)", "met", "shortfall"], rows))
     parts.append("\n### Choice of the default extractor and settings (evidence on every seed, slice split)\n")
     parts.extend(recommendations(out))
     return "\n".join(parts) + "\n"
 
 
 def timing_table(out: RunOutput) -> str:
-    """Wall time per (split, seed) and stage."""
+    """Wall time per (split, seed), grouped by stage."""
     t = out.timings.copy()
-    cols = [c for c in t.columns if c not in ("split", "seed")]
-    rows = [
-        [str(r["split"]), str(r["seed"])] + [f"{r[c]:.0f}" if pd.notna(r[c]) else "—" for c in cols]
-        for _, r in t.iterrows()
-    ]
+    groups = {
+        "encoder training/loading": lambda c: c.endswith(":prepare"),
+        "copies + extraction": lambda c: c == "copies" or c.endswith(":extract"),
+        "paper mode": lambda c: c.endswith(":paper"),
+        "default mode": lambda c: c.endswith(":default"),
+        "registered ablations": lambda c: ":abl:" in c,
+        "baselines": lambda c: c.endswith(":baselines") or c == "pixcorr",
+        "evaluation": lambda c: c == "evaluate",
+        "total": lambda c: c == "total",
+    }
+    rows = []
+    for _, r in t.iterrows():
+        cells = [str(r["split"]), str(r["seed"])]
+        for pick in groups.values():
+            cols = [c for c in t.columns if c not in ("split", "seed") and pick(c)]
+            cells.append(f"{np.nansum([r[c] for c in cols]):.0f}" if cols else "—")
+        rows.append(cells)
+    lines = [_md_table(["split", "seed", *[f"{g} (s)" for g in groups]], rows)]
     enc = out.encoders
-    lines = [_md_table(["split", "seed", *[f"{c} (s)" for c in cols]], rows)]
     if not enc.empty:
         ssl = enc[enc["backbone"] == "ssl"]
         if not ssl.empty:
             trained = ssl.loc[~ssl["from_cache"], "train_seconds"]
             med = float(trained.median()) if len(trained) else float("nan")
             lines.append(
-                f"\nssl encoders: {int((~ssl['from_cache']).sum())} trained in this run (median "
-                f"{med:.0f} s each), "
+                f"\nssl encoders: {int((~ssl['from_cache']).sum())} trained in this run (median {med:.0f} s each), "
                 f"{int(ssl['from_cache'].sum())} loaded from the weight cache."
             )
     return "\n".join(lines)
@@ -1314,7 +1406,7 @@ def timing_table(out: RunOutput) -> str:
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """BenchConfig from parsed command-line arguments."""
     quick = bool(args.quick)
-    seeds = args.seeds if args.seeds is not None else ([0] if quick else [0, 1, 2])
+    seeds = args.seeds if args.seeds is not None else ([0] if quick else list(FULL_SEEDS))
     splits = args.splits if args.splits is not None else (["slice"] if quick else ["slice", "subject"])
     conds = args.conditions if args.conditions is not None else (list(QUICK_CONDITIONS) if quick else list(CONDITIONS))
     backbones = list(args.backbones)
@@ -1345,8 +1437,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--subject-default-backbones",
         nargs="+",
-        default=["ssl"],
-        help="backbones of the registered default mode in the subject split (default: ssl, to save time)",
+        default=None,
+        help="backbones of the registered default mode in the subject split (default: all)",
     )
     ap.add_argument("--n-g", type=int, default=DEFAULT_N_G, help=f"fixed size of G (default {DEFAULT_N_G})")
     ap.add_argument("--draws", type=int, default=2, help="random G per fold, rate and seed (default 2)")
@@ -1358,8 +1450,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def save(out: RunOutput, folder: Path) -> None:
-    """Write the raw tables as CSV (git-ignored)."""
+    """Write the raw tables as CSV and the whole run as ``detection_run.pkl`` (git-ignored)."""
+    import pickle
+
     folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "detection_run.pkl", "wb") as f:
+        pickle.dump(out, f)
     out.per_g.to_csv(folder / "detection_per_g.csv", index=False)
     out.novel.to_csv(folder / "detection_novel.csv", index=False)
     out.timings.to_csv(folder / "detection_timings.csv", index=False)
