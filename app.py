@@ -28,6 +28,7 @@ import pandas as pd
 import streamlit as st
 
 from inspector import ui
+from inspector.result import AuditConfig as _DefaultConfig
 from inspector.review import DECISIONS, ReviewError, ReviewStore
 
 log = logging.getLogger("inspector.app")
@@ -117,7 +118,9 @@ def inputs_ui() -> dict[str, Any]:
         vals["rerank"] = st.checkbox(
             "Alignment-verified re-ranking", True, key="in_rerank", help="default mode: register each candidate"
         )
-        vals["shortlist"] = st.number_input("Candidates registered per slice", 1, 20, 5, key="in_shortlist")
+        vals["shortlist"] = st.number_input(
+            "Candidates registered per slice", 1, 50, _DefaultConfig().shortlist, key="in_shortlist"
+        )
     with sb.expander("Reviews"):
         vals["reviews_db"] = st.text_input(
             "Reviews database (SQLite)", str(ui.default_reviews_db()), key="in_reviews_db"

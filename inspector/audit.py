@@ -171,6 +171,7 @@ def default_scorer(cfg: AuditConfig) -> Any:
         top_k=cfg.top_k,
         rerank=cfg.rerank,
         align_size=cfg.align_size,
+        align_flips=cfg.align_flips,
         device=cfg.device,
     )
 

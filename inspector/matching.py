@@ -94,6 +94,11 @@ class MemorizationScorer:
         Register the shortlist and score by aligned NCC; otherwise score by feature similarity.
     align_size : int
         Working resolution of the registration (pixels).
+    align_flips : {"all", "matched"}
+        ``"all"`` (default): each candidate is registered under all four flips and the best is kept;
+        ``"matched"``: only under the flip of the feature view it was found in. Features trained to be
+        flip-invariant (``ssl``) say little about the flip, and the benchmark (benchmarks/RESULTS.md)
+        measured ``"all"`` better on shifts, crops, noise and rotations.
     margin_k : int
         Candidates searched per view for the shortlist and the subject margin.
     device : str
@@ -110,6 +115,7 @@ class MemorizationScorer:
         top_k: int = 5,
         rerank: bool = True,
         align_size: int = 64,
+        align_flips: str = "all",
         margin_k: int = 32,
         device: str = "auto",
         chunk: int = 256,
@@ -119,6 +125,7 @@ class MemorizationScorer:
         self.top_k = top_k
         self.rerank = rerank
         self.align_size = align_size
+        self.align_flips = align_flips
         self.margin_k = margin_k
         self.device = device
         self.chunk = chunk
@@ -150,6 +157,8 @@ class MemorizationScorer:
             raise ValueError("train_layers is empty; pass {layer_name: (n, C) array} for at least one layer.")
         if self.shortlist < 1 or self.top_k < 1:
             raise ValueError(f"shortlist and top_k must be >= 1; got {self.shortlist}, {self.top_k}.")
+        if self.align_flips not in ("all", "matched"):
+            raise ValueError(f"align_flips must be 'all' or 'matched'; got {self.align_flips!r}.")
         self.layers_ = list(train_layers)
         n = {np.asarray(v).shape[0] for v in train_layers.values()}
         if len(n) != 1:
@@ -330,7 +339,7 @@ class MemorizationScorer:
                 al = register_pairs(
                     images[q],
                     self.images_[t],
-                    flips=flip_names[cand_view[q, c]],
+                    flips=None if self.align_flips == "all" else flip_names[cand_view[q, c]],
                     size=self.align_size,
                     device=self.device,
                 )
