@@ -125,6 +125,8 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     "allflips+shortlist=10": {"scorer": "allflips", "shortlist": 10},
 }
 DEFAULT_N_G = 48
+#: The proposed configuration (all-flips registration, shortlist 10), also run in the subject split.
+PROPOSED = "allflips+shortlist=10"
 #: Seeds of the full run.
 FULL_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 ROTATION_VIEWS: tuple[str, ...] = VIEWS  # flips and +-5, +-10 degree rotations
@@ -251,6 +253,8 @@ class BenchConfig:
         Registered default-mode variants (AuditConfig overrides) run on ``ablation_conditions``.
     ablation_conditions : sequence of str
     ablation_backbones : sequence of str
+    subject_ablations : sequence of str
+        Names of ``ablations`` that also run in the subject split (generalisation of a proposal).
     feature_ablations : bool
         Also score the cheap feature-only variants (``feat-id``, ``feat-rot``; needs the rotation views).
     baselines : bool
@@ -272,6 +276,7 @@ class BenchConfig:
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     ablation_conditions: Sequence[str] = tuple(CONDITIONS)
     ablation_backbones: Sequence[str] = ("pixels", "ssl")
+    subject_ablations: Sequence[str] = (PROPOSED,)
     feature_ablations: bool = True
     baselines: bool = True
     cache_dir: Path = DATA_DIR / "cache"
@@ -428,7 +433,9 @@ def score_seed(
     if split.kind == "subject" and bc.default_backbones_subject is not None:
         registered = bc.default_backbones_subject
     registered_backbones = [b for b in bc.backbones if b in registered]
-    ablations = bc.ablations if split.kind == "slice" else {}
+    ablations = (
+        bc.ablations if split.kind == "slice" else {k: v for k, v in bc.ablations.items() if k in bc.subject_ablations}
+    )
     for backbone in bc.backbones:
         t1 = time.perf_counter()
         ext = prepare_extractor(
@@ -801,6 +808,8 @@ def _label(method: str) -> str:
         "pixcorr": "pixel corr.",
         "ct": "CT-score",
     }
+    if fam == f"abl:{PROPOSED}":
+        return f"proposed: default + allflips, shortlist 10 ({bb})"
     if fam.startswith("abl:"):
         return f"default, {fam[4:]}" + (f" ({bb})" if bb != "-" else "")
     return names.get(fam, fam) + (f" ({bb})" if bb != "-" else "")
@@ -994,9 +1003,11 @@ def summarise(out: RunOutput) -> str:
     bc = out.config
     pg, nv = out.per_g, out.novel
     backbones = list(bc.backbones)
+    cfg_extractor = AuditConfig().extractor
     headline = (
         [f"paper/{b}" for b in backbones]
         + [f"default/{b}" for b in backbones]
+        + [f"abl:{PROPOSED}/{cfg_extractor}"]
         + [f"dcr/{backbones[-1]}", f"authpct/{backbones[-1]}", "pixcorr/-"]
     )
     parts = []
@@ -1016,7 +1027,11 @@ def summarise(out: RunOutput) -> str:
         parts.append(condition_table(pg, split, [m for m in meths if not m.startswith("authpct")], "tpr1", False))
         parts.append(f"\n### {split.capitalize()}-level split: average precision\n")
         parts.append(condition_table(pg, split, [m for m in meths if not m.startswith("authpct")], "ap", False))
-        fmeth = [m for m in sorted(set(nv[nv["split"] == split]["method"])) if not m.startswith("abl:")]
+        fmeth = [
+            m
+            for m in sorted(set(nv[nv["split"] == split]["method"]))
+            if not m.startswith("abl:") or m.startswith(f"abl:{PROPOSED}/")
+        ]
         rank = ["default", "paper", "norerank", "feat-id", "feat-rot", "authpct"]
         order = sorted(fmeth, key=lambda m: (rank.index(m.split("/")[0]) if m.split("/")[0] in rank else 9, m))
         parts.append(
@@ -1210,9 +1225,13 @@ def recommendations(out: RunOutput) -> list[str]:
             v = add(f"extractor: default/{x} vs default/{y}", f"default/{x}", f"default/{y}", conds)
             if v and (v["better"] or v["worse"]):
                 choice = x if v["better"] else y
-            w = f"abl:allflips+shortlist=10/{x}", f"abl:allflips+shortlist=10/{y}"
+            w = f"abl:{PROPOSED}/{x}", f"abl:{PROPOSED}/{y}"
             if all(m in methods for m in w):
                 add(f"extractor, with the proposed scorer: {x} vs {y}", *w, list(bc.ablation_conditions))
+    for b in backbones:
+        pair = f"abl:{PROPOSED}/{b}", f"abl:allflips/{b}"
+        if all(m in methods for m in pair):
+            add(f"{PROPOSED} vs allflips alone ({b})", *pair, list(bc.ablation_conditions))
     for b in backbones:
         add(f"re-ranking on vs off ({b})", f"default/{b}", f"norerank/{b}", conds)
         add(f"features only: flip views vs identity ({b})", f"norerank/{b}", f"feat-id/{b}", conds)
@@ -1251,7 +1270,9 @@ def recommendations(out: RunOutput) -> list[str]:
         )
     settings = [r for r in recommended if not r.startswith("allflips")]
     proposed = [r for r in recommended if r.startswith("allflips")]
-    if settings:
+    if not any(m.startswith("abl:") for m in methods):
+        lines.append("- **AuditConfig settings:** the registered ablations were not run (`--ablations`); no verdict.")
+    elif settings:
         lines.append(
             f"- **AuditConfig settings better on every seed ({choice}):** {', '.join(f'`{r}`' for r in settings)}."
         )
@@ -1331,7 +1352,7 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
         )
         + "\n"
     )
-    head = [f"paper/{b}" for b in backbones] + [f"default/{b}" for b in backbones]
+    head = [f"paper/{b}" for b in backbones] + [f"default/{b}" for b in backbones] + [f"abl:{PROPOSED}/{cfg.extractor}"]
     head += [f"dcr/{cfg.extractor if cfg.extractor in backbones else backbones[-1]}", "pixcorr/-"]
     parts.append("### Headline: sample-level ROC-AUC, slice-level split (mean ± sd over seeds; rates pooled)\n")
     parts.append(condition_table(pg, "slice", [m for m in head if m in set(pg["method"])], "auc"))
@@ -1351,14 +1372,16 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
             tag = " (AuditConfig's current default)" if m == default_method else ""
             parts.append(f"\n### Targets of issue 7, {_label(m)}{tag}, {split}-level split\n")
             parts.append(_md_table(["target", "measured (mean over seeds)", "met", "shortfall"], rows))
-    for b in backbones:
-        m = f"abl:allflips+shortlist=10/{b}"
-        rows = targets(out, m, "slice") if m in set(pg["method"]) else []
-        if rows:
-            parts.append(
-                f"\n### Targets with the proposed library change (`allflips`, shortlist 10), {b}, slice-level split\n"
-            )
-            parts.append(_md_table(["target", "measured (mean over seeds)", "met", "shortfall"], rows))
+    for split in [s for s in ("slice", "subject") if s in set(pg["split"])]:
+        for b in backbones:
+            m = f"abl:{PROPOSED}/{b}"
+            rows = targets(out, m, split) if m in set(pg[pg["split"] == split]["method"]) else []
+            if rows:
+                parts.append(
+                    f"\n### Targets with the proposed library change (`allflips`, shortlist 10), {b}, {split}-level "
+                    "split\n"
+                )
+                parts.append(_md_table(["target", "measured (mean over seeds)", "met", "shortfall"], rows))
     parts.append("\n### Choice of the default extractor and settings (evidence on every seed, slice split)\n")
     parts.extend(recommendations(out))
     return "\n".join(parts) + "\n"
@@ -1382,7 +1405,8 @@ def timing_table(out: RunOutput) -> str:
         cells = [str(r["split"]), str(r["seed"])]
         for pick in groups.values():
             cols = [c for c in t.columns if c not in ("split", "seed") and pick(c)]
-            cells.append(f"{np.nansum([r[c] for c in cols]):.0f}" if cols else "—")
+            vals = [r[c] for c in cols if pd.notna(r[c])]
+            cells.append(f"{sum(vals):.0f}" if vals else "—")
         rows.append(cells)
     lines = [_md_table(["split", "seed", *[f"{g} (s)" for g in groups]], rows)]
     enc = out.encoders
