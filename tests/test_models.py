@@ -200,6 +200,24 @@ def random_params(seed: int, *, c: int = 64, depth: int = 4, grid: int = 6, cls:
     return p
 
 
+def _block_keys(mlp: str) -> list[tuple[str, str]]:
+    """Per-block (our parameter name, checkpoint key suffix); ``mlp`` is ``fc`` (DINOv2) or ``lin`` (SAM)."""
+    return [
+        ("n1w", "norm1.weight"),
+        ("n1b", "norm1.bias"),
+        ("qkvw", "attn.qkv.weight"),
+        ("qkvb", "attn.qkv.bias"),
+        ("projw", "attn.proj.weight"),
+        ("projb", "attn.proj.bias"),
+        ("n2w", "norm2.weight"),
+        ("n2b", "norm2.bias"),
+        ("fc1w", f"mlp.{mlp}1.weight"),
+        ("fc1b", f"mlp.{mlp}1.bias"),
+        ("fc2w", f"mlp.{mlp}2.weight"),
+        ("fc2b", f"mlp.{mlp}2.bias"),
+    ]
+
+
 def to_dinov2(p: dict, chunks: int = 2) -> dict[str, torch.Tensor]:
     """DINOv2 layout: backbone.*, chunked blocks, fc1/fc2, LayerScale, CLS/mask tokens, final norm, heads."""
     t = torch.from_numpy
@@ -219,22 +237,7 @@ def to_dinov2(p: dict, chunks: int = 2) -> dict[str, torch.Tensor]:
     }
     for i, b in enumerate(p["blocks"]):
         pre = f"backbone.blocks.{i // per}.{i}."
-        for ours, theirs in [
-            ("n1w", "norm1.weight"),
-            ("n1b", "norm1.bias"),
-            ("qkvw", "attn.qkv.weight"),
-            ("qkvb", "attn.qkv.bias"),
-            ("projw", "attn.proj.weight"),
-            ("projb", "attn.proj.bias"),
-            ("n2w", "norm2.weight"),
-            ("n2b", "norm2.bias"),
-            ("fc1w", "mlp.fc1.weight"),
-            ("fc1b", "mlp.fc1.bias"),
-            ("fc2w", "mlp.fc2.weight"),
-            ("fc2b", "mlp.fc2.bias"),
-            ("g1", "ls1.gamma"),
-            ("g2", "ls2.gamma"),
-        ]:
+        for ours, theirs in [*_block_keys("fc"), ("g1", "ls1.gamma"), ("g2", "ls2.gamma")]:
             if b[ours] is not None:
                 sd[pre + theirs] = t(b[ours].copy())
     return sd
@@ -257,20 +260,7 @@ def to_sam(p: dict) -> dict[str, torch.Tensor]:
     }
     for i, b in enumerate(p["blocks"]):
         pre = f"image_encoder.blocks.{i}."
-        for ours, theirs in [
-            ("n1w", "norm1.weight"),
-            ("n1b", "norm1.bias"),
-            ("qkvw", "attn.qkv.weight"),
-            ("qkvb", "attn.qkv.bias"),
-            ("projw", "attn.proj.weight"),
-            ("projb", "attn.proj.bias"),
-            ("n2w", "norm2.weight"),
-            ("n2b", "norm2.bias"),
-            ("fc1w", "mlp.lin1.weight"),
-            ("fc1b", "mlp.lin1.bias"),
-            ("fc2w", "mlp.lin2.weight"),
-            ("fc2b", "mlp.lin2.bias"),
-        ]:
+        for ours, theirs in _block_keys("lin"):
             sd[pre + theirs] = t(b[ours].copy())
     return sd
 
