@@ -76,6 +76,7 @@ __all__ = [
     "PAPER_TABLE4",
     "QUICK_CONDITIONS",
     "ABLATIONS",
+    "EXTRA_ABLATIONS",
     "MethodScores",
     "BenchConfig",
     "SeedRun",
@@ -113,20 +114,22 @@ QUICK_CONDITIONS: tuple[str, ...] = (
     "crop_85_95",
     "combo",
 )
-#: Registered variants of the default mode run by ``--ablations``: AuditConfig overrides, and
-#: ``scorer="allflips"`` for the experimental :class:`AllFlipsScorer` (a proposed library change).
+#: The default mode as it was before the benchmark's evidence changed AuditConfig (commit e3bda78): each
+#: shortlisted candidate registered only under the flip of the view it was shortlisted under, shortlist 5.
+PREVIOUS = "previous default"
+#: Registered variants of the default mode run by ``--ablations``: AuditConfig overrides.
 ABLATIONS: dict[str, dict[str, Any]] = {
+    PREVIOUS: {"align_flips": "matched", "shortlist": 5},
+    "shortlist=5": {"shortlist": 5},
     "views=id": {"views": ("id",)},
     "views=flips+rot": {"views": VIEWS},
-    "shortlist=10": {"shortlist": 10},
+}
+#: Further variants run only with ``--extra-ablations`` (slower).
+EXTRA_ABLATIONS: dict[str, dict[str, Any]] = {
     "shortlist=20": {"shortlist": 20},
     "align_size=96": {"align_size": 96},
-    "allflips": {"scorer": "allflips"},
-    "allflips+shortlist=10": {"scorer": "allflips", "shortlist": 10},
 }
 DEFAULT_N_G = 48
-#: The proposed configuration (all-flips registration, shortlist 10), also run in the subject split.
-PROPOSED = "allflips+shortlist=10"
 #: Seeds of the full run.
 FULL_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
 ROTATION_VIEWS: tuple[str, ...] = VIEWS  # flips and +-5, +-10 degree rotations
@@ -275,8 +278,8 @@ class BenchConfig:
     n_draws: int = 2
     ablations: dict[str, dict[str, Any]] = field(default_factory=dict)
     ablation_conditions: Sequence[str] = tuple(CONDITIONS)
-    ablation_backbones: Sequence[str] = ("pixels", "ssl")
-    subject_ablations: Sequence[str] = (PROPOSED,)
+    ablation_backbones: Sequence[str] = (AuditConfig().extractor,)
+    subject_ablations: Sequence[str] = (PREVIOUS,)
     feature_ablations: bool = True
     baselines: bool = True
     cache_dir: Path = DATA_DIR / "cache"
@@ -321,37 +324,6 @@ def _small(x: np.ndarray, s: int) -> np.ndarray:
     return x if x.shape[1:] == (s, s) else np.stack([resize_square(a, s) for a in x])
 
 
-class AllFlipsScorer(MemorizationScorer):
-    """**Experiment, not the product**: the default mode with every shortlisted candidate registered under
-    all four flips (``register_pairs(flips=None)``) instead of only the flip of the feature view it was
-    shortlisted under.
-
-    ``MemorizationScorer`` keeps, per training candidate, the view with the best feature similarity and
-    registers under that view's flip. Real brains are nearly left-right symmetric, so a shifted or cropped
-    copy's source is often shortlisted under the ``hflip``/``vflip`` view; registered with that flip it
-    scores NCC ~0.4-0.9 instead of ~0.99, and the copy is missed although its source is in the shortlist.
-    Everything else is the library's code: only the ``flips`` argument of the registration call changes.
-    """
-
-    def _rerank(self, *args: Any, **kwargs: Any) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        import inspector.matching as matching
-
-        original = matching.register_pairs
-
-        def any_flip(fixed: np.ndarray, moving: np.ndarray, *, flips: Any = None, **kw: Any) -> Any:
-            return original(fixed, moving, flips=None, **kw)
-
-        matching.register_pairs = any_flip
-        try:
-            return super()._rerank(*args, **kwargs)
-        finally:
-            matching.register_pairs = original
-
-
-#: Scorers of the registered ablations: the product's and the experiment.
-SCORERS: dict[str, type[MemorizationScorer]] = {"product": MemorizationScorer, "allflips": AllFlipsScorer}
-
-
 def _default_scores(
     cfg: AuditConfig,
     FT: Features,
@@ -361,18 +333,14 @@ def _default_scores(
     img_u: np.ndarray,
     copies: dict[str, CopySet],
     groups: np.ndarray,
-    scorer_cls: type[MemorizationScorer] = MemorizationScorer,
 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, np.ndarray]]]:
     """The default mode exactly as audit() runs it (holdout given): similarity and feature similarity.
-
-    ``scorer_cls`` other than :class:`MemorizationScorer` is an experiment (:class:`AllFlipsScorer`).
 
     Returns
     -------
     ({"similarity", "feature"} -> unseen scores (n_U,), {"similarity", "feature"} -> {condition: (k,)})
     """
-    base = default_scorer(cfg)  # the audit's own mapping of AuditConfig to the scorer
-    scorer = base if scorer_cls is type(base) else scorer_cls(**vars(base))
+    scorer = default_scorer(cfg)  # the audit's own mapping of AuditConfig to the scorer
     scorer.fit(FT.layers, images=img_t, groups=groups)
     views = tuple(cfg.views)
     ru = scorer.score_samples({v: FU.views[v] for v in views}, images=img_u)
@@ -499,12 +467,8 @@ def score_seed(
             sub = {c: copies[c] for c in bc.ablation_conditions if c in copies}
             for aname, over in ablations.items():
                 t1 = time.perf_counter()
-                over = dict(over)
-                scorer_cls = SCORERS[over.pop("scorer", "product")]
                 acfg = _audit_config(seed, **over)
-                un, co = _default_scores(
-                    acfg, FT, FU, {c: FC[c] for c in sub}, img_t, img_u, sub, groups, scorer_cls=scorer_cls
-                )
+                un, co = _default_scores(acfg, FT, FU, {c: FC[c] for c in sub}, img_t, img_u, sub, groups)
                 key = f"abl:{aname}/{backbone}"
                 methods[key] = MethodScores(key, "ablation", backbone, un["similarity"], co["similarity"], "holdout")
                 timings[f"{backbone}:{key}"] = time.perf_counter() - t1
@@ -808,8 +772,8 @@ def _label(method: str) -> str:
         "pixcorr": "pixel corr.",
         "ct": "CT-score",
     }
-    if fam == f"abl:{PROPOSED}":
-        return f"proposed: default + allflips, shortlist 10 ({bb})"
+    if fam == f"abl:{PREVIOUS}":
+        return f"previous default ({bb})"
     if fam.startswith("abl:"):
         return f"default, {fam[4:]}" + (f" ({bb})" if bb != "-" else "")
     return names.get(fam, fam) + (f" ({bb})" if bb != "-" else "")
@@ -1007,7 +971,7 @@ def summarise(out: RunOutput) -> str:
     headline = (
         [f"paper/{b}" for b in backbones]
         + [f"default/{b}" for b in backbones]
-        + [f"abl:{PROPOSED}/{cfg_extractor}"]
+        + [f"abl:{PREVIOUS}/{cfg_extractor}"]
         + [f"dcr/{backbones[-1]}", f"authpct/{backbones[-1]}", "pixcorr/-"]
     )
     parts = []
@@ -1030,7 +994,7 @@ def summarise(out: RunOutput) -> str:
         fmeth = [
             m
             for m in sorted(set(nv[nv["split"] == split]["method"]))
-            if not m.startswith("abl:") or m.startswith(f"abl:{PROPOSED}/")
+            if not m.startswith("abl:") or m.startswith(f"abl:{PREVIOUS}/")
         ]
         rank = ["default", "paper", "norerank", "feat-id", "feat-rot", "authpct"]
         order = sorted(fmeth, key=lambda m: (rank.index(m.split("/")[0]) if m.split("/")[0] in rank else 9, m))
@@ -1187,7 +1151,9 @@ def compare(pg: pd.DataFrame, a: str, b: str, conds: Sequence[str], split: str =
 def _cmp_cells(v: dict[str, Any]) -> list[str]:
     a, b = v["a"], v["b"]
     n = len(v["seeds"])
-    if v["better"]:
+    if float((a["auc"] - b["auc"]).abs().max()) <= 1e-4 and float((a["tpr1"] - b["tpr1"]).abs().max()) <= 1e-4:
+        verdict = f"no difference on {n}/{n} seeds"
+    elif v["better"]:
         verdict = f"better on {n}/{n} seeds"
     elif v["worse"]:
         verdict = f"worse on {n}/{n} seeds"
@@ -1225,13 +1191,9 @@ def recommendations(out: RunOutput) -> list[str]:
             v = add(f"extractor: default/{x} vs default/{y}", f"default/{x}", f"default/{y}", conds)
             if v and (v["better"] or v["worse"]):
                 choice = x if v["better"] else y
-            w = f"abl:{PROPOSED}/{x}", f"abl:{PROPOSED}/{y}"
+            w = f"abl:{PREVIOUS}/{x}", f"abl:{PREVIOUS}/{y}"
             if all(m in methods for m in w):
-                add(f"extractor, with the proposed scorer: {x} vs {y}", *w, list(bc.ablation_conditions))
-    for b in backbones:
-        pair = f"abl:{PROPOSED}/{b}", f"abl:allflips/{b}"
-        if all(m in methods for m in pair):
-            add(f"{PROPOSED} vs allflips alone ({b})", *pair, list(bc.ablation_conditions))
+                add(f"extractor, with the previous default: {x} vs {y}", *w, list(bc.ablation_conditions))
     for b in backbones:
         add(f"re-ranking on vs off ({b})", f"default/{b}", f"norerank/{b}", conds)
         add(f"features only: flip views vs identity ({b})", f"norerank/{b}", f"feat-id/{b}", conds)
@@ -1268,8 +1230,12 @@ def recommendations(out: RunOutput) -> list[str]:
             f"- **Extractor: `{choice}`** is better on every seed than AuditConfig's `{cfg.extractor}`: change "
             "`AuditConfig.extractor` (inspector/result.py, not edited here)."
         )
-    settings = [r for r in recommended if not r.startswith("allflips")]
-    proposed = [r for r in recommended if r.startswith("allflips")]
+    settings = [r for r in recommended if r != PREVIOUS]
+    if PREVIOUS in recommended:
+        lines.append(
+            f"- **The previous default is better on every seed than the current one ({choice})**: revert "
+            "`align_flips`/`shortlist` in AuditConfig."
+        )
     if not any(m.startswith("abl:") for m in methods):
         lines.append("- **AuditConfig settings:** the registered ablations were not run (`--ablations`); no verdict.")
     elif settings:
@@ -1279,14 +1245,6 @@ def recommendations(out: RunOutput) -> list[str]:
     else:
         lines.append(
             f"- **AuditConfig settings:** no tried setting is better on every seed with `{choice}`; keep them."
-        )
-    if proposed:
-        lines.append(
-            "- **Library change (proposed, not the product yet):** "
-            + ", ".join(f"`{r}`" for r in proposed)
-            + f" is better on every seed with `{choice}`: register every shortlisted candidate under all four flips "
-            "(`register_pairs(..., flips=None)` in `MemorizationScorer._rerank`) instead of only the flip of the view "
-            "it was shortlisted under (see the notes at the end)."
         )
     return lines
 
@@ -1340,8 +1298,11 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
         f"**Methods** (all through the library's own classes): `paper` = PaperScorer (Deo et al.: ZCA, top-1 cosine, "
         "geometric mean over layers, split-half null; flags at p <= 0.01 against that null, as the audit's paper mode "
         f"does); `default` = MemorizationScorer with AuditConfig's defaults (views {list(cfg.views)}, shortlist "
-        f"{cfg.shortlist}, re-ranking {cfg.rerank}, align_size {cfg.align_size}; seed = benchmark seed) calibrated "
-        "on the holdout null as `audit()` does with a holdout; baselines on the audit's baseline feature space. "
+        f"{cfg.shortlist}, re-ranking {cfg.rerank}, align_flips {cfg.align_flips!r}, align_size {cfg.align_size}; "
+        "seed = benchmark seed; built by `inspector.audit.default_scorer`) calibrated on the holdout null as "
+        "`audit()` does with a holdout; `previous default` = the same with `align_flips='matched'` and shortlist 5 "
+        "(the default mode before this benchmark's evidence changed AuditConfig); baselines on the audit's baseline "
+        "feature space. "
         "Backbones: `pixels` (downsampled intensities) and `ssl` (contrastive CNN trained on T, once per seed and "
         "split). "
         + (
@@ -1352,7 +1313,7 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
         )
         + "\n"
     )
-    head = [f"paper/{b}" for b in backbones] + [f"default/{b}" for b in backbones] + [f"abl:{PROPOSED}/{cfg.extractor}"]
+    head = [f"paper/{b}" for b in backbones] + [f"default/{b}" for b in backbones] + [f"abl:{PREVIOUS}/{cfg.extractor}"]
     head += [f"dcr/{cfg.extractor if cfg.extractor in backbones else backbones[-1]}", "pixcorr/-"]
     parts.append("### Headline: sample-level ROC-AUC, slice-level split (mean ± sd over seeds; rates pooled)\n")
     parts.append(condition_table(pg, "slice", [m for m in head if m in set(pg["method"])], "auc"))
@@ -1374,12 +1335,12 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
             parts.append(_md_table(["target", "measured (mean over seeds)", "met", "shortfall"], rows))
     for split in [s for s in ("slice", "subject") if s in set(pg["split"])]:
         for b in backbones:
-            m = f"abl:{PROPOSED}/{b}"
+            m = f"abl:{PREVIOUS}/{b}"
             rows = targets(out, m, split) if m in set(pg[pg["split"] == split]["method"]) else []
             if rows:
                 parts.append(
-                    f"\n### Targets with the proposed library change (`allflips`, shortlist 10), {b}, {split}-level "
-                    "split\n"
+                    "\n### Targets, for comparison: the previous default (matched flips, shortlist 5), "
+                    f"{b}, {split}-level split\n"
                 )
                 parts.append(_md_table(["target", "measured (mean over seeds)", "met", "shortfall"], rows))
     parts.append("\n### Choice of the default extractor and settings (evidence on every seed, slice split)\n")
@@ -1444,7 +1405,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         default_backbones_subject=args.subject_default_backbones,
         n_g=args.n_g,
         n_draws=args.draws,
-        ablations=dict(ABLATIONS) if args.ablations else {},
+        ablations=({**ABLATIONS, **(EXTRA_ABLATIONS if args.extra_ablations else {})} if args.ablations else {}),
         ablation_conditions=conds,
         cache_dir=Path(args.cache_dir),
         mri_core_checkpoint=args.mri_core_checkpoint,
@@ -1467,6 +1428,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n-g", type=int, default=DEFAULT_N_G, help=f"fixed size of G (default {DEFAULT_N_G})")
     ap.add_argument("--draws", type=int, default=2, help="random G per fold, rate and seed (default 2)")
     ap.add_argument("--ablations", action="store_true", help="registered default-mode variants (slice split)")
+    ap.add_argument(
+        "--extra-ablations", action="store_true", help="with --ablations: also shortlist=20 and align_size=96 (slower)"
+    )
     ap.add_argument("--mri-core-checkpoint", default=None, help="MRI-CORE weights; adds the mri-core backbone")
     ap.add_argument("--cache-dir", default=str(DATA_DIR / "cache"), help="cache of trained ssl encoders")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "_out", help="CSV output folder")
@@ -1483,8 +1447,11 @@ def save(out: RunOutput, folder: Path) -> None:
     out.per_g.to_csv(folder / "detection_per_g.csv", index=False)
     out.novel.to_csv(folder / "detection_novel.csv", index=False)
     out.timings.to_csv(folder / "detection_timings.csv", index=False)
+    acq = folder / "detection_acquisitions.csv"
     if not out.acquisitions.empty:
-        out.acquisitions.to_csv(folder / "detection_acquisitions.csv", index=False)
+        out.acquisitions.to_csv(acq, index=False)
+    else:
+        acq.unlink(missing_ok=True)  # no subject split in this run: never leave an older run's table behind
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1504,4 +1471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run through the importable module, so that pickled results name benchmarks.detection, not __main__
+    from benchmarks.detection import main as _main
+
+    sys.exit(_main())
