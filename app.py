@@ -16,7 +16,6 @@ INSPECTOR_CACHE_DIR
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import time
@@ -28,8 +27,8 @@ import pandas as pd
 import streamlit as st
 
 from inspector import ui
-from inspector.result import AuditConfig as _DefaultConfig
 from inspector.review import DECISIONS, ReviewError, ReviewStore
+from inspector.views import View
 
 log = logging.getLogger("inspector.app")
 
@@ -86,41 +85,19 @@ def inputs_ui() -> dict[str, Any]:
         help="Real scans the model never saw; they calibrate the scores. Leave empty to calibrate "
         "leave-one-subject-out within the training cohort.",
     )
-    sb.subheader("Method")
-    vals["extractor"] = sb.selectbox(
-        "Feature extractor",
-        ui.EXTRACTORS,
-        key="in_extractor",
-        help="ssl: an encoder trained on the training cohort (no download); pixels: raw pixels (fast); "
-        "mri-core: the paper's MRI foundation model (needs its checkpoint).",
-    )
-    vals["checkpoint"] = ""
-    if vals["extractor"] == "mri-core":
-        vals["checkpoint"] = sb.text_input("MRI-CORE checkpoint file", key="in_checkpoint")
-    vals["mode"] = sb.radio(
-        "Mode",
-        ui.MODES,
-        key="in_mode",
-        horizontal=True,
-        help="default: calibrated, flip/rotation-invariant, alignment-verified; paper: Deo et al. 2026 exactly.",
-    )
-    vals["alpha"] = sb.select_slider(
-        "α: target false-positive rate per slice",
-        ui.ALPHAS,
-        value=0.01,
-        format_func=ui.format_alpha,
-        key="in_alpha",
-    )
-    vals["layers"] = sb.text_input("Layers (optional, comma-separated)", "", key="in_layers")
-    vals["fdr"] = sb.checkbox("Benjamini–Hochberg control across the set", False, key="in_fdr")
-    with sb.expander("Advanced"):
-        vals["top_k"] = st.number_input("Neighbours shown per layer", 1, 10, 5, key="in_top_k")
-        vals["rerank"] = st.checkbox(
-            "Alignment-verified re-ranking", True, key="in_rerank", help="default mode: register each candidate"
-        )
-        vals["shortlist"] = st.number_input(
-            "Candidates registered per slice", 1, 50, _DefaultConfig().shortlist, key="in_shortlist"
-        )
+    # one widget per AuditConfig field, generated from inspector.config.settings(): every setting is reachable
+    for section, title in (("method", "Method"), ("decision", "Decision"), ("matching", "Advanced"), ("input", "Input"),
+                           ("runtime", "Runtime")):
+        box = sb if section in ("method", "decision") else sb.expander(title)
+        if section in ("method", "decision"):
+            sb.subheader(title)
+        for setting in ui.config_settings():
+            if setting.section != section:
+                continue
+            if setting.name == "checkpoint" and vals.get("extractor") != "mri-core":
+                vals["checkpoint"] = None
+                continue
+            vals[setting.name] = ui.setting_widget(box, setting)
     with sb.expander("Reviews"):
         vals["reviews_db"] = st.text_input(
             "Reviews database (SQLite)", str(ui.default_reviews_db()), key="in_reviews_db"
@@ -158,8 +135,9 @@ def run_audit(vals: dict[str, Any]) -> str | None:
 
     Every failure becomes a message on screen (never a traceback) and ``None``.
     """
-    from inspector.audit import AuditConfig, InsufficientDataError, audit
+    from inspector.config import AuditConfig
     from inspector.io import CohortNotFoundError, ManifestError, NoImagesError
+    from inspector.pipeline import InsufficientDataError, audit
 
     try:
         paths: dict[str, Path | None] = {
@@ -167,20 +145,10 @@ def run_audit(vals: dict[str, Any]) -> str | None:
             "synthetic": ui.resolve_input(vals["synthetic"], what="synthetic set"),
             "holdout": ui.resolve_input(vals["holdout"], what="holdout") if vals["holdout"].strip() else None,
         }
-        checkpoint = None
+        settings = {st_.name: vals.get(st_.name) for st_ in ui.config_settings()}
         if vals["extractor"] == "mri-core":
-            checkpoint = str(ui.resolve_input(vals["checkpoint"], what="MRI-CORE checkpoint"))
-        config = AuditConfig.create(
-            mode=vals["mode"],
-            extractor=vals["extractor"],
-            checkpoint=checkpoint,
-            alpha=float(vals["alpha"]),
-            layers=list(ui.parse_layers(vals["layers"])),
-            fdr=bool(vals["fdr"]),
-            top_k=int(vals["top_k"]),
-            rerank=bool(vals["rerank"]),
-            shortlist=int(vals["shortlist"]),
-        )
+            settings["checkpoint"] = str(ui.resolve_input(vals["checkpoint"] or "", what="MRI-CORE checkpoint"))
+        config = AuditConfig.create(**settings)
         key = run_key(paths, config)
     except ui.InputPathError as e:
         _show_error(str(e))
@@ -308,32 +276,29 @@ def header(entry: Entry) -> None:
 # ==============================================================================================
 
 
-def overview_page(entry: Entry, alpha: float) -> None:
+def overview_page(entry: Entry, alpha: float, fdr: bool) -> None:
     r = entry.result
-    v = r.verdict
-    c = r.summary_counts(alpha)
-    text = r.verdict_text(alpha)
-    lo, hi = c["fraction_ci95"]
-    box = st.error if lo > alpha else (st.warning if c["n_flagged"] else st.success)
-    box(f"**Verdict.** {text}", icon=":material/policy:")
-    if v.get("warning"):
-        st.warning(v["warning"])
+    v = r.calibration.verdict(alpha, fdr)
+    lo, hi = v.fraction_ci95
+    box = st.error if v.copying else (st.warning if v.n_flagged else st.success)
+    box(f"**Verdict.** {v.text}", icon=":material/policy:")
 
     cols = st.columns(5)
-    cols[0].metric(f"Flagged at α = {ui.format_alpha(alpha)}", f"{c['n_flagged']} / {c['n_synthetic']}")
+    rule = "BH at" if fdr else "α ="
+    cols[0].metric(f"Flagged at {rule} {ui.format_alpha(alpha)}", f"{v.n_flagged} / {v.n_synthetic}")
     cols[0].caption(
-        f"{c['fraction_flagged'] * 100:.1f} % (95 % interval {lo * 100:.1f}–{hi * 100:.1f} %); "
-        f"≈ {c['expected_false_positives']:.1f} expected by chance"
+        f"{v.fraction_flagged * 100:.1f} % (95 % interval {lo * 100:.1f}–{hi * 100:.1f} %); "
+        f"≈ {v.expected_false_positives:.1f} expected by chance"
     )
-    cols[1].metric("Mann–Whitney AUC", f"{v['mann_whitney_auc']:.3f}")
+    cols[1].metric("Mann–Whitney AUC", f"{v.mann_whitney_auc:.3f}")
     cols[1].caption(
-        f"synthetic vs {v.get('null_kind', 'null')} null, p = {ui.format_p(v['mann_whitney_p'])}; "
+        f"synthetic vs {v.null_kind} null, p = {ui.format_p(v.mann_whitney_p)}; "
         "0.5 = as novel as unseen real scans, → 1 = copying"
     )
-    cols[2].metric("Mean ONI (paper)", f"{v['mean_oni']:.3f}")
+    cols[2].metric("Mean ONI (paper)", f"{v.mean_oni:.3f}")
     cols[2].caption(
-        f"paper's rule ONI < 0.68 → {'memorised' if v['paper_rule_memorised'] else 'not memorised'}; "
-        f"mean MI z = {v.get('mean_mi_z', float('nan')):.2f}"
+        f"paper's rule ONI < 0.68 → {'memorised' if v.paper_rule_memorised else 'not memorised'}; "
+        f"mean MI z = {v.mean_mi_z:.2f}"
     )
     b = r.baselines
     if "ct_score" in b:
@@ -349,8 +314,8 @@ def overview_page(entry: Entry, alpha: float) -> None:
         cols[4].metric("AuthPct (Alaa)", "n/a")
         cols[4].caption(str(b.get("auth_pct_error", "not computed")))
 
-    flags = r.flagged_at(alpha)
-    thr = r.threshold_for(alpha)
+    flags = r.flags(alpha, fdr)
+    thr = r.calibration.threshold(alpha, fdr)
     h1, h2 = st.columns([3, 1], vertical_alignment="bottom")
     h1.subheader("Synthetic similarities against the null")
     sims = r.table["similarity"].to_numpy()
@@ -366,22 +331,22 @@ def overview_page(entry: Entry, alpha: float) -> None:
             sims,
             r.null_similarity,
             thr,
-            null_kind=v.get("null_kind", "null"),
+            null_kind=v.null_kind,
             alpha=alpha,
             flagged=flags,
             log_gap=log_gap and can_log,
         ),
         key="hist",
     )
-    if not np.isfinite(thr):
+    if not np.isfinite(thr) and not v.n_flagged:
         st.caption(
-            f"No similarity can reach p ≤ {alpha:g} with a null of {len(r.null_similarity)} slices "
-            f"(the smallest p-value is {v.get('min_p_value', float('nan')):.3g}); choose a larger α."
+            f"No slice is flagged at this setting: the null has {v.n_null} slices (the smallest p-value is "
+            f"{v.min_p_value:.3g}); choose a larger α or give a larger holdout."
         )
 
     if r.has_ground_truth:
         roc = r.roc()
-        conf = r.confusion_at(alpha)
+        conf = r.confusion_at(alpha, fdr)
         st.subheader("Against the ground truth (labels.csv)")
         c1, c2 = st.columns([3, 2])
         if roc is not None:
@@ -402,10 +367,11 @@ def overview_page(entry: Entry, alpha: float) -> None:
         )
 
 
-def flagged_page(entry: Entry, alpha: float, latest: dict[str, Any]) -> None:
+def flagged_page(entry: Entry, alpha: float, fdr: bool, latest: dict[str, Any]) -> None:
     r = entry.result
-    flags = r.flagged_at(alpha)
-    st.subheader(f"{int(flags.sum())} flagged synthetic slices at α = {ui.format_alpha(alpha)}")
+    flags = r.flags(alpha, fdr)
+    rule = "Benjamini–Hochberg at" if fdr else "α ="
+    st.subheader(f"{int(flags.sum())} flagged synthetic slices at {rule} {ui.format_alpha(alpha)}")
     f1, f2, f3, f4 = st.columns([2, 2, 2, 1])
     search = f1.text_input("Filter by synthetic file", key="flt_search", placeholder="part of a path")
     subjects = sorted(r.table.loc[flags, "nearest_train_subject"].astype(str).unique())
@@ -469,9 +435,9 @@ def _img(container: Any, arr: np.ndarray, caption: str, view: dict[str, Any], *,
     container.image(png, caption=caption, width="stretch", output_format="PNG")
 
 
-def pair_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dict[str, Any]) -> None:
+def pair_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None, latest: dict[str, Any]) -> None:
     r = entry.result
-    flags = r.flagged_at(alpha)
+    flags = r.flags(alpha, fdr)
     options = [int(i) for i in np.flatnonzero(flags)]
     current = st.session_state.get("pair_index")
     if current is not None and current not in options:
@@ -637,14 +603,14 @@ def subject_scroll(entry: Entry, row: Any, ev: Any, view: dict[str, Any]) -> Non
             )
             - 1
         )
-    flip = ev.transform.get("flip", "none") if ev.transform else "none"
-    if flip not in ("none", "id", ""):
+    flip = View.parse(ev.transform.get("flip", "id") if ev.transform else "id")
+    if flip is not View.ID:
         st.caption(f"Shown in the matched view ({flip}), like the neighbours above.")
     window = [p for p in range(pos - 2, pos + 3) if 0 <= p < len(idx)]
     cols = st.columns(6)
     _img(cols[0], ev.synthetic, "synthetic", view)
     for c, p in zip(cols[1:], window, strict=False):
-        arr = ui.apply_flip(np.asarray(r.train[idx[p]].array), flip)
+        arr = flip.apply(np.asarray(r.train[idx[p]].array))
         tags = []
         if p == pos:
             tags.append("▶ selected")
@@ -705,9 +671,9 @@ def review_form(r: Any, row: Any, store: ReviewStore | None, latest: dict[str, A
             )
 
 
-def review_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: dict[str, Any]) -> None:
+def review_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None, latest: dict[str, Any]) -> None:
     r = entry.result
-    flags = r.flagged_at(alpha)
+    flags = r.flags(alpha, fdr)
     shas = r.table.loc[flags, "sha256"].astype(str).tolist()
     if store is not None:
         done, total = store.progress(r.audit_id, shas)
@@ -730,7 +696,7 @@ def review_page(entry: Entry, alpha: float, store: ReviewStore | None, latest: d
         st.caption(f"Stored in {store.path}")
 
 
-def export_page(entry: Entry, store: ReviewStore | None, reviews_db: str) -> None:
+def export_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None, reviews_db: str) -> None:
     r = entry.result
     reviews = store.to_frame(r.audit_id) if store is not None else pd.DataFrame(columns=["slice_sha256"])
     st.subheader("Scores and decisions")
@@ -750,11 +716,12 @@ def export_page(entry: Entry, store: ReviewStore | None, reviews_db: str) -> Non
         key="dl_subjects",
     )
     st.subheader("Release report")
-    if importlib.util.find_spec("inspector.report") is None:
-        st.info("The HTML release report is not available in this installation.")
-        return
-    import inspector.report as report
+    from inspector import report
+    from inspector.folder import AuditFolderError, save_audit
+    from inspector.review import SIGNOFF_DECISIONS, SignOff, SignOffError
 
+    rule = "Benjamini–Hochberg at" if fdr else "α ="
+    st.caption(f"The report is written at the setting on screen: {rule} {ui.format_alpha(alpha)}.")
     out_dir = Path(reviews_db).expanduser().parent / f"audit_{r.audit_id[:12]}"
     st.caption(f"Saves the audit folder to {out_dir} and writes report.html into it.")
     with st.form("report_form", border=True):
@@ -762,19 +729,24 @@ def export_page(entry: Entry, store: ReviewStore | None, reviews_db: str) -> Non
         c1, c2, c3 = st.columns(3)
         signer = c1.text_input("Signed off by", key="so_signer")
         role = c2.text_input("Role", "privacy officer", key="so_role")
-        decision = c3.selectbox("Release decision", report.SIGNOFF_DECISIONS, key="so_decision")
+        decision = c3.selectbox("Release decision", SIGNOFF_DECISIONS, key="so_decision")
         reason = st.text_input("Reason (required while flagged pairs are unreviewed)", key="so_reason")
         build = st.form_submit_button("Save the audit and build the report", type="primary", key="build_report")
     if build:
         try:
-            signoff = report.SignOff(signer=signer, role=role, decision=decision, reason=reason) if sign else None
+            signoff = SignOff(signer=signer, role=role, decision=decision, reason=reason) if sign else None
             with st.spinner("Writing the audit folder and the report"):
-                r.save(out_dir)
+                save_audit(r, out_dir)
                 html = report.write_report(
-                    out_dir, out_dir / "report.html", reviews=store.path if store is not None else None, signoff=signoff
+                    out_dir,
+                    out_dir / "report.html",
+                    reviews=store.path if store is not None else None,
+                    signoff=signoff,
+                    alpha=alpha,
+                    fdr=fdr,
                 )
             st.session_state["report_path"] = str(html)
-        except (report.SignOffError, report.AuditFolderError, ValueError, OSError) as e:
+        except (SignOffError, AuditFolderError, ValueError, OSError) as e:
             st.error(f"The report was not written: {e}")
         except Exception as e:  # noqa: BLE001 - shown, not raised
             log.exception("report failed")
@@ -804,6 +776,7 @@ def main() -> None:
         st.session_state.pop("pair_index", None)
         if key is not None:
             st.session_state["view_alpha"] = audit_store()[key].result.config.alpha
+            st.session_state["view_fdr"] = audit_store()[key].result.config.fdr
         else:
             return
     key = st.session_state.get("active")
@@ -819,26 +792,30 @@ def main() -> None:
     header(entry)
     store = review_store(vals["reviews_db"])
     latest = _latest(store, entry.result.audit_id)
-    c1, c2 = st.columns([3, 2], vertical_alignment="bottom")
+    c1, c2, c3 = st.columns([3, 2, 1], vertical_alignment="bottom")
     page = c1.radio("Page", PAGES, key="page", horizontal=True, label_visibility="collapsed")
     if "view_alpha" not in st.session_state:
         st.session_state["view_alpha"] = entry.result.config.alpha
+    if "view_fdr" not in st.session_state:
+        st.session_state["view_fdr"] = entry.result.config.fdr
     alpha = c2.select_slider(
         "Flag threshold α (per-slice false-positive rate; no recomputation)",
         ui.ALPHAS,
         format_func=ui.format_alpha,
         key="view_alpha",
     )
+    # every page reads the flags at this one (alpha, fdr) from the audit's Calibration
+    fdr = c3.toggle("Benjamini–Hochberg", key="view_fdr", help="Control the false discovery rate at α instead.")
     if page == "Overview":
-        overview_page(entry, alpha)
+        overview_page(entry, alpha, fdr)
     elif page == "Flagged":
-        flagged_page(entry, alpha, latest)
+        flagged_page(entry, alpha, fdr, latest)
     elif page == "Pair":
-        pair_page(entry, alpha, store, latest)
+        pair_page(entry, alpha, fdr, store, latest)
     elif page == "Review":
-        review_page(entry, alpha, store, latest)
+        review_page(entry, alpha, fdr, store, latest)
     else:
-        export_page(entry, store, vals["reviews_db"])
+        export_page(entry, alpha, fdr, store, vals["reviews_db"])
 
 
 main()

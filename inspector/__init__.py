@@ -1,7 +1,8 @@
 """MRI Memorization Inspector: did a generative MRI model copy its training patients?
 
 The public API is imported lazily so that ``inspector --help`` and light tools do not pay for
-importing torch and faiss.
+importing torch and faiss. No submodule shares its name with an exported function or class, so importing
+a submodule never shadows an exported name (``inspector.audit`` is always the function).
 """
 
 from __future__ import annotations
@@ -22,9 +23,16 @@ _LAZY = {
     "Features": "inspector.features",
     "get_extractor": "inspector.models",
     "available_extractors": "inspector.models",
-    "audit": "inspector.audit",
-    "AuditConfig": "inspector.audit",
-    "AuditResult": "inspector.audit",
+    "audit": "inspector.pipeline",
+    "AuditConfig": "inspector.config",
+    "AuditResult": "inspector.result",
+    "Calibration": "inspector.calibration",
+    "Verdict": "inspector.calibration",
+    "gate": "inspector.calibration",
+    "View": "inspector.views",
+    "save_audit": "inspector.folder",
+    "load_audit_folder": "inspector.folder",
+    "write_report": "inspector.report",
 }
 
 __all__ = ["__version__", *_LAZY]

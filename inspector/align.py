@@ -39,10 +39,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .preprocess import affine_warp
+from .preprocess import affine_warp, resize_square
+from .views import FLIPS, View
 
 __all__ = [
-    "FLIPS",
     "MEASURES",
     "Alignment",
     "register_pairs",
@@ -50,26 +50,10 @@ __all__ = [
     "apply_alignment_single",
     "pair_ncc",
     "score_alignment",
-    "canonical_flip",
 ]
 
 log = logging.getLogger(__name__)
 
-#: Canonical flip names, applied to the moving image before the similarity transform.
-FLIPS: tuple[str, ...] = ("none", "hflip", "vflip", "hvflip")
-_FLIP_ALIASES: dict[str, str] = {
-    "none": "none",
-    "id": "none",
-    "identity": "none",
-    "h": "hflip",
-    "hflip": "hflip",
-    "v": "vflip",
-    "vflip": "vflip",
-    "hv": "hvflip",
-    "vh": "hvflip",
-    "hvflip": "hvflip",
-    "vhflip": "hvflip",
-}
 #: Scores of the final transform (see :func:`register_pairs`); the first is the default.
 MEASURES: tuple[str, ...] = ("poly_fg", "ncc_fg", "ncc", "grad")
 #: Foreground rule of the ``*_fg`` measures: above this fraction of the image's range over the overlap.
@@ -78,20 +62,6 @@ FG_FRACTION = 0.05
 ProgressFn = Callable[[str, int, int], None]
 
 _EPS = 1e-8
-
-
-def canonical_flip(name: str) -> str:
-    """Canonical flip name for ``name`` (accepts the feature views ``id``/``hflip``/``vflip``/``hvflip``).
-
-    Raises
-    ------
-    ValueError
-        If ``name`` is not a known flip.
-    """
-    key = str(name).strip().lower()
-    if key not in _FLIP_ALIASES:
-        raise ValueError(f"Unknown flip {name!r}; valid flips: {FLIPS} (aliases: {sorted(_FLIP_ALIASES)}).")
-    return _FLIP_ALIASES[key]
 
 
 @dataclass
@@ -110,9 +80,13 @@ class Alignment:
     shift : np.ndarray, shape (N, 2), float32
         ``(dx, dy)`` as a fraction of the field of view, same convention as ``affine_warp``.
     flip : np.ndarray, shape (N,), object (str)
-        Flip applied to the moving image before the transform: ``none``, ``hflip``, ``vflip``, ``hvflip``.
+        The :class:`~inspector.views.View` applied to the moving image before the transform (canonical
+        names; the registration searches :data:`~inspector.views.FLIPS`: ``id``, ``hflip``, ``vflip``,
+        ``hvflip``).
     overlap : np.ndarray, shape (N,), float32, optional
         Fraction of the fixed frame covered by the aligned moving image.
+    train_index : np.ndarray, shape (N,), int64, optional
+        Which training slice was registered (set by the matcher; -1 = none).
     """
 
     ncc: np.ndarray
@@ -121,6 +95,7 @@ class Alignment:
     shift: np.ndarray
     flip: np.ndarray
     overlap: np.ndarray | None = None
+    train_index: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.ncc = np.asarray(self.ncc, dtype=np.float32).reshape(-1)
@@ -128,10 +103,12 @@ class Alignment:
         self.angle = np.asarray(self.angle, dtype=np.float32).reshape(-1)
         self.scale = np.asarray(self.scale, dtype=np.float32).reshape(-1)
         self.shift = np.asarray(self.shift, dtype=np.float32).reshape(-1, 2)
-        self.flip = np.asarray([canonical_flip(f) for f in np.asarray(self.flip).reshape(-1)], dtype=object)
+        self.flip = np.asarray([View.parse(f).value for f in np.asarray(self.flip).reshape(-1)], dtype=object)
         if self.overlap is not None:
             self.overlap = np.asarray(self.overlap, dtype=np.float32).reshape(-1)
-        for name in ("angle", "scale", "shift", "flip", "overlap"):
+        if self.train_index is not None:
+            self.train_index = np.asarray(self.train_index, dtype=np.int64).reshape(-1)
+        for name in ("angle", "scale", "shift", "flip", "overlap", "train_index"):
             arr = getattr(self, name)
             if arr is not None and arr.shape[0] != n:
                 raise ValueError(f"Alignment.{name} has {arr.shape[0]} rows but ncc has {n}; all must match.")
@@ -142,20 +119,40 @@ class Alignment:
     def transform(self, index: int) -> dict[str, Any]:
         """The transform of pair ``index`` as the dict :func:`apply_alignment_single` takes."""
         i = int(index)
-        return {
+        out: dict[str, Any] = {
             "flip": str(self.flip[i]),
             "angle": float(self.angle[i]),
             "scale": float(self.scale[i]),
             "shift": [float(v) for v in self.shift[i]],
             "ncc": float(self.ncc[i]),
         }
+        if self.train_index is not None:
+            out["train_index"] = int(self.train_index[i])
+        return out
 
     def as_dict(self) -> dict[str, np.ndarray]:
-        """Plain arrays (``ncc``, ``angle``, ``scale``, ``shift``, ``flip`` and ``overlap`` when known)."""
+        """Plain arrays (``ncc``, ``angle``, ``scale``, ``shift``, ``flip``; ``overlap`` and ``train_index``
+        when known). :meth:`from_dict` is the inverse."""
         out = {"ncc": self.ncc, "angle": self.angle, "scale": self.scale, "shift": self.shift, "flip": self.flip}
         if self.overlap is not None:
             out["overlap"] = self.overlap
+        if self.train_index is not None:
+            out["train_index"] = self.train_index
         return out
+
+    @classmethod
+    def from_dict(cls, arrays: Any) -> Alignment:
+        """An :class:`Alignment` from :meth:`as_dict`'s arrays (e.g. read back from ``audit.npz``)."""
+        get = arrays.get if hasattr(arrays, "get") else (lambda k, d=None: arrays[k] if k in arrays else d)
+        return cls(
+            ncc=get("ncc"),
+            angle=get("angle"),
+            scale=get("scale"),
+            shift=get("shift"),
+            flip=np.asarray(get("flip")).astype(str),
+            overlap=get("overlap"),
+            train_index=get("train_index"),
+        )
 
     def take(self, index: np.ndarray | Sequence[int]) -> Alignment:
         """A new :class:`Alignment` with the rows ``index`` (integer array or boolean mask)."""
@@ -167,6 +164,7 @@ class Alignment:
             self.shift[idx],
             self.flip[idx],
             None if self.overlap is None else self.overlap[idx],
+            None if self.train_index is None else self.train_index[idx],
         )
 
 
@@ -209,44 +207,22 @@ def _check_flips(flips: Sequence[str] | np.ndarray | str | None, n: int) -> np.n
     if flips is None:
         return None
     if isinstance(flips, str):
-        return np.full(n, canonical_flip(flips), dtype=object)
+        return np.full(n, View.parse(flips).value, dtype=object)
     arr = np.asarray(flips, dtype=object).reshape(-1)
     if arr.shape[0] != n:
         raise ValueError(f"flips has {arr.shape[0]} entries but there are {n} pairs; give one flip per pair or None.")
-    return np.asarray([canonical_flip(f) for f in arr], dtype=object)
-
-
-def _to_square(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(n, H, W) -> (n, size, size): zero pad to a centred square (aspect kept), then resample."""
-    _, h, w = x.shape
-    if h != w:
-        m = max(h, w)
-        top, left = (m - h) // 2, (m - w) // 2
-        x = F.pad(x, (left, m - w - left, top, m - h - top))
-    if x.shape[-1] != size:
-        down = x.shape[-1] > size
-        x = F.interpolate(x[:, None], size=(size, size), mode="bilinear", align_corners=False, antialias=down)[:, 0]
-    return x.contiguous()
-
-
-def _flip_tensor(x: torch.Tensor, flip: str) -> torch.Tensor:
-    if flip == "hflip":
-        return x.flip(-1)
-    if flip == "vflip":
-        return x.flip(-2)
-    if flip == "hvflip":
-        return x.flip(-2, -1)
-    return x
+    return np.asarray([View.parse(f).value for f in arr], dtype=object)
 
 
 def _flip_each(x: torch.Tensor, flips: np.ndarray) -> torch.Tensor:
     """Flip each image of (n, H, W) by its own flip name (one vectorised pass per flip kind)."""
     out = x.clone()
-    for name in FLIPS[1:]:
+    for name in np.unique(flips):
+        view = View.parse(name)
         sel = np.nonzero(flips == name)[0]
-        if sel.size:
+        if view is not View.ID and sel.size:
             idx = torch.as_tensor(sel, device=x.device)
-            out[idx] = _flip_tensor(x[idx], name)
+            out[idx] = view.apply(x[idx])
     return out
 
 
@@ -531,7 +507,7 @@ def pair_ncc(fixed: np.ndarray, moving: np.ndarray, *, size: int | None = None) 
         size = max(f.shape[1:])
     ft, gt = torch.from_numpy(f), torch.from_numpy(g)
     if size is not None:
-        ft, gt = _to_square(ft, size), _to_square(gt, size)
+        ft, gt = resize_square(ft, size), resize_square(gt, size)
     return _weighted_ncc(ft, gt, torch.ones_like(ft)).numpy().astype(np.float32)
 
 
@@ -665,16 +641,16 @@ def register_pairs(
     out_ncc, out_p, out_flip, out_ov = [], [], [], []
     for start in range(0, n, batch_size):
         stop = min(n, start + batch_size)
-        ft = _to_square(torch.from_numpy(f_np[start:stop]).to(dev), size)
-        mt = _to_square(torch.from_numpy(m_np[start:stop]).to(dev), size)
+        ft = resize_square(torch.from_numpy(f_np[start:stop]).to(dev), size)
+        mt = resize_square(torch.from_numpy(m_np[start:stop]).to(dev), size)
         b = ft.shape[0]
         if flip_arr is None:
-            views = torch.stack([_flip_tensor(mt, name) for name in FLIPS], dim=1)  # (b, 4, s, s)
+            views = torch.stack([v.apply(mt) for v in FLIPS], dim=1)  # (b, 4, s, s)
         else:
             views = _flip_each(mt, flip_arr[start:stop])[:, None]
         v = views.shape[1]
-        fc = _to_square(ft, cs)
-        vc = _to_square(views.reshape(b * v, size, size), cs).reshape(b, v, cs, cs)
+        fc = resize_square(ft, cs)
+        vc = resize_square(views.reshape(b * v, size, size), cs).reshape(b, v, cs, cs)
         # coarse level: every (flip, start angle) at cs pixels
         p_c, r_c = _ecc_refine(
             fc[:, None, None].expand(b, v, n_a, cs, cs).reshape(-1, cs, cs),
@@ -703,7 +679,7 @@ def register_pairs(
         p = p.view(b, k, 4)[ar, pick]
         overlap = overlap.view(b, k)[ar, pick]
         if flip_arr is None:
-            out_flip.append(np.asarray(FLIPS, dtype=object)[top[ar, pick].cpu().numpy()])
+            out_flip.append(np.asarray([v.value for v in FLIPS], dtype=object)[top[ar, pick].cpu().numpy()])
         else:
             out_flip.append(flip_arr[start:stop])
         out_ncc.append(score.cpu())
@@ -751,8 +727,8 @@ def score_alignment(
     _check_alignment_rows(alignment, f_np.shape[0])
     if measure not in MEASURES:
         raise ValueError(f"Unknown measure {measure!r}; valid measures: {MEASURES}.")
-    ft = _to_square(torch.from_numpy(f_np), size)
-    mt = _flip_each(_to_square(torch.from_numpy(m_np), size), alignment.flip)
+    ft = resize_square(torch.from_numpy(f_np), size)
+    mt = _flip_each(resize_square(torch.from_numpy(m_np), size), alignment.flip)
     p = _params_from_similarity(
         torch.from_numpy(alignment.angle.astype(np.float32)),
         torch.from_numpy(alignment.scale.astype(np.float32)),
@@ -818,7 +794,8 @@ def apply_alignment_single(moving: np.ndarray, transform: dict[str, Any]) -> np.
     ----------
     moving : np.ndarray, shape (H, W)
     transform : dict
-        Keys ``flip`` (default ``none``), ``angle`` (degrees, default 0), ``scale`` (default 1) and ``shift``
+        Keys ``flip`` (a :class:`~inspector.views.View` name, default ``id``), ``angle`` (degrees, default 0),
+        ``scale`` (default 1) and ``shift``
         (``[dx, dy]`` fraction of the FOV, default ``[0, 0]``); other keys (``ncc``, ``train_index``) are
         ignored. :meth:`Alignment.transform` builds it.
 
@@ -842,6 +819,6 @@ def apply_alignment_single(moving: np.ndarray, transform: dict[str, Any]) -> np.
         angle=np.asarray([float(transform.get("angle", 0.0))], np.float32),
         scale=np.asarray([scale], np.float32),
         shift=shift[None],
-        flip=np.asarray([transform.get("flip", "none")], dtype=object),
+        flip=np.asarray([transform.get("flip", "id")], dtype=object),
     )
     return apply_alignment(img[None], al)[0]

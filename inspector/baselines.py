@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,8 +27,9 @@ from numpy.typing import ArrayLike
 
 from .index import knn
 from .scores import DegenerateInputError, _as_2d, _l2_normalise
+from .views import FLIPS, apply_view
 
-__all__ = ["ct_score", "auth_pct", "dcr", "dcr_summary", "pixel_correlation", "nearest_distances"]
+__all__ = ["ct_score", "auth_pct", "dcr", "pixel_correlation", "nearest_distances", "baseline_space", "run_baselines"]
 
 log = logging.getLogger(__name__)
 
@@ -292,69 +293,7 @@ def dcr(
     return (d, idx) if return_index else d
 
 
-def dcr_summary(gen_dcr: ArrayLike, holdout_dcr: ArrayLike | None = None, *, quantile: float = 0.05) -> dict:
-    """Summary of DCR values, optionally against the holdout's DCR to the same training set.
-
-    Parameters
-    ----------
-    gen_dcr : array-like, shape (m,), m >= 1
-    holdout_dcr : array-like, shape (h,), optional
-        DCR of held-out real samples: what "as close as unseen real data" looks like.
-    quantile : float in (0, 1)
-        Lower quantile of the holdout DCR used as the "too close" threshold.
-
-    Returns
-    -------
-    dict
-        ``n``, ``min``, ``median``, ``mean``, ``q05`` (lower ``quantile``), ``n_zero`` (distances <= 1e-9);
-        with a holdout also ``holdout_median``, ``threshold`` (its ``quantile``) and
-        ``fraction_below_threshold`` (expected about ``quantile`` when the synthetic set is as novel as
-        the holdout; higher = more memorised).
-    """
-    from .scores import _as_1d
-
-    if not 0.0 < quantile < 1.0:
-        raise ValueError(f"quantile must be in (0, 1); got {quantile!r}.")
-    d = _as_1d(gen_dcr, "gen_dcr", min_len=1)
-    if (d < 0).any():
-        raise ValueError("DCR values must be non-negative distances.")
-    out: dict[str, Any] = {
-        "n": int(d.size),
-        "min": float(d.min()),
-        "median": float(np.median(d)),
-        "mean": float(d.mean()),
-        "q05": float(np.quantile(d, quantile)),
-        "n_zero": int((d <= 1e-9).sum()),
-    }
-    if holdout_dcr is not None:
-        h = _as_1d(holdout_dcr, "holdout_dcr", min_len=1)
-        thr = float(np.quantile(h, quantile))
-        out.update(
-            {
-                "holdout_median": float(np.median(h)),
-                "threshold": thr,
-                "fraction_below_threshold": float((d < thr).mean()),
-                "expected_fraction": quantile,
-            }
-        )
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- pixels
-def _view(images: np.ndarray, view: str) -> np.ndarray:
-    if view == "id":
-        return images
-    if view == "hflip":
-        return images[:, :, ::-1]
-    if view == "vflip":
-        return images[:, ::-1, :]
-    if view == "hvflip":
-        return images[:, ::-1, ::-1]
-    from .features import view_images  # rotations need torch; imported only when asked for
-
-    return view_images(images.astype(np.float32), view)
-
-
 def _centred_unit_rows(images: np.ndarray) -> np.ndarray:
     """Flattened images centred and scaled to unit norm; constant images become all-zero rows."""
     flat = images.reshape(images.shape[0], -1).astype(np.float64)
@@ -416,10 +355,117 @@ def pixel_correlation(
     for view in views:
         if view.startswith("rot") and ge.shape[1] != ge.shape[2]:
             raise ValueError(f"rotated views need square images; got {ge.shape[1:]}.")
-        q = _centred_unit_rows(_view(ge, view))
+        q = _centred_unit_rows(apply_view(ge, view))
         sims, idx = knn(q, base, 1, metric="ip")
         better = sims[:, 0] > best
         best[better] = sims[better, 0]
         best_idx[better] = idx[better, 0]
     best = np.clip(best, -1.0, 1.0)
     return (best, best_idx) if return_index else best
+
+
+# ---------------------------------------------------------------------------------------------- the audit's runner
+def baseline_space(train_layers: Mapping[str, ArrayLike], *others: Mapping[str, ArrayLike]) -> list[np.ndarray]:
+    """The baselines' feature space: per layer standardised (training mean and std), L2-normalised, scaled by
+    ``1/sqrt(L)`` and concatenated.
+
+    Parameters
+    ----------
+    train_layers : mapping of str to array-like, shape (n, C_layer)
+        The training set's identity-view features.
+    *others : mapping of str to array-like, shape (m_i, C_layer)
+        Other sets' features (same layers).
+
+    Returns
+    -------
+    list of np.ndarray, float32
+        ``[train (n, D), *others (m_i, D)]`` with ``D = sum of C_layer``.
+    """
+    sets = [train_layers, *others]
+    out: list[list[np.ndarray]] = [[] for _ in sets]
+    layers = list(train_layers)
+    for layer in layers:
+        x = np.asarray(train_layers[layer], np.float64)
+        mu, sd = x.mean(0), x.std(0) + 1e-8
+        for i, f in enumerate(sets):
+            z = (np.asarray(f[layer], np.float64) - mu) / sd
+            z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+            out[i].append(z / np.sqrt(len(layers)))
+    return [np.concatenate(parts, axis=1).astype(np.float32) for parts in out]
+
+
+def run_baselines(
+    train_layers: Mapping[str, ArrayLike],
+    synthetic_layers: Mapping[str, ArrayLike],
+    holdout_layers: Mapping[str, ArrayLike] | None,
+    train_images: np.ndarray,
+    synthetic_images: np.ndarray,
+    *,
+    pixel_size: int = 64,
+    seed: int = 0,
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """CT-score, AuthPct, distance to closest record and raw-pixel correlation on the audit's inputs.
+
+    A failing baseline never breaks the audit: its error is reported in the summary instead.
+
+    Parameters
+    ----------
+    train_layers, synthetic_layers, holdout_layers : mapping of str to array, shapes (n, C), (m, C), (h, C)
+        Identity-view features (``holdout_layers`` may be None: no CT-score then).
+    train_images, synthetic_images : np.ndarray, shapes (n, H, W), (m, H, W)
+    pixel_size : int
+        Resolution of the raw-pixel correlation (the registration's working size).
+    seed : int
+        Seed of the CT-score's k-means.
+
+    Returns
+    -------
+    columns : dict of str to np.ndarray, shape (m,)
+        Per synthetic slice: ``dcr``, ``authentic`` (0/1), ``pixel_corr`` (those that ran).
+    summary : dict
+        ``dcr_median``, ``auth_pct``, ``ct_score``, ``ct_cells``, ``pixel_corr_median`` (or ``<name>_error``).
+    """
+    from .preprocess import resize_square
+
+    cols: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {}
+    spaces = baseline_space(train_layers, synthetic_layers, *([holdout_layers] if holdout_layers is not None else []))
+    xt, xg = spaces[0], spaces[1]
+    try:
+        d = dcr(xt, xg)
+        cols["dcr"] = np.asarray(d["distances"] if isinstance(d, dict) else d)
+        out["dcr_median"] = float(np.median(cols["dcr"]))
+    except Exception as e:  # noqa: BLE001 - a baseline never breaks the audit
+        out["dcr_error"] = f"{type(e).__name__}: {e}"
+    try:
+        a = auth_pct(xt, xg)
+        cols["authentic"] = np.asarray(a["authentic"], bool).astype(int)
+        out["auth_pct"] = float(a["auth_pct"])
+    except Exception as e:  # noqa: BLE001
+        out["auth_pct_error"] = f"{type(e).__name__}: {e}"
+    if holdout_layers is not None:
+        try:
+            m, t = len(xg), len(spaces[2])
+            # Meehan's rule wants > 20 generated samples per cell; small sets get fewer cells and a looser
+            # tau (reported), rather than no CT-score at all.
+            n_cells = max(1, min(20, m // 40, t // 10))
+            tau = min(20.0 / m, 0.5 / n_cells)
+            ct = ct_score(xt, spaces[2], xg, n_cells=n_cells, tau=tau, seed=seed)
+            out["ct_score"] = float(ct["ct_score"])
+            out["ct_cells"] = int(ct.get("n_cells_used", n_cells))
+            if tau < 20.0 / m:
+                out["ct_note"] = f"only {m} synthetic slices: CT-score over {n_cells} cell(s) with tau = {tau:.3f}"
+        except Exception as e:  # noqa: BLE001
+            out["ct_score_error"] = f"{type(e).__name__}: {e}"
+    else:
+        out["ct_score_error"] = "CT-score needs a holdout (test) set of real scans"
+    try:
+        cols["pixel_corr"] = pixel_correlation(
+            resize_square(train_images, pixel_size),
+            resize_square(synthetic_images, pixel_size),
+            views=tuple(v.value for v in FLIPS),
+        )
+        out["pixel_corr_median"] = float(np.median(cols["pixel_corr"]))
+    except Exception as e:  # noqa: BLE001
+        out["pixel_corr_error"] = f"{type(e).__name__}: {e}"
+    return cols, out

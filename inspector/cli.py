@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .calibration import GATES
+from .review import SIGNOFF_DECISIONS
 
 __all__ = ["main", "build_parser"]
 
@@ -53,6 +55,38 @@ class _TqdmProgress:
             self.bar = None
 
 
+def _parse_tuple(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`~inspector.config.AuditConfig` field, generated from :func:`inspector.config.settings`.
+
+    Every option defaults to ``None`` so that :meth:`AuditConfig.create` falls back to the dataclass's default
+    (shown in the help); booleans get ``--name/--no-name``; tuples are comma-separated.
+    """
+    from .config import SECTIONS, settings
+
+    groups = {sec: parser.add_argument_group(f"{sec} settings") for sec in SECTIONS}
+    for st in settings():
+        g = groups[st.section]
+        shown = ",".join(st.default) if st.kind is tuple else st.default
+        help_text = f"{st.help} (default: {shown if shown not in ('', None) else 'none'})".replace("%", "%%")
+        if st.kind is bool:
+            g.add_argument(st.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            continue
+        kind = _parse_tuple if st.kind is tuple else st.kind
+        g.add_argument(
+            st.flag,
+            dest=st.name,
+            type=kind,
+            default=None,
+            choices=st.choices,
+            metavar=st.metavar or (None if st.choices else st.name.upper()),
+            help=help_text,
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``inspector`` command (subcommands ``scan`` and ``report``)."""
     p = argparse.ArgumentParser(
@@ -84,34 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="optional real scans from the same source that the model never saw; gives the honest null s(H->T). "
         "Without it the null is leave-one-subject-out within T.",
     )
-    s.add_argument(
-        "--extractor",
-        default=None,
-        metavar="NAME",
-        help="feature extractor: ssl (default: a contrastive encoder trained on T, cached), mri-core "
-        "(needs --checkpoint), pixels (baseline)",
-    )
-    s.add_argument("--checkpoint", metavar="FILE", help="MRI-CORE checkpoint file (DINOv2-style or SAM format)")
-    s.add_argument(
-        "--mode",
-        choices=("default", "paper"),
-        default="default",
-        help="default: calibrated, view-invariant, alignment-verified scores (p-values, flags at alpha); "
-        "paper: Deo et al. 2026 exactly (z-scored MI, ONI, split-half bootstrap null)",
-    )
-    s.add_argument(
-        "--alpha",
-        type=float,
-        default=0.01,
-        help="target false-positive rate per synthetic slice: a slice is flagged when p <= alpha (default 0.01)",
-    )
-    s.add_argument("--fdr", action="store_true", help="control the false discovery rate (Benjamini-Hochberg) instead")
-    s.add_argument("--axis", choices=("axial", "coronal", "sagittal"), default="axial", help="slicing axis for volumes")
-    s.add_argument("--size", type=int, default=128, help="square size slices are resampled to (default 128)")
-    s.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda")
+    add_config_options(s)
     s.add_argument("--cache-dir", metavar="DIR", help="cache for embeddings and trained encoders (default: user cache)")
     s.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    s.add_argument("--seed", type=int, default=0, help="random seed (encoder training, bootstrap)")
     s.add_argument(
         "--threads",
         type=int,
@@ -121,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--fail-on",
-        choices=("flagged", "verdict", "never"),
+        choices=GATES,
         default="never",
         help="CI gate: 'flagged' exits 1 when any slice is flagged beyond what alpha explains (the lower end of "
         "the 95%% interval of the flagged fraction exceeds alpha) or --max-flagged is exceeded; 'verdict' exits 1 "
@@ -160,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--role", metavar="ROLE", help="the signer's role, e.g. 'privacy officer'")
     sg.add_argument(
         "--decision",
-        choices=("release", "do not release", "release after removing the flagged slices"),
+        choices=SIGNOFF_DECISIONS,
         help="the release decision",
     )
     sg.add_argument(
@@ -173,27 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from .audit import AuditConfig, audit, gate
+    from .config import AuditConfig, settings
+    from .folder import save_audit
+    from .pipeline import audit
 
-    if not 0 < args.alpha < 1:
-        raise ValueError(f"--alpha must be in (0, 1); got {args.alpha}.")
+    try:
+        cfg = AuditConfig.create(**{st.name: getattr(args, st.name) for st in settings()})
+    except ValueError as e:
+        raise ValueError(f"bad option: {e}") from e
+    if args.max_flagged is not None and args.max_flagged < 0:
+        raise ValueError(f"--max-flagged must be >= 0; got {args.max_flagged}.")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1; got {args.threads}.")
         import torch
 
         torch.set_num_threads(args.threads)
-    cfg = AuditConfig.create(
-        mode=args.mode,
-        extractor=args.extractor,
-        checkpoint=args.checkpoint,
-        alpha=args.alpha,
-        fdr=args.fdr,
-        axis=args.axis,
-        size=args.size,
-        device=args.device,
-        seed=args.seed,
-    )
     progress = _TqdmProgress(enabled=not args.quiet)
     try:
         result = audit(
@@ -208,11 +212,10 @@ def _scan(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     out = Path(args.out)
-    result.save(out)
-    v = result.verdict
-    print(result.verdict_text(), file=sys.stderr)
-    print(f"wrote {out / 'scores.csv'}, {out / 'summary.json'}, {out / 'subjects.csv'}", file=sys.stderr)
-    failed, why = gate(v, args.fail_on, max_flagged=args.max_flagged)
+    save_audit(result, out)
+    print(result.verdict.text)
+    print(f"wrote {out / 'scores.csv'}, {out / 'summary.json'}, {out / 'subjects.csv'}")
+    failed, why = result.calibration.gate(args.fail_on, max_flagged=args.max_flagged)
     if failed:
         print(f"GATE FAILED (--fail-on {args.fail_on}): {why}", file=sys.stderr)
         return EXIT_GATE
@@ -222,7 +225,8 @@ def _scan(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     import json
 
-    from .report import SignOff, summary_path_for, write_report
+    from .report import summary_path_for, write_report
+    from .review import SignOff
 
     signoff = None
     given = {"--signer": args.signer, "--role": args.role, "--decision": args.decision}

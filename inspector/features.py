@@ -22,15 +22,13 @@ import torch
 from . import __version__
 from .cache import EmbeddingCache, hash_key
 from .models import Extractor, get_extractor
-from .preprocess import affine_warp, resize_square
+from .preprocess import resize_square
 from .types import Cohort
+from .views import apply_view
 
 __all__ = [
     "Features",
     "ProgressFn",
-    "VIEWS",
-    "FLIP_VIEWS",
-    "view_images",
     "cohort_images",
     "prepare_extractor",
     "extract",
@@ -41,43 +39,7 @@ log = logging.getLogger(__name__)
 #: ``progress(stage, done, total)``: the CLI renders it with tqdm, the app with ``st.progress``.
 ProgressFn = Callable[[str, int, int], None]
 
-#: The flip group: identity, horizontal, vertical and both.
-FLIP_VIEWS: tuple[str, ...] = ("id", "hflip", "vflip", "hvflip")
-#: Every view name understood by :func:`view_images` (rotations as ``rot<deg>``, e.g. ``rot+5``).
-VIEWS: tuple[str, ...] = (*FLIP_VIEWS, "rot-5", "rot+5", "rot-10", "rot+10")
-
 _MEMMAP_BYTES = 512 * 1024**2  # outputs bigger than this stream to a memory-mapped file
-
-
-def view_images(images: np.ndarray, view: str) -> np.ndarray:
-    """Apply a named view to a batch of images.
-
-    Parameters
-    ----------
-    images : np.ndarray, shape (n, H, W), float32
-    view : str
-        ``id``, ``hflip``, ``vflip``, ``hvflip`` or ``rot<signed degrees>`` (e.g. ``rot+5``).
-
-    Returns
-    -------
-    np.ndarray, shape (n, H, W), float32
-    """
-    x = np.asarray(images, dtype=np.float32)
-    if view == "id":
-        return x
-    if view == "hflip":
-        return np.ascontiguousarray(x[:, :, ::-1])
-    if view == "vflip":
-        return np.ascontiguousarray(x[:, ::-1, :])
-    if view == "hvflip":
-        return np.ascontiguousarray(x[:, ::-1, ::-1])
-    if view.startswith("rot"):
-        try:
-            angle = float(view[3:])
-        except ValueError as e:
-            raise ValueError(f"Bad rotation view {view!r}; use e.g. 'rot+5' or 'rot-10'.") from e
-        return affine_warp(torch.from_numpy(np.ascontiguousarray(x)), angle_deg=angle).numpy()
-    raise ValueError(f"Unknown view {view!r}; valid views: {VIEWS} (or any 'rot<deg>').")
 
 
 def cohort_images(cohort: Cohort | np.ndarray, size: int) -> np.ndarray:
@@ -95,13 +57,13 @@ def cohort_images(cohort: Cohort | np.ndarray, size: int) -> np.ndarray:
     if isinstance(cohort, Cohort):
         if len(cohort) == 0:
             raise ValueError(f"Cohort {cohort.name!r} has no slices; nothing to extract.")
-        return np.stack([resize_square(s.array, size) for s in cohort.slices]).astype(np.float32)
+        return cohort.stack(size=size)
     arr = np.asarray(cohort, dtype=np.float32)
     if arr.ndim != 3 or arr.shape[0] == 0:
         raise ValueError(f"Expected a Cohort or an array of shape (n, H, W) with n >= 1; got {arr.shape}.")
     if arr.shape[1:] == (size, size):
         return arr
-    return np.stack([resize_square(a, size) for a in arr]).astype(np.float32)
+    return resize_square(arr, size)
 
 
 def _content_hash(images: np.ndarray) -> str:
@@ -281,7 +243,8 @@ def extract(
         Registry name or a ready (fitted) extractor. ``"ssl"`` is trained on ``train`` (default: the
         cohort itself) the first time and cached by the training set's hash.
     views : sequence of str
-        Views to extract (see :data:`VIEWS`); ``"id"`` is always included.
+        Views to extract (names of :mod:`inspector.views`: a :class:`~inspector.views.View` or ``rot<deg>``);
+        ``"id"`` is always included.
     train : Cohort or np.ndarray, optional
         The training cohort for extractors that need fitting.
     cache_dir : path, optional
@@ -333,7 +296,7 @@ def extract(
             continue
         arrays = _run(
             ext,
-            view_images(images, view),
+            apply_view(images, view),
             stage=f"extracting:{view}",
             progress=progress,
             num_workers=num_workers,

@@ -39,6 +39,29 @@ Conventions
 * **Privacy**: raw DICOM ``PatientID``/``PatientName`` never leave :func:`_dicom_subject`; only
   :func:`pseudonymise` digests do. pydicom warnings raised while reading are swallowed and counted
   (their text may quote header values).
+* **Provenance**: every slice lists the files it was read from (:attr:`Slice.sources`) and the
+  cohort holds each such file's size and sha256 (:attr:`Cohort.files`), hashed once, right after
+  the file was read.
+
+Readers
+-------
+Each format is one :class:`Reader` subclass in the registry :data:`READERS`; a file goes to the
+reader whose suffix is the longest that ends its name (:func:`reader_for`), else to the first
+reader whose :meth:`Reader.sniff` recognises it (DICOM's ``DICM`` preamble). To add a format, write
+in this module::
+
+    @register_reader
+    class RawReader(Reader):
+        name = "raw"                 # unique key in READERS
+        label = "raw image"          # "corrupt or unreadable raw image file: ..."
+        suffixes = (".raw16",)       # lower case; must not clash with another reader's
+
+        def read(self, c, config, skipped):
+            arr = ...                # (H, W) stored values of c.abs; raise _Skip(reason) to skip it
+            return [_Unit(c.rel, arr[None], [0], "2d", (1.0, 1.0), "folder", c.rel)]
+
+:data:`SUPPORTED_EXTENSIONS`, skip reasons and error messages follow the registry. A reader that
+must see several files at once (DICOM series) overrides :meth:`Reader.read_group`.
 """
 
 from __future__ import annotations
@@ -48,16 +71,18 @@ import logging
 import os
 import sys
 import warnings
+from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
 from .preprocess import ConstantImageError, PreprocessConfig, is_background, normalise_volume, resize_square
-from .types import Cohort, SkippedFile, Slice, raw_pixel_hash
+from .types import Cohort, SkippedFile, Slice, SourceFile, raw_pixel_hash
 
 __all__ = [
     "LoadConfig",
@@ -70,39 +95,31 @@ __all__ = [
     "LoadWarning",
     "SUPPORTED_EXTENSIONS",
     "IGNORED_NAMES",
+    "Reader",
+    "READERS",
+    "register_reader",
+    "unregister_reader",
+    "reader_for",
+    "NiftiReader",
+    "DicomReader",
+    "ImageReader",
+    "TiffReader",
+    "NpyReader",
+    "NpzReader",
 ]
 
 log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
+#: ``tick(k)``: ``k`` more candidate files are done (drives :data:`ProgressCallback`).
+TickCallback = Callable[[int], None]
 
-_NIFTI_EXTS = (".nii.gz", ".nii", ".mgz", ".mgh")
-_DICOM_EXTS = (".dcm", ".dicom", ".ima")
-_PIL_EXTS = (".png", ".jpg", ".jpeg")
-_TIFF_EXTS = (".tif", ".tiff")
-_KIND_BY_EXT: dict[str, str] = {
-    **{e: "nifti" for e in _NIFTI_EXTS},
-    **{e: "dicom" for e in _DICOM_EXTS},
-    **{e: "pil" for e in _PIL_EXTS},
-    **{e: "tiff" for e in _TIFF_EXTS},
-    ".npy": "npy",
-    ".npz": "npz",
-}
-_KIND_LABEL = {
-    "nifti": "NIfTI/MGH",
-    "dicom": "DICOM",
-    "pil": "image",
-    "tiff": "TIFF",
-    "npy": "NumPy .npy",
-    "npz": "NumPy .npz",
-}
-
-#: File extensions :func:`load_cohort` reads (DICOM files may also have no extension).
-SUPPORTED_EXTENSIONS: tuple[str, ...] = tuple(_KIND_BY_EXT)
+#: File extensions :func:`load_cohort` reads, in registration order (DICOM files may also have no
+#: extension). Derived from :data:`READERS`; rebound by :func:`register_reader`/:func:`unregister_reader`.
+SUPPORTED_EXTENSIONS: tuple[str, ...] = ()
 #: File names that are never images (the sample data's ground truth and manifests); hidden files too.
 IGNORED_NAMES: frozenset[str] = frozenset({"labels.csv", "manifest.csv"})
 
-_SUPPORTED_TEXT = ", ".join(SUPPORTED_EXTENSIONS) + ", DICOM without extension"
 _VOLUME_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 _LABEL_VALUES = frozenset({"copy", "novel"})
 
@@ -269,10 +286,14 @@ class _Override:
 
 @dataclass
 class _Candidate:
+    """One file found by discovery: absolute path (the file that is opened), path relative to the
+    root, the reader that claimed it (``sniffed``: by content, not by suffix) and manifest values."""
+
     abs: Path
     rel: str
-    kind: str
+    reader: Reader
     override: _Override | None = None
+    sniffed: bool = False
 
 
 @dataclass
@@ -280,7 +301,9 @@ class _Unit:
     """One volume or 2D image, in display orientation, before normalisation.
 
     ``raw`` is a sequence of n 2D arrays (a 3D array (n, H, W) or a list); ``indices`` the slice index
-    of each. ``subject_rule`` is ``"stem"``, ``"folder"`` or ``"fixed"`` (``subject_id`` already set).
+    of each. ``subject_rule`` is ``"stem"``, ``"folder"``, ``"npz"`` or ``"fixed"`` (``subject_id``
+    already set). ``sources`` are the relative paths of the candidate files it was read from;
+    empty means ``(file_rel,)`` (filled in by the reader machinery, which hashes each of them).
     """
 
     path: str
@@ -292,6 +315,7 @@ class _Unit:
     file_rel: str
     subject_id: str = ""
     override: _Override | None = None
+    sources: tuple[str, ...] = ()
 
 
 def _warn(message: str) -> None:
@@ -304,20 +328,297 @@ def _warn(message: str) -> None:
     warnings.warn(message, LoadWarning, stacklevel=level)
 
 
-def _kind_of(name: str) -> tuple[str | None, str]:
-    """Reader kind and matched extension for a file name (``None`` when the extension is unknown)."""
+# ----------------------------------------------------------------------------------------------
+# Reader registry
+# ----------------------------------------------------------------------------------------------
+
+
+class Reader(ABC):
+    """One input format: which files it claims and how a file becomes volumes or 2D images.
+
+    Subclass it, set the three class attributes, implement :meth:`read` and decorate the class with
+    :func:`register_reader`; :func:`load_cohort` then reads the format (see the module notes).
+    A registered reader is one instance, shared by every load.
+
+    Attributes
+    ----------
+    name : str
+        Unique short key in :data:`READERS`, e.g. ``"nifti"``.
+    label : str
+        Human name of the format in skip reasons, e.g. ``"NIfTI/MGH"`` gives
+        ``"corrupt or unreadable NIfTI/MGH file: ..."``.
+    suffixes : tuple of str
+        Lower-case name endings the reader claims, e.g. ``(".nii.gz", ".nii")``; matched
+        case-insensitively, the longest registered suffix wins (:func:`reader_for`).
+    sniff_hint : str
+        What :meth:`sniff` looks for, named in the skip reason of an unrecognised file without
+        extension (``"DICOM preamble"`` gives ``"no extension, no DICOM preamble"``).
+    """
+
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    suffixes: ClassVar[tuple[str, ...]] = ()
+    sniff_hint: ClassVar[str] = ""
+
+    def sniff(self, path: Path) -> bool:
+        """Whether a file whose name ends in no registered suffix is in this format (default: never).
+
+        Parameters
+        ----------
+        path : Path
+            The file; read only its first bytes.
+
+        Returns
+        -------
+        bool
+        """
+        return False
+
+    @abstractmethod
+    def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+        """Read one candidate file.
+
+        Parameters
+        ----------
+        c : _Candidate
+            ``c.abs`` is the file to open, ``c.rel`` its path relative to the cohort root (the
+            ``path`` and ``file_rel`` of the units it gives).
+        config : LoadConfig
+            Slicing axis, 4D volume index, NumPy array axis...
+        skipped : list of SkippedFile
+            Where to record parts of the file that are skipped (e.g. one array of an archive).
+
+        Returns
+        -------
+        list of _Unit
+            Its volumes or 2D images, raw values in display orientation, each ``raw`` of shape
+            ``(n, H, W)``.
+
+        Raises
+        ------
+        _Skip
+            The file is not loaded; the message is the reason recorded verbatim.
+        Exception
+            Any other error is recorded as ``"corrupt or unreadable <label> file: <error>"``.
+        """
+
+    def read_or_skip(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+        """:meth:`read` one file; a failure becomes a :class:`SkippedFile` (and ``[]``), never an error.
+
+        The manifest override of ``c`` is set on every unit, and ``sources`` defaults to ``(c.rel,)``.
+        """
+        try:
+            units = self.read(c, config, skipped)
+        except _Skip as e:
+            skipped.append(SkippedFile(c.rel, str(e)))
+            log.info("skipped %s: %s", c.rel, e)
+            return []
+        except Exception as e:
+            skipped.append(SkippedFile(c.rel, f"corrupt or unreadable {self.label} file: {type(e).__name__}: {e}"))
+            log.info("skipped %s: corrupt or unreadable %s file (%s)", c.rel, self.label, type(e).__name__)
+            log.debug("traceback for %s", c.rel, exc_info=True)
+            return []
+        for u in units:
+            u.override = c.override
+            if not u.sources:
+                u.sources = (c.rel,)
+        return units
+
+    def read_group(
+        self,
+        candidates: Sequence[_Candidate],
+        config: LoadConfig,
+        skipped: list[SkippedFile],
+        tick: TickCallback | None = None,
+    ) -> list[_Unit]:
+        """Read every candidate this reader claimed in one load (default: each on its own).
+
+        Override it when files must be read together (a DICOM series spans files). An override
+        records its own failures in ``skipped``, sets each unit's ``override`` and ``sources``
+        (among ``candidates``' ``rel``), and calls ``tick(1)`` once per candidate.
+
+        Parameters
+        ----------
+        candidates : sequence of _Candidate
+            In discovery order (sorted relative paths, or manifest order).
+        config : LoadConfig
+        skipped : list of SkippedFile
+        tick : callable, optional
+            Progress: ``tick(k)`` after ``k`` more candidates are done.
+
+        Returns
+        -------
+        list of _Unit
+        """
+        units: list[_Unit] = []
+        for c in candidates:
+            units.extend(self.read_or_skip(c, config, skipped))
+            if tick is not None:
+                tick(1)
+        return units
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}: {', '.join(self.suffixes) or 'no suffix'}>"
+
+
+_R = TypeVar("_R", bound=type[Reader])
+_READERS: dict[str, Reader] = {}
+#: The registered readers by name, in registration order (read-only; use :func:`register_reader`).
+READERS: Mapping[str, Reader] = MappingProxyType(_READERS)
+_BY_SUFFIX: dict[str, Reader] = {}
+_SUFFIXES_LONGEST_FIRST: list[str] = []
+
+
+def _sniffs(reader: Reader) -> bool:
+    return type(reader).sniff is not Reader.sniff
+
+
+def _refresh_registry() -> None:
+    """Rebuild the suffix index and :data:`SUPPORTED_EXTENSIONS` from :data:`READERS`."""
+    global SUPPORTED_EXTENSIONS
+    _BY_SUFFIX.clear()
+    for r in _READERS.values():
+        for suffix in r.suffixes:
+            _BY_SUFFIX[suffix] = r
+    _SUFFIXES_LONGEST_FIRST[:] = sorted(_BY_SUFFIX, key=len, reverse=True)
+    SUPPORTED_EXTENSIONS = tuple(_BY_SUFFIX)
+
+
+def _supported_text() -> str:
+    """``".nii.gz, .nii, ..., DICOM without extension"`` for messages."""
+    parts = list(SUPPORTED_EXTENSIONS) + [f"{r.label} without extension" for r in _READERS.values() if _sniffs(r)]
+    return ", ".join(parts)
+
+
+def register_reader(cls: _R) -> _R:
+    """Add a :class:`Reader` subclass to :data:`READERS` (usable as a class decorator).
+
+    Parameters
+    ----------
+    cls : type
+        A concrete subclass of :class:`Reader` with a unique ``name``, a ``label`` and lower-case
+        ``suffixes`` (or a :meth:`Reader.sniff`); it is instantiated once, without arguments.
+
+    Returns
+    -------
+    type
+        ``cls`` itself.
+
+    Raises
+    ------
+    TypeError
+        If ``cls`` is not a concrete :class:`Reader` subclass.
+    ValueError
+        If its attributes are malformed, its name is taken, or one of its suffixes is already
+        claimed by another reader (the message names both readers).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Reader)):
+        raise TypeError(f"register_reader expects a Reader subclass; got {cls!r}.")
+    where = f"Reader {cls.__name__}"
+    name, label, suffixes = cls.name, cls.label, cls.suffixes
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where} needs a non-empty class attribute name (e.g. name = 'nifti').")
+    if not isinstance(label, str) or not label.strip():
+        raise ValueError(f"{where} needs a non-empty class attribute label (e.g. label = 'NIfTI/MGH').")
+    if not isinstance(suffixes, tuple) or not all(isinstance(x, str) for x in suffixes):
+        raise ValueError(f"{where}.suffixes must be a tuple of str (e.g. ('.nii.gz', '.nii')); got {suffixes!r}.")
+    bad = [x for x in suffixes if len(x) < 2 or not x.startswith(".") or x != x.lower()]
+    if bad:
+        raise ValueError(f"{where}.suffixes must be lower case and start with '.'; got {bad}.")
+    if len(set(suffixes)) != len(suffixes):
+        raise ValueError(f"{where}.suffixes lists a suffix twice: {suffixes!r}.")
+    if not suffixes and cls.sniff is Reader.sniff:
+        raise ValueError(f"{where} claims no file: give it suffixes or override sniff().")
+    if name in _READERS:
+        other = type(_READERS[name]).__name__
+        raise ValueError(
+            f"A reader named {name!r} is already registered ({other}); give {cls.__name__} another name, "
+            f"or call unregister_reader({name!r}) first to replace it."
+        )
+    for suffix in suffixes:
+        owner = _BY_SUFFIX.get(suffix)
+        if owner is not None:
+            raise ValueError(
+                f"Reader {name!r} ({cls.__name__}) claims suffix {suffix!r}, which reader {owner.name!r} "
+                f"({type(owner).__name__}) already reads. Remove {suffix!r} from one of them, or call "
+                f"unregister_reader({owner.name!r}) first to replace that reader."
+            )
+    instance = cls()  # TypeError here when read() is not implemented
+    _READERS[name] = instance
+    _refresh_registry()
+    log.debug("registered reader %r for %s", name, ", ".join(suffixes) or "sniffed files")
+    return cls
+
+
+def unregister_reader(name: str) -> type[Reader]:
+    """Remove a reader from :data:`READERS`.
+
+    Parameters
+    ----------
+    name : str
+        The reader's ``name``.
+
+    Returns
+    -------
+    type
+        The removed reader's class (pass it to :func:`register_reader` to restore it).
+
+    Raises
+    ------
+    KeyError
+        If no reader of that name is registered.
+    """
+    if name not in _READERS:
+        raise KeyError(f"No reader named {name!r} is registered; registered: {sorted(_READERS)}.")
+    reader = _READERS.pop(name)
+    _refresh_registry()
+    log.debug("unregistered reader %r", name)
+    return type(reader)
+
+
+def _match(name: str) -> tuple[Reader | None, str]:
+    """Reader and matched suffix for a file name (``None`` and the last extension when unknown)."""
     low = name.lower()
-    for ext in sorted(_KIND_BY_EXT, key=len, reverse=True):
-        if low.endswith(ext) and len(low) > len(ext):
-            return _KIND_BY_EXT[ext], ext
+    for suffix in _SUFFIXES_LONGEST_FIRST:
+        if low.endswith(suffix) and len(low) > len(suffix):
+            return _BY_SUFFIX[suffix], suffix
     return None, "".join(Path(name).suffixes[-1:])
 
 
+def reader_for(filename: str | os.PathLike[str]) -> Reader | None:
+    """The registered reader for a file name, by suffix (case-insensitive, longest suffix wins).
+
+    Parameters
+    ----------
+    filename : str or PathLike
+        A file name or path; only its last component is matched.
+
+    Returns
+    -------
+    Reader or None
+        ``None`` when no registered suffix ends the name (such a file may still be recognised by
+        a reader's :meth:`Reader.sniff`, e.g. DICOM without extension).
+    """
+    return _match(Path(filename).name)[0]
+
+
 def _strip_ext(rel: str) -> str:
-    kind, ext = _kind_of(rel)
-    if kind is not None:
+    reader, ext = _match(rel)
+    if reader is not None:
         return rel[: -len(ext)]
     return rel
+
+
+def _no_tick(k: int) -> None:
+    """A :data:`TickCallback` that reports nothing."""
+
+
+def _hash_file(path: Path, rel: str) -> SourceFile:
+    """Size and streamed sha256 of one file (the one the reader opened)."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    return SourceFile(rel, int(size), digest)
 
 
 def _has_dicm_preamble(path: Path) -> bool:
@@ -370,17 +671,34 @@ def _check_numeric(arr: np.ndarray, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
+def _sniff(path: Path) -> Reader | None:
+    """The first registered reader whose :meth:`Reader.sniff` recognises the file."""
+    for r in list(_READERS.values()):
+        if not _sniffs(r):
+            continue
+        try:
+            if r.sniff(path):
+                return r
+        except Exception as e:  # a faulty sniffer must not abort the load
+            log.debug("reader %r failed to sniff %s: %s: %s", r.name, path, type(e).__name__, e)
+    return None
+
+
 def _classify(path: Path, rel: str, skipped: list[SkippedFile], override: _Override | None) -> _Candidate | None:
-    kind, ext = _kind_of(path.name)
-    if kind is None:
-        if _has_dicm_preamble(path):
-            kind = "dicom"
-        else:
-            what = f"({ext})" if ext else "(no extension, no DICOM preamble)"
-            skipped.append(SkippedFile(rel, f"unsupported format {what}; supported: {_SUPPORTED_TEXT}"))
-            log.info("skipped %s: unsupported format %s", rel, what)
-            return None
-    return _Candidate(path, rel, kind, override)
+    reader, ext = _match(path.name)
+    if reader is not None:
+        return _Candidate(path, rel, reader, override)
+    reader = _sniff(path)
+    if reader is not None:
+        return _Candidate(path, rel, reader, override, sniffed=True)
+    if ext:
+        what = f"({ext})"
+    else:
+        hints = [r.sniff_hint for r in _READERS.values() if _sniffs(r) and r.sniff_hint]
+        what = "(" + ", ".join(["no extension", *(f"no {h}" for h in hints)]) + ")"
+    skipped.append(SkippedFile(rel, f"unsupported format {what}; supported: {_supported_text()}"))
+    log.info("skipped %s: unsupported format %s", rel, what)
+    return None
 
 
 def _walk(folder: Path) -> list[Path]:
@@ -681,7 +999,7 @@ def _read_dicom_header(c: _Candidate) -> Any:
     try:
         ds = _dcmread(c.abs, c.rel, force=False)
     except InvalidDicomError as e:
-        if _kind_of(c.abs.name)[0] != "dicom":
+        if c.sniffed:
             raise _Skip(f"not a valid DICOM file: {_dicom_error(e)}") from e
         try:  # .dcm without the 128-byte preamble (older files): read anyway
             ds = _dcmread(c.abs, c.rel, force=True)
@@ -885,11 +1203,13 @@ def _dicom_skip(rel: str, e: Exception, ds: Any | None, skipped: list[SkippedFil
 
 
 def _read_dicoms(
-    cands: list[_Candidate],
+    cands: Sequence[_Candidate],
     config: LoadConfig,
     skipped: list[SkippedFile],
-    tick: Callable[[int], None],
+    tick: TickCallback | None = None,
 ) -> list[_Unit]:
+    """Multi-frame files one by one; single-frame files grouped by (folder, series, manifest row)."""
+    tick = tick if tick is not None else _no_tick
     units: list[_Unit] = []
     groups: dict[tuple[str, str, _Override | None], list[tuple[_Candidate, Any]]] = defaultdict(list)
     for c in cands:
@@ -914,6 +1234,7 @@ def _read_dicoms(
                         c.rel,
                         subject_id=subject,
                         override=c.override,
+                        sources=(c.rel,),
                     )
                 )
             except Exception as e:
@@ -971,6 +1292,7 @@ def _read_dicoms(
                 skipped.append(SkippedFile(rel, reason))
                 log.info("skipped %s: %s", rel, reason)
         frames = [f for _, f in decoded if f.shape == main]
+        contributing = tuple(sorted(rel for rel, f in decoded if f.shape == main))
         first = items[order[0]][1]
         units.append(
             _Unit(
@@ -983,9 +1305,149 @@ def _read_dicoms(
                 path,
                 subject_id=subject,
                 override=items[0][0].override,
+                sources=contributing,
             )
         )
     return units
+
+
+# ----------------------------------------------------------------------------------------------
+# Built-in readers (registration order is the order of SUPPORTED_EXTENSIONS)
+# ----------------------------------------------------------------------------------------------
+
+
+@register_reader
+class NiftiReader(Reader):
+    """NIfTI-1/2 and FreeSurfer MGH/MGZ volumes (nibabel), reoriented to RAS+ and sliced along
+    :attr:`LoadConfig.axis`; 2D images stored in 3D are one slice, 4D images give one volume."""
+
+    name = "nifti"
+    label = "NIfTI/MGH"
+    suffixes = (".nii.gz", ".nii", ".mgz", ".mgh")
+
+    def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+        return _read_nifti(c, config)
+
+
+@register_reader
+class DicomReader(Reader):
+    """DICOM (pydicom): single-frame files of one series in one folder form one volume (read as a
+    group), multi-frame files give one slice per frame; files without extension are recognised by
+    the ``DICM`` preamble."""
+
+    name = "dicom"
+    label = "DICOM"
+    suffixes = (".dcm", ".dicom", ".ima")
+    sniff_hint = "DICOM preamble"
+
+    def sniff(self, path: Path) -> bool:
+        return _has_dicm_preamble(path)
+
+    def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+        return _read_dicoms([c], config, skipped)
+
+    def read_group(
+        self,
+        candidates: Sequence[_Candidate],
+        config: LoadConfig,
+        skipped: list[SkippedFile],
+        tick: TickCallback | None = None,
+    ) -> list[_Unit]:
+        return _read_dicoms(candidates, config, skipped, tick)
+
+
+@register_reader
+class ImageReader(Reader):
+    """PNG and JPEG (Pillow): one 2D image per file (the first frame), colour converted to grey."""
+
+    name = "pil"
+    label = "image"
+    suffixes = (".png", ".jpg", ".jpeg")
+
+    def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+        return _read_pil(c, config)
+
+
+@register_reader
+class TiffReader(Reader):
+    """TIFF (tifffile, Pillow as fallback): one page is a 2D image, several pages a volume."""
+
+    name = "tiff"
+    label = "TIFF"
+    suffixes = (".tif", ".tiff")
+
+    def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+        return _read_tiff(c, config)
+
+
+@register_reader
+class NpyReader(Reader):
+    """NumPy ``.npy`` (no pickles): a 2D array is one image, a 3D array a volume along
+    :attr:`LoadConfig.array_axis`."""
+
+    name = "npy"
+    label = "NumPy .npy"
+    suffixes = (".npy",)
+
+    def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+        return _read_npy(c, config)
+
+
+@register_reader
+class NpzReader(Reader):
+    """NumPy ``.npz`` archives: every array is read like a ``.npy``, with path ``file.npz:key``."""
+
+    name = "npz"
+    label = "NumPy .npz"
+    suffixes = (".npz",)
+
+    def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+        return _read_npz(c, config, skipped)
+
+
+def _read_all(
+    cands: Sequence[_Candidate], config: LoadConfig, skipped: list[SkippedFile], tick: TickCallback
+) -> tuple[list[_Unit], dict[str, SourceFile]]:
+    """Hand each reader its candidates (in registration order), then hash every unit's source files.
+
+    Returns the units and the :class:`SourceFile` of each source, by relative path; a unit whose
+    file cannot be hashed (it vanished after reading) is skipped.
+    """
+    groups: dict[int, list[_Candidate]] = defaultdict(list)
+    readers: dict[int, Reader] = {}
+    for c in cands:
+        groups[id(c.reader)].append(c)
+        readers[id(c.reader)] = c.reader
+    order = {id(r): i for i, r in enumerate(_READERS.values())}
+    units: list[_Unit] = []
+    hashes: dict[str, SourceFile] = {}
+    failed: dict[str, str] = {}
+    for key in sorted(groups, key=lambda k: order.get(k, len(order))):
+        reader, group = readers[key], groups[key]
+        abs_by_rel = {c.rel: c.abs for c in group}
+        for u in reader.read_group(group, config, skipped, tick):
+            sources = tuple(sorted(set(u.sources or (u.file_rel,))))
+            unknown = [rel for rel in sources if rel not in abs_by_rel]
+            if unknown:
+                raise RuntimeError(
+                    f"Reader {reader.name!r} gave unit {u.path!r} sources {unknown} that are not among its "
+                    "candidate files; set _Unit.sources to the rel of the files it was read from."
+                )
+            u.sources = sources
+            for rel in sources:
+                if rel in hashes or rel in failed:
+                    continue
+                try:
+                    hashes[rel] = _hash_file(abs_by_rel[rel], rel)
+                except OSError as e:
+                    failed[rel] = f"could not hash source file {rel} after reading it: {type(e).__name__}: {e}"
+                    log.warning("%s", failed[rel])
+            bad = [rel for rel in sources if rel in failed]
+            if bad:
+                skipped.append(SkippedFile(u.path, failed[bad[0]]))
+                continue
+            units.append(u)
+    return units, hashes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1052,6 +1514,7 @@ def _unit_slices(u: _Unit, config: LoadConfig, skipped: list[SkippedFile]) -> li
                 spacing=u.spacing,
                 sha256=raw_pixel_hash(raw_k),
                 label=label,
+                sources=u.sources,
             )
         )
     return out
@@ -1062,35 +1525,6 @@ def _skip_sort_key(sk: SkippedFile) -> tuple[str, int]:
     if sep and idx.isdigit():
         return base, int(idx)
     return sk.path, -1
-
-
-def _read_one(c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
-    try:
-        if c.kind == "nifti":
-            units = _read_nifti(c, config)
-        elif c.kind == "pil":
-            units = _read_pil(c, config)
-        elif c.kind == "tiff":
-            units = _read_tiff(c, config)
-        elif c.kind == "npy":
-            units = _read_npy(c, config)
-        elif c.kind == "npz":
-            units = _read_npz(c, config, skipped)
-        else:  # pragma: no cover - DICOM is read by _read_dicoms
-            raise _Skip(f"no reader for kind {c.kind!r}")
-    except _Skip as e:
-        skipped.append(SkippedFile(c.rel, str(e)))
-        log.info("skipped %s: %s", c.rel, e)
-        return []
-    except Exception as e:
-        label = _KIND_LABEL.get(c.kind, c.kind)
-        skipped.append(SkippedFile(c.rel, f"corrupt or unreadable {label} file: {type(e).__name__}: {e}"))
-        log.info("skipped %s: corrupt or unreadable %s file (%s)", c.rel, label, type(e).__name__)
-        log.debug("traceback for %s", c.rel, exc_info=True)
-        return []
-    for u in units:
-        u.override = c.override
-    return units
 
 
 def load_cohort(
@@ -1139,7 +1573,7 @@ def load_cohort(
     src = Path(source).expanduser()
     if not src.exists():
         raise CohortNotFoundError(
-            f"Cohort path {src} does not exist. Expected a folder of images ({_SUPPORTED_TEXT}), "
+            f"Cohort path {src} does not exist. Expected a folder of images ({_supported_text()}), "
             "a CSV manifest with columns path,subject_id[,label], or a single image file."
         )
     src = src.absolute()
@@ -1170,14 +1604,7 @@ def load_cohort(
 
     if progress is not None:
         progress("loading", 0, total)
-    units: list[_Unit] = []
-    dicoms = [c for c in cands if c.kind == "dicom"]
-    for c in cands:
-        if c.kind != "dicom":
-            units.extend(_read_one(c, config, skipped))
-            tick(1)
-    if dicoms:
-        units.extend(_read_dicoms(dicoms, config, skipped, tick))
+    units, hashes = _read_all(cands, config, skipped, tick)
 
     _assign_subjects(units, root.name or cohort_name)
     slices: list[Slice] = []
@@ -1200,11 +1627,12 @@ def load_cohort(
             lines.append(f"    ... and {len(skipped) - 20} more")
         listing = ("\n  Skipped files:\n" + "\n".join(lines)) if lines else " No candidate files were found."
         raise NoImagesError(
-            f"No readable image in {origin}. Expected files with extensions {_SUPPORTED_TEXT} "
+            f"No readable image in {origin}. Expected files with extensions {_supported_text()} "
             f"(found {total} candidate file(s)).{listing}",
             skipped,
         )
-    cohort = Cohort(unique, root, skipped, cohort_name)
+    files = tuple(hashes[rel] for rel in sorted({rel for s in unique for rel in s.sources}))
+    cohort = Cohort(unique, root, skipped, cohort_name, files)
     n_files = len({s.path for s in unique})
     log.info(
         "loaded cohort %r: %d slices from %d sources, %d subjects, %d skipped",

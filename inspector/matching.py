@@ -16,29 +16,63 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from .align import register_pairs
+from .align import Alignment, register_pairs
 from .index import knn
-from .scores import Whitener
+from .scores import PaperScorer, Whitener
+from .views import View, training_to_query
 
-__all__ = ["MatchResult", "MemorizationScorer", "view_flip"]
+__all__ = ["InsufficientDataError", "MatchResult", "Matcher", "MemorizationScorer", "PaperMatcher"]
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
 
 
-def view_flip(view: str) -> str:
-    """The flip that maps a training slice onto a query slice matched under ``view``.
+class InsufficientDataError(ValueError):
+    """The inputs are too small or too uniform for the requested audit."""
 
-    A query whose view ``v`` (a flip) matches training slice ``t`` satisfies ``v(query) ≈ t``, hence
-    ``query ≈ v(t)``: flips are their own inverses. Rotation views return ``"none"``; the
-    registration recovers the angle.
+
+@runtime_checkable
+class Matcher(Protocol):
+    """What the pipeline's match stage needs of a scorer (the default mode's and the paper's).
+
+    ``fit`` on the training features, ``score_samples`` on every view of the query features, and
+    ``null_scores`` for the scores of slices known not to be copies; all return :class:`MatchResult`-shaped
+    evidence, so the calibration, the attribution and the result never branch on the mode.
     """
-    return view if view in ("hflip", "vflip", "hvflip") else "none"
+
+    def fit(
+        self,
+        train_layers: Mapping[str, np.ndarray],
+        *,
+        images: np.ndarray | None = None,
+        groups: Sequence[str] | np.ndarray | None = None,
+    ) -> Matcher: ...
+
+    def score_samples(
+        self,
+        query_views: Mapping[str, Mapping[str, np.ndarray]],
+        *,
+        images: np.ndarray | None = None,
+        groups: Sequence[str] | np.ndarray | None = None,
+        progress: ProgressFn | None = None,
+        stage: str = "scoring",
+    ) -> MatchResult: ...
+
+    def null_scores(
+        self,
+        *,
+        holdout_views: Mapping[str, Mapping[str, np.ndarray]] | None,
+        holdout_images: np.ndarray | None,
+        train_views: Mapping[str, Mapping[str, np.ndarray]] | None,
+        train_images: np.ndarray | None,
+        progress: ProgressFn | None = None,
+    ) -> tuple[np.ndarray, str]: ...
 
 
 @dataclass
@@ -63,9 +97,9 @@ class MatchResult:
     margin : np.ndarray, shape (m,)
         Feature similarity to the matched subject minus that to the best other subject (a lower bound
         when no other subject is among the searched candidates).
-    alignment : dict of str to np.ndarray
-        The final match's registration: ``train_index``, ``ncc``, ``angle``, ``scale``, ``shift``
-        (m, 2), ``flip``. Empty without re-ranking.
+    alignment : Alignment or None
+        The final match's registration (:class:`inspector.align.Alignment`, with ``train_index``). None
+        without re-ranking and in paper mode.
     """
 
     similarity: np.ndarray
@@ -76,7 +110,7 @@ class MatchResult:
     neighbours: dict[str, np.ndarray]
     neighbour_sims: dict[str, np.ndarray]
     margin: np.ndarray
-    alignment: dict[str, np.ndarray] = field(default_factory=dict)
+    alignment: Alignment | None = None
 
 
 class MemorizationScorer:
@@ -266,10 +300,10 @@ class MemorizationScorer:
         feature_similarity = np.where(cand[:, 0] >= 0, cand_sim[:, 0], -1.0).astype(np.float32)
 
         # 2. alignment-verified re-ranking of the shortlist
-        alignment: dict[str, np.ndarray] = {}
+        alignment: Alignment | None = None
         if self.rerank:
             choice, alignment = self._rerank(images, cand, cand_view, views, progress, stage)
-            similarity = alignment["ncc"].astype(np.float32)
+            similarity = alignment.ncc.astype(np.float32)
         else:
             choice = np.zeros(m, dtype=np.int64)
             similarity = feature_similarity.copy()
@@ -314,6 +348,44 @@ class MemorizationScorer:
             alignment=alignment,
         )
 
+    def null_scores(
+        self,
+        *,
+        holdout_views: Mapping[str, Mapping[str, np.ndarray]] | None,
+        holdout_images: np.ndarray | None,
+        train_views: Mapping[str, Mapping[str, np.ndarray]] | None,
+        train_images: np.ndarray | None,
+        progress: ProgressFn | None = None,
+    ) -> tuple[np.ndarray, str]:
+        """Scores of slices known not to be copies, through exactly the synthetic path.
+
+        With a holdout, ``s(H -> T)`` (``"holdout"``); otherwise every training slice scored against the
+        training slices of the *other* subjects (``"leave-one-subject-out"``).
+
+        Returns
+        -------
+        (np.ndarray of shape (n_null,), str)
+            The null similarities (float64) and the null's kind.
+
+        Raises
+        ------
+        InsufficientDataError
+            Without a holdout when the training set holds a single subject.
+        """
+        self._check_fitted()
+        if holdout_views is not None:
+            res = self.score_samples(holdout_views, images=holdout_images, progress=progress, stage="holdout")
+            return res.similarity.astype(np.float64), "holdout"
+        if self.groups_ is None or len(set(self.groups_)) < 2:
+            raise InsufficientDataError(
+                "The training cohort holds a single subject, so the leave-one-subject-out null cannot be built. "
+                "Give a holdout of real, unseen scans (--holdout) or more training subjects."
+            )
+        if train_views is None:
+            raise ValueError("Without a holdout the null needs the training set's views (train_views=...).")
+        res = self.score_samples(train_views, images=train_images, groups=self.groups_, progress=progress, stage="null")
+        return res.similarity.astype(np.float64), "leave-one-subject-out"
+
     def _rerank(
         self,
         images: np.ndarray,
@@ -322,14 +394,14 @@ class MemorizationScorer:
         views: list[str],
         progress: ProgressFn | None,
         stage: str,
-    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    ) -> tuple[np.ndarray, Alignment]:
         m, kk = cand.shape
         ncc = np.full((m, kk), -1.0, np.float32)
         angle = np.zeros((m, kk), np.float32)
         scale = np.ones((m, kk), np.float32)
         shift = np.zeros((m, kk, 2), np.float32)
-        flip = np.full((m, kk), "none", dtype=object)
-        flip_names = np.array([view_flip(v) for v in views], dtype=object)
+        flip = np.full((m, kk), View.ID.value, dtype=object)
+        flip_names = np.array([training_to_query(v).value for v in views], dtype=object)
         for start in range(0, m, self.chunk):
             rows = np.arange(start, min(m, start + self.chunk))
             r, c = np.nonzero(cand[rows] >= 0)
@@ -353,14 +425,14 @@ class MemorizationScorer:
         ncc = np.nan_to_num(ncc, nan=-1.0)
         choice = np.argmax(ncc, axis=1)
         rows = np.arange(m)
-        alignment = {
-            "train_index": cand[rows, choice].astype(np.int64),
-            "ncc": ncc[rows, choice].astype(np.float32),
-            "angle": angle[rows, choice],
-            "scale": scale[rows, choice],
-            "shift": shift[rows, choice],
-            "flip": flip[rows, choice].astype(str),
-        }
+        alignment = Alignment(
+            ncc=ncc[rows, choice],
+            angle=angle[rows, choice],
+            scale=scale[rows, choice],
+            shift=shift[rows, choice],
+            flip=flip[rows, choice].astype(str),
+            train_index=cand[rows, choice],
+        )
         return choice, alignment
 
     def _margins(self, sims: np.ndarray, idx: np.ndarray, nearest: np.ndarray) -> np.ndarray:
@@ -423,3 +495,125 @@ def _merge_candidates(
         cand_sim[j, :n] = s_sorted[j][ok][first]
         cand_view[j, :n] = v_sorted[j][ok][first]
     return cand, cand_sim, cand_view
+
+
+class PaperMatcher:
+    """Deo et al. 2026's method (:class:`inspector.scores.PaperScorer`) behind the :class:`Matcher` protocol.
+
+    The similarity is the paper's: top-1 whitened cosine per layer (ZCA), geometric mean over layers; the
+    null is its split-half bootstrap. The final match of a query is the training slice that is top-1 in
+    most layers (ties: the deepest layer's).
+
+    Parameters
+    ----------
+    n_bootstrap : int
+        Split-half bootstrap rounds of the null.
+    seed : int
+    top_k : int
+        Neighbours kept per layer for display and attribution.
+    scorer : PaperScorer, optional
+        An already fitted scorer to reuse (``fit`` then only records the groups).
+    """
+
+    def __init__(self, *, n_bootstrap: int = 10, seed: int = 0, top_k: int = 5, scorer: PaperScorer | None = None):
+        self.n_bootstrap = n_bootstrap
+        self.seed = seed
+        self.top_k = top_k
+        self.scorer = scorer
+
+    def fit(
+        self,
+        train_layers: Mapping[str, np.ndarray],
+        *,
+        images: np.ndarray | None = None,
+        groups: Sequence[str] | np.ndarray | None = None,
+    ) -> PaperMatcher:
+        """Fit the paper's whiteners and null on the training features (``images`` are not used)."""
+        if self.scorer is not None and hasattr(self.scorer, "null_"):
+            self.scorer_ = self.scorer
+        else:
+            self.scorer_ = PaperScorer(n_bootstrap=self.n_bootstrap, seed=self.seed).fit(train_layers)
+        n = self.scorer_.n_train_ if hasattr(self.scorer_, "n_train_") else None
+        self.groups_ = None if groups is None else np.asarray(groups).astype(str)
+        if self.groups_ is not None and n is not None and self.groups_.shape != (n,):
+            raise ValueError(f"groups must have shape ({n},); got {self.groups_.shape}.")
+        return self
+
+    def score_samples(
+        self,
+        query_views: Mapping[str, Mapping[str, np.ndarray]],
+        *,
+        images: np.ndarray | None = None,
+        groups: Sequence[str] | np.ndarray | None = None,
+        progress: ProgressFn | None = None,
+        stage: str = "scoring",
+    ) -> MatchResult:
+        """Score the identity view of the queries (the paper matches no other view)."""
+        if not hasattr(self, "scorer_"):
+            raise RuntimeError("PaperMatcher is not fitted; call fit(train_layers, ...) first.")
+        if "id" not in query_views:
+            raise ValueError(f"query_views must include the 'id' view; got {list(query_views)}.")
+        ps = self.scorer_.score_samples(query_views["id"], top_k=self.top_k)
+        m = len(ps.similarity)
+        nearest = paper_nearest(ps.neighbours, ps.layers)
+        margin = (
+            np.zeros(m, np.float32)
+            if self.groups_ is None
+            else paper_margin(ps.neighbours, ps.neighbour_sims, self.groups_, nearest)
+        )
+        if progress:
+            progress(f"{stage}:paper", 1, 1)
+        return MatchResult(
+            similarity=np.asarray(ps.similarity, np.float64),
+            feature_similarity=np.asarray(ps.similarity, np.float32),
+            layer_similarity=np.asarray(ps.layer_similarity, np.float32),
+            nearest=nearest.astype(np.int64),
+            view=np.array([View.ID.value] * m, dtype=object),
+            neighbours=ps.neighbours,
+            neighbour_sims=ps.neighbour_sims,
+            margin=margin,
+            alignment=None,
+        )
+
+    def null_scores(
+        self,
+        *,
+        holdout_views: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        holdout_images: np.ndarray | None = None,
+        train_views: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+        train_images: np.ndarray | None = None,
+        progress: ProgressFn | None = None,
+    ) -> tuple[np.ndarray, str]:
+        """The paper's split-half bootstrap null (as published; the holdout is not used)."""
+        if not hasattr(self, "scorer_"):
+            raise RuntimeError("PaperMatcher is not fitted; call fit(train_layers, ...) first.")
+        return np.asarray(self.scorer_.null_, np.float64), "split-half bootstrap"
+
+
+def paper_nearest(neighbours: Mapping[str, np.ndarray], layers: Sequence[str]) -> np.ndarray:
+    """The training slice that is top-1 in most layers (ties: the deepest layer's), shape (m,)."""
+    top = np.stack([neighbours[layer][:, 0] for layer in layers], axis=1)  # (m, L)
+    out = top[:, -1].copy()
+    for j in range(top.shape[0]):
+        vals, counts = np.unique(top[j], return_counts=True)
+        if counts.max() > 1:
+            out[j] = vals[np.argmax(counts)]
+    return out
+
+
+def paper_margin(
+    neighbours: Mapping[str, np.ndarray], sims: Mapping[str, np.ndarray], train_subj: np.ndarray, nearest: np.ndarray
+) -> np.ndarray:
+    """Mean over layers of (best similarity to the matched subject − best to another subject), shape (m,)."""
+    m = len(nearest)
+    out = np.zeros(m, np.float32)
+    for layer, nb in neighbours.items():
+        s = sims[layer]
+        subj = np.where(nb >= 0, train_subj[np.clip(nb, 0, None)], "")
+        mine = train_subj[np.clip(nearest, 0, None)]
+        for j in range(m):
+            same = subj[j] == mine[j]
+            a = s[j][same].max() if same.any() else s[j, 0]
+            b = s[j][~same].max() if (~same).any() else s[j, -1]
+            out[j] += (a - b) / len(neighbours)
+    return out

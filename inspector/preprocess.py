@@ -13,6 +13,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -144,32 +145,54 @@ def is_background(image: np.ndarray, config: PreprocessConfig = PreprocessConfig
     return frac < config.min_foreground_fraction
 
 
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize a 2D image to ``size x size`` keeping its aspect ratio, centred and zero padded.
+def resize_square(image: Any, size: int) -> Any:
+    """Resize images to ``size x size`` keeping their aspect ratio, centred and zero padded.
+
+    The one resize-to-square of the package: loading, extraction, registration, the pair view and the
+    baselines all call it. Bilinear, with antialiasing when shrinking; a square input is resampled directly.
 
     Parameters
     ----------
-    image : np.ndarray, shape (H, W)
+    image : np.ndarray of shape (H, W) or (n, H, W), or torch.Tensor of shape (n, H, W)
     size : int
 
     Returns
     -------
-    np.ndarray, shape (size, size), float32
+    np.ndarray of shape (size, size) or (n, size, size), float32 (clipped to [0, 1], a copy), or, for a tensor,
+    a contiguous float tensor of shape (n, size, size) on the input's device (values are convex combinations
+    of the input's; not clipped).
     """
+    if int(size) < 1:
+        raise ValueError(f"resize_square needs size >= 1; got {size}.")
+    size = int(size)
+    if isinstance(image, torch.Tensor):
+        if image.ndim != 3:
+            raise ValueError(f"resize_square expects a (n, H, W) tensor; got shape {tuple(image.shape)}.")
+        return _resize_square_t(image, size)
     img = np.asarray(image, dtype=np.float32)
-    if img.ndim != 2:
-        raise ValueError(f"resize_square expects a 2D image; got shape {img.shape}.")
-    h, w = img.shape
-    if (h, w) == (size, size):
+    if img.ndim not in (2, 3):
+        raise ValueError(f"resize_square expects a 2D image or a (n, H, W) stack; got shape {img.shape}.")
+    if img.shape[-2:] == (size, size):
         return img.copy()
+    t = torch.from_numpy(np.array(img, dtype=np.float32, order="C"))
+    out = _resize_square_t(t if img.ndim == 3 else t[None], size)
+    out = out.clamp_(0.0, 1.0).numpy()
+    return out if img.ndim == 3 else out[0]
+
+
+def _resize_square_t(x: torch.Tensor, size: int) -> torch.Tensor:
+    _, h, w = x.shape
+    if (h, w) == (size, size):
+        return x.contiguous()
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    t = torch.from_numpy(np.array(img, dtype=np.float32, order="C"))[None, None]
-    r = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
-    out = torch.zeros((size, size), dtype=torch.float32)
+    r = F.interpolate(x[:, None].float(), size=(nh, nw), mode="bilinear", align_corners=False, antialias=scale < 1)
+    if (nh, nw) == (size, size):
+        return r[:, 0].contiguous()
+    out = torch.zeros((x.shape[0], size, size), dtype=r.dtype, device=x.device)
     top, left = (size - nh) // 2, (size - nw) // 2
-    out[top : top + nh, left : left + nw] = r[0, 0]
-    return out.clamp_(0.0, 1.0).numpy()
+    out[:, top : top + nh, left : left + nw] = r[:, 0]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

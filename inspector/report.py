@@ -3,15 +3,17 @@ a machine-readable ``summary.json``, and the privacy officer's sign-off.
 
 Three steps, each reading only what the previous wrote:
 
-1. :func:`write_evidence` (called by :meth:`AuditResult.save` at the end of ``inspector scan``) writes
-   ``evidence.npz`` (images of every flagged pair and of the closest unflagged pairs) and
-   ``manifest.json`` (every input file's sha256, counts, extractor, config, versions, the hashes of
-   the audit's own output files) into the audit folder.
+It only renders: the audit folder's format (saving, loading, the evidence and the manifest) lives in
+:mod:`inspector.folder`, the review and sign-off store in :mod:`inspector.review`, and every flag, threshold
+and verdict is asked of the folder's :class:`~inspector.calibration.Calibration`.
+
+1. :func:`inspector.folder.save_audit` (the end of ``inspector scan``) writes the folder.
 2. :func:`write_report` reads the audit folder (never the cohorts), the reviewer decisions
    (:class:`~inspector.review.ReviewStore`) and the sign-offs, and writes one HTML file that opens
    offline (images as base64 PNG, inline CSS and SVG, no script, no external link) plus
    ``summary.json`` beside it, validated against ``inspector/schemas/summary.schema.json``.
-3. :func:`sign_off` records a :class:`SignOff` in an append-only ``signoffs`` table of the review
+3. :func:`inspector.folder.sign_off` records a :class:`~inspector.review.SignOff` in an append-only
+   ``signoffs`` table of the review
    database, only when every flagged pair has a reviewer decision or the signer states why not.
 
 The report states its own sha256, computed over the HTML with the hash replaced by 64 zeros;
@@ -25,7 +27,7 @@ relative paths and hashes only; raw DICOM ``PatientName``/``PatientID`` never re
 from __future__ import annotations
 
 import base64
-import datetime as _dt
+import dataclasses
 import hashlib
 import html
 import io
@@ -33,11 +35,7 @@ import json
 import logging
 import math
 import re
-import sqlite3
-import time
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,836 +43,33 @@ import numpy as np
 import pandas as pd
 
 from .cache import atomic_write_bytes
-from .result import _jsonable
+from .folder import (
+    MAX_EVIDENCE_PAIRS,
+    AuditFolder,
+    _now,
+    load_audit_folder,
+    report_summary,
+    review_state,
+    reviews_path,
+    sign_off,
+    signoffs,
+    validate_summary,
+)
+from .result import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .result import AuditResult
-    from .review import Review
-    from .types import Cohort
+    from .review import RecordedSignOff, Review, SignOff
 
-__all__ = [
-    "SIGNOFF_DECISIONS",
-    "MAX_EVIDENCE_PAIRS",
-    "N_CONTEXT_PAIRS",
-    "AuditFolder",
-    "AuditFolderError",
-    "RecordedSignOff",
-    "SignOff",
-    "SignOffError",
-    "SignOffStore",
-    "SummaryValidationError",
-    "load_audit_folder",
-    "load_summary_schema",
-    "report_summary",
-    "select_evidence_rows",
-    "sha256_file",
-    "sign_off",
-    "summary_path_for",
-    "svg_histogram",
-    "validate_summary",
-    "verify_report",
-    "write_evidence",
-    "write_report",
-]
+__all__ = ["summary_path_for", "svg_histogram", "verify_report", "write_report"]
 
 log = logging.getLogger(__name__)
 
-#: The decisions a signer can take on the release of the synthetic set.
-SIGNOFF_DECISIONS: tuple[str, ...] = ("release", "do not release", "release after removing the flagged slices")
-#: At most this many pairs get images in ``evidence.npz`` (flagged first, most significant first).
-MAX_EVIDENCE_PAIRS = 200
-#: Unflagged pairs with the highest similarity kept as context (within :data:`MAX_EVIDENCE_PAIRS`).
-N_CONTEXT_PAIRS = 20
 #: Lower bound of the white end of the difference-map window (intensities are in [0, 1]).
 DIFF_WINDOW_FLOOR = 0.1
-#: Neighbours per layer kept as images (``min(config.top_k, MAX_NEIGHBOURS)``).
-MAX_NEIGHBOURS = 3
-
-EVIDENCE_FILE = "evidence.npz"
-MANIFEST_FILE = "manifest.json"
-MANIFEST_FORMAT = "inspector-manifest/1"
-DEFAULT_REVIEWS_FILE = "reviews.sqlite3"
-#: Files of the audit folder whose sha256 the manifest records (checked by the report).
-AUDIT_OUTPUTS: tuple[str, ...] = ("scores.csv", "subjects.csv", "summary.json", "audit.npz", EVIDENCE_FILE)
 
 _HASH_ZEROS = "0" * 64
 _HASH_MARK = '<code id="report-sha256">'
 _HASH_RE = re.compile(rb'<code id="report-sha256">([0-9a-f]{64})</code>')
-_TEXT_COLUMNS = frozenset(
-    {
-        "synthetic_path",
-        "subject_id",
-        "nearest_train_path",
-        "nearest_train_subject",
-        "sha256",
-        "view",
-        "align_flip",
-        "label",
-        "source",
-        "augmentation",
-        "flagged_synthetic",
-    }
-)
-
-
-class AuditFolderError(FileNotFoundError):
-    """The audit folder lacks a file the report needs (run ``inspector scan --out DIR`` first)."""
-
-
-class SignOffError(ValueError):
-    """An invalid sign-off, or one refused because flagged pairs are unreviewed and no reason is given."""
-
-
-class SummaryValidationError(ValueError):
-    """A ``summary.json`` does not follow ``inspector/schemas/summary.schema.json``."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Hashing and the input manifest
-# ----------------------------------------------------------------------------------------------
-
-
-def sha256_file(path: str | Path) -> str:
-    """Streaming sha256 of a file's bytes (never read whole into memory).
-
-    Returns
-    -------
-    str
-        64 hex characters.
-    """
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-_NPZ_MEMBER = re.compile(r"^(?P<file>.+\.npz):[^/]+$", re.IGNORECASE)
-_SERIES_SUFFIX = re.compile(r"^(?P<folder>.*?)/?series-\d+$")
-
-
-def _folder_files(folder: Path, rel: str) -> list[tuple[str, Path]]:
-    from .io import IGNORED_NAMES
-
-    prefix = "" if rel in ("", ".") else rel.rstrip("/") + "/"
-    return [
-        (prefix + p.name, p)
-        for p in sorted(folder.iterdir(), key=lambda q: q.name)
-        if p.is_file() and not p.name.startswith(".") and p.name.lower() not in IGNORED_NAMES
-    ]
-
-
-def _source_files(root: Path, rel: str) -> list[tuple[str, Path]] | None:
-    """The file(s) behind one ``Slice.path``: the file itself, the ``.npz`` of ``file.npz:key``, or every
-    file of a DICOM series folder (``folder`` or ``folder/series-<n>``). ``None`` when nothing is found."""
-    m = _NPZ_MEMBER.match(rel)
-    if m and (root / m["file"]).is_file():
-        return [(m["file"], root / m["file"])]
-    p = root / rel
-    if p.is_file():
-        return [(rel, p)]
-    if p.is_dir():
-        return _folder_files(p, rel)
-    m = _SERIES_SUFFIX.match(rel)
-    if m and (root / m["folder"]).is_dir():
-        return _folder_files(root / m["folder"], m["folder"])
-    return None
-
-
-def _cohort_manifest(c: Cohort | None) -> dict[str, Any] | None:
-    """Counts, content hash, every input file's sha256 and the skipped files of one cohort."""
-    if c is None:
-        return None
-    root = Path(c.root)
-    files: dict[str, Path] = {}
-    missing: list[str] = []
-    for rel in dict.fromkeys(s.path for s in c.slices):
-        found = _source_files(root, rel)
-        if found is None:
-            missing.append(rel)
-            continue
-        for name, p in found:
-            files.setdefault(name, p)
-    rows: list[dict[str, Any]] = []
-    for name in sorted(files):
-        p = files[name]
-        rows.append({"path": name, "bytes": p.stat().st_size, "sha256": sha256_file(p)})
-    for rel in missing:
-        log.warning("input %s of cohort %s is no longer on disk; its hash is not in the manifest", rel, c.name)
-        rows.append({"path": rel, "bytes": None, "sha256": None, "error": "not found when hashing"})
-    return {
-        "root": str(root),
-        "n_slices": len(c),
-        "n_subjects": len(c.subjects),
-        "n_files": len(rows),
-        "n_skipped": len(c.skipped),
-        "content_hash": c.content_hash,
-        "files": rows,
-        "skipped": [{"path": s.path, "reason": s.reason} for s in c.skipped],
-    }
-
-
-def _extractor_info(result: AuditResult) -> dict[str, Any]:
-    ck = result.config.checkpoint
-    info: dict[str, Any] = {
-        "name": result.config.extractor,
-        "fingerprint": result.extractor_fingerprint,
-        "checkpoint": Path(ck).name if ck else None,
-        "checkpoint_sha256": None,
-    }
-    if ck and Path(ck).is_file():
-        info["checkpoint_sha256"] = sha256_file(ck)
-    elif ck:
-        info["checkpoint_note"] = "checkpoint file not found when hashing; the fingerprint identifies the weights"
-    return info
-
-
-# ----------------------------------------------------------------------------------------------
-# Evidence
-# ----------------------------------------------------------------------------------------------
-
-
-def select_evidence_rows(
-    table: pd.DataFrame, *, max_pairs: int = MAX_EVIDENCE_PAIRS, n_context: int = N_CONTEXT_PAIRS
-) -> np.ndarray:
-    """Rows of the score table whose pair images go into ``evidence.npz``.
-
-    Every flagged slice (lowest p-value, then highest similarity first), then the ``n_context``
-    unflagged slices with the highest similarity, cut at ``max_pairs``.
-
-    Parameters
-    ----------
-    table : pandas.DataFrame
-        ``AuditResult.table`` (columns ``flagged``, ``p_value``, ``similarity``), m rows.
-
-    Returns
-    -------
-    np.ndarray of int64, shape (n,), n <= max_pairs
-    """
-    if max_pairs < 0 or n_context < 0:
-        raise ValueError(f"max_pairs and n_context must be >= 0; got {max_pairs}, {n_context}.")
-    flagged = table["flagged"].to_numpy().astype(bool)
-    p = table["p_value"].to_numpy(float)
-    s = table["similarity"].to_numpy(float)
-    rows = np.arange(len(table))
-    s_key = np.where(np.isfinite(s), -s, np.inf)
-    f_rows = rows[flagged]
-    f_rows = f_rows[np.lexsort((f_rows, s_key[f_rows], p[f_rows]))]
-    u_rows = rows[~flagged]
-    u_rows = u_rows[np.lexsort((u_rows, s_key[u_rows]))][:n_context]
-    return np.concatenate([f_rows, u_rows]).astype(np.int64)[:max_pairs]
-
-
-def write_evidence(
-    result: AuditResult,
-    out_dir: str | Path,
-    *,
-    max_pairs: int = MAX_EVIDENCE_PAIRS,
-    n_context: int = N_CONTEXT_PAIRS,
-) -> None:
-    """Write ``evidence.npz`` and ``manifest.json`` into an audit folder.
-
-    Together with ``scores.csv``, ``subjects.csv``, ``summary.json`` and ``audit.npz`` they let
-    :func:`write_report` build the report from the folder alone.
-
-    ``evidence.npz`` (float16 images, ``S = config.size``, ``k = min(config.top_k, 3)``, ``L`` layers):
-
-    - ``rows`` (n,) int64: rows of ``scores.csv`` (see :func:`select_evidence_rows`);
-    - ``synthetic`` (n, S, S): the synthetic slices;
-    - ``aligned``, ``difference`` (n, S, S): the best training candidate registered onto the synthetic
-      slice and ``|synthetic - aligned|`` (NaN when the audit has no alignment, paper mode);
-    - ``neighbour_images`` (u, S, S): the distinct neighbour images, in each pair's matched view;
-    - ``neighbour_ref`` (n, L, k) int32: index into ``neighbour_images`` per pair, layer and rank
-      (-1 = none);
-    - ``pairs_json``: JSON list, per pair: row, key, sha256, transform and per layer the neighbours'
-      ``train_index``, ``similarity``, ``path``, ``slice_index``, ``subject_id``;
-    - ``layers_json``: JSON list of the L layer names.
-
-    ``manifest.json``: every input file's sha256 (paths relative to the cohort root; each file of a
-    DICOM series folder), counts per cohort, skipped files with reasons, the extractor (name,
-    fingerprint, checkpoint sha256), config, versions, dates and the sha256 of the audit's output files.
-
-    Parameters
-    ----------
-    result : AuditResult
-    out_dir : str or Path
-        The audit folder (``AuditResult.save`` has written the other files into it).
-    max_pairs, n_context : int
-        Bounds of the stored pairs.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rows = select_evidence_rows(result.table, max_pairs=max_pairs, n_context=n_context)
-    k = max(1, min(int(result.config.top_k), MAX_NEIGHBOURS))
-    layers = list(result.layers)
-    size = int(result.config.size)
-    n = len(rows)
-    synthetic = np.zeros((n, size, size), np.float16)
-    aligned = np.full((n, size, size), np.nan, np.float16)
-    difference = np.full((n, size, size), np.nan, np.float16)
-    refs = np.full((n, len(layers), k), -1, np.int32)
-    nb_images: list[np.ndarray] = []
-    nb_index: dict[tuple[int, str], int] = {}
-    pairs: list[dict[str, Any]] = []
-    table = result.table
-    for j, row in enumerate(rows):
-        ev = result.pair(int(row), k=k)
-        synthetic[j] = ev.synthetic
-        if ev.aligned is not None:
-            aligned[j] = ev.aligned
-        if ev.difference is not None:
-            difference[j] = ev.difference
-        flip = str(ev.transform.get("flip", "none"))
-        meta_layers: dict[str, list[dict[str, Any]]] = {}
-        for li, layer in enumerate(layers):
-            kept = []
-            for r, nb in enumerate(ev.layers.get(layer, [])[:k]):
-                t = int(nb["train_index"])
-                if t < 0:
-                    continue
-                key = (t, flip)
-                if key not in nb_index:
-                    nb_index[key] = len(nb_images)
-                    nb_images.append(np.asarray(nb["image"], np.float16))
-                refs[j, li, r] = nb_index[key]
-                kept.append(
-                    {
-                        "rank": r,
-                        "train_index": t,
-                        "similarity": _finite_or_none(nb["similarity"]),
-                        "path": str(nb["path"]),
-                        "slice_index": int(nb["slice_index"]),
-                        "subject_id": str(nb["subject_id"]),
-                    }
-                )
-            meta_layers[layer] = kept
-        rec = table.iloc[int(row)]
-        pairs.append(
-            {
-                "row": int(row),
-                "key": f"{rec['synthetic_path']}#{int(rec['slice_index'])}",
-                "sha256": str(rec.get("sha256", "")),
-                "flagged": bool(rec["flagged"]),
-                "transform": _jsonable(ev.transform),
-                "layers": meta_layers,
-            }
-        )
-    nb_arr = np.stack(nb_images) if nb_images else np.zeros((0, size, size), np.float16)
-    buf = io.BytesIO()
-    np.savez_compressed(
-        buf,
-        rows=rows,
-        synthetic=synthetic,
-        aligned=aligned,
-        difference=difference,
-        neighbour_images=nb_arr,
-        neighbour_ref=refs,
-        pairs_json=np.array(json.dumps(pairs)),
-        layers_json=np.array(json.dumps(layers)),
-    )
-    atomic_write_bytes(out / EVIDENCE_FILE, buf.getvalue())
-
-    n_flagged = int(table["flagged"].astype(bool).sum())
-    n_flagged_img = int(table["flagged"].to_numpy().astype(bool)[rows].sum()) if n else 0
-    if n_flagged_img < n_flagged:
-        log.warning(
-            "%d flagged slices; images kept for the %d most significant (max_pairs=%d)",
-            n_flagged,
-            n_flagged_img,
-            max_pairs,
-        )
-    outputs = {name: sha256_file(out / name) for name in AUDIT_OUTPUTS if (out / name).is_file()}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "audit_id": result.audit_id,
-        "audit_created": result.created,
-        "written": _now(),
-        "config": _jsonable(result.config.to_dict()),
-        "extractor": _extractor_info(result),
-        "layers": layers,
-        "versions": dict(result.versions),
-        "cohorts": {
-            "train": _cohort_manifest(result.train),
-            "synthetic": _cohort_manifest(result.synthetic),
-            "holdout": _cohort_manifest(result.holdout),
-        },
-        "evidence": {
-            "file": EVIDENCE_FILE,
-            "n_pairs": n,
-            "n_flagged": n_flagged,
-            "n_flagged_with_images": n_flagged_img,
-            "neighbours_per_layer": k,
-            "max_pairs": max_pairs,
-            "n_context": n_context,
-            "image_dtype": "float16",
-            "image_size": size,
-        },
-        "outputs": outputs,
-    }
-    atomic_write_bytes(out / MANIFEST_FILE, json.dumps(manifest, indent=2).encode())
-    log.info("evidence of %d pairs and the manifest written to %s", n, out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading an audit folder
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Evidence:
-    """``evidence.npz`` as read back. Arrays as documented in :func:`write_evidence`."""
-
-    rows: np.ndarray
-    synthetic: np.ndarray
-    aligned: np.ndarray
-    difference: np.ndarray
-    neighbour_images: np.ndarray
-    neighbour_ref: np.ndarray
-    pairs: list[dict[str, Any]]
-    layers: list[str]
-
-    def position(self, row: int) -> int | None:
-        """Index into the arrays of the pair of score-table row ``row``, or None when not stored."""
-        hit = np.flatnonzero(self.rows == row)
-        return int(hit[0]) if hit.size else None
-
-
-@dataclass
-class AuditFolder:
-    """Everything the report reads from an audit folder.
-
-    Attributes
-    ----------
-    path : Path
-    summary : dict
-        ``summary.json``.
-    table : pandas.DataFrame
-        ``scores.csv`` (one row per synthetic slice).
-    subjects : pandas.DataFrame
-        ``subjects.csv``.
-    null_similarity : np.ndarray, shape (n_null,)
-    manifest : dict or None
-        ``manifest.json`` (None for folders written without it).
-    evidence : Evidence or None
-    integrity : list of dict
-        Per audit output file: ``file``, ``expected``, ``actual``, ``ok``.
-    """
-
-    path: Path
-    summary: dict[str, Any]
-    table: pd.DataFrame
-    subjects: pd.DataFrame
-    null_similarity: np.ndarray
-    manifest: dict[str, Any] | None
-    evidence: Evidence | None
-    integrity: list[dict[str, Any]] = field(default_factory=list)
-
-    @property
-    def audit_id(self) -> str:
-        return str(self.summary["audit_id"])
-
-    @property
-    def flagged_rows(self) -> np.ndarray:
-        """Rows of the flagged slices, most significant first, shape (k,)."""
-        f = self.table["flagged"].to_numpy().astype(bool)
-        rows = np.flatnonzero(f)
-        p = self.table["p_value"].to_numpy(float)[rows]
-        s = self.table["similarity"].to_numpy(float)[rows]
-        return rows[np.lexsort((rows, -np.nan_to_num(s, nan=-np.inf), p))]
-
-    @property
-    def intact(self) -> bool:
-        return all(r["ok"] for r in self.integrity)
-
-
-def _read_csv(path: Path) -> pd.DataFrame:
-    df = pd.read_csv(path, keep_default_na=False, dtype=str)
-    for col in df.columns:
-        if col in _TEXT_COLUMNS:
-            continue
-        num = pd.to_numeric(df[col].replace("", np.nan), errors="coerce")
-        if num.notna().sum() == (df[col] != "").sum():
-            df[col] = num
-    return df
-
-
-def _require(folder: Path, name: str) -> Path:
-    p = folder / name
-    if not p.is_file():
-        raise AuditFolderError(
-            f"{p} is missing; {folder} is not a complete audit folder. Run 'inspector scan ... --out {folder}' first."
-        )
-    return p
-
-
-def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
-    """Read an audit folder written by ``inspector scan`` (:meth:`AuditResult.save`).
-
-    Raises
-    ------
-    AuditFolderError
-        When the folder or ``summary.json``/``scores.csv``/``subjects.csv`` is missing.
-    """
-    folder = Path(audit_dir).expanduser()
-    if not folder.is_dir():
-        raise AuditFolderError(f"Audit folder {folder} does not exist; run 'inspector scan ... --out {folder}' first.")
-    try:
-        summary = json.loads(_require(folder, "summary.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{folder / 'summary.json'} is not valid JSON ({e}); re-run 'inspector scan'.") from e
-    table = _read_csv(_require(folder, "scores.csv"))
-    subjects = _read_csv(_require(folder, "subjects.csv"))
-    null = np.zeros(0)
-    if (folder / "audit.npz").is_file():
-        with np.load(folder / "audit.npz", allow_pickle=False) as z:
-            if "null_similarity" in z:
-                null = np.asarray(z["null_similarity"], np.float64)
-    manifest = None
-    if (folder / MANIFEST_FILE).is_file():
-        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    else:
-        log.warning("%s has no %s: the report will lack input hashes", folder, MANIFEST_FILE)
-    evidence = None
-    if (folder / EVIDENCE_FILE).is_file():
-        with np.load(folder / EVIDENCE_FILE, allow_pickle=False) as z:
-            evidence = Evidence(
-                rows=np.asarray(z["rows"], np.int64),
-                synthetic=np.asarray(z["synthetic"], np.float32),
-                aligned=np.asarray(z["aligned"], np.float32),
-                difference=np.asarray(z["difference"], np.float32),
-                neighbour_images=np.asarray(z["neighbour_images"], np.float32),
-                neighbour_ref=np.asarray(z["neighbour_ref"], np.int64),
-                pairs=json.loads(str(z["pairs_json"])),
-                layers=json.loads(str(z["layers_json"])),
-            )
-    else:
-        log.warning("%s has no %s: the report will show no pair images", folder, EVIDENCE_FILE)
-    integrity = []
-    for name, expected in (manifest or {}).get("outputs", {}).items():
-        actual = sha256_file(folder / name) if (folder / name).is_file() else None
-        integrity.append({"file": name, "expected": expected, "actual": actual, "ok": actual == expected})
-    if not all(r["ok"] for r in integrity):
-        bad = [r["file"] for r in integrity if not r["ok"]]
-        log.warning("audit folder %s was modified after the scan: %s", folder, ", ".join(bad))
-    return AuditFolder(folder, summary, table, subjects, null, manifest, evidence, integrity)
-
-
-# ----------------------------------------------------------------------------------------------
-# Sign-off
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SignOff:
-    """A release decision by a named person.
-
-    Attributes
-    ----------
-    signer : str
-        Who signs (a staff name, never a patient's).
-    role : str
-        Their role, e.g. "privacy officer".
-    decision : str
-        One of :data:`SIGNOFF_DECISIONS`.
-    date : str
-        ISO date ``YYYY-MM-DD`` (or date-time) of the decision; today (UTC) when empty.
-    reason : str
-        Why; required when flagged pairs are unreviewed.
-    """
-
-    signer: str
-    role: str
-    decision: str
-    date: str = ""
-    reason: str = ""
-
-    def __post_init__(self) -> None:
-        for name in ("signer", "role"):
-            val = getattr(self, name)
-            if not isinstance(val, str) or not val.strip():
-                raise SignOffError(f"SignOff.{name} is required; got {val!r}. State who signs and in which role.")
-            object.__setattr__(self, name, val.strip())
-        if self.decision not in SIGNOFF_DECISIONS:
-            raise SignOffError(f"SignOff.decision {self.decision!r} is not one of {SIGNOFF_DECISIONS}.")
-        date = (self.date or "").strip() or _dt.datetime.now(_dt.UTC).date().isoformat()
-        try:
-            _dt.datetime.fromisoformat(date)
-        except ValueError as e:
-            raise SignOffError(f"SignOff.date {self.date!r} is not an ISO date; use YYYY-MM-DD.") from e
-        object.__setattr__(self, "date", date)
-        object.__setattr__(self, "reason", (self.reason or "").strip())
-
-
-@dataclass(frozen=True)
-class RecordedSignOff:
-    """A sign-off as stored: the :class:`SignOff` fields plus the review state when it was recorded."""
-
-    id: int
-    audit_id: str
-    signer: str
-    role: str
-    decision: str
-    date: str
-    reason: str
-    recorded_at: str
-    n_flagged: int
-    n_reviewed: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-_SIGNOFF_SCHEMA = """
-CREATE TABLE IF NOT EXISTS signoffs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    audit_id TEXT NOT NULL,
-    signer TEXT NOT NULL,
-    role TEXT NOT NULL,
-    decision TEXT NOT NULL,
-    date TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT '',
-    recorded_at TEXT NOT NULL,
-    n_flagged INTEGER NOT NULL,
-    n_reviewed INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS signoffs_audit ON signoffs (audit_id, id);
-CREATE TRIGGER IF NOT EXISTS signoffs_no_update BEFORE UPDATE ON signoffs
-BEGIN SELECT RAISE(ABORT, 'signoffs are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS signoffs_no_delete BEFORE DELETE ON signoffs
-BEGIN SELECT RAISE(ABORT, 'signoffs are append-only'); END;
-"""
-
-
-class SignOffStore:
-    """Append-only table ``signoffs`` in the review database (updates and deletes abort).
-
-    Parameters
-    ----------
-    path : str or Path
-        The review database (created with its folder when missing).
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            con = self._connect()
-            try:
-                with con:
-                    con.executescript(_SIGNOFF_SCHEMA)
-            finally:
-                con.close()
-        except sqlite3.DatabaseError as e:
-            raise SignOffError(f"{self.path} is not a usable review database ({e}); choose another file.") from e
-
-    def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=30)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=FULL")
-        return con
-
-    def record(self, audit_id: str, signoff: SignOff, *, n_flagged: int, n_reviewed: int) -> RecordedSignOff:
-        """Store a sign-off durably (committed before returning) and return it."""
-        if not audit_id:
-            raise SignOffError("audit_id is required to record a sign-off.")
-        now = _now()
-        con = self._connect()
-        try:
-            with con:
-                cur = con.execute(
-                    "INSERT INTO signoffs (audit_id, signer, role, decision, date, reason, recorded_at, n_flagged,"
-                    " n_reviewed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        audit_id,
-                        signoff.signer,
-                        signoff.role,
-                        signoff.decision,
-                        signoff.date,
-                        signoff.reason,
-                        now,
-                        int(n_flagged),
-                        int(n_reviewed),
-                    ),
-                )
-                row_id = int(cur.lastrowid or 0)
-        finally:
-            con.close()
-        return RecordedSignOff(
-            row_id,
-            audit_id,
-            signoff.signer,
-            signoff.role,
-            signoff.decision,
-            signoff.date,
-            signoff.reason,
-            now,
-            int(n_flagged),
-            int(n_reviewed),
-        )
-
-    def all(self, audit_id: str) -> list[RecordedSignOff]:
-        """Every sign-off of one audit, oldest first."""
-        con = self._connect()
-        try:
-            rows = con.execute(
-                "SELECT id, audit_id, signer, role, decision, date, reason, recorded_at, n_flagged, n_reviewed"
-                " FROM signoffs WHERE audit_id = ? ORDER BY id",
-                (audit_id,),
-            ).fetchall()
-        finally:
-            con.close()
-        return [RecordedSignOff(*r) for r in rows]
-
-    def latest(self, audit_id: str) -> RecordedSignOff | None:
-        rows = self.all(audit_id)
-        return rows[-1] if rows else None
-
-
-def _reviews_path(folder: Path, reviews: str | Path | None, *, create: bool) -> Path | None:
-    """The review database: ``reviews`` (must exist), else ``folder/reviews.sqlite3`` when present (or
-    ``create``), else None."""
-    if reviews is not None:
-        p = Path(reviews).expanduser()
-        if not p.is_file():
-            raise FileNotFoundError(
-                f"Review database {p} does not exist; pass the file the app records decisions in, "
-                f"or omit --reviews to use {folder / DEFAULT_REVIEWS_FILE}."
-            )
-        return p
-    p = folder / DEFAULT_REVIEWS_FILE
-    return p if (p.is_file() or create) else None
-
-
-def _review_state(folder: AuditFolder, db: Path | None) -> tuple[dict[str, Review], dict[str, Any]]:
-    """Latest decision per slice hash and the counts over the flagged pairs."""
-    latest: dict[str, Review] = {}
-    if db is not None and db.is_file():
-        from .review import ReviewStore
-
-        latest = ReviewStore(db).latest(folder.audit_id)
-    rows = folder.flagged_rows
-    hashes = (
-        folder.table["sha256"].astype(str).to_numpy()
-        if "sha256" in folder.table
-        else np.array([""] * len(folder.table))
-    )
-    decided = [latest[hashes[r]] for r in rows if hashes[r] in latest]
-    counts = Counter(r.decision for r in decided)
-    from .review import DECISIONS
-
-    state = {
-        "database": db.name if db is not None else None,
-        "n_flagged": len(rows),
-        "n_reviewed": len(decided),
-        "n_unreviewed": len(rows) - len(decided),
-        "decisions": {d: int(counts.get(d, 0)) for d in DECISIONS},
-    }
-    return latest, state
-
-
-def sign_off(audit_dir: str | Path, signoff: SignOff, *, reviews: str | Path | None = None) -> RecordedSignOff:
-    """Record a sign-off for an audit in the review database's append-only ``signoffs`` table.
-
-    Parameters
-    ----------
-    audit_dir : str or Path
-        The audit folder.
-    signoff : SignOff
-    reviews : str or Path, optional
-        The review database (default ``audit_dir/reviews.sqlite3``, created when missing).
-
-    Returns
-    -------
-    RecordedSignOff
-
-    Raises
-    ------
-    SignOffError
-        When flagged pairs have no reviewer decision and ``signoff.reason`` is empty.
-    """
-    if not isinstance(signoff, SignOff):
-        raise TypeError(f"signoff must be a SignOff; got {type(signoff).__name__}.")
-    folder = load_audit_folder(audit_dir)
-    db = _reviews_path(folder.path, reviews, create=True)
-    assert db is not None
-    _, state = _review_state(folder, db)
-    if state["n_unreviewed"] and not signoff.reason:
-        raise SignOffError(
-            f"{state['n_unreviewed']} of {state['n_flagged']} flagged pairs have no reviewer decision in {db}; "
-            "review them first, or state why you sign off without (SignOff.reason / --reason)."
-        )
-    rec = SignOffStore(db).record(
-        folder.audit_id, signoff, n_flagged=state["n_flagged"], n_reviewed=state["n_reviewed"]
-    )
-    log.info("sign-off %d recorded for audit %s: %s", rec.id, folder.audit_id[:12], rec.decision)
-    return rec
-
-
-def _signoffs(folder: AuditFolder, db: Path | None) -> list[RecordedSignOff]:
-    if db is None or not db.is_file():
-        return []
-    con = sqlite3.connect(db, timeout=30)
-    try:
-        has = con.execute("SELECT name FROM sqlite_master WHERE type='table' AND name='signoffs'").fetchone()
-    finally:
-        con.close()
-    return SignOffStore(db).all(folder.audit_id) if has else []
-
-
-# ----------------------------------------------------------------------------------------------
-# summary.json and its schema
-# ----------------------------------------------------------------------------------------------
-
-
-def load_summary_schema() -> dict[str, Any]:
-    """The JSON Schema of ``summary.json`` (``inspector/schemas/summary.schema.json``)."""
-    from importlib import resources
-
-    text = resources.files("inspector").joinpath("schemas", "summary.schema.json").read_text(encoding="utf-8")
-    return json.loads(text)
-
-
-def validate_summary(summary: dict[str, Any]) -> None:
-    """Check a summary (the audit's or the report's) against the JSON Schema.
-
-    Raises
-    ------
-    SummaryValidationError
-        Naming the first offending key path and the rule it breaks.
-    """
-    import jsonschema
-
-    schema = load_summary_schema()
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(summary), key=lambda e: list(e.absolute_path))
-    if errors:
-        e = errors[0]
-        where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise SummaryValidationError(
-            f"summary.json does not follow the schema at {where}: {e.message} "
-            f"({len(errors)} error(s); schema inspector/schemas/summary.schema.json)."
-        )
-
-
-def report_summary(
-    folder: AuditFolder,
-    review_state: dict[str, Any],
-    signoff: RecordedSignOff | None,
-    *,
-    report_file: str,
-    report_sha256: str,
-    generated: str,
-) -> dict[str, Any]:
-    """The report's ``summary.json``: the audit's summary plus review counts, sign-off, report hash."""
-    out = dict(folder.summary)
-    out["reviews"] = review_state
-    out["signoff"] = signoff.to_dict() if signoff is not None else None
-    out["report"] = {"file": report_file, "sha256": report_sha256, "generated": generated}
-    out["integrity"] = {
-        "ok": folder.intact,
-        "checked": [r["file"] for r in folder.integrity],
-        "modified": [r["file"] for r in folder.integrity if not r["ok"]],
-    }
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Images and histograms
 # ----------------------------------------------------------------------------------------------
@@ -1107,17 +302,6 @@ def _figure(
     return f'<figure class="{_e(css)}"><img alt="{cap}" src="{src}"><figcaption>{cap}</figcaption></figure>'
 
 
-def _threshold(null: np.ndarray, alpha: float) -> float:
-    """The similarity above which ``p <= alpha`` (:meth:`AuditResult.threshold_for`, same rule)."""
-    from types import SimpleNamespace
-
-    from .result import AuditResult
-
-    if null.size == 0:
-        return float("inf")
-    return AuditResult.threshold_for(SimpleNamespace(null_similarity=null), alpha)  # type: ignore[arg-type]
-
-
 def _review_html(rev: Review | None) -> str:
     if rev is None:
         return '<div class="review none">UNREVIEWED: no reviewer decision recorded for this pair.</div>'
@@ -1229,7 +413,7 @@ def _verdict_class(v: dict[str, Any]) -> str:
 
 
 def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
-    s, v, b = folder.summary, folder.summary.get("verdict", {}), folder.summary.get("baselines", {})
+    s, v, b = folder.summary, folder.verdict.to_dict(), folder.summary.get("baselines", {})
     t = folder.table
     lo, hi = (v.get("fraction_ci95") or [None, None])[:2]
     mi = t["mi"].to_numpy(float) if "mi" in t else np.zeros(0)
@@ -1469,7 +653,7 @@ def _render(
     generated: str,
 ) -> str:
     s = folder.summary
-    v = s.get("verdict", {})
+    v = folder.verdict.to_dict()
     t = folder.table
     hashes = t["sha256"].astype(str).to_numpy() if "sha256" in t else np.array([""] * len(t))
     title = "Memorisation audit: release report"
@@ -1541,8 +725,8 @@ def _render(
     # ---------------------------------------------------------------- histograms
     out.append('<h2 id="distributions">Distributions</h2>')
     sim = t["similarity"].to_numpy(float)
-    alpha = float(v.get("alpha", s.get("config", {}).get("alpha", 0.01)))
-    thr = _threshold(folder.null_similarity, alpha)
+    alpha = folder.calibration.alpha
+    thr = folder.calibration.threshold()
     out.append(
         svg_histogram(
             [
@@ -1577,7 +761,7 @@ def _render(
             )
         )
     # ---------------------------------------------------------------- flagged pairs
-    rows = folder.flagged_rows
+    rows = folder.flagged_rows()
     out.append(f'<h2 id="flagged">Flagged pairs ({len(rows)})</h2>')
     if not len(rows):
         out.append("<p>No synthetic slice is flagged at this α.</p>")
@@ -1614,7 +798,8 @@ def _render(
     # ---------------------------------------------------------------- context pairs
     ev = folder.evidence
     if ev is not None:
-        ctx = [int(r) for r in ev.rows if not bool(t.at[int(r), "flagged"])]
+        flagged_now = folder.calibration.flags()
+        ctx = [int(r) for r in ev.rows if not flagged_now[int(r)]]
         if ctx:
             out.append(
                 f"<details><summary>The {len(ctx)} most similar unflagged synthetic slices (for context)</summary>"
@@ -1659,6 +844,8 @@ def write_report(
     *,
     reviews: str | Path | None = None,
     signoff: SignOff | None = None,
+    alpha: float | None = None,
+    fdr: bool | None = None,
 ) -> Path:
     """Write the self-contained HTML release report of an audit folder, and ``summary.json`` beside it.
 
@@ -1673,6 +860,9 @@ def write_report(
     signoff : SignOff, optional
         Recorded first (see :func:`sign_off`; refused while flagged pairs are unreviewed and no reason is
         given), then shown in the report with any earlier sign-offs.
+    alpha, fdr : optional
+        The setting every flag, count and verdict of the report is taken at (default: the audit's own); the
+        app passes the one on screen, so the report says what the screen said. The report states it.
 
     Returns
     -------
@@ -1690,14 +880,16 @@ def write_report(
         The sign-off is refused.
     """
     folder = load_audit_folder(audit_dir)
+    if alpha is not None or fdr is not None:
+        folder = dataclasses.replace(folder, calibration=folder.calibration.at(alpha, fdr))
     out = Path(out_html).expanduser()
     if out.is_dir():
         raise ValueError(f"--out {out} is a folder; give the HTML file to write, e.g. {out / 'report.html'}.")
-    db = _reviews_path(folder.path, reviews, create=signoff is not None)
+    db = reviews_path(folder.path, reviews, create=signoff is not None)
     if signoff is not None:
-        sign_off(folder.path, signoff, reviews=reviews)
-    latest, state = _review_state(folder, db)
-    records = _signoffs(folder, db)
+        sign_off(folder, signoff, reviews=reviews)
+    latest, state = review_state(folder, db)
+    records = signoffs(folder, db)
     generated = _now()
     text = _render(folder, latest, state, records, generated)
     if text.count(_HASH_MARK) != 1:
@@ -1711,7 +903,7 @@ def write_report(
     validate_summary(summary)
     atomic_write_bytes(out, data)
     spath = summary_path_for(out, folder.path)
-    atomic_write_bytes(spath, json.dumps(_jsonable(summary), indent=2).encode())
+    atomic_write_bytes(spath, json.dumps(jsonable(summary), indent=2).encode())
     log.info("report %s (sha256 %s) and %s written", out, digest[:12], spath)
     return out
 
@@ -1739,23 +931,9 @@ def verify_report(path: str | Path) -> bool:
 # ----------------------------------------------------------------------------------------------
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def _round0(x: Any, nd: int = 2) -> Any:
     """Round for display without a negative zero."""
     try:
         return round(float(x), nd) + 0.0
     except (TypeError, ValueError):
         return x
-
-
-def _finite_or_none(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-

@@ -1,6 +1,6 @@
-"""Reviewer decisions, stored in SQLite beside the audit, never lost.
+"""Reviewer decisions and release sign-offs, in one SQLite store beside the audit, never lost.
 
-The table is append-only: every decision is a new row, and the current decision for a slice is its
+Both tables are append-only: every decision is a new row, and the current decision for a slice is its
 latest row. A decision is committed (``synchronous=FULL``) before :meth:`ReviewStore.record` returns,
 so a UI that confirms after the call never confirms a decision that is not on disk. Decisions are
 keyed by the audit's ID and the synthetic slice's content hash, so they survive a restart and a
@@ -9,18 +9,31 @@ re-run of the same audit.
 
 from __future__ import annotations
 
+import datetime as _dt
 import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-__all__ = ["DECISIONS", "Review", "ReviewStore", "ReviewError"]
+__all__ = [
+    "DECISIONS",
+    "SIGNOFF_DECISIONS",
+    "Review",
+    "ReviewStore",
+    "ReviewError",
+    "SignOff",
+    "SignOffError",
+    "RecordedSignOff",
+]
 
 #: The decisions a reviewer can record for a flagged pair.
 DECISIONS: tuple[str, ...] = ("copy", "near copy", "not a copy", "unsure")
+#: The decisions a signer can take on the release of the synthetic set.
+SIGNOFF_DECISIONS: tuple[str, ...] = ("release", "do not release", "release after removing the flagged slices")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reviews (
@@ -39,6 +52,14 @@ CREATE INDEX IF NOT EXISTS reviews_audit ON reviews (audit_id, slice_sha256, id)
 
 class ReviewError(ValueError):
     """An invalid decision, reviewer or database."""
+
+
+class SignOffError(ReviewError):
+    """An invalid sign-off, or one refused because flagged pairs are unreviewed and no reason is given."""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 @dataclass(frozen=True)
@@ -62,8 +83,89 @@ class Review:
     created_at: str
 
 
+@dataclass(frozen=True)
+class SignOff:
+    """A release decision by a named person.
+
+    Attributes
+    ----------
+    signer : str
+        Who signs (a staff name, never a patient's).
+    role : str
+        Their role, e.g. "privacy officer".
+    decision : str
+        One of :data:`SIGNOFF_DECISIONS`.
+    date : str
+        ISO date ``YYYY-MM-DD`` (or date-time) of the decision; today (UTC) when empty.
+    reason : str
+        Why; required when flagged pairs are unreviewed.
+    """
+
+    signer: str
+    role: str
+    decision: str
+    date: str = ""
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("signer", "role"):
+            val = getattr(self, name)
+            if not isinstance(val, str) or not val.strip():
+                raise SignOffError(f"SignOff.{name} is required; got {val!r}. State who signs and in which role.")
+            object.__setattr__(self, name, val.strip())
+        if self.decision not in SIGNOFF_DECISIONS:
+            raise SignOffError(f"SignOff.decision {self.decision!r} is not one of {SIGNOFF_DECISIONS}.")
+        date = (self.date or "").strip() or _dt.datetime.now(_dt.UTC).date().isoformat()
+        try:
+            _dt.datetime.fromisoformat(date)
+        except ValueError as e:
+            raise SignOffError(f"SignOff.date {self.date!r} is not an ISO date; use YYYY-MM-DD.") from e
+        object.__setattr__(self, "date", date)
+        object.__setattr__(self, "reason", (self.reason or "").strip())
+
+
+@dataclass(frozen=True)
+class RecordedSignOff:
+    """A sign-off as stored: the :class:`SignOff` fields plus the review state when it was recorded."""
+
+    id: int
+    audit_id: str
+    signer: str
+    role: str
+    decision: str
+    date: str
+    reason: str
+    recorded_at: str
+    n_flagged: int
+    n_reviewed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_SIGNOFF_SCHEMA = """
+CREATE TABLE IF NOT EXISTS signoffs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    audit_id TEXT NOT NULL,
+    signer TEXT NOT NULL,
+    role TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    date TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    recorded_at TEXT NOT NULL,
+    n_flagged INTEGER NOT NULL,
+    n_reviewed INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS signoffs_audit ON signoffs (audit_id, id);
+CREATE TRIGGER IF NOT EXISTS signoffs_no_update BEFORE UPDATE ON signoffs
+BEGIN SELECT RAISE(ABORT, 'signoffs are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS signoffs_no_delete BEFORE DELETE ON signoffs
+BEGIN SELECT RAISE(ABORT, 'signoffs are append-only'); END;
+"""
+
+
 class ReviewStore:
-    """SQLite-backed store of reviewer decisions.
+    """SQLite-backed, append-only store of reviewer decisions and release sign-offs.
 
     Parameters
     ----------
@@ -77,6 +179,8 @@ class ReviewStore:
         try:
             with self._connect() as con:
                 con.executescript(_SCHEMA)
+                con.executescript(_SIGNOFF_SCHEMA)
+            con.close()
         except sqlite3.DatabaseError as e:
             raise ReviewError(
                 f"{self.path} is not a usable review database ({e}); choose another file or move it aside."
@@ -177,3 +281,48 @@ class ReviewStore:
         rows = [asdict(r) for r in self.latest(audit_id).values()]
         cols = ["id", "audit_id", "slice_sha256", "slice_key", "decision", "comment", "reviewer", "created_at"]
         return pd.DataFrame(rows, columns=cols)
+
+    # ------------------------------------------------------------------ sign-offs
+    def record_signoff(self, audit_id: str, signoff: SignOff, *, n_flagged: int, n_reviewed: int) -> RecordedSignOff:
+        """Store a sign-off durably (committed before returning) and return it."""
+        if not audit_id:
+            raise SignOffError("audit_id is required to record a sign-off.")
+        if not isinstance(signoff, SignOff):
+            raise TypeError(f"signoff must be a SignOff; got {type(signoff).__name__}.")
+        now = _now()
+        values = (
+            audit_id,
+            signoff.signer,
+            signoff.role,
+            signoff.decision,
+            signoff.date,
+            signoff.reason,
+            now,
+            int(n_flagged),
+            int(n_reviewed),
+        )
+        con = self._connect()
+        try:
+            with con:
+                cur = con.execute(
+                    "INSERT INTO signoffs (audit_id, signer, role, decision, date, reason, recorded_at, n_flagged,"
+                    " n_reviewed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    values,
+                )
+                row_id = int(cur.lastrowid or 0)
+        finally:
+            con.close()
+        return RecordedSignOff(row_id, *values)
+
+    def signoffs(self, audit_id: str) -> list[RecordedSignOff]:
+        """Every sign-off of one audit, oldest first."""
+        con = self._connect()
+        try:
+            rows = con.execute(
+                "SELECT id, audit_id, signer, role, decision, date, reason, recorded_at, n_flagged, n_reviewed"
+                " FROM signoffs WHERE audit_id = ? ORDER BY id",
+                (audit_id,),
+            ).fetchall()
+        finally:
+            con.close()
+        return [RecordedSignOff(*r) for r in rows]

@@ -888,7 +888,7 @@ class PaperScorer:
         for j, name in enumerate(self.layers_):
             per_layer[:, j] = neighbour_sims[name][:, 0]
         s = self._aggregate(per_layer) if m else np.empty(0, np.float64)
-        mi_z = (s - self.mu0_) / self.sigma0_
+        mi_z, oni = zscore_oni(s, self.null_)
         return PaperScores(
             layers=list(self.layers_),
             similarity=s,
@@ -897,5 +897,5 @@ class PaperScorer:
             neighbours=neighbours,
             neighbour_sims=neighbour_sims,
             mi_z=mi_z,
-            oni=-np.tanh(mi_z),
+            oni=oni,
         )

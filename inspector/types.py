@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Slice", "SkippedFile", "Cohort", "raw_pixel_hash", "AXES"]
+__all__ = ["Slice", "SkippedFile", "SourceFile", "Cohort", "raw_pixel_hash", "AXES"]
 
 #: Valid slicing axes. ``"2d"`` marks a slice read from a 2D image file.
 AXES: tuple[str, ...] = ("axial", "coronal", "sagittal", "2d")
@@ -67,6 +67,11 @@ class Slice:
         :func:`raw_pixel_hash` of the raw source pixels of this slice.
     label : str or None
         Optional label from a manifest (e.g. a class); never used for scoring.
+    sources : tuple of str
+        Every file this slice was read from, relative to the cohort root (POSIX), sorted: the file
+        itself; the ``.npz`` of ``file.npz:key``; every contributing file of a DICOM series (one for a
+        multi-frame file). Their sizes and sha256 are in :attr:`Cohort.files`. Empty for a slice
+        built by hand.
     """
 
     array: np.ndarray
@@ -78,6 +83,7 @@ class Slice:
     spacing: tuple[float, float] = (1.0, 1.0)
     sha256: str = ""
     label: str | None = None
+    sources: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         arr = np.asarray(self.array)
@@ -109,6 +115,9 @@ class Slice:
         object.__setattr__(self, "path", Path(self.path).as_posix())
         object.__setattr__(self, "original_shape", tuple(int(s) for s in self.original_shape))
         object.__setattr__(self, "spacing", tuple(float(s) for s in self.spacing))
+        if isinstance(self.sources, str):
+            raise TypeError(f"Slice {self.path!r}[{self.slice_index}]: sources must be a sequence of paths, not a str.")
+        object.__setattr__(self, "sources", tuple(sorted({Path(p).as_posix() for p in self.sources})))
         if not self.sha256:
             object.__setattr__(self, "sha256", raw_pixel_hash(arr))
 
@@ -140,6 +149,25 @@ class SkippedFile:
     reason: str
 
 
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file that contributed slices to a cohort, hashed when it was read.
+
+    Attributes
+    ----------
+    path : str
+        Path relative to the cohort root, POSIX separators (as in :attr:`Slice.sources`).
+    bytes : int
+        Size of the file in bytes when it was hashed.
+    sha256 : str
+        Hex sha256 of the file's bytes (the whole file, not only its pixels).
+    """
+
+    path: str
+    bytes: int
+    sha256: str
+
+
 @dataclass(eq=False)
 class Cohort:
     """An ordered set of slices from one root folder or manifest.
@@ -154,17 +182,30 @@ class Cohort:
         Every file or slice that was not loaded, with its reason. Nothing is dropped silently.
     name : str
         A short display name (the root folder's name by default).
+    files : tuple of SourceFile
+        Every file that contributed at least one slice, unique and sorted by path, with the size
+        and sha256 computed when it was read (:func:`inspector.io.load_cohort` fills it). Empty for
+        a cohort built by hand.
     """
 
     slices: list[Slice]
     root: Path
     skipped: list[SkippedFile] = field(default_factory=list)
     name: str = ""
+    files: tuple[SourceFile, ...] = ()
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
         if not self.name:
             self.name = self.root.name or str(self.root)
+        by_path: dict[str, SourceFile] = {}
+        for f in self.files:
+            if not isinstance(f, SourceFile):
+                raise TypeError(f"Cohort {self.name!r}: files must hold SourceFile objects; got {type(f).__name__}.")
+            prev = by_path.setdefault(f.path, f)
+            if prev != f:
+                raise ValueError(f"Cohort {self.name!r} lists {f.path!r} twice with different sizes or hashes.")
+        self.files = tuple(by_path[p] for p in sorted(by_path))
         keys = [s.key for s in self.slices]
         if len(set(keys)) != len(keys):
             dup = [k for k, c in Counter(keys).items() if c > 1][:3]
@@ -222,9 +263,26 @@ class Cohort:
         return np.stack(arrays).astype(np.float32, copy=False)
 
     def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Cohort:
-        """A new cohort holding the slices at ``indices`` (same root, no skipped list)."""
+        """A new cohort holding the slices at ``indices``.
+
+        Parameters
+        ----------
+        indices : sequence of int or np.ndarray, shape (k,)
+            Positions of the slices to keep, in the order wanted.
+        name : str, optional
+            Display name of the new cohort (default: this cohort's name).
+
+        Returns
+        -------
+        Cohort
+            Same root, no skipped list, and only the :attr:`files` that the kept slices' ``sources``
+            name.
+        """
         idx = [int(i) for i in np.asarray(indices).ravel()]
-        return Cohort([self.slices[i] for i in idx], self.root, [], name or self.name)
+        kept = [self.slices[i] for i in idx]
+        used = {p for s in kept for p in s.sources}
+        files = tuple(f for f in self.files if f.path in used)
+        return Cohort(kept, self.root, [], name or self.name, files)
 
     def summary(self) -> str:
         """A readable multi-line summary: counts of slices, subjects, files and skipped files."""

@@ -27,13 +27,11 @@ __all__ = [
     "ALPHAS",
     "AuditEntry",
     "audit_store",
-    "EXTRACTORS",
-    "MODES",
     "InputPathError",
     "ProgressThrottle",
-    "apply_flip",
     "blend",
     "colourise_difference",
+    "config_settings",
     "default_reviews_db",
     "flagged_frame",
     "format_alpha",
@@ -47,6 +45,7 @@ __all__ = [
     "resolve_input",
     "roc_figure",
     "scores_with_decisions",
+    "setting_widget",
     "stage_label",
     "subject_review_frame",
     "window_to_uint8",
@@ -54,10 +53,26 @@ __all__ = [
 
 #: Log-spaced per-slice false-positive rates offered by the threshold controls.
 ALPHAS: tuple[float, ...] = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)
-#: Extractor names the sidebar offers (the registry in :mod:`inspector.models` validates them).
-EXTRACTORS: tuple[str, ...] = ("ssl", "pixels", "mri-core")
-#: Audit modes (see :class:`~inspector.result.AuditConfig`).
-MODES: tuple[str, ...] = ("default", "paper")
+#: Short labels of the settings in the sidebar (the help text comes from AuditConfig's docstring).
+SETTING_LABELS: dict[str, str] = {
+    "mode": "Mode",
+    "extractor": "Feature extractor",
+    "checkpoint": "MRI-CORE checkpoint file",
+    "layers": "Layers (optional, comma-separated)",
+    "alpha": "α: target false-positive rate per slice",
+    "fdr": "Benjamini–Hochberg control across the set",
+    "views": "Views matched (comma-separated)",
+    "rerank": "Alignment-verified re-ranking",
+    "shortlist": "Candidates registered per slice",
+    "align_flips": "Flips tried in registration",
+    "top_k": "Neighbours shown per layer",
+    "axis": "Slicing axis for volumes",
+    "size": "Slice size (pixels)",
+    "align_size": "Registration size (pixels)",
+    "n_bootstrap": "Bootstrap rounds of the paper's null",
+    "device": "Device",
+    "seed": "Random seed",
+}
 
 #: Environment variable overriding the default reviews database path.
 REVIEWS_DB_ENV = "INSPECTOR_REVIEWS_DB"
@@ -260,6 +275,45 @@ def default_reviews_db(cwd: Path | None = None) -> Path:
     return (cwd or Path.cwd()) / "audits" / "reviews.sqlite3"
 
 
+def config_settings() -> tuple[Any, ...]:
+    """Every :class:`~inspector.config.AuditConfig` setting (:func:`inspector.config.settings`), for the sidebar."""
+    from .config import settings
+
+    return settings()
+
+
+def setting_widget(container: Any, setting: Any) -> Any:
+    """Draw the sidebar widget of one :class:`~inspector.config.Setting` (key ``in_<name>``); return its value.
+
+    Choices become a select box (the mode a radio), booleans a checkbox, numbers a number input (alpha a
+    log-spaced slider), tuples a comma-separated text field; the default is the dataclass's.
+    """
+    label = SETTING_LABELS.get(setting.name, setting.name.replace("_", " ").capitalize())
+    key, help_text, default = f"in_{setting.name}", setting.help, setting.default
+    if setting.name == "alpha":
+        return container.select_slider(label, ALPHAS, value=default, format_func=format_alpha, key=key, help=help_text)
+    if setting.choices is not None:
+        options = list(setting.choices)
+        if default in options:  # the default first
+            options.insert(0, options.pop(options.index(default)))
+        if setting.name == "mode":
+            return container.radio(label, options, key=key, horizontal=True, help=help_text)
+        return container.selectbox(label, options, key=key, help=help_text)
+    if setting.kind is bool:
+        return container.checkbox(label, bool(default), key=key, help=help_text)
+    if setting.kind is int:
+        return int(
+            container.number_input(
+                label, min_value=setting.minimum, value=int(default), step=1, key=key, help=help_text
+            )
+        )
+    if setting.kind is float:
+        return float(container.number_input(label, value=float(default), key=key, help=help_text, format="%.4g"))
+    if setting.kind is tuple:
+        return parse_layers(container.text_input(label, ",".join(default), key=key, help=help_text))
+    return container.text_input(label, default or "", key=key, help=help_text) or None
+
+
 def parse_layers(text: str) -> tuple[str, ...]:
     """Layer names from a comma- or space-separated string (empty -> the extractor's defaults)."""
     parts = [t.strip() for t in (text or "").replace(",", " ").split()]
@@ -395,18 +449,6 @@ def colourise_difference(diff: np.ndarray, width: float = 1.0) -> np.ndarray:
     if width <= 0:
         raise ValueError(f"difference width must be > 0; got {width}.")
     return _LUT[window_to_uint8(diff, 0.0, width)]
-
-
-def apply_flip(img: np.ndarray, flip: str) -> np.ndarray:
-    """Show an image in the view a match was found in (``h``/``hflip``, ``v``/``vflip``, ``hv``/``hvflip``)."""
-    f = str(flip or "none")
-    if f in ("h", "hflip"):
-        return img[:, ::-1]
-    if f in ("v", "vflip"):
-        return img[::-1]
-    if f in ("hv", "hvflip", "vh"):
-        return img[::-1, ::-1]
-    return img
 
 
 def blend(before: np.ndarray, after: np.ndarray, t: float) -> np.ndarray:

@@ -6,6 +6,7 @@ All files are written to ``tmp_path`` by the tests themselves; randomness is see
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import shutil
 import warnings
@@ -33,7 +34,7 @@ from inspector.io import (
     read_labels,
 )
 from inspector.preprocess import PreprocessConfig, normalise_volume
-from inspector.types import Cohort, raw_pixel_hash
+from inspector.types import Cohort, Slice, SourceFile, raw_pixel_hash
 
 NATIVE = LoadConfig(preprocess=PreprocessConfig(size=None))
 
@@ -715,3 +716,121 @@ def test_no_silent_drop_every_candidate_is_loaded_or_skipped(tmp_path):
         c = load_cohort(tmp_path, NATIVE)
     assert {s.path for s in c} | set(io_reasons(c)) == {"a.npy", "b.xyz", "c.npy"}
     assert "dtype" in io_reasons(c)["c.npy"]
+
+
+# ----------------------------------------------------------------------------------------------
+# provenance: Slice.sources and Cohort.files, hashed at read time
+# ----------------------------------------------------------------------------------------------
+
+
+def io_source(root: Path, rel: str) -> SourceFile:
+    data = (root / rel).read_bytes()
+    return SourceFile(rel, len(data), hashlib.sha256(data).hexdigest())
+
+
+def test_nifti_slices_record_their_file_and_its_hash(tmp_path):
+    io_save_nifti(tmp_path / "sub" / "vol.nii.gz", io_image((6, 7, 4), seed=200))
+    c = load_cohort(tmp_path, NATIVE)
+    assert len(c) == 4 and all(s.sources == ("sub/vol.nii.gz",) for s in c)
+    assert c.files == (io_source(tmp_path, "sub/vol.nii.gz"),)
+    assert c.files[0].bytes == (tmp_path / "sub" / "vol.nii.gz").stat().st_size
+
+
+def test_png_folder_sources_are_each_file_and_skipped_files_are_not_listed(tmp_path):
+    for rel, seed in (("b/2.png", 201), ("a/1.png", 202), ("a/0.png", 203)):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        Image.fromarray(io_image((12, 12), seed=seed, hi=250).astype(np.uint8)).save(tmp_path / rel)
+    Image.fromarray(np.full((12, 12), 9, np.uint8)).save(tmp_path / "a" / "flat.png")  # constant: skipped
+    (tmp_path / "a" / "cut.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # corrupt: skipped
+    c = load_cohort(tmp_path, NATIVE)
+    assert [s.path for s in c] == ["a/0.png", "a/1.png", "b/2.png"]
+    assert [s.sources for s in c] == [(s.path,) for s in c]
+    assert c.files == tuple(io_source(tmp_path, rel) for rel in ("a/0.png", "a/1.png", "b/2.png"))
+    assert {"a/flat.png", "a/cut.png"} <= set(io_reasons(c))
+
+
+def test_npz_members_share_the_archive_as_their_one_source(tmp_path):
+    np.savez(tmp_path / "pack.npz", img=io_image((8, 8), seed=204), vol=io_image((8, 8, 2), seed=205))
+    c = load_cohort(tmp_path, NATIVE)
+    assert io_keys(c) == ["pack.npz:img#0", "pack.npz:vol#0", "pack.npz:vol#1"]
+    assert all(s.sources == ("pack.npz",) for s in c)
+    assert c.files == (io_source(tmp_path, "pack.npz"),)
+
+
+def test_dicom_series_sources_are_the_contributing_files(tmp_path):
+    vols = [io_image((10, 10), seed=206 + k).astype(np.uint16) + 100 * k for k in range(3)]
+    for k, name in enumerate(("c.dcm", "a.dcm", "b.dcm")):
+        io_write_dicom(tmp_path / "ser" / name, vols[k], position=(0, 0, k))
+    io_write_dicom(tmp_path / "ser" / "odd.dcm", io_image((6, 6), seed=209), position=(0, 0, 9))  # other shape
+    frames = np.stack([io_image((8, 9), seed=210 + k).astype(np.uint16) for k in range(2)])
+    io_write_dicom(tmp_path / "mf" / "MF.IMA", frames, series="mf")
+    c = load_cohort(tmp_path, NATIVE)
+    assert io_keys(c) == ["mf/MF.IMA#0", "mf/MF.IMA#1", "ser#0", "ser#1", "ser#2"]
+    assert "differs from the rest of its series" in io_reasons(c)["ser/odd.dcm"]
+    assert all(s.sources == ("mf/MF.IMA",) for s in c[:2])
+    assert all(s.sources == ("ser/a.dcm", "ser/b.dcm", "ser/c.dcm") for s in c[2:])
+    rels = ("mf/MF.IMA", "ser/a.dcm", "ser/b.dcm", "ser/c.dcm")
+    assert c.files == tuple(io_source(tmp_path, rel) for rel in rels)
+    for f in c.files:
+        assert f.sha256 == hashlib.sha256((tmp_path / f.path).read_bytes()).hexdigest()
+
+
+def test_manifest_sources_outside_the_root_and_files_hashed_once(tmp_path, monkeypatch):
+    import inspector.io as io_mod
+
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "p.npz", a=io_image((8, 8), seed=211), b=io_image((8, 8), seed=212))
+    np.save(tmp_path / "elsewhere.npy", io_image((8, 8), seed=213))
+    (tmp_path / "data" / "manifest.csv").write_text("path,subject_id\np.npz,s1\n../elsewhere.npy,s2\n")
+    hashed: list[str] = []
+    real = io_mod._hash_file
+    monkeypatch.setattr(io_mod, "_hash_file", lambda p, rel: hashed.append(rel) or real(p, rel))
+    c = load_cohort(tmp_path / "data" / "manifest.csv", NATIVE)
+    assert [s.sources for s in c] == [("../elsewhere.npy",), ("p.npz",), ("p.npz",)]
+    assert sorted(hashed) == ["../elsewhere.npy", "p.npz"]  # the archive once, not once per member
+    assert c.files == (io_source(tmp_path / "data", "../elsewhere.npy"), io_source(tmp_path / "data", "p.npz"))
+
+
+def test_a_file_that_cannot_be_hashed_after_reading_is_skipped(tmp_path, monkeypatch):
+    import inspector.io as io_mod
+
+    np.save(tmp_path / "a.npy", io_image((8, 8), seed=214))
+    np.save(tmp_path / "b.npy", io_image((8, 8), seed=215))
+    real = io_mod._hash_file
+
+    def flaky(path: Path, rel: str) -> SourceFile:
+        if rel == "b.npy":
+            raise FileNotFoundError(2, "No such file or directory")
+        return real(path, rel)
+
+    monkeypatch.setattr(io_mod, "_hash_file", flaky)
+    c = load_cohort(tmp_path, NATIVE)
+    assert io_keys(c) == ["a.npy#0"] and [f.path for f in c.files] == ["a.npy"]
+    assert io_reasons(c)["b.npy"].startswith("could not hash source file b.npy after reading it: FileNotFoundError")
+
+
+def test_subset_keeps_only_the_files_of_the_kept_slices(tmp_path):
+    np.save(tmp_path / "a.npy", io_image((8, 8, 2), seed=216))
+    np.savez(tmp_path / "b.npz", x=io_image((8, 8), seed=217))
+    Image.fromarray(io_image((8, 8), seed=218, hi=250).astype(np.uint8)).save(tmp_path / "c.png")
+    c = load_cohort(tmp_path, NATIVE)
+    assert io_keys(c) == ["a.npy#0", "a.npy#1", "b.npz:x#0", "c.png#0"]
+    assert [f.path for f in c.files] == ["a.npy", "b.npz", "c.png"]
+    assert [f.path for f in c.subset([3, 1]).files] == ["a.npy", "c.png"]
+    assert [f.path for f in c.subset([0, 1]).files] == ["a.npy"]
+    assert c.subset([]).files == ()
+    assert c.subset([2]).files == (io_source(tmp_path, "b.npz"),)
+
+
+def test_hand_built_cohort_without_files_stays_valid(tmp_path):
+    s = Slice(np.full((4, 4), 0.5, np.float32), "s1", "x.png")
+    t = Slice(np.full((4, 4), 0.25, np.float32), "s1", "y.png", sources=["y.png"])
+    c = Cohort([s, t], tmp_path)
+    assert s.sources == () and t.sources == ("y.png",) and c.files == ()
+    assert c.subset([1]).files == ()
+    f1, f2 = SourceFile("y.png", 3, "ab"), SourceFile("x.png", 2, "cd")
+    assert Cohort([s, t], tmp_path, files=(f1, f2, f1)).files == (f2, f1)  # unique, sorted by path
+    with pytest.raises(ValueError, match="twice"):
+        Cohort([s], tmp_path, files=(f1, SourceFile("y.png", 3, "ef")))
+    with pytest.raises(TypeError, match="not a str"):
+        Slice(np.zeros((2, 2), np.float32), "s1", "z.png", sources="z.png")

@@ -1,0 +1,447 @@
+"""The audit as public stages, and :func:`audit`, the facade that runs them in order.
+
+Data flows one way (DESIGN §4)::
+
+    load_inputs -> extract_features (cached) -> match -> calibrate -> attribute -> AuditResult
+
+Each stage is a public function over plain data types, so the benchmarks run exactly what the product
+runs by calling the same stages. The stages hold no maths of their own: they call the estimators of
+:mod:`inspector.matching` (both modes behind one :class:`~inspector.matching.Matcher` protocol),
+:mod:`inspector.calibration`, :mod:`inspector.attribution` and :mod:`inspector.baselines`.
+
+Two modes:
+
+``default``
+    View-invariant features whitened with a shrunk covariance, a shortlist over all views, each candidate
+    registered onto the synthetic slice and scored by aligned correlation
+    (:class:`~inspector.matching.MemorizationScorer`); null ``s(H → T)`` with a holdout, else
+    leave-one-subject-out within T.
+``paper``
+    Deo et al. 2026 exactly (:class:`~inspector.matching.PaperMatcher`): ZCA whitening, top-1 cosine,
+    geometric mean over layers, split-half bootstrap null.
+
+Both modes report the paper's ``mi_z`` and ``oni`` per slice and its mean ONI.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .cache import hash_key
+from .calibration import Calibration
+from .config import AuditConfig
+from .features import Features
+from .io import LoadConfig, load_cohort
+from .matching import InsufficientDataError, Matcher, MatchResult
+from .preprocess import PreprocessConfig
+from .result import AuditResult, versions
+from .scores import PaperScorer, PaperScores
+from .types import Cohort
+
+__all__ = [
+    "Inputs",
+    "FeatureSet",
+    "Matches",
+    "InsufficientDataError",
+    "load_inputs",
+    "extractor_overrides",
+    "extract_features",
+    "make_matcher",
+    "match",
+    "calibrate",
+    "attribute",
+    "audit",
+]
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[str, int, int], None]
+
+
+# ---------------------------------------------------------------------------------------------- stage 1
+@dataclass
+class Inputs:
+    """The three cohorts of an audit (loaded at the audit's slicing axis and size).
+
+    Attributes
+    ----------
+    train, synthetic : Cohort
+    holdout : Cohort or None
+    seconds : float
+    """
+
+    train: Cohort
+    synthetic: Cohort
+    holdout: Cohort | None = None
+    seconds: float = 0.0
+
+    def images(self, which: str, size: int) -> np.ndarray:
+        """The slices of one cohort (``train``, ``synthetic`` or ``holdout``) as (n, size, size) float32."""
+        c = getattr(self, which)
+        if c is None:
+            raise ValueError(f"This audit has no {which} cohort.")
+        return c.stack(size=size)
+
+
+def _load(source: str | Path | Cohort, cfg: AuditConfig, what: str, progress: ProgressFn | None) -> Cohort:
+    if isinstance(source, Cohort):
+        return source
+    lc = LoadConfig(axis=cfg.axis, preprocess=PreprocessConfig(size=cfg.size))
+
+    def prog(stage: str, done: int, total: int) -> None:
+        if progress:
+            progress(f"loading:{what}", done, total)
+
+    return load_cohort(source, lc, progress=prog)
+
+
+def load_inputs(
+    train: str | Path | Cohort,
+    synthetic: str | Path | Cohort,
+    holdout: str | Path | Cohort | None = None,
+    config: AuditConfig | None = None,
+    progress: ProgressFn | None = None,
+) -> Inputs:
+    """Load the three cohorts with the audit's slicing axis and size.
+
+    Raises
+    ------
+    inspector.io.CohortNotFoundError, inspector.io.NoImagesError
+        A path does not exist or holds no readable image.
+    InsufficientDataError
+        Fewer than 4 training slices.
+    """
+    cfg = config or AuditConfig()
+    t0 = time.perf_counter()
+    t = _load(train, cfg, "train", progress)
+    if len(t) < 4:
+        raise InsufficientDataError(
+            f"The training cohort {t.name!r} has {len(t)} slice(s); an audit needs at least 4 to whiten features "
+            "and build a null. Point --train at the whole training set."
+        )
+    g = _load(synthetic, cfg, "synthetic", progress)
+    h = _load(holdout, cfg, "holdout", progress) if holdout is not None else None
+    return Inputs(t, g, h, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- stage 2
+@dataclass
+class FeatureSet:
+    """Per-layer, per-view features of the three cohorts from one extractor.
+
+    Attributes
+    ----------
+    train, synthetic : Features
+        ``train`` holds every view only when the null needs them (default mode without a holdout).
+    holdout : Features or None
+    fingerprint : str
+        The extractor's fingerprint (config and weights).
+    seconds : dict of str to float
+        ``training`` (fitting the extractor) and ``extracting``.
+    """
+
+    train: Features
+    synthetic: Features
+    holdout: Features | None
+    fingerprint: str
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[str]:
+        return self.train.layer_names
+
+
+def extractor_overrides(cfg: AuditConfig) -> dict[str, Any]:
+    """The extractor settings an :class:`AuditConfig` implies (device, seed, layers, checkpoint).
+
+    Raises
+    ------
+    ValueError
+        A checkpoint given for another extractor than ``mri-core``.
+    """
+    kw: dict[str, Any] = {"device": cfg.device, "seed": cfg.seed}
+    if cfg.layers:
+        kw["layers"] = tuple(cfg.layers)
+    if cfg.checkpoint:
+        if cfg.extractor != "mri-core":
+            raise ValueError(
+                f"A checkpoint was given ({cfg.checkpoint!r}) but the extractor is {cfg.extractor!r}; "
+                "checkpoints are for extractor='mri-core'. Choose --extractor mri-core or drop --checkpoint."
+            )
+        kw["checkpoint"] = str(cfg.checkpoint)
+    return kw
+
+
+def query_views(cfg: AuditConfig) -> tuple[str, ...]:
+    """The views each query is matched under: the config's in default mode, the identity in paper mode."""
+    return tuple(cfg.views) if cfg.mode == "default" else ("id",)
+
+
+def extract_features(
+    inputs: Inputs,
+    config: AuditConfig | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: ProgressFn | None = None,
+) -> FeatureSet:
+    """Fit the extractor on T when it needs fitting (cached), then extract every cohort's views (cached)."""
+    from .features import extract, prepare_extractor
+
+    cfg = config or AuditConfig()
+    t0 = time.perf_counter()
+    ext = prepare_extractor(
+        cfg.extractor, inputs.train, cache_dir=cache_dir, progress=progress, **extractor_overrides(cfg)
+    )
+    t1 = time.perf_counter()
+    views = query_views(cfg)
+    train_views = views if (cfg.mode == "default" and inputs.holdout is None) else ("id",)
+    kw: dict[str, Any] = {"cache_dir": cache_dir, "use_cache": use_cache, "progress": progress}
+    ft = extract(inputs.train, ext, views=train_views, **kw)
+    fg = extract(inputs.synthetic, ext, views=views, **kw)
+    fh = extract(inputs.holdout, ext, views=views, **kw) if inputs.holdout is not None else None
+    t2 = time.perf_counter()
+    return FeatureSet(ft, fg, fh, ft.fingerprint, {"training": t1 - t0, "extracting": t2 - t1})
+
+
+# ---------------------------------------------------------------------------------------------- stage 3
+@dataclass
+class Matches:
+    """The match stage's output.
+
+    Attributes
+    ----------
+    synthetic : MatchResult
+        Every synthetic slice against T.
+    null : np.ndarray, shape (n_null,)
+        The same score for slices known not to be copies.
+    null_kind : str
+    paper : PaperScores
+        The paper's scores of the synthetic set (``mi_z``, ``oni``), in both modes.
+    seconds : float
+    """
+
+    synthetic: MatchResult
+    null: np.ndarray
+    null_kind: str
+    paper: PaperScores
+    seconds: float = 0.0
+
+
+def make_matcher(cfg: AuditConfig, *, paper: PaperScorer | None = None) -> Matcher:
+    """The (unfitted) matcher of ``cfg.mode``, configured from ``cfg``.
+
+    The one place the audit's settings become the scorer's, shared with the benchmarks so that they
+    measure exactly what the product runs. ``paper`` reuses an already fitted paper scorer.
+    """
+    from .matching import MemorizationScorer, PaperMatcher
+
+    if cfg.mode == "paper":
+        return PaperMatcher(n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, top_k=cfg.top_k, scorer=paper)
+    return MemorizationScorer(
+        shortlist=cfg.shortlist,
+        top_k=cfg.top_k,
+        rerank=cfg.rerank,
+        align_size=cfg.align_size,
+        align_flips=cfg.align_flips,
+        device=cfg.device,
+    )
+
+
+def match(
+    inputs: Inputs,
+    features: FeatureSet,
+    config: AuditConfig | None = None,
+    *,
+    progress: ProgressFn | None = None,
+) -> Matches:
+    """Score the synthetic set and the null through one matcher, and the paper's MI/ONI of the synthetic set.
+
+    Raises
+    ------
+    InsufficientDataError
+        Without a holdout, in default mode, when T holds a single subject.
+    """
+    cfg = config or AuditConfig()
+    t0 = time.perf_counter()
+    groups = inputs.train.subject_ids.astype(str)
+    paper = PaperScorer(n_bootstrap=cfg.n_bootstrap, seed=cfg.seed).fit(features.train.layers)
+    pg = paper.score_samples(features.synthetic.layers)
+    if progress:
+        progress("scoring:paper", 1, 1)
+    img_t = inputs.images("train", cfg.size)
+    if cfg.mode == "default" and inputs.holdout is None and len(inputs.train.subjects) < 2:
+        raise InsufficientDataError(
+            f"The training cohort {inputs.train.name!r} holds a single subject, so the leave-one-subject-out null "
+            "cannot be built. Give a holdout of real, unseen scans (--holdout) or more training subjects."
+        )
+    matcher = make_matcher(cfg, paper=paper).fit(features.train.layers, images=img_t, groups=groups)
+    res = matcher.score_samples(
+        features.synthetic.views, images=inputs.images("synthetic", cfg.size), progress=progress, stage="synthetic"
+    )
+    fh = features.holdout
+    null, kind = matcher.null_scores(
+        holdout_views=fh.views if fh is not None else None,
+        holdout_images=inputs.images("holdout", cfg.size) if fh is not None else None,
+        train_views=features.train.views,
+        train_images=img_t,
+        progress=progress,
+    )
+    return Matches(res, null, kind, pg, time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- stage 4
+def calibrate(matches: Matches, inputs: Inputs, config: AuditConfig | None = None) -> Calibration:
+    """The :class:`~inspector.calibration.Calibration` of the synthetic similarities against the null."""
+    from .attribution import nearest_subjects
+
+    cfg = config or AuditConfig()
+    return Calibration(
+        np.asarray(matches.synthetic.similarity, np.float64),
+        matches.null,
+        null_kind=matches.null_kind,
+        alpha=cfg.alpha,
+        fdr=cfg.fdr,
+        nearest_subject=nearest_subjects(matches.synthetic, inputs.train),
+        mi_z=matches.paper.mi_z,
+        oni=matches.paper.oni,
+        mode=cfg.mode,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- stage 5
+def attribute(
+    inputs: Inputs,
+    features: FeatureSet,
+    matches: Matches,
+    calibration: Calibration,
+    config: AuditConfig | None = None,
+) -> tuple[Any, Any, dict[str, Any]]:
+    """The score table, the per-subject table and the baselines' summary.
+
+    Returns
+    -------
+    (pandas.DataFrame, pandas.DataFrame, dict)
+        ``scores.csv``'s table (with the baselines' per-slice columns and any ground truth), ``subjects.csv``'s
+        table and the baselines' dataset-level values.
+    """
+    from .attribution import attach_labels, score_table, subjects_table
+    from .baselines import run_baselines
+
+    cfg = config or AuditConfig()
+    fh = features.holdout
+    cols, baselines = run_baselines(
+        features.train.layers,
+        features.synthetic.layers,
+        fh.layers if fh is not None else None,
+        inputs.images("train", cfg.size),
+        inputs.images("synthetic", cfg.size),
+        pixel_size=cfg.align_size,
+        seed=cfg.seed,
+    )
+    table = score_table(
+        inputs.synthetic, inputs.train, matches.synthetic, calibration, matches.paper, features.layers, cols
+    )
+    table = attach_labels(table, inputs.synthetic)
+    return table, subjects_table(table, inputs.train), baselines
+
+
+# ---------------------------------------------------------------------------------------------- the facade
+def audit(
+    train: str | Path | Cohort,
+    synthetic: str | Path | Cohort,
+    holdout: str | Path | Cohort | None = None,
+    config: AuditConfig | None = None,
+    *,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
+    progress: ProgressFn | None = None,
+) -> AuditResult:
+    """Audit a synthetic set for copies of training slices: the stages above, in order.
+
+    Parameters
+    ----------
+    train : path or Cohort
+        The training cohort T (folder, CSV manifest, file or a loaded :class:`Cohort`).
+    synthetic : path or Cohort
+        The synthetic set G to be released. A ``labels.csv`` beside it (``path,label[,source,augmentation]``)
+        is read as ground truth for ROC curves; it never influences the scores.
+    holdout : path or Cohort, optional
+        Real scans from the same source the model never saw; gives the honest null ``s(H → T)``.
+    config : AuditConfig, optional
+        Every setting (:class:`inspector.config.AuditConfig`).
+    cache_dir : path, optional
+        Cache of embeddings and trained encoders (default: the user's cache dir).
+    use_cache : bool
+        Read and write the embedding cache.
+    progress : callable, optional
+        ``progress(stage, done, total)`` for loading, training, extracting, searching, aligning, scoring.
+
+    Returns
+    -------
+    AuditResult
+        ``table`` has one row per synthetic slice; higher ``similarity``/``mi``/``mi_z`` and lower
+        ``p_value``/``oni`` mean more memorised.
+
+    Raises
+    ------
+    inspector.io.CohortNotFoundError, inspector.io.NoImagesError
+        A path does not exist or holds no readable image.
+    InsufficientDataError
+        Too few slices or subjects for the requested null.
+    """
+    cfg = config or AuditConfig()
+    t0 = time.perf_counter()
+    inputs = load_inputs(train, synthetic, holdout, cfg, progress)
+    features = extract_features(inputs, cfg, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
+    matches = match(inputs, features, cfg, progress=progress)
+    calibration = calibrate(matches, inputs, cfg)
+    t4 = time.perf_counter()
+    table, subjects, baselines = attribute(inputs, features, matches, calibration, cfg)
+    timings = {
+        "loading": inputs.seconds,
+        **features.seconds,
+        "scoring": matches.seconds,
+        "baselines": time.perf_counter() - t4,
+    }
+    audit_id = hash_key(
+        kind="audit",
+        train=inputs.train.content_hash,
+        synthetic=inputs.synthetic.content_hash,
+        holdout=inputs.holdout.content_hash if inputs.holdout is not None else None,
+        config=cfg.to_dict(),
+        extractor=features.fingerprint,
+        version=__version__,
+    )
+    timings["total"] = time.perf_counter() - t0
+    result = AuditResult(
+        audit_id=audit_id,
+        config=cfg,
+        train=inputs.train,
+        synthetic=inputs.synthetic,
+        holdout=inputs.holdout,
+        table=table,
+        calibration=calibration,
+        subjects=subjects,
+        layers=features.layers,
+        neighbours=matches.synthetic.neighbours,
+        neighbour_sims=matches.synthetic.neighbour_sims,
+        alignment=matches.synthetic.alignment,
+        baselines=baselines,
+        timings=timings,
+        versions=versions(),
+        extractor_fingerprint=features.fingerprint,
+    )
+    v = result.verdict
+    if v.warning:
+        log.warning(v.warning)
+    log.info("audit %s: %s", audit_id[:12], v.copying_reason)
+    return result
