@@ -153,7 +153,7 @@ class Verdict:
         """The verdict in plain words."""
         k, m, s, a = self.n_flagged, self.n_synthetic, self.n_subjects_flagged, self.alpha
         exp = self.expected_false_positives
-        rule = "Benjamini–Hochberg at" if self.fdr else "α ="
+        rule = "the Benjamini–Hochberg FDR level" if self.fdr else "α ="
         who = f"from {s} training subject{'s' if s != 1 else ''}" if k else ""
         chance = f"about {exp:.1f} would be flagged by chance at {rule} {a:g}."
         head = f"{k} of {m} synthetic slices look copied {who}; {chance}"

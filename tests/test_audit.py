@@ -8,9 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
-from inspector.audit import AuditConfig, InsufficientDataError, audit
+from inspector.config import AuditConfig
+from inspector.folder import save_audit
+from inspector.pipeline import InsufficientDataError, audit
 from inspector.io import CohortNotFoundError
-from inspector.result import SCORE_COLUMNS
+from inspector.attribution import SCORE_COLUMNS
 
 FAST = dict(extractor="pixels", alpha=0.05)
 
@@ -76,7 +78,7 @@ def test_score_table_contract_and_no_nan(default_result):
 def test_p_values_follow_the_holdout_null(default_result):
     r = default_result
     null = np.asarray(r.null_similarity)
-    assert r.verdict["null_kind"] == "holdout"
+    assert r.verdict.null_kind == "holdout"
     assert len(null) == len(r.holdout)
     s = r.table["similarity"].to_numpy()
     expect = (1 + (null[None, :] >= s[:, None]).sum(1)) / (1 + len(null))
@@ -87,15 +89,15 @@ def test_p_values_follow_the_holdout_null(default_result):
 def test_verdict_and_subjects(default_result):
     r = default_result
     v = r.verdict
-    assert v["n_flagged"] == int(r.table["flagged"].sum())
-    lo, hi = v["fraction_ci95"]
-    assert lo <= v["fraction_flagged"] <= hi
-    assert v["mann_whitney_auc"] > 0.5
-    assert v["copying"] is True  # 6 of 16 flagged is far more than alpha explains
-    assert "look copied" in r.verdict_text()
+    assert v.n_flagged == int(r.table["flagged"].sum())
+    lo, hi = v.fraction_ci95
+    assert lo <= v.fraction_flagged <= hi
+    assert v.mann_whitney_auc > 0.5
+    assert v.copying is True  # 6 of 16 flagged is far more than alpha explains
+    assert "look copied" in r.verdict.text
     subj = r.subjects
     assert set(subj["subject_id"]) == set(r.train.subjects)
-    assert subj["n_flagged"].sum() == v["n_flagged"]
+    assert subj["n_flagged"].sum() == v.n_flagged
     assert subj["n_synthetic_matched"].sum() == len(r.table)
     for key in ("auth_pct", "ct_score", "dcr_median", "pixel_corr_median"):
         assert key in r.baselines, r.baselines
@@ -103,11 +105,11 @@ def test_verdict_and_subjects(default_result):
 
 def test_threshold_lookups_need_no_recomputation(default_result):
     r = default_result
-    strict, loose = r.flagged_at(0.03), r.flagged_at(0.5)
+    strict, loose = r.flags(0.03), r.flags(0.5)
     assert strict.sum() <= loose.sum()
-    thr = r.threshold_for(0.05)
+    thr = r.calibration.threshold(0.05)
     s = r.table["similarity"].to_numpy()
-    np.testing.assert_array_equal(s > thr, r.flagged_at(0.05) & (s > thr))
+    np.testing.assert_array_equal(s > thr, r.flags(0.05) & (s > thr))
 
 
 def test_pair_evidence(default_result):
@@ -125,8 +127,8 @@ def test_pair_evidence(default_result):
 
 def test_paper_mode(paper_result, default_result):
     r = paper_result
-    assert r.verdict["null_kind"] == "split-half bootstrap"
-    assert r.alignment == {}
+    assert r.verdict.null_kind == "split-half bootstrap"
+    assert r.alignment is None
     t = r.table
     np.testing.assert_allclose(t["oni"], -np.tanh(t["mi_z"]), rtol=1e-6)
     copy = _labels(r)
@@ -138,7 +140,7 @@ def test_paper_mode(paper_result, default_result):
 def test_leave_one_subject_out_null(audit_cohorts, tmp_path):
     p = audit_cohorts
     r = audit(p["train"], p["synthetic"], None, AuditConfig(**FAST), cache_dir=tmp_path)
-    assert r.verdict["null_kind"] == "leave-one-subject-out"
+    assert r.verdict.null_kind == "leave-one-subject-out"
     assert len(r.null_similarity) == len(r.train)
     assert np.isfinite(r.null_similarity).all()
 
@@ -155,8 +157,8 @@ def test_unreachable_alpha_is_reported(audit_cohorts, tmp_path):
     r = audit(
         p["train"], p["synthetic"], p["holdout"], AuditConfig(extractor="pixels", alpha=0.001), cache_dir=tmp_path
     )
-    assert r.verdict["alpha_reachable"] is False
-    assert "smallest possible p-value" in r.verdict["warning"]
+    assert r.verdict.alpha_reachable is False
+    assert "smallest possible p-value" in r.verdict.warning
     assert r.table["flagged"].sum() == 0
 
 
@@ -172,9 +174,9 @@ def test_missing_path_and_checkpoint_misuse(audit_cohorts, tmp_path):
 
 
 def test_save_writes_the_cli_contract(default_result, tmp_path):
-    out = default_result.save(tmp_path / "out")
+    out = save_audit(default_result, tmp_path / "out")
     for name in ("scores.csv", "summary.json", "subjects.csv"):
         assert (out / name).is_file()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["verdict"]["n_flagged"] == default_result.verdict["n_flagged"]
+    assert summary["verdict"]["n_flagged"] == default_result.verdict.n_flagged
     assert summary["config"]["mode"] == "default"

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from inspector.cli import build_parser, main
-from inspector.result import SCORE_COLUMNS
+from inspector.attribution import SCORE_COLUMNS
 
 
 def test_scan_writes_scores_summary_subjects(audit_cohorts, tmp_path, capsys):
@@ -41,8 +41,42 @@ def test_scan_writes_scores_summary_subjects(audit_cohorts, tmp_path, capsys):
     assert "inspector" in summary["versions"] and "torch" in summary["versions"]
     subjects = pd.read_csv(out / "subjects.csv")
     assert {"subject_id", "n_flagged"} <= set(subjects.columns)
-    err = capsys.readouterr().err
-    assert "synthetic slices" in err
+    cap = capsys.readouterr()
+    # the verdict and the output paths on stdout, for a CI log; progress stays on stderr
+    assert "synthetic slices" in cap.out and str(out / "scores.csv") in cap.out
+
+
+def test_every_config_setting_is_a_scan_option():
+    """The CLI's options are generated from AuditConfig's fields: a new field is a new option with its help."""
+    import dataclasses
+
+    from inspector.cli import build_parser
+    from inspector.config import AuditConfig, settings
+
+    parser = build_parser()
+    scan = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction)).choices["scan"]
+    by_dest = {a.dest: a for a in scan._actions}
+    for f in dataclasses.fields(AuditConfig):
+        assert f.name in by_dest, f"AuditConfig.{f.name} has no scan option"
+        assert by_dest[f.name].help and len(by_dest[f.name].help) > 20
+    names = {s.name for s in settings()}
+    assert names == {f.name for f in dataclasses.fields(AuditConfig)}
+    ext = next(s for s in settings() if s.name == "extractor")
+    from inspector.models import available_extractors
+
+    assert set(ext.choices) == set(available_extractors())
+    args = parser.parse_args(
+        ["scan", "--train", "t", "--synthetic", "g", "--out", "o", "--no-rerank", "--views", "id,hflip", "--top-k", "3"]
+    )
+    cfg = AuditConfig.create(**{s.name: getattr(args, s.name) for s in settings()})
+    assert cfg.rerank is False and cfg.views == ("id", "hflip") and cfg.top_k == 3 and cfg.alpha == 0.01
+
+
+def test_bad_setting_exits_2_naming_it(tmp_path, capsys):
+    code = main(["scan", "--train", str(tmp_path), "--synthetic", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--shortlist", "0"])  # fmt: skip
+    assert code == 2
+    assert "shortlist" in capsys.readouterr().err
 
 
 def test_bad_input_exits_2_with_a_message(tmp_path, capsys):

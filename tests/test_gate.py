@@ -1,7 +1,7 @@
 """The CI gate of `inspector scan`: exit 1 when copies are planted, 0 for a novel set, 2 on bad input.
 
 Cohorts are real MRI (nilearn's MNI152 template, 2 mm, offline) cut into PNG slices. Each cohort is
-scored once: the CLI's call to :func:`inspector.audit.audit` goes through a memoising wrapper of the
+scored once: the CLI's call to :func:`inspector.pipeline.audit` goes through a memoising wrapper of the
 real function, so the gate variants (``--fail-on flagged|verdict``, ``--max-flagged``) re-run the CLI's
 argument parsing, saving and gate on the same real audit instead of recomputing identical scores.
 """
@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import inspector.audit as audit_mod
+import inspector.pipeline as audit_mod
+from inspector.calibration import Verdict, gate
 from inspector.cli import main
 from inspector.preprocess import is_background, normalise_volume
-from inspector.result import gate
 
 ALPHA = "0.05"  # with a 20-slice holdout the smallest p-value is 1/21 < 0.05
 
@@ -81,7 +81,7 @@ def gate_cohorts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def memo_audit():
-    """Replace ``inspector.audit.audit`` with a memoising wrapper of itself for this module."""
+    """Replace ``inspector.pipeline.audit`` with a memoising wrapper of itself for this module."""
     real = audit_mod.audit
     memo: dict[str, object] = {}
     calls = {"real": 0}
@@ -203,13 +203,52 @@ def test_bad_gate_options_exit_2(gate_cohorts, capsys):
     assert "invalid" in capsys.readouterr().err
 
 
+def _verdict_obj(**kw) -> Verdict:
+    base = dict(
+        mode="default", n_synthetic=10, n_flagged=3, fraction_flagged=0.3, fraction_ci95=(0.02, 0.3), alpha=0.01,
+        fdr=False, expected_false_positives=0.1, n_subjects_flagged=1, null_kind="holdout", n_null=200,
+        min_p_value=1 / 201, alpha_reachable=True, mann_whitney_auc=0.9, mann_whitney_p=0.01, mean_oni=0.1,
+        mean_mi_z=1.0, paper_rule="ONI < 0.68 means memorisation", paper_rule_memorised=True, copying=True,
+        copying_reason="why",
+    )  # fmt: skip
+    return Verdict(**{**base, **kw})
+
+
 def test_gate_function_rules():
-    v = {"n_flagged": 3, "fraction_ci95": [0.02, 0.3], "alpha": 0.01, "copying": True, "copying_reason": "why"}
+    v = _verdict_obj()
     assert gate(v, "never") == (False, "")
     assert gate(v, "flagged")[0] is True  # 0.02 > 0.01
-    assert gate({**v, "fraction_ci95": [0.005, 0.3]}, "flagged")[0] is False
+    assert gate(_verdict_obj(fraction_ci95=(0.005, 0.3)), "flagged")[0] is False
     assert gate(v, "flagged", max_flagged=3)[0] is False
     assert gate(v, "flagged", max_flagged=2)[0] is True
     assert gate(v, "verdict") == (True, "why")
     with pytest.raises(ValueError, match="fail_on"):
         gate(v, "sometimes")
+    with pytest.raises(ValueError, match="max_flagged"):
+        gate(v, "flagged", max_flagged=-1)
+    with pytest.raises(TypeError, match="Verdict"):
+        gate(v.to_dict(), "flagged")  # a dict is not a verdict: the gate reads the calibration's typed object
+
+
+def test_fdr_counts_agree_in_scores_summary_report_and_gate(gate_cohorts, memo_audit, capsys):
+    """With --fdr, scores.csv, summary.json, the report's summary and the gate count the same flags."""
+    import pandas as pd
+
+    from inspector.folder import load_audit_folder
+    from inspector.report import summary_path_for, write_report
+
+    out = "out-fdr"
+    code = _scan(gate_cohorts, "copies", out, "--fdr", "--fail-on", "flagged", "--max-flagged", "0")
+    folder = gate_cohorts["root"] / out
+    n_csv = int(pd.read_csv(folder / "scores.csv")["flagged"].sum())
+    v = _verdict(gate_cohorts, out)
+    assert v["fdr"] is True
+    report = write_report(folder, gate_cohorts["root"] / "report-fdr.html")
+    rs = json.loads(summary_path_for(report, folder).read_text())
+    loaded = load_audit_folder(folder)
+    assert n_csv == v["n_flagged"] == rs["verdict"]["n_flagged"] == rs["reviews"]["n_flagged"]
+    assert n_csv == int(loaded.calibration.flags().sum()) == len(loaded.flagged_rows())
+    assert (code == 1) == (n_csv > 0)
+    # BH flags no more than the per-slice rule at the same alpha, and the report states the setting
+    assert int(loaded.calibration.flags(fdr=False).sum()) >= n_csv
+    assert "Benjamini" in report.read_text(encoding="utf-8")
