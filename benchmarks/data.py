@@ -53,8 +53,8 @@ from types import ModuleType
 
 import numpy as np
 
+from inspector.config import AuditConfig
 from inspector.preprocess import CONDITIONS, apply_condition, resize_square
-from inspector.result import AuditConfig
 
 __all__ = [
     "RATES",

@@ -14,10 +14,10 @@ fixed). Every score comes from the library's own code paths:
 ``default/<backbone>``
     :class:`inspector.matching.MemorizationScorer` configured exactly as :class:`AuditConfig`'s
     defaults (views, shortlist, re-ranking, alignment size; the seed follows the benchmark seed), with
-    the holdout null ``s(H → T)`` and :func:`inspector.scores.empirical_p_values`, as ``audit()`` does
+    the holdout null ``s(H → T)`` and :class:`inspector.calibration.Calibration`, as ``audit()`` does
     when a holdout is given.
 ``baselines``
-    :mod:`inspector.baselines` on the audit's baseline feature space (``inspector.audit._concat_space``)
+    :mod:`inspector.baselines` on the audit's baseline feature space (:func:`inspector.baselines.baseline_space`)
     and on pixels at ``align_size``: distance to closest record (``dcr``), Alaa's authenticity
     (``authpct``, its own binary rule), raw-pixel correlation over the four flips (``pixcorr``), and
     Meehan's CT-score (dataset level only, with the audit's cell rule).
@@ -51,26 +51,31 @@ import numpy as np
 import pandas as pd
 import torch
 
-from inspector.audit import _concat_space, _extractor_overrides, default_scorer
-from inspector.baselines import auth_pct, ct_score, dcr, pixel_correlation
-from inspector.features import FLIP_VIEWS, VIEWS, Features, extract, prepare_extractor
+from inspector.baselines import auth_pct, baseline_space, ct_score, dcr, pixel_correlation
+from inspector.calibration import Calibration, wilson_interval
+from inspector.config import AuditConfig
+from inspector.features import Features, extract, prepare_extractor
 from inspector.matching import MemorizationScorer
+from inspector.pipeline import extractor_overrides, make_matcher
 from inspector.preprocess import CONDITIONS, HARD_CONDITIONS, PAPER_CONDITIONS, resize_square
-from inspector.result import AuditConfig, wilson_interval
-from inspector.scores import PaperScorer, empirical_p_values, mann_whitney_auc
+from inspector.scores import PaperScorer, mann_whitney_auc
+from inspector.views import FLIPS, ROTATION_VIEWS
 
 from .data import (
     DATA_DIR,
+    N_FOLDS,
     RATES,
     CopySet,
     SliceBank,
     Split,
+    builder,
     draw_g,
     load_bank,
     make_copies,
     make_split,
     n_copies,
 )
+from .data import _min_unseen as min_unseen
 
 __all__ = [
     "PAPER_TABLE4",
@@ -114,6 +119,10 @@ QUICK_CONDITIONS: tuple[str, ...] = (
     "crop_85_95",
     "combo",
 )
+#: Names of the four flip views ("id", "hflip", "vflip", "hvflip").
+FLIP_VIEWS: tuple[str, ...] = tuple(v.value for v in FLIPS)
+#: The flips and the +-5, +-10 degree rotation views (``feat-rot``, ``views=flips+rot``).
+FLIP_ROT_VIEWS: tuple[str, ...] = (*FLIP_VIEWS, *ROTATION_VIEWS)
 #: The default mode as it was before the benchmark's evidence changed AuditConfig (commit e3bda78): each
 #: shortlisted candidate registered only under the flip of the view it was shortlisted under, shortlist 5.
 PREVIOUS = "previous default"
@@ -122,7 +131,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
     PREVIOUS: {"align_flips": "matched", "shortlist": 5},
     "shortlist=5": {"shortlist": 5},
     "views=id": {"views": ("id",)},
-    "views=flips+rot": {"views": VIEWS},
+    "views=flips+rot": {"views": FLIP_ROT_VIEWS},
 }
 #: Further variants run only with ``--extra-ablations`` (slower).
 EXTRA_ABLATIONS: dict[str, dict[str, Any]] = {
@@ -132,7 +141,6 @@ EXTRA_ABLATIONS: dict[str, dict[str, Any]] = {
 DEFAULT_N_G = 48
 #: Seeds of the full run.
 FULL_SEEDS: tuple[int, ...] = (0, 1, 2, 3, 4)
-ROTATION_VIEWS: tuple[str, ...] = VIEWS  # flips and +-5, +-10 degree rotations
 
 
 def ranking_metrics(y: np.ndarray, s: np.ndarray, max_fpr: float = 0.01) -> tuple[float, float, float]:
@@ -317,7 +325,7 @@ def _audit_config(seed: int, **overrides: Any) -> AuditConfig:
 def _extractor_kw(cfg: AuditConfig, backbone: str, checkpoint: str | None) -> dict[str, Any]:
     """The audit's extractor overrides for ``backbone`` (device, seed, layers, checkpoint)."""
     ck = checkpoint if backbone == "mri-core" else None
-    return _extractor_overrides(dataclasses.replace(cfg, extractor=backbone, checkpoint=ck))
+    return extractor_overrides(dataclasses.replace(cfg, extractor=backbone, checkpoint=ck))
 
 
 def _small(x: np.ndarray, s: int) -> np.ndarray:
@@ -340,7 +348,7 @@ def _default_scores(
     -------
     ({"similarity", "feature"} -> unseen scores (n_U,), {"similarity", "feature"} -> {condition: (k,)})
     """
-    scorer = default_scorer(cfg)  # the audit's own mapping of AuditConfig to the scorer
+    scorer = make_matcher(cfg)  # the audit's own mapping of AuditConfig to the scorer (mode default)
     scorer.fit(FT.layers, images=img_t, groups=groups)
     views = tuple(cfg.views)
     ru = scorer.score_samples({v: FU.views[v] for v in views}, images=img_u)
@@ -416,10 +424,10 @@ def score_seed(
         timings[f"{backbone}:prepare"] = time.perf_counter() - t1
         t1 = time.perf_counter()
         kw = {"use_cache": False}
-        wanted = set(cfg.views) | (set(ROTATION_VIEWS) if bc.feature_ablations else set())
+        wanted = set(map(str, cfg.views)) | (set(FLIP_ROT_VIEWS) if bc.feature_ablations else set())
         for over in ablations.values():
-            wanted |= set(over.get("views", ()))
-        all_views = tuple(v for v in VIEWS if v in wanted) + tuple(sorted(wanted - set(VIEWS)))
+            wanted |= set(map(str, over.get("views", ())))
+        all_views = tuple(v for v in FLIP_ROT_VIEWS if v in wanted) + tuple(sorted(wanted - set(FLIP_ROT_VIEWS)))
         FT = extract(img_t, ext, views=("id",), **kw)
         FU = extract(img_u, ext, views=all_views, **kw)
         FC = {c: extract(cs.images, ext, views=all_views, **kw) for c, cs in copies.items()}
@@ -456,7 +464,7 @@ def score_seed(
             )
             timings[f"{backbone}:default"] = time.perf_counter() - t1
             say(f"[{split.kind} seed {seed}] {backbone}: default mode scored ({timings[f'{backbone}:default']:.0f}s)")
-        for name, views in (("feat-id", ("id",)), ("feat-rot", ROTATION_VIEWS)) if bc.feature_ablations else ():
+        for name, views in (("feat-id", ("id",)), ("feat-rot", FLIP_ROT_VIEWS)) if bc.feature_ablations else ():
             u, c = _feature_only(FT, FU, FC, views)
             methods[f"{name}/{backbone}"] = MethodScores(
                 f"{name}/{backbone}", "ablation", backbone, u, c, calibration="holdout"
@@ -478,8 +486,8 @@ def score_seed(
         if not bc.baselines:
             continue
         t1 = time.perf_counter()
-        xt, xu = _concat_space(FT, [FU])
-        xc = {c: _concat_space(FT, [f])[1] for c, f in FC.items()}
+        xt, xu = baseline_space(FT.layers, FU.layers)
+        xc = {c: baseline_space(FT.layers, f.layers)[1] for c, f in FC.items()}
         ct_spaces[backbone] = {"train": xt, "unseen": xu, "copies": xc}
         methods[f"dcr/{backbone}"] = MethodScores(
             f"dcr/{backbone}",
@@ -528,7 +536,7 @@ def score_seed(
 
 
 def _ct(space: dict[str, Any], h: np.ndarray, novel: np.ndarray, cond: str, cp: np.ndarray, seed: int) -> float:
-    """Meehan's CT-score with the audit's cell rule (``inspector.audit._baselines``)."""
+    """Meehan's CT-score with the audit's cell rule (as :func:`inspector.baselines.run_baselines`)."""
     xg = np.concatenate([space["unseen"][novel], space["copies"][cond][cp]])
     xh = space["unseen"][h]
     m, t = len(xg), len(xh)
@@ -537,6 +545,10 @@ def _ct(space: dict[str, Any], h: np.ndarray, novel: np.ndarray, cond: str, cp: 
     # one cell is the same partition whatever the k-means restarts: skip the three redundant ones
     n_init = 1 if n_cells == 1 else 4
     return float(ct_score(space["train"], xh, xg, n_cells=n_cells, tau=tau, seed=seed, n_init=n_init)["ct_score"])
+
+
+#: The calibration's null kind of each null-calibrated method family.
+_NULL_KIND: dict[str, str] = {"holdout": "holdout", "fixed": "split-half bootstrap"}
 
 
 def evaluate(run: SeedRun, bc: BenchConfig, alpha: float = 0.01) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -576,7 +588,7 @@ def evaluate(run: SeedRun, bc: BenchConfig, alpha: float = 0.01) -> tuple[pd.Dat
                         elif m.calibration == "fixed":
                             null = m.null
                         if null is not None:
-                            flags = empirical_p_values(s, null) <= alpha
+                            flags = Calibration(s, null, null_kind=_NULL_KIND[m.calibration], alpha=alpha).flags()
                             r["mw_auc"] = mann_whitney_auc(s, null)[0]
                         elif m.calibration == "rule":
                             flags = np.r_[m.flag_unseen[g.novel], m.flag_copies[cond][g.copies]]
@@ -610,7 +622,8 @@ def evaluate(run: SeedRun, bc: BenchConfig, alpha: float = 0.01) -> tuple[pd.Dat
                 flags = m.flag_unseen[pos]
             else:
                 null = m.unseen[sp.holdout(f)] if m.calibration == "holdout" else m.null
-                flags = empirical_p_values(m.unseen[pos], null) <= alpha
+                kind = _NULL_KIND[m.calibration]
+                flags = Calibration(m.unseen[pos], null, null_kind=kind, alpha=alpha).flags()
             for p_, fl in zip(pos, flags, strict=True):
                 nov.append(
                     {
@@ -699,6 +712,7 @@ def run(bc: BenchConfig, progress: Callable[[str], None] | None = None) -> RunOu
                     "n_unseen": len(sp.unseen),
                     "min_holdout": min(len(sp.holdout(f)) for f in range(sp.n_folds)),
                     "min_novel": min(len(sp.novel(f)) for f in range(sp.n_folds)),
+                    "n_folds": sp.n_folds,
                     "train_acquisitions": ";".join(sp.train_acquisitions),
                 }
             )
@@ -962,6 +976,24 @@ def machine() -> str:
     )
 
 
+def _alpha() -> float:
+    return float(AuditConfig().alpha)
+
+
+def _n_folds(out: RunOutput) -> str:
+    """The number of folds of the run's splits (from the run; older runs: the data module's default)."""
+    d = out.split_info
+    if len(d) and "n_folds" in d:
+        vals = sorted({int(v) for v in d["n_folds"].dropna()})
+        if vals:
+            return "/".join(map(str, vals))
+    return str(N_FOLDS)
+
+
+def _rates(bc: BenchConfig) -> str:
+    return ", ".join(f"{int(round(r * 100))}" for r in bc.rates)
+
+
 def summarise(out: RunOutput) -> str:
     """The Markdown report of a run (the detection part of RESULTS.md)."""
     bc = out.config
@@ -976,9 +1008,9 @@ def summarise(out: RunOutput) -> str:
     )
     parts = []
     parts.append(
-        f"Seeds {list(bc.seeds)}; |G| = {bc.n_g} at d ∈ {{{', '.join(f'{int(r * 100)}' for r in bc.rates)}}} % "
+        f"Seeds {list(bc.seeds)}; |G| = {bc.n_g} at d ∈ {{{_rates(bc)}}} % "
         f"({', '.join(str(n_copies(r, bc.n_g)) for r in bc.rates)} copies), {bc.n_draws} random G per fold, "
-        f"rate and seed, 3 folds (each fold's novel pool against the other two folds as H). "
+        f"rate and seed, {_n_folds(out)} folds (each fold's novel pool against the other folds as H). "
         f"Slices per acquisition: {out.bank_counts}.\n"
     )
     parts.append("Splits:\n" + "\n".join(f"- {s}" for s in out.splits) + "\n")
@@ -1000,7 +1032,7 @@ def summarise(out: RunOutput) -> str:
         order = sorted(fmeth, key=lambda m: (rank.index(m.split("/")[0]) if m.split("/")[0] in rank else 9, m))
         parts.append(
             f"\n### {split.capitalize()}-level split: false-positive rate on novel slices at the default threshold "
-            "(p <= 0.01; AuthPct: its own rule), pooled over folds and seeds\n"
+            f"(p <= {_alpha():g}; AuthPct: its own rule), pooled over folds and seeds\n"
         )
         parts.append(fpr_table(nv, split, order))
         dspecs = []
@@ -1104,7 +1136,7 @@ def targets(out: RunOutput, method: str, split: str = "slice") -> list[list[str]
         )
         rows.append(
             [
-                f"FPR on novel slices at alpha = 0.01 in [{TARGET_FPR[0]}, {TARGET_FPR[1]}]",
+                f"FPR on novel slices at alpha = {_alpha():g} in [{TARGET_FPR[0]}, {TARGET_FPR[1]}]",
                 f"{k}/{n} = {f:.4f} (95 % CI [{lo:.4f}, {hi:.4f}])",
                 "yes" if ok else "**no**",
                 short,
@@ -1228,7 +1260,7 @@ def recommendations(out: RunOutput) -> list[str]:
     else:
         lines.append(
             f"- **Extractor: `{choice}`** is better on every seed than AuditConfig's `{cfg.extractor}`: change "
-            "`AuditConfig.extractor` (inspector/result.py, not edited here)."
+            "`AuditConfig.extractor` (inspector/config.py, not edited here)."
         )
     settings = [r for r in recommended if r != PREVIOUS]
     if PREVIOUS in recommended:
@@ -1278,31 +1310,36 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
     parts.append(
         "**Data.** Every real slice of the sample-data sources (nilearn's MNI152 2009a template, nibabel's T1/EPI "
         "test volumes, dipy's b0 volumes, pydicom/nibabel single MR images: "
-        f"{sum(out.bank_counts.values())} slices from {len(out.bank_counts)} acquisitions, kept >= 3 slice indices "
-        "apart within a volume and axis, resized to the audit's 128 px). The MNI template is exactly left-right "
-        "symmetric: only one sagittal hemisphere is used, and its axial/coronal slices (their own mirror image) are "
-        "never the source of an `hflip`/`combo` copy (such a copy would be an exact copy, i.e. `none`). "
+        f"{sum(out.bank_counts.values())} slices from {len(out.bank_counts)} acquisitions, kept >= "
+        f"{builder().MIN_GAP} slice indices apart within a volume and axis, resized to the audit's {cfg.size} px). "
+        "The MNI template is exactly left-right symmetric: only one sagittal hemisphere is used, and its "
+        "axial/coronal slices (their own mirror image) are never the source of an `hflip`/`combo` copy (such a "
+        "copy would be an exact copy, i.e. `none`). "
         f"**Slice-level split** (as the paper): T = {_span(out, 'slice', 'n_train')} slices, the other "
-        f"{_span(out, 'slice', 'n_unseen')} dealt to 3 folds per (volume, axis) stratum; for fold f, H = the other "
-        f"two folds ({_span(out, 'slice', 'min_holdout')}+ slices, so p <= 0.01 is reachable) and the novel pool = "
+        f"{_span(out, 'slice', 'n_unseen')} dealt to {_n_folds(out)} folds per (volume, axis) stratum; for fold f, "
+        f"H = the other folds ({_span(out, 'slice', 'min_holdout')}+ slices, so p <= {cfg.alpha:g} is reachable) and "
+        "the novel pool = "
         f"fold f ({_span(out, 'slice', 'min_novel')}+ slices): H and G never share a slice, and every unseen slice "
         "is scored as novel once per seed. **Subject-level split**: whole acquisitions go to T "
-        f"({_span(out, 'subject', 'n_train')} slices; a seeded choice among the partitions that leave >= 149 unseen "
-        f"slices), the rest ({_span(out, 'subject', 'n_unseen')}) to 3 folds as above; T's acquisitions per seed: "
-        f"{_train_acqs(out)}. **G**: fixed size {bc.n_g}, d in {{5, 15, 30, 45}} % "
+        f"({_span(out, 'subject', 'n_train')} slices; a seeded choice among the partitions that leave >= "
+        f"{min_unseen(cfg.alpha, N_FOLDS)} unseen slices), the rest ({_span(out, 'subject', 'n_unseen')}) to "
+        f"{_n_folds(out)} folds as above; T's acquisitions per seed: "
+        f"{_train_acqs(out)}. **G**: fixed size {bc.n_g}, d in {{{_rates(bc)}}} % "
         f"({', '.join(str(n_copies(r, bc.n_g)) for r in bc.rates)} copies), {bc.n_draws} random G per fold, rate "
         "and seed; copies are training slices through the condition, always applied. Per-slice scores are computed "
         "once per condition and the G of every rate are subsets (a slice's score depends only on T and the null).\n"
     )
     parts.append(
         f"**Methods** (all through the library's own classes): `paper` = PaperScorer (Deo et al.: ZCA, top-1 cosine, "
-        "geometric mean over layers, split-half null; flags at p <= 0.01 against that null, as the audit's paper mode "
-        f"does); `default` = MemorizationScorer with AuditConfig's defaults (views {list(cfg.views)}, shortlist "
-        f"{cfg.shortlist}, re-ranking {cfg.rerank}, align_flips {cfg.align_flips!r}, align_size {cfg.align_size}; "
-        "seed = benchmark seed; built by `inspector.audit.default_scorer`) calibrated on the holdout null as "
-        "`audit()` does with a holdout; `previous default` = the same with `align_flips='matched'` and shortlist 5 "
-        "(the default mode before this benchmark's evidence changed AuditConfig); baselines on the audit's baseline "
-        "feature space. "
+        f"geometric mean over layers, split-half null; flags at p <= {cfg.alpha:g} against that null, as the audit's "
+        f"paper mode does); `default` = MemorizationScorer with AuditConfig's defaults (views {list(cfg.views)}, "
+        f"shortlist {cfg.shortlist}, re-ranking {cfg.rerank}, align_flips {cfg.align_flips!r}, "
+        f"align_size {cfg.align_size}; "
+        "seed = benchmark seed; built by `inspector.pipeline.make_matcher`) calibrated on the holdout null by "
+        "`inspector.calibration.Calibration`, as `audit()` does with a holdout; `previous default` = the same with "
+        + ", ".join(f"{k}={v!r}" for k, v in ABLATIONS[PREVIOUS].items())
+        + " (the default mode's earlier settings); baselines on the audit's baseline "
+        "feature space (`inspector.baselines.baseline_space`). "
         "Backbones: `pixels` (downsampled intensities) and `ssl` (contrastive CNN trained on T, once per seed and "
         "split). "
         + (
@@ -1339,8 +1376,9 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
             rows = targets(out, m, split) if m in set(pg[pg["split"] == split]["method"]) else []
             if rows:
                 parts.append(
-                    "\n### Targets, for comparison: the previous default (matched flips, shortlist 5), "
-                    f"{b}, {split}-level split\n"
+                    "\n### Targets, for comparison: the previous default ("
+                    + ", ".join(f"{k}={v!r}" for k, v in ABLATIONS[PREVIOUS].items())
+                    + f"), {b}, {split}-level split\n"
                 )
                 parts.append(_md_table(["target", "measured (mean over seeds)", "met", "shortfall"], rows))
     parts.append("\n### Choice of the default extractor and settings (evidence on every seed, slice split)\n")

@@ -8,11 +8,11 @@ import shutil
 import numpy as np
 import pytest
 
+from inspector.attribution import SCORE_COLUMNS
 from inspector.config import AuditConfig
 from inspector.folder import save_audit
-from inspector.pipeline import InsufficientDataError, audit
 from inspector.io import CohortNotFoundError
-from inspector.attribution import SCORE_COLUMNS
+from inspector.pipeline import InsufficientDataError, audit
 
 FAST = dict(extractor="pixels", alpha=0.05)
 

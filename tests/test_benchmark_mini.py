@@ -5,7 +5,7 @@ scores copies under the clean, flip and rotation conditions with the library's o
 when the default mode (``AuditConfig()`` defaults, whatever extractor they name) falls below ROC-AUC 0.95.
 It also checks that the benchmark can tell a bad method from a good one (the paper's method with pixel
 features is near chance on flipped copies), that the data obey their rules, that the benchmark's
-per-slice scores are exactly what ``inspector.audit`` returns, and the fast ranking metrics against
+per-slice scores are exactly what ``inspector.pipeline.audit`` returns, and the fast ranking metrics against
 scikit-learn.
 """
 
@@ -26,7 +26,7 @@ from benchmarks.data import (
     make_split,
 )
 from benchmarks.detection import BenchConfig, evaluate, ranking_metrics, score_seed
-from inspector.result import AuditConfig
+from inspector.config import AuditConfig
 from inspector.types import Cohort, Slice
 
 SEED = 0
@@ -144,8 +144,8 @@ def test_default_mode_false_positive_rate(mini):
 
 
 def test_benchmark_scores_are_the_audits(mini, tmp_path):
-    """The per-slice scores of the benchmark equal what inspector.audit returns for the same slices."""
-    from inspector.audit import audit
+    """The per-slice scores of the benchmark equal what inspector.pipeline.audit returns for the same slices."""
+    from inspector.pipeline import audit
 
     bank, split, bc, run, _, _ = mini
     cfg = dataclasses.replace(AuditConfig(), seed=SEED)

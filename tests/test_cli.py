@@ -9,8 +9,8 @@ import sys
 import pandas as pd
 import pytest
 
-from inspector.cli import build_parser, main
 from inspector.attribution import SCORE_COLUMNS
+from inspector.cli import build_parser, main
 
 
 def test_scan_writes_scores_summary_subjects(audit_cohorts, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 
 from inspector.preprocess import (
     CONDITIONS,
@@ -84,8 +84,34 @@ def test_resize_square_keeps_aspect_and_pads():
     assert rows[0] == 0 and rows[-1] == 0  # padded top and bottom
     assert_allclose(out[16], 1.0, atol=1e-6)  # full width used
     assert abs(int((out > 0.5).sum(0)[16]) - 16) <= 1
-    with pytest.raises(ValueError, match="2D"):
-        resize_square(np.ones((2, 3, 4)), 8)
+    with pytest.raises(ValueError, match=r"2D image or a \(n, H, W\) stack"):
+        resize_square(np.ones((2, 2, 3, 4)), 8)
+    with pytest.raises(ValueError, match=r"2D image or a \(n, H, W\) stack"):
+        resize_square(np.ones(5), 8)
+    with pytest.raises(ValueError, match=r"\(n, H, W\) tensor"):
+        resize_square(torch.ones((3, 4)), 8)
+    with pytest.raises(ValueError, match="size >= 1"):
+        resize_square(img, 0)
+
+
+@pytest.mark.parametrize(("shape", "size"), [((30, 60), 32), ((60, 30), 32), ((50, 50), 32), ((20, 28), 64), ((32, 32), 32)])
+def test_resize_square_stack_and_tensor_match_the_per_image_result(shape, size):
+    rng = np.random.default_rng(sum(shape) + size)
+    stack = rng.random((5, *shape)).astype(np.float32)  # in [0, 1]
+    per_image = np.stack([resize_square(a, size) for a in stack])
+    assert per_image.shape == (5, size, size) and per_image.dtype == np.float32
+    got = resize_square(stack, size)
+    assert isinstance(got, np.ndarray) and got.shape == (5, size, size) and got.dtype == np.float32
+    assert_allclose(got, per_image, rtol=0, atol=1e-6)
+    assert not np.shares_memory(got, stack)  # a copy, also when no resampling is needed
+    t = torch.from_numpy(stack.copy())
+    out_t = resize_square(t, size)
+    assert isinstance(out_t, torch.Tensor) and tuple(out_t.shape) == (5, size, size)
+    assert out_t.is_contiguous() and out_t.dtype == torch.float32 and out_t.device == t.device
+    assert_allclose(out_t.numpy(), got, rtol=0, atol=1e-6)
+    assert_array_equal(t.numpy(), stack)  # the input is left alone
+    # a float64 tensor gives the same values
+    assert_allclose(resize_square(t.double(), size).numpy(), got, rtol=0, atol=1e-6)
 
 
 def test_config_validation():
