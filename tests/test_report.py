@@ -29,30 +29,23 @@ from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-import inspector.audit as audit_mod
+import inspector.pipeline as audit_mod
 from inspector.cli import build_parser, main
 from inspector.preprocess import is_background, normalise_volume
-from inspector.report import (
-    SIGNOFF_DECISIONS,
+from inspector.config import AuditConfig
+from inspector.folder import (
     AuditFolderError,
-    SignOff,
-    SignOffError,
-    SignOffStore,
     SummaryValidationError,
     load_audit_folder,
     load_summary_schema,
     select_evidence_rows,
     sha256_file,
     sign_off,
-    summary_path_for,
-    svg_histogram,
     validate_summary,
-    verify_report,
     write_evidence,
-    write_report,
 )
-from inspector.result import AuditConfig
-from inspector.review import ReviewStore
+from inspector.report import summary_path_for, svg_histogram, verify_report, write_report
+from inspector.review import SIGNOFF_DECISIONS, ReviewStore, SignOff, SignOffError
 
 PHI_NAME = "Doe^Jane"
 PHI_ID = "PHI-12345"
@@ -450,7 +443,7 @@ def test_signoff_refused_while_flagged_pairs_are_unreviewed(audit_copy, tmp_path
     with pytest.raises(SignOffError, match=rf"{n} of {n} flagged pairs have no reviewer decision"):
         write_report(audit_copy, tmp_path / "r.html", signoff=so)
     assert not (tmp_path / "r.html").exists()
-    assert SignOffStore(audit_copy / "reviews.sqlite3").all(_audit_id(audit_copy)) == []
+    assert ReviewStore(audit_copy / "reviews.sqlite3").signoffs(_audit_id(audit_copy)) == []
     # one decision recorded: still refused, the message counts the rest
     t = _flagged(audit_copy)
     ReviewStore(audit_copy / "reviews.sqlite3").record(_audit_id(audit_copy), t["sha256"].iloc[0], "copy", "R", "")
@@ -470,7 +463,7 @@ def test_signoff_accepted_with_a_reason(audit_copy, tmp_path):
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["signoff"]["decision"] == "do not release" and s["signoff"]["reason"] == "copies are obvious"
     # stored durably and append-only
-    rows = SignOffStore(audit_copy / "reviews.sqlite3").all(_audit_id(audit_copy))
+    rows = ReviewStore(audit_copy / "reviews.sqlite3").signoffs(_audit_id(audit_copy))
     assert len(rows) == 1 and rows[0].signer == "Ada Officer"
     con = sqlite3.connect(audit_copy / "reviews.sqlite3")
     try:
@@ -574,7 +567,7 @@ def test_schema_describes_the_real_keys(scanned):
     defs = schema["$defs"]
     assert set(defs["config"]["properties"]) == {f.name for f in dataclasses.fields(AuditConfig)}
     assert set(defs["config"]["required"]) == {f.name for f in dataclasses.fields(AuditConfig)}
-    verdict = scanned["result"].verdict
+    verdict = scanned["result"].verdict.to_dict()
     assert set(defs["verdict"]["required"]) <= set(verdict) <= set(defs["verdict"]["properties"])
     summary = scanned["result"].summary()
     assert set(schema["required"]) == set(summary)
