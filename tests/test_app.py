@@ -107,20 +107,20 @@ def test_run_on_sample_data_shows_the_verdict_and_figures(ran):
     n_png = len(list((SAMPLE / "synthetic").glob("*.png")))
     assert len(r.table) == n_png > 0
     k = int((r.table["p_value"].to_numpy() <= 0.01).sum())
-    assert verdict_of(at) == f"**Verdict.** {r.verdict_text(0.01)}"
+    assert verdict_of(at) == f"**Verdict.** {r.calibration.verdict(0.01).text}"
     assert f"{k} of {n_png} synthetic slices" in verdict_of(at) or (k == 0 and "None of" in verdict_of(at))
     assert metric(at, "Flagged at α = 1 %") == f"{k} / {n_png}"
-    assert metric(at, "Mann–Whitney AUC") == f"{r.verdict['mann_whitney_auc']:.3f}"
-    assert metric(at, "Mean ONI (paper)") == f"{r.verdict['mean_oni']:.3f}"
+    assert metric(at, "Mann–Whitney AUC") == f"{r.verdict.mann_whitney_auc:.3f}"
+    assert metric(at, "Mean ONI (paper)") == f"{r.verdict.mean_oni:.3f}"
     assert metric(at, "CT-score (Meehan)") == f"{r.baselines['ct_score']:.2f}"
     assert metric(at, "AuthPct (Alaa)") == f"{r.baselines['auth_pct']:.1f} %"
-    rule = "memorised" if r.verdict["mean_oni"] < 0.68 else "not memorised"
+    rule = "memorised" if r.verdict.mean_oni < 0.68 else "not memorised"
     assert any(f"ONI < 0.68 → {rule}" in c.value for c in at.caption)
     charts = at.get("plotly_chart")
     assert len(charts) == 2  # histogram + ROC (sample_data/synthetic has labels.csv)
     hist = json.loads(charts[0].proto.spec)
     xs = [s["x0"] for s in hist["layout"]["shapes"]]
-    assert xs == pytest.approx([r.threshold_for(0.01)])
+    assert xs == pytest.approx([r.calibration.threshold(0.01)])
     names = " ".join(t["name"] for t in hist["data"])
     assert f"n={len(r.null_similarity)}" in names and f"flagged (n={k})" in names
     roc = json.loads(charts[1].proto.spec)
@@ -138,7 +138,7 @@ def test_a_second_run_on_the_same_inputs_is_served_from_the_cache(ran):
     assert at.session_state["active"] == ran.key
     assert ui.audit_store()[ran.key] is ran.entry
     assert seconds < max(5.0, ran.seconds / 5), (seconds, ran.seconds)
-    assert verdict_of(at) == f"**Verdict.** {ran.result.verdict_text(0.01)}"
+    assert verdict_of(at) == f"**Verdict.** {ran.result.calibration.verdict(0.01).text}"
 
 
 def test_moving_the_threshold_updates_counts_and_list_without_recomputing(ran):
@@ -156,7 +156,7 @@ def test_moving_the_threshold_updates_counts_and_list_without_recomputing(ran):
         k = int((p <= alpha).sum())
         counts[alpha] = k
         assert metric(at, f"Flagged at α = {ui.format_alpha(alpha)}") == f"{k} / {len(p)}"
-        assert verdict_of(at) == f"**Verdict.** {r.verdict_text(alpha)}"
+        assert verdict_of(at) == f"**Verdict.** {r.calibration.verdict(alpha).text}"
         go(at, "Flagged")
         if k:
             assert len(frame_with(at, "similarity")) == k
@@ -164,6 +164,29 @@ def test_moving_the_threshold_updates_counts_and_list_without_recomputing(ran):
     assert counts[0.1] > counts[0.005], counts  # the control really changes the flags
     assert ui.audit_store()[ran.key] is ran.entry and r.timings == timings  # nothing recomputed
     at.select_slider(key="view_alpha").set_value(0.01).run()
+
+
+def test_the_bh_toggle_changes_every_page_to_the_calibrations_count(ran):
+    """BH is a post-processing of p-values: instant, and every page shows the Calibration's count."""
+    at, r = ran.at, ran.result
+    timings = dict(r.timings)
+    for alpha in (0.01, 0.1):
+        at.select_slider(key="view_alpha").set_value(alpha).run()
+        at.toggle(key="view_fdr").set_value(True).run()
+        assert not at.exception
+        k = int(r.calibration.flags(alpha, True).sum())
+        assert k == int(r.flags(alpha, fdr=True).sum()) <= int(r.flags(alpha, fdr=False).sum())
+        go(at, "Overview")
+        assert metric(at, f"Flagged at BH at {ui.format_alpha(alpha)}") == f"{k} / {len(r.table)}"
+        assert verdict_of(at) == f"**Verdict.** {r.calibration.verdict(alpha, True).text}"
+        go(at, "Flagged")
+        assert at.subheader[0].value.startswith(f"{k} flagged synthetic slices at Benjamini–Hochberg")
+        go(at, "Review")
+        assert f"{k} at α" in " ".join(str(p.proto) for p in at.get("progress")) or k == 0
+        at.toggle(key="view_fdr").set_value(False).run()
+    assert ui.audit_store()[ran.key] is ran.entry and r.timings == timings  # nothing recomputed
+    at.select_slider(key="view_alpha").set_value(0.01).run()
+    go(at, "Overview")
 
 
 # ------------------------------------------------------------------------------------------------ pair view
@@ -238,7 +261,7 @@ def test_a_decision_is_stored_and_found_again_in_a_fresh_session(ran):
     go(again, "Pair")
     assert metric(again, "Decision") == "near copy"
     go(again, "Review")
-    n_flagged = int(r.flagged_at(0.01).sum())
+    n_flagged = int(r.flags(0.01).sum())
     assert again.subheader[0].value == f"Review progress: 1 of {n_flagged} flagged pairs decided"
     subjects = frame_with(again, "flagged_now")
     row = subjects[subjects["subject_id"] == r.table.loc[i, "nearest_train_subject"]].iloc[0]
@@ -293,12 +316,12 @@ def test_unreadable_files_are_listed_with_their_reason(env, tmp_path):
 
 
 def test_an_unexpected_library_error_is_a_message(env, monkeypatch):
-    import inspector.audit
+    import inspector.pipeline
 
     def boom(*args, **kwargs):
         raise RuntimeError("the index exploded")
 
-    monkeypatch.setattr(inspector.audit, "audit", boom)
+    monkeypatch.setattr(inspector.pipeline, "audit", boom)
     at = fresh_app()
     click_run(at, train=str(SAMPLE / "train"), synthetic=str(SAMPLE / "synthetic"), holdout="")
     assert not at.exception
@@ -367,11 +390,6 @@ def test_blend_flip_and_operating_point():
     np.testing.assert_allclose(ui.blend(a, b, 2.0), b)
     with pytest.raises(ValueError, match="one shape"):
         ui.blend(a, np.ones((3, 2)), 0.5)
-    x = np.arange(6).reshape(2, 3)
-    np.testing.assert_array_equal(ui.apply_flip(x, "hflip"), x[:, ::-1])
-    np.testing.assert_array_equal(ui.apply_flip(x, "v"), x[::-1])
-    np.testing.assert_array_equal(ui.apply_flip(x, "hvflip"), x[::-1, ::-1])
-    np.testing.assert_array_equal(ui.apply_flip(x, "none"), x)
     assert ui.operating_point({"tp": 3, "fp": 1, "fn": 1, "tn": 9}) == pytest.approx((0.1, 0.75))
     assert ui.operating_point({"tp": 0, "fp": 0, "fn": 0, "tn": 0}) == (0.0, 0.0)
 
