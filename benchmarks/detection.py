@@ -1320,11 +1320,16 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
         f"H = the other folds ({_span(out, 'slice', 'min_holdout')}+ slices, so p <= {cfg.alpha:g} is reachable) and "
         "the novel pool = "
         f"fold f ({_span(out, 'slice', 'min_novel')}+ slices): H and G never share a slice, and every unseen slice "
-        "is scored as novel once per seed. **Subject-level split**: whole acquisitions go to T "
-        f"({_span(out, 'subject', 'n_train')} slices; a seeded choice among the partitions that leave >= "
-        f"{min_unseen(cfg.alpha, N_FOLDS)} unseen slices), the rest ({_span(out, 'subject', 'n_unseen')}) to "
-        f"{_n_folds(out)} folds as above; T's acquisitions per seed: "
-        f"{_train_acqs(out)}. **G**: fixed size {bc.n_g}, d in {{{_rates(bc)}}} % "
+        "is scored as novel once per seed. "
+        + (
+            "**Subject-level split**: whole acquisitions go to T "
+            f"({_span(out, 'subject', 'n_train')} slices; a seeded choice among the partitions that leave >= "
+            f"{min_unseen(cfg.alpha, N_FOLDS)} unseen slices), the rest ({_span(out, 'subject', 'n_unseen')}) to "
+            f"{_n_folds(out)} folds as above; T's acquisitions per seed: {_train_acqs(out)}. "
+            if "subject" in set(out.split_info.get("split", ()))
+            else "The subject-level split was not run. "
+        )
+        + f"**G**: fixed size {bc.n_g}, d in {{{_rates(bc)}}} % "
         f"({', '.join(str(n_copies(r, bc.n_g)) for r in bc.rates)} copies), {bc.n_draws} random G per fold, rate "
         "and seed; copies are training slices through the condition, always applied. Per-slice scores are computed "
         "once per condition and the G of every rate are subsets (a slice's score depends only on T and the null).\n"

@@ -190,8 +190,7 @@ def notes_section(out: det.RunOutput) -> str:
                 f"holdout of this run's slice split has n = {n_h}, so 1/(n+1) = {1 / (n_h + 1):.4f} "
                 f"({'<=' if 1 / (n_h + 1) <= alpha else '>'} alpha = {alpha:g}). Under exchangeability the expected "
                 f"FPR at p <= alpha is floor(alpha (n+1)) / (n+1) = {expected:.4f} "
-                "for that n, and methods calibrated on the same holdout flag largely the same novel slices (those "
-                "more similar to T than the holdout), so the pooled count is small and its Wilson interval wide. "
+                "for that n; methods calibrated on the same holdout share its null. "
                 f"Pooled over folds and seeds in this run (slice split): {pooled or 'no default mode scored'}."
             )
         sub = info[info["split"] == "subject"]
