@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .preprocess import affine_warp, resize_square
+from .types import ProgressFn
 from .views import FLIPS, View
 
 __all__ = [
@@ -59,7 +60,6 @@ MEASURES: tuple[str, ...] = ("poly_fg", "ncc_fg", "ncc", "grad")
 #: Foreground rule of the ``*_fg`` measures: above this fraction of the image's range over the overlap.
 FG_FRACTION = 0.05
 
-ProgressFn = Callable[[str, int, int], None]
 
 _EPS = 1e-8
 

@@ -6,7 +6,7 @@
   underfitting.
 * :func:`auth_pct`: Alaa et al. 2022, "How faithful is your synthetic data?" (ICML): the authenticity
   of each generated sample and the percentage authentic. **Lower** AuthPct = more copying.
-* :func:`dcr` / :func:`dcr_summary`: distance to the closest training record. **Smaller** = more
+* :func:`dcr`: distance to the closest training record. **Smaller** = more
   memorised.
 * :func:`pixel_correlation`: maximum Pearson correlation of raw pixels over the training images (and,
   optionally, over flipped or rotated views of the generated image). **Higher** = more memorised.

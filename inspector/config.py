@@ -98,10 +98,10 @@ class AuditConfig:
                 raise ValueError(f"{s.name} must be >= {s.minimum}; got {value!r}.")
         if not 0 < self.alpha < 1:
             raise ValueError(f"alpha must be in (0, 1); got {self.alpha}.")
-        from .views import parse_view
+        from .views import canonical_view_name
 
-        for v in self.views:
-            parse_view(v)
+        # one spelling per view, so that aliases hash to the same audit and cache entries
+        object.__setattr__(self, "views", tuple(dict.fromkeys(canonical_view_name(v) for v in self.views)))
         if "id" not in self.views:
             raise ValueError(f"views must include 'id'; got {self.views}.")
 

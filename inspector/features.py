@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +23,8 @@ from . import __version__
 from .cache import EmbeddingCache, hash_key
 from .models import Extractor, get_extractor
 from .preprocess import resize_square
-from .types import Cohort
-from .views import apply_view
+from .types import Cohort, ProgressFn
+from .views import apply_view, canonical_view_name
 
 __all__ = [
     "Features",
@@ -36,8 +36,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: ``progress(stage, done, total)``: the CLI renders it with tqdm, the app with ``st.progress``.
-ProgressFn = Callable[[str, int, int], None]
 
 _MEMMAP_BYTES = 512 * 1024**2  # outputs bigger than this stream to a memory-mapped file
 
@@ -284,7 +282,7 @@ def extract(
             content=content,
             extractor=ext.name,
             fingerprint=fingerprint,
-            view=view,
+            view=canonical_view_name(view),  # aliases ("h", "hflip") share one cache entry
             version=__version__,
         )
         arrays = cache.load(key)

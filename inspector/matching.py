@@ -15,7 +15,7 @@ are concatenated, so one inner-product search gives that mean exactly.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -24,13 +24,13 @@ import numpy as np
 from .align import Alignment, register_pairs
 from .index import knn
 from .scores import PaperScorer, Whitener
+from .types import ProgressFn
 from .views import View, training_to_query
 
 __all__ = ["InsufficientDataError", "MatchResult", "Matcher", "MemorizationScorer", "PaperMatcher"]
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 class InsufficientDataError(ValueError):
@@ -292,7 +292,7 @@ class MemorizationScorer:
             sims_v.append(s)
             idx_v.append(ix)
             if progress:
-                progress(f"{stage}:search", i + 1, len(views))
+                progress(f"searching:{stage}", i + 1, len(views))
         sims = np.concatenate(sims_v, axis=1)  # (m, V*kc)
         idx = np.concatenate(idx_v, axis=1)
         view_of = np.repeat(np.arange(len(views)), [a.shape[1] for a in sims_v])
@@ -421,7 +421,7 @@ class MemorizationScorer:
                 shift[q, c] = al.shift
                 flip[q, c] = al.flip
             if progress:
-                progress(f"{stage}:align", int(rows[-1]) + 1, m)
+                progress(f"aligning:{stage}", int(rows[-1]) + 1, m)
         ncc = np.nan_to_num(ncc, nan=-1.0)
         choice = np.argmax(ncc, axis=1)
         rows = np.arange(m)
@@ -562,7 +562,7 @@ class PaperMatcher:
             else paper_margin(ps.neighbours, ps.neighbour_sims, self.groups_, nearest)
         )
         if progress:
-            progress(f"{stage}:paper", 1, 1)
+            progress(f"scoring:{stage}", 1, 1)
         return MatchResult(
             similarity=np.asarray(ps.similarity, np.float64),
             feature_similarity=np.asarray(ps.similarity, np.float32),

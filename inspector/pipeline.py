@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from .matching import InsufficientDataError, Matcher, MatchResult
 from .preprocess import PreprocessConfig
 from .result import AuditResult, versions
 from .scores import PaperScorer, PaperScores
-from .types import Cohort
+from .types import Cohort, ProgressFn
 
 __all__ = [
     "Inputs",
@@ -63,7 +62,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, int, int], None]
 
 
 # ---------------------------------------------------------------------------------------------- stage 1

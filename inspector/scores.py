@@ -644,6 +644,8 @@ class PaperScores:
         ``(s - mu0) / sigma0``; higher = more memorised.
     oni : np.ndarray, shape (m,)
         ``-tanh(mi_z)`` in [-1, 1]; lower = more memorised (-1 memorised, +1 novel).
+
+    The dataset level (mean MI and ONI, the paper's rule) is :meth:`inspector.calibration.Calibration.verdict`.
     """
 
     layers: list[str]
@@ -654,24 +656,6 @@ class PaperScores:
     neighbour_sims: dict[str, np.ndarray]
     mi_z: np.ndarray
     oni: np.ndarray
-
-    @property
-    def mean_similarity(self) -> float:
-        return float(np.mean(self.similarity))
-
-    @property
-    def mean_mi_z(self) -> float:
-        """Dataset MI: the mean of ``mi_z``."""
-        return float(np.mean(self.mi_z))
-
-    @property
-    def mean_oni(self) -> float:
-        """Dataset ONI: the mean of ``oni``."""
-        return float(np.mean(self.oni))
-
-    def memorised(self, threshold: float = PAPER_ONI_THRESHOLD) -> bool:
-        """The paper's universal dataset rule: memorised when the mean ONI is below ``threshold`` (0.68)."""
-        return self.mean_oni < threshold
 
 
 class PaperScorer:

@@ -9,13 +9,27 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Slice", "SkippedFile", "SourceFile", "Cohort", "raw_pixel_hash", "AXES"]
+__all__ = ["Slice", "SkippedFile", "SourceFile", "Cohort", "raw_pixel_hash", "AXES", "PROGRESS_STAGES", "ProgressFn"]
+
+#: The progress vocabulary: every stage reports ``progress("<step>[:<detail>]", done, total)`` with one of these
+#: steps (the detail names the cohort, view or set); the CLI and the app label them from this table only.
+PROGRESS_STAGES: dict[str, str] = {
+    "loading": "Loading",
+    "training": "Training the encoder",
+    "extracting": "Extracting features",
+    "searching": "Searching nearest neighbours",
+    "aligning": "Aligning candidates",
+    "scoring": "Scoring",
+    "baselines": "Baselines",
+}
+#: ``progress(stage, done, total)``: the CLI renders it with tqdm, the app with ``st.progress``.
+ProgressFn = Callable[[str, int, int], None]
 
 #: Valid slicing axes. ``"2d"`` marks a slice read from a 2D image file.
 AXES: tuple[str, ...] = ("axial", "coronal", "sagittal", "2d")

@@ -77,21 +77,6 @@ SETTING_LABELS: dict[str, str] = {
 #: Environment variable overriding the default reviews database path.
 REVIEWS_DB_ENV = "INSPECTOR_REVIEWS_DB"
 
-_STAGES: tuple[tuple[str, str], ...] = (
-    ("loading", "Loading"),
-    ("training", "Training the encoder"),
-    ("fit", "Training the encoder"),
-    ("extracting", "Extracting features"),
-    ("searching", "Searching nearest neighbours"),
-    ("search", "Searching nearest neighbours"),
-    ("aligning", "Aligning candidates"),
-    ("align", "Aligning candidates"),
-    ("scoring", "Scoring"),
-    ("null", "Scoring the null"),
-    ("synthetic", "Scoring synthetic slices"),
-    ("holdout", "Scoring the holdout null"),
-    ("baselines", "Baselines"),
-)
 
 
 class InputPathError(FileNotFoundError):
@@ -327,12 +312,10 @@ def parse_layers(text: str) -> tuple[str, ...]:
 
 def stage_label(stage: str) -> str:
     """A readable label for a progress stage such as ``"loading:train"`` or ``"extracting:hflip"``."""
+    from .types import PROGRESS_STAGES
+
     head, _, detail = stage.partition(":")
-    label = head.replace("_", " ")
-    for prefix, text in _STAGES:
-        if head.startswith(prefix):
-            label = text
-            break
+    label = PROGRESS_STAGES.get(head, head.replace("_", " "))
     return f"{label} ({detail})" if detail else label
 
 

@@ -25,7 +25,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["View", "FLIPS", "DIHEDRAL", "ROTATION_VIEWS", "apply_view", "parse_view", "training_to_query"]
+__all__ = [
+    "View",
+    "FLIPS",
+    "DIHEDRAL",
+    "ROTATION_VIEWS",
+    "apply_view",
+    "canonical_view_name",
+    "parse_view",
+    "training_to_query",
+]
 
 
 class View(enum.StrEnum):
@@ -64,7 +73,7 @@ class View(enum.StrEnum):
         hit = _ALIASES.get(key)
         if hit is None:
             raise ValueError(
-                f"Unknown view {name!r}; valid views: {[v.value for v in cls]} "
+                f"Unknown view {str(name)!r}; valid views: {[v.value for v in cls]} "
                 f"(aliases: {sorted(k for k in _ALIASES if k not in cls._value2member_map_)})."
             )
         return hit
@@ -221,6 +230,12 @@ def apply_view(images: np.ndarray, view: str | View) -> np.ndarray:
     from .preprocess import affine_warp
 
     return affine_warp(torch.from_numpy(np.ascontiguousarray(x)), angle_deg=v).numpy()
+
+
+def canonical_view_name(name: str | View) -> str:
+    """The canonical spelling of a view name (``"h"`` -> ``"hflip"``, ``"rot+5.0"`` -> ``"rot+5"``)."""
+    v = parse_view(name)
+    return v.value if isinstance(v, View) else f"rot{v:+g}"
 
 
 def training_to_query(view: str | View) -> View:

@@ -13,17 +13,16 @@ from numpy.testing import assert_allclose, assert_array_equal
 
 import inspector.align as A
 from inspector.align import (
-    FLIPS,
     MEASURES,
     Alignment,
     apply_alignment,
     apply_alignment_single,
-    canonical_flip,
     pair_ncc,
     register_pairs,
     score_alignment,
 )
 from inspector.preprocess import affine_warp, normalise_volume, resize_square
+from inspector.views import FLIPS, View
 
 SIZE = 64
 
@@ -49,13 +48,16 @@ def _slices(vol: np.ndarray, axis: int, idx: list[int] | np.ndarray, size: int =
 
 
 def _flip_np(x: np.ndarray, flip: str) -> np.ndarray:
+    """The flips written out with slicing (independent of inspector.views)."""
+    if flip == "id":
+        return x
     if flip == "hflip":
         return x[..., :, ::-1]
     if flip == "vflip":
         return x[..., ::-1, :]
     if flip == "hvflip":
         return x[..., ::-1, ::-1]
-    return x
+    raise AssertionError(f"not a flip: {flip!r}")
 
 
 def _make_copies(src: np.ndarray, seed: int, noise: float = 0.01) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -63,7 +65,7 @@ def _make_copies(src: np.ndarray, seed: int, noise: float = 0.01) -> tuple[np.nd
     rng = np.random.default_rng(seed)
     n = len(src)
     truth = {
-        "flip": np.asarray([FLIPS[i % 4] for i in range(n)], dtype=object),
+        "flip": np.asarray([FLIPS[i % 4].value for i in range(n)], dtype=object),
         "angle": rng.uniform(-12, 12, n).astype(np.float32),
         "shift": rng.uniform(-0.08, 0.08, (n, 2)).astype(np.float32),
         "scale": rng.uniform(0.87, 1.15, n).astype(np.float32),
@@ -99,7 +101,9 @@ def copies(sagittal: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], Ali
 def test_recovers_known_transforms_and_flips(copies, sagittal):
     fixed, truth, al = copies
     assert len(al) == len(sagittal)
+    assert set(truth["flip"]) == {"id", "hflip", "vflip", "hvflip"}  # every flip is planted
     assert list(al.flip) == list(truth["flip"])
+    assert all(type(f) is str for f in al.flip)  # canonical names, as written to scores.csv
     assert np.abs(al.angle - truth["angle"]).max() < 1.0
     assert np.abs(al.shift - truth["shift"]).max() * SIZE < 1.0
     assert np.abs(al.scale / truth["scale"] - 1).max() < 0.015
@@ -117,19 +121,38 @@ def test_given_flips_give_the_same_transform(copies, sagittal):
     assert_allclose(given.ncc, al.ncc, atol=1e-3)
 
 
+@pytest.mark.parametrize("view", FLIPS, ids=str)
+def test_register_pairs_recovers_each_flip(sagittal, view):
+    src = sagittal[:3]
+    fixed = view.apply(src)  # the flip alone, no warp: fixed = view(moving)
+    assert_array_equal(fixed, np.ascontiguousarray(_flip_np(src, view.value)))
+    al = register_pairs(fixed, src, flips=None, device="cpu")
+    assert list(al.flip) == [view.value] * 3
+    assert al.ncc.min() > 0.99
+    assert np.abs(al.angle).max() < 0.5 and np.abs(al.shift).max() * SIZE < 0.5
+    assert_allclose(al.scale, 1.0, atol=0.01)
+    # the recovered flip undoes the planted one: aligning the source reproduces the copy
+    assert np.abs(apply_alignment(src, al) - fixed)[:, 8:-8, 8:-8].mean() < 0.01
+
+
 def test_feature_view_names_are_accepted(sagittal):
     fixed = np.ascontiguousarray(sagittal[:2, :, ::-1])
-    al = register_pairs(fixed, sagittal[:2], flips=["h", "hflip"], device="cpu")
+    al = register_pairs(fixed, sagittal[:2], flips=["h", View.HFLIP], device="cpu")
     assert list(al.flip) == ["hflip", "hflip"]
-    assert canonical_flip("id") == "none" and canonical_flip("HVflip") == "hvflip"
+    assert View.parse("id") is View.ID and View.parse("none") is View.ID and View.parse("HVflip") is View.HVFLIP
     assert al.ncc.min() > 0.99
+    # the alias "none" is read as the identity and written as "id"
+    ident = register_pairs(sagittal[:2], sagittal[:2], flips="none", device="cpu")
+    assert list(ident.flip) == ["id", "id"]
+    both = register_pairs(sagittal[:2], sagittal[:2], flips=["none", "identity"], device="cpu")
+    assert list(both.flip) == ["id", "id"]
 
 
 def test_recovers_transforms_on_axial_slices_with_rotation_only(volume):
     src = _slices(volume, 2, [25, 35, 45, 55])
     angles = np.asarray([-12.0, -6.0, 7.5, 12.0], np.float32)
     fixed = affine_warp(torch.from_numpy(src), torch.from_numpy(angles)).numpy()
-    al = register_pairs(fixed, src, flips="none", device="cpu")
+    al = register_pairs(fixed, src, flips="id", device="cpu")
     assert_allclose(al.angle, angles, atol=0.5)
     assert_allclose(al.scale, 1.0, atol=0.01)
     assert np.abs(al.shift).max() * SIZE < 0.5
@@ -155,8 +178,8 @@ def test_copies_score_high_and_neighbour_slices_clearly_lower(volume):
 def test_default_measure_is_robust_to_gamma(sagittal):
     src = sagittal[:4]
     fixed = src**0.7
-    default = register_pairs(fixed, src, flips="none", device="cpu").ncc
-    linear = register_pairs(fixed, src, flips="none", device="cpu", measure="ncc_fg").ncc
+    default = register_pairs(fixed, src, flips="id", device="cpu").ncc
+    linear = register_pairs(fixed, src, flips="id", device="cpu", measure="ncc_fg").ncc
     assert default.min() > 0.995
     assert (default > linear).all()
 
@@ -192,13 +215,13 @@ def test_apply_alignment_matches_flip_then_affine_warp(sagittal):
         angle=rng.uniform(-10, 10, n),
         scale=rng.uniform(0.9, 1.1, n),
         shift=rng.uniform(-0.05, 0.05, (n, 2)),
-        flip=list(FLIPS),
+        flip=[v.value for v in FLIPS],
     )
     out = apply_alignment(sagittal[:n], al)
     ref = np.stack(
         [
             affine_warp(
-                torch.from_numpy(np.ascontiguousarray(_flip_np(sagittal[i], FLIPS[i])))[None],
+                torch.from_numpy(np.ascontiguousarray(_flip_np(sagittal[i], FLIPS[i].value)))[None],
                 float(al.angle[i]),
                 tuple(al.shift[i].tolist()),
                 float(al.scale[i]),
@@ -212,7 +235,7 @@ def test_apply_alignment_matches_flip_then_affine_warp(sagittal):
 def test_non_square_images(volume):
     src = np.stack([np.take(volume, i, axis=0) for i in (24, 30)])  # (2, 117, 95)
     fixed = affine_warp(torch.from_numpy(_slices(volume, 0, [24, 30])), 6.0).numpy()  # square 64 px copies
-    al = register_pairs(fixed, src, flips="none", device="cpu")
+    al = register_pairs(fixed, src, flips="id", device="cpu")
     assert_allclose(al.angle, 6.0, atol=0.5)
     out = apply_alignment(src, al)
     assert out.shape == src.shape
@@ -241,7 +264,7 @@ def test_deterministic_on_cpu(sagittal):
 def test_progress_and_empty_input(sagittal):
     calls = []
     register_pairs(
-        sagittal[:3], sagittal[:3], flips="none", device="cpu", batch_size=2, progress=lambda *a: calls.append(a)
+        sagittal[:3], sagittal[:3], flips="id", device="cpu", batch_size=2, progress=lambda *a: calls.append(a)
     )
     assert calls == [("aligning", 2, 3), ("aligning", 3, 3)]
     empty = register_pairs(np.zeros((0, 32, 32)), np.zeros((0, 32, 32)), device="cpu")
@@ -252,7 +275,7 @@ def test_constant_images_score_zero():
     rng = np.random.default_rng(0)
     img = rng.random((2, 32, 32)).astype(np.float32)
     blank = np.zeros((2, 32, 32), np.float32)
-    al = register_pairs(blank, img, flips="none", device="cpu")
+    al = register_pairs(blank, img, flips="id", device="cpu")
     assert_array_equal(al.ncc, 0.0)
     assert np.isfinite(al.angle).all() and np.isfinite(al.shift).all()
 
@@ -354,8 +377,9 @@ def test_parameterisation_roundtrip_and_affine_warp_convention():
 
 
 def test_alignment_container():
-    al = Alignment(ncc=[0.9, 0.5], angle=[1, 2], scale=[1, 1.1], shift=[[0, 0], [0.1, -0.1]], flip=["id", "h"])
-    assert list(al.flip) == ["none", "hflip"]
+    al = Alignment(ncc=[0.9, 0.5], angle=[1, 2], scale=[1, 1.1], shift=[[0, 0], [0.1, -0.1]], flip=["none", "h"])
+    assert list(al.flip) == ["id", "hflip"]  # canonical View names; "none" is only an alias now
+    assert al.train_index is None
     t = al.transform(1)
     assert t == {
         "flip": "hflip",
@@ -365,10 +389,51 @@ def test_alignment_container():
         "ncc": 0.5,
     }
     sub = al.take(np.array([True, False]))
-    assert len(sub) == 1 and sub.flip[0] == "none"
+    assert len(sub) == 1 and sub.flip[0] == "id"
     assert set(al.as_dict()) == {"ncc", "angle", "scale", "shift", "flip"}
     with pytest.raises(ValueError, match="angle has 1 rows"):
-        Alignment(ncc=[0.9, 0.5], angle=[1], scale=[1, 1], shift=[[0, 0], [0, 0]], flip=["none", "none"])
+        Alignment(ncc=[0.9, 0.5], angle=[1], scale=[1, 1], shift=[[0, 0], [0, 0]], flip=["id", "id"])
+    with pytest.raises(ValueError, match=r"Unknown view .*'diagonal'"):  # (the name is repr'd as np.str_)
+        Alignment(ncc=[0.9], angle=[1], scale=[1], shift=[[0, 0]], flip=["diagonal"])
+
+
+def test_alignment_train_index_and_from_dict_round_trip(tmp_path):
+    al = Alignment(
+        ncc=[0.9, 0.5, 0.7],
+        angle=[1, 2, -3],
+        scale=[1, 1.1, 0.9],
+        shift=[[0, 0], [0.1, -0.1], [0.02, 0.03]],
+        flip=["id", "h", "rot180"],
+        overlap=[1.0, 0.8, 0.9],
+        train_index=[4, -1, 7],
+    )
+    assert list(al.flip) == ["id", "hflip", "hvflip"]
+    assert al.train_index.dtype == np.int64 and list(al.train_index) == [4, -1, 7]
+    assert al.transform(2)["train_index"] == 7 and al.transform(2)["flip"] == "hvflip"
+    assert al.take([2, 0]).train_index.tolist() == [7, 4]
+    d = al.as_dict()
+    assert set(d) == {"ncc", "angle", "scale", "shift", "flip", "overlap", "train_index"}
+
+    def same(a: Alignment, b: Alignment) -> None:
+        assert type(b) is Alignment and len(b) == len(a)
+        for key in ("ncc", "angle", "scale", "shift", "overlap", "train_index"):
+            x, y = getattr(a, key), getattr(b, key)
+            assert x.dtype == y.dtype and x.shape == y.shape, key
+            assert_array_equal(x, y)
+        assert list(b.flip) == list(a.flip) and b.flip.dtype == object
+
+    same(al, Alignment.from_dict(d))
+    # through audit.npz: the flip names come back as a fixed-width unicode array
+    np.savez(tmp_path / "a.npz", **{k: (v.astype(str) if k == "flip" else v) for k, v in d.items()})
+    with np.load(tmp_path / "a.npz") as z:
+        same(al, Alignment.from_dict(z))
+    # without the optional arrays they stay None
+    plain = Alignment.from_dict({k: d[k] for k in ("ncc", "angle", "scale", "shift", "flip")})
+    assert plain.overlap is None and plain.train_index is None
+    assert set(plain.as_dict()) == {"ncc", "angle", "scale", "shift", "flip"}
+    assert "train_index" not in plain.transform(0)
+    with pytest.raises(ValueError, match="train_index has 2 rows"):
+        Alignment(ncc=[0.9], angle=[1], scale=[1], shift=[[0, 0]], flip=["id"], train_index=[1, 2])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,10 +447,12 @@ def test_bad_inputs_raise_clear_errors():
         register_pairs(good[0], good)
     with pytest.raises(ValueError, match="fixed has 2 images but moving has 3"):
         register_pairs(good, np.zeros((3, 32, 32)))
-    with pytest.raises(ValueError, match="Unknown flip 'diagonal'"):
-        register_pairs(good, good, flips=["none", "diagonal"])
+    with pytest.raises(ValueError, match="Unknown view 'diagonal'"):
+        register_pairs(good, good, flips=["id", "diagonal"])
+    with pytest.raises(ValueError, match="Unknown view 'diagonal'"):
+        register_pairs(good, good, flips="diagonal")
     with pytest.raises(ValueError, match="flips has 1 entries but there are 2 pairs"):
-        register_pairs(good, good, flips=["none"])
+        register_pairs(good, good, flips=["id"])
     bad = good.copy()
     bad[1, 3, 4] = np.nan
     with pytest.raises(ValueError, match="moving holds 1 NaN/Inf values"):
@@ -405,7 +472,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_apply_alignment_errors():
-    al = Alignment(ncc=[1.0], angle=[0.0], scale=[1.0], shift=[[0.0, 0.0]], flip=["none"])
+    al = Alignment(ncc=[1.0], angle=[0.0], scale=[1.0], shift=[[0.0, 0.0]], flip=["id"])
     with pytest.raises(ValueError, match="alignment has 1 pairs but 2 moving images"):
         apply_alignment(np.zeros((2, 16, 16)), al)
     with pytest.raises(TypeError, match="must be an Alignment"):
@@ -414,10 +481,23 @@ def test_apply_alignment_errors():
         apply_alignment_single(np.zeros((1, 16, 16)), {})
     with pytest.raises(ValueError, match=r"transform\['shift'\] must be \[dx, dy\]"):
         apply_alignment_single(np.zeros((16, 16)), {"shift": [0.1]})
-    with pytest.raises(ValueError, match="Unknown flip"):
-        apply_alignment_single(np.zeros((16, 16)), {"flip": "rot90"})
+    with pytest.raises(ValueError, match="Unknown view 'diagonal'"):
+        apply_alignment_single(np.zeros((16, 16)), {"flip": "diagonal"})
     with pytest.raises(ValueError, match="positive finite"):
         apply_alignment_single(np.zeros((16, 16)), {"scale": 0})
     # defaults: an empty transform is the identity
     img = np.random.default_rng(0).random((16, 16)).astype(np.float32)
     assert_allclose(apply_alignment_single(img, {}), img, atol=1e-6)
+    # any orientation of the View vocabulary is applied before the (here identity) transform
+    for view in View:
+        ref = {
+            "id": img,
+            "hflip": np.fliplr(img),
+            "vflip": np.flipud(img),
+            "hvflip": np.rot90(img, 2),
+            "rot90": np.rot90(img),
+            "rot270": np.rot90(img, -1),
+            "transpose": img.T,
+            "antitranspose": np.rot90(img, 2).T,
+        }[view.value]
+        assert_allclose(apply_alignment_single(img, {"flip": view.value}), ref, atol=1e-6)

@@ -17,11 +17,26 @@ from inspector.pipeline import InsufficientDataError, audit
 FAST = dict(extractor="pixels", alpha=0.05)
 
 
+STAGES_SEEN: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def default_result(audit_cohorts, tmp_path_factory):
     cache = tmp_path_factory.mktemp("cache")
     p = audit_cohorts
-    return audit(p["train"], p["synthetic"], p["holdout"], AuditConfig(**FAST), cache_dir=cache)
+    return audit(
+        p["train"], p["synthetic"], p["holdout"], AuditConfig(**FAST), cache_dir=cache,
+        progress=lambda stage, done, total: STAGES_SEEN.append(stage),
+    )  # fmt: skip
+
+
+def test_progress_speaks_one_stage_vocabulary(default_result):
+    """Every stage the pipeline reports starts with a step of PROGRESS_STAGES (the app and CLI label from it)."""
+    from inspector.types import PROGRESS_STAGES
+
+    heads = {s.partition(":")[0] for s in STAGES_SEEN}
+    assert heads and heads <= set(PROGRESS_STAGES), heads - set(PROGRESS_STAGES)
+    assert {"loading", "extracting", "searching", "aligning", "scoring"} <= heads
 
 
 @pytest.fixture(scope="module")

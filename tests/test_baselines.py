@@ -8,8 +8,19 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from inspector.baselines import auth_pct, ct_score, dcr, dcr_summary, nearest_distances, pixel_correlation
+import inspector.baselines as B
+from inspector.baselines import (
+    auth_pct,
+    baseline_space,
+    ct_score,
+    dcr,
+    nearest_distances,
+    pixel_correlation,
+    run_baselines,
+)
+from inspector.preprocess import resize_square
 from inspector.scores import DegenerateInputError
+from inspector.views import FLIPS, apply_view
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -141,7 +152,7 @@ def test_auth_pct_planted_copies_are_unauthentic():
 
 
 # ---------------------------------------------------------------------------------------------- DCR
-def test_dcr_matches_brute_force_and_summary():
+def test_dcr_matches_brute_force():
     rng = np.random.default_rng(4)
     train, gen, hold = rng.normal(size=(50, 4)), rng.normal(size=(20, 4)), rng.normal(size=(30, 4))
     gen[:3] = train[[4, 9, 1]]
@@ -150,19 +161,18 @@ def test_dcr_matches_brute_force_and_summary():
     assert_allclose(d, rd, atol=1e-9)
     assert_array_equal(idx, ri)
     assert_array_equal(idx[:3], [4, 9, 1])
+    assert_array_equal(d[:3], 0.0)  # exact copies: exactly zero (the float64 re-scoring)
+    assert (d[3:] > 0).all() and d.dtype == np.float64
     assert_allclose(dcr(train, gen), d)
-    h = dcr(train, hold)
-    summ = dcr_summary(d, h)
-    assert summ["n_zero"] == 3 and summ["min"] == 0.0
-    assert summ["median"] == pytest.approx(np.median(rd))
-    thr = np.quantile(h, 0.05)
-    assert summ["threshold"] == pytest.approx(thr)
-    assert summ["fraction_below_threshold"] == pytest.approx(np.mean(rd < thr))
-    assert "threshold" not in dcr_summary(d)
-    with pytest.raises(ValueError, match="non-negative"):
-        dcr_summary(-d - 1)
+    assert_allclose(dcr(train, hold), ref_nearest(hold, train)[0], atol=1e-9)
+    dc, ic = dcr(train, gen, metric="cosine", return_index=True)
+    rdc, ric = ref_nearest(gen, train, "cosine")
+    assert_allclose(dc, rdc, atol=1e-9)
+    assert_array_equal(ic, ric)
     with pytest.raises(DegenerateInputError, match="NaN"):
         dcr(train, np.full((2, 4), np.nan))
+    with pytest.raises(ValueError, match="widths"):
+        dcr(train, gen[:, :3])
 
 
 # ---------------------------------------------------------------------------------------------- CT-score
@@ -233,6 +243,7 @@ def test_pixel_correlation_matches_brute_force_and_views():
     assert corr[1] < 0.9 and corr[2] < 0.9
     assert corr[3] == 0.0
     views = ("id", "hflip", "vflip", "hvflip")
+    assert views == tuple(v.value for v in FLIPS)
     corr_v, idx_v = pixel_correlation(train, gen, views=views, return_index=True)
     flipped = {
         v: ref_pearson_max(train, g)
@@ -253,9 +264,7 @@ def test_pixel_correlation_rotation_view_and_errors():
     rng = np.random.default_rng(9)
     yy, xx = np.mgrid[:32, :32]
     train = np.stack([np.exp(-((yy - 10 - 3 * i) ** 2 + (xx - 16) ** 2) / 30.0) for i in range(4)]).astype(np.float32)
-    from inspector.features import view_images
-
-    gen = view_images(train[[2]], "rot+10")
+    gen = apply_view(train[[2]], "rot+10")
     plain = pixel_correlation(train, gen)
     rotated = pixel_correlation(train, gen, views=("id", "rot-10"))
     assert rotated[0] > plain[0] and rotated[0] > 0.98
@@ -267,3 +276,146 @@ def test_pixel_correlation_rotation_view_and_errors():
         pixel_correlation(train, np.full((1, 32, 32), np.nan))
     with pytest.raises(ValueError, match="Unknown view"):
         pixel_correlation(train, gen, views=("mirror",))
+
+
+# ---------------------------------------------------------------------------------------------- the audit's runner
+def ref_baseline_space(train: dict, *others: dict) -> list[np.ndarray]:
+    """Per layer: standardise with the training mean and std, unit rows, times 1/sqrt(L); concatenated."""
+    layers = list(train)
+    out = []
+    for f in (train, *others):
+        rows = []
+        for j in range(len(f[layers[0]])):
+            parts = []
+            for k in layers:
+                x = np.asarray(train[k], np.float64)
+                z = (np.asarray(f[k][j], np.float64) - x.mean(0)) / (x.std(0) + 1e-8)
+                parts.append(z / (np.linalg.norm(z) + 1e-12) / math.sqrt(len(layers)))
+            rows.append(np.concatenate(parts))
+        out.append(np.asarray(rows))
+    return out
+
+
+def _audit_inputs(m: int, seed: int = 20, n: int = 60, h: int = 40, shape=(24, 32)):
+    """Training/synthetic/holdout features (two layers) and images; the first 6 synthetic slices are copies.
+
+    The images are not square; at pixel_size 16 their padding is symmetric, so a flip commutes with the
+    resize and a mirrored copy correlates exactly.
+    """
+    rng = np.random.default_rng(seed)
+    mix = {"a": rng.normal(size=(5, 5)) + 2 * np.eye(5), "b": rng.normal(size=(3, 3)) + 2 * np.eye(3)}
+    shift = {"a": np.full(5, 3.0), "b": np.full(3, -2.0)}
+
+    def feats(k: int) -> dict:
+        return {name: rng.normal(size=(k, a.shape[0])) @ a + shift[name] for name, a in mix.items()}
+
+    train, syn, hold = feats(n), feats(m), feats(h)
+    src = np.array([3, 17, 29, 41, 8, 55])
+    for name in syn:
+        syn[name][:6] = train[name][src]
+    train_img = rng.random((n, *shape)).astype(np.float32)
+    syn_img = rng.random((m, *shape)).astype(np.float32)
+    syn_img[:6] = train_img[src]
+    syn_img[1] = train_img[src[1]][:, ::-1]  # a mirrored copy: found through the flip views
+    syn_img[2] = train_img[src[2]][::-1, ::-1]
+    return train, syn, hold, train_img, syn_img, src
+
+
+def test_baseline_space_matches_reference():
+    train, syn, hold, *_ = _audit_inputs(30)
+    spaces = baseline_space(train, syn, hold)
+    ref = ref_baseline_space(train, syn, hold)
+    assert [x.shape for x in spaces] == [(60, 8), (30, 8), (40, 8)]
+    for got, r in zip(spaces, ref, strict=True):
+        assert got.dtype == np.float32
+        assert_allclose(got, r, rtol=1e-5, atol=1e-6)
+        assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)  # each layer contributes 1/L of the norm
+        assert_allclose(np.linalg.norm(got[:, :5], axis=1), 1 / math.sqrt(2), rtol=1e-5)
+    # the others use the training statistics, not their own
+    alone = baseline_space(syn)[0]
+    assert not np.allclose(alone, spaces[1], atol=1e-3)
+    assert_array_equal(spaces[1][:6], spaces[0][[3, 17, 29, 41, 8, 55]])  # copies map to the same point
+    assert len(baseline_space(train)) == 1
+
+
+def test_run_baselines_on_planted_copies():
+    train, syn, hold, train_img, syn_img, src = _audit_inputs(30)
+    cols, summ = run_baselines(train, syn, hold, train_img, syn_img, pixel_size=16, seed=3)
+    assert set(cols) == {"dcr", "authentic", "pixel_corr"}
+    assert all(v.shape == (30,) for v in cols.values())
+    assert not any(k.endswith("_error") for k in summ), summ
+    xt, xg, xh = baseline_space(train, syn, hold)
+    # DCR: the brute-force nearest distance in the baseline space; copies at distance ~0
+    rd, ri = ref_nearest(xg.astype(np.float64), xt.astype(np.float64))
+    assert_allclose(cols["dcr"], rd, atol=1e-6)
+    assert_array_equal(ri[:6], src)
+    assert (cols["dcr"][:6] < 1e-6).all() and (cols["dcr"][6:] > 1e-2).all()
+    assert summ["dcr_median"] == pytest.approx(np.median(cols["dcr"]))
+    # AuthPct: the reference rule; copies are not authentic
+    ref_a = ref_auth(xt.astype(np.float64), xg.astype(np.float64))
+    assert_array_equal(cols["authentic"], ref_a.astype(int))
+    assert cols["authentic"].dtype.kind == "i" and set(np.unique(cols["authentic"])) <= {0, 1}
+    assert not cols["authentic"][:6].any()
+    assert summ["auth_pct"] == pytest.approx(100 * ref_a.mean())
+    # pixels: the best Pearson correlation over the four flips at pixel_size, copies (mirrored too) at ~1
+    small_t = np.stack([resize_square(a, 16) for a in train_img])
+    small_g = np.stack([resize_square(a, 16) for a in syn_img])
+    ref_p = np.max([ref_pearson_max(small_t, apply_view(small_g, v)) for v in FLIPS], axis=0)
+    assert_allclose(cols["pixel_corr"], ref_p, atol=1e-5)
+    assert_allclose(cols["pixel_corr"][:6], 1.0, atol=1e-5)
+    assert cols["pixel_corr"][6:].max() < 0.95  # fresh noise (the shared zero padding alone correlates ~0.9)
+    assert summ["pixel_corr_median"] == pytest.approx(np.median(cols["pixel_corr"]))
+    # CT-score: 30 synthetic slices -> one cell with a looser tau, said in a note
+    ct = ct_score(xt, xh, xg, n_cells=1, tau=0.5, seed=3)
+    assert summ["ct_score"] == pytest.approx(ct["ct_score"], rel=1e-9)
+    assert summ["ct_cells"] == ct["n_cells_used"] == 1
+    assert summ["ct_note"].startswith("only 30 synthetic slices")
+    # deterministic for a seed
+    cols2, summ2 = run_baselines(train, syn, hold, train_img, syn_img, pixel_size=16, seed=3)
+    assert summ2 == summ and all(np.array_equal(cols[k], cols2[k]) for k in cols)
+
+
+def test_run_baselines_ct_cells_follow_the_set_sizes():
+    train, syn, hold, train_img, syn_img, _ = _audit_inputs(80, seed=21)
+    _, summ = run_baselines(train, syn, hold, train_img, syn_img, pixel_size=16, seed=0)
+    xt, xg, xh = baseline_space(train, syn, hold)
+    # 80 synthetic and 40 holdout slices: min(20, 80 // 40, 40 // 10) = 2 cells at tau = 20 / 80: no note
+    ct = ct_score(xt, xh, xg, n_cells=2, tau=0.25, seed=0)
+    assert summ["ct_score"] == pytest.approx(ct["ct_score"], rel=1e-9)
+    assert summ["ct_cells"] == ct["n_cells_used"]
+    assert "ct_note" not in summ and "ct_score_error" not in summ
+
+
+def test_run_baselines_reports_errors_without_raising(monkeypatch):
+    train, syn, hold, train_img, syn_img, _ = _audit_inputs(30)
+    # no holdout: no CT-score, the rest runs
+    cols, summ = run_baselines(train, syn, None, train_img, syn_img, pixel_size=16)
+    assert summ["ct_score_error"] == "CT-score needs a holdout (test) set of real scans"
+    assert "ct_score" not in summ and "ct_cells" not in summ
+    assert set(cols) == {"dcr", "authentic", "pixel_corr"}
+    assert {"dcr_median", "auth_pct", "pixel_corr_median"} <= set(summ)
+    # a failing baseline is reported as <name>_error; the others still run
+    bad_img = syn_img.copy()
+    bad_img[4, 2, 2] = np.nan
+    cols, summ = run_baselines(train, syn, hold, train_img, bad_img, pixel_size=16)
+    assert "pixel_corr" not in cols and "pixel_corr_median" not in summ
+    assert summ["pixel_corr_error"].startswith("DegenerateInputError:") and "NaN" in summ["pixel_corr_error"]
+    assert {"dcr", "authentic"} <= set(cols) and {"dcr_median", "auth_pct", "ct_score"} <= set(summ)
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    cases = (("dcr", "dcr", "dcr_median"), ("auth_pct", "authentic", "auth_pct"), ("ct_score", None, "ct_score"))
+    for name, col, key in cases:
+        with monkeypatch.context() as mp:
+            mp.setattr(B, name, boom)
+            cols, summ = run_baselines(train, syn, hold, train_img, syn_img, pixel_size=16)
+        assert summ[f"{name}_error"] == "RuntimeError: boom", name
+        assert key not in summ and (col is None or col not in cols), name
+        others = {"dcr_median", "auth_pct", "ct_score", "pixel_corr_median"} - {key}
+        assert others <= set(summ), (name, summ)
+    # one training slice: AuthPct needs two, so it reports instead of raising
+    one = {k: v[:1] for k, v in train.items()}
+    cols, summ = run_baselines(one, syn, hold, train_img[:1], syn_img, pixel_size=16)
+    assert summ["auth_pct_error"].startswith("DegenerateInputError:") and "at least 2" in summ["auth_pct_error"]
+    assert "authentic" not in cols and "dcr" in cols and "pixel_corr" in cols

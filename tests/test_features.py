@@ -10,9 +10,10 @@ import torch
 from numpy.testing import assert_allclose, assert_array_equal
 
 import inspector
-from inspector.features import prepare_extractor, view_images
+from inspector.features import prepare_extractor
 from inspector.models import MriCoreConfig, SamImageEncoder, SslExtractor, get_extractor
 from inspector.types import Cohort, Slice
+from inspector.views import FLIPS, ROTATION_VIEWS, View, apply_view
 
 SSL_TINY = dict(input_size=32, width=8, epochs=6, train_batch=16, proj_dim=16)
 MRI_TINY = dict(
@@ -64,10 +65,34 @@ def test_pixels_views_and_shapes(tmp_path):
     for layers in feats.views.values():
         assert {k: v.shape for k, v in layers.items()} == {"pix8": (6, 64), "pix16": (6, 256), "pix32": (6, 1024)}
         assert all(v.dtype == np.float32 for v in layers.values())
-    direct = get_extractor("pixels").forward_batch(torch.from_numpy(view_images(imgs, "hflip")))
+    direct = get_extractor("pixels").forward_batch(torch.from_numpy(apply_view(imgs, "hflip")))
     assert_allclose(feats.views["hflip"]["pix16"], direct["pix16"].numpy(), atol=1e-6)
+    assert_array_equal(apply_view(imgs, "hflip"), imgs[:, :, ::-1])  # the view really is the mirror image
     assert not np.allclose(feats.views["hflip"]["pix16"], feats.views["id"]["pix16"])
     assert feats.from_cache == {"id": False, "hflip": False, "rot+5": False, "vflip": False}
+
+
+def test_every_view_name_extracts_the_viewed_images(tmp_path):
+    """The flip group, the small rotations and the other orientations of inspector.views, by name."""
+    imgs = smooth_images(3, 32, seed=8)
+    names = (*(v.value for v in FLIPS), *ROTATION_VIEWS, "rot90", "transpose")
+    feats = inspector.extract(imgs, extractor="pixels", views=names, input_size=32, cache_dir=tmp_path)
+    assert list(feats.views) == list(names)
+    ext = get_extractor("pixels", input_size=32)
+    for name in names:
+        direct = ext.forward_batch(torch.from_numpy(apply_view(imgs, name)))
+        for k, v in direct.items():
+            assert_allclose(feats.views[name][k], v.numpy(), atol=1e-6)
+    # the views differ from one another (no name silently falls back to the identity)
+    pix = {name: feats.views[name]["pix16"] for name in names}
+    for a, b in zip(names, names[1:], strict=False):
+        assert not np.allclose(pix[a], pix[b]), (a, b)
+    assert_allclose(pix["rot90"], ext.forward_batch(torch.from_numpy(View.ROT90.apply(imgs)))["pix16"].numpy())
+    # each view is its own cache entry: a second call with a subset hits them
+    again = inspector.extract(imgs, extractor="pixels", views=("hflip", "rot90"), input_size=32, cache_dir=tmp_path)
+    assert again.from_cache == {"id": True, "hflip": True, "rot90": True}
+    with pytest.raises(ValueError, match="Unknown view"):
+        inspector.extract(imgs, extractor="pixels", views=("mirror",), cache_dir=tmp_path, use_cache=False)
 
 
 def test_cohort_input_is_resized(tmp_path):

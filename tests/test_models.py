@@ -69,6 +69,12 @@ def blob_images(n: int, size: int, seed: int) -> np.ndarray:
     return out
 
 
+def layer_maps(ext, batch: torch.Tensor, layer: str) -> torch.Tensor:
+    """The spatial map (B, C, h, w) of one layer, from the maps production pools (``Extractor._maps``)."""
+    with torch.inference_mode():
+        return ext._maps(batch, [layer])[layer].float()
+
+
 # ------------------------------------------------------------------------------------------------
 # Registry and base
 # ------------------------------------------------------------------------------------------------
@@ -137,7 +143,7 @@ def test_pixels_is_pearson_of_block_means():
         assert_allclose(f, blocks - blocks.mean(1, keepdims=True), atol=1e-6)
         fn = f / np.linalg.norm(f, axis=1, keepdims=True)
         assert_allclose(fn @ fn.T, np.corrcoef(blocks), atol=1e-5)
-        maps = ext.feature_maps(torch.from_numpy(imgs), f"pix{k}").numpy()
+        maps = layer_maps(ext, torch.from_numpy(imgs), f"pix{k}").numpy()
         assert maps.shape == (4, 1, k, k)
         assert_allclose(maps.reshape(4, -1), blocks, atol=1e-6)
     small = get_extractor("pixels", input_size=16)
@@ -463,7 +469,7 @@ def test_pooling_is_over_h_and_w_and_maps_are_channels_first(tmp_path):
     assert raw.shape == (2, 4, 4, 64)  # channels last
     assert pooled.shape == (2, 64)
     assert_allclose(pooled.numpy(), raw.numpy().mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
-    maps = ext.feature_maps(imgs, "block2")
+    maps = layer_maps(ext, imgs, "block2")
     assert maps.shape == (2, 64, 4, 4)
     assert_allclose(maps.mean(dim=(2, 3)).numpy(), pooled.numpy(), rtol=1e-5, atol=1e-6)
 
@@ -635,7 +641,7 @@ def test_ssl_training_learns_invariance(tmp_path):
         "stage3": (3, 32),
         "stage4": (3, 64),
     }
-    assert ext.feature_maps(torch.from_numpy(imgs[:3]), "stage2").shape == (3, 16, 8, 8)
+    assert layer_maps(ext, torch.from_numpy(imgs[:3]), "stage2").shape == (3, 16, 8, 8)
     # flips are what an untrained network is not invariant to (measured: ~0.83 before, ~0.97 after)
     for cond in ("hflip", [Augmentation("hflip"), Augmentation("rotate", 10.0)]):
         copies = apply_condition(imgs[:32], cond, rng=5)
@@ -662,7 +668,7 @@ def test_ssl_is_deterministic_and_avgmax_doubles_channels():
     m = get_extractor("ssl", **dict(cfg, pool="avgmax")).fit(imgs)
     out = m.forward_batch(torch.from_numpy(imgs[:2]))
     assert out["stage4"].shape == (2, 128)
-    fmap = m.feature_maps(torch.from_numpy(imgs[:2]), "stage4")
+    fmap = layer_maps(m, torch.from_numpy(imgs[:2]), "stage4")
     assert_allclose(out["stage4"][:, 64:].numpy(), fmap.amax(dim=(2, 3)).numpy())
     with pytest.raises(ValueError, match="n >= 2"):
         get_extractor("ssl", **cfg).fit(imgs[:1])

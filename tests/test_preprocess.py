@@ -94,7 +94,9 @@ def test_resize_square_keeps_aspect_and_pads():
         resize_square(img, 0)
 
 
-@pytest.mark.parametrize(("shape", "size"), [((30, 60), 32), ((60, 30), 32), ((50, 50), 32), ((20, 28), 64), ((32, 32), 32)])
+@pytest.mark.parametrize(
+    ("shape", "size"), [((30, 60), 32), ((60, 30), 32), ((50, 50), 32), ((20, 28), 64), ((32, 32), 32)]
+)
 def test_resize_square_stack_and_tensor_match_the_per_image_result(shape, size):
     rng = np.random.default_rng(sum(shape) + size)
     stack = rng.random((5, *shape)).astype(np.float32)  # in [0, 1]

@@ -31,7 +31,6 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 import inspector.pipeline as audit_mod
 from inspector.cli import build_parser, main
-from inspector.preprocess import is_background, normalise_volume
 from inspector.config import AuditConfig
 from inspector.folder import (
     AuditFolderError,
@@ -44,6 +43,7 @@ from inspector.folder import (
     validate_summary,
     write_evidence,
 )
+from inspector.preprocess import is_background, normalise_volume
 from inspector.report import summary_path_for, svg_histogram, verify_report, write_report
 from inspector.review import SIGNOFF_DECISIONS, ReviewStore, SignOff, SignOffError
 

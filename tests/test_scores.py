@@ -12,7 +12,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.exceptions import NotFittedError
 
 from inspector import scores as scores_mod
-from inspector.result import wilson_interval
+from inspector.calibration import Calibration, wilson_interval
 from inspector.scores import (
     PAPER_ONI_THRESHOLD,
     DegenerateInputError,
@@ -277,9 +277,16 @@ def test_paper_scorer_matches_slow_reference(n, m, seed):
     for k in DIMS:
         assert_array_equal(nb[k], res.neighbours[k])
         assert_allclose(nbs[k], res.neighbour_sims[k])
-    assert res.mean_oni == pytest.approx(float(np.mean(ref["oni"])), abs=1e-4)
-    assert res.mean_mi_z == pytest.approx(float(np.mean(ref["mi"])), abs=1e-4)
-    assert res.memorised() == (np.mean(ref["oni"]) < 0.68)
+    # score_samples' MI and ONI are zscore_oni against the fitted null
+    mi_ref, oni_ref = zscore_oni(res.similarity, sc.null_)
+    assert_allclose(res.mi_z, mi_ref, rtol=1e-12)
+    assert_allclose(res.oni, oni_ref, rtol=1e-12)
+    # the dataset level: the calibration's verdict over the paper's split-half null
+    v = Calibration(res.similarity, sc.null_, null_kind="split-half bootstrap", mi_z=res.mi_z, oni=res.oni).verdict()
+    assert v.mean_oni == pytest.approx(float(np.mean(ref["oni"])), abs=1e-4)
+    assert v.mean_mi_z == pytest.approx(float(np.mean(ref["mi"])), abs=1e-4)
+    assert v.paper_rule_memorised == (np.mean(ref["oni"]) < 0.68)
+    assert v.n_null == len(ref["null"]) == 10 * (n // 2)  # each round scores half A against half B
 
 
 def test_paper_bootstrap_fallback_search_matches_reference(monkeypatch):
@@ -370,9 +377,28 @@ def test_paper_dataset_rule_constant():
     sc = PaperScorer().fit(train)
     copies = sc.score_samples({k: v[:30] for k, v in train.items()})
     novel = sc.score_samples(_layer_features(rng, 30, mixing=mixing)[0])
-    assert copies.memorised() and copies.mean_oni < 0.68
-    assert copies.mean_oni < novel.mean_oni
-    assert copies.memorised(threshold=-2.0) is False
+
+    def verdict(res):
+        return Calibration(
+            res.similarity, sc.null_, null_kind="split-half bootstrap", mi_z=res.mi_z, oni=res.oni
+        ).verdict()
+
+    vc, vn = verdict(copies), verdict(novel)
+    assert vc.paper_rule_memorised and vc.mean_oni < 0.68
+    assert vc.mean_oni == pytest.approx(float(np.mean(copies.oni)), rel=1e-12)
+    assert vc.mean_mi_z == pytest.approx(float(np.mean(copies.mi_z)), rel=1e-12)
+    assert vc.mean_oni < vn.mean_oni
+    assert vc.paper_rule == "ONI < 0.68 means memorisation"
+    assert vc.paper_rule_memorised is True and isinstance(vc.paper_rule_memorised, bool)
+
+    # the rule is strict: a mean ONI of exactly 0.68 is not memorised, just below it is
+    def rule(oni: float) -> bool:
+        cal = Calibration([0.5], sc.null_, null_kind="split-half bootstrap", mi_z=[0.0], oni=[oni])
+        return cal.verdict().paper_rule_memorised
+
+    assert rule(PAPER_ONI_THRESHOLD) is False
+    assert rule(float(np.nextafter(PAPER_ONI_THRESHOLD, 0.0))) is True
+    assert rule(0.9) is False and rule(-1.0) is True
 
 
 # ---------------------------------------------------------------------------------------------- calibration

@@ -313,25 +313,6 @@ class Extractor(abc.ABC):
             maps = self._maps(batch, self.layers)
             return {name: self._pool(name, maps[name]) for name in self.layers}
 
-    def feature_maps(self, batch: torch.Tensor, layer: str) -> torch.Tensor:
-        """Spatial feature maps of one layer, for the app's per-layer views.
-
-        Parameters
-        ----------
-        batch : torch.Tensor, shape (B, H, W), float in [0, 1]
-        layer : str
-            Any name in :meth:`available_layers`.
-
-        Returns
-        -------
-        torch.Tensor, shape (B, C, h, w), float32
-        """
-        self._check_fitted()
-        if layer not in self.available_layers():
-            raise ValueError(f"Extractor {self.name!r} has no layer {layer!r}; valid: {list(self.available_layers())}.")
-        with torch.inference_mode():
-            return self._maps(batch, [layer])[layer].float()
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, layers={self.layers}, device={self._device}, {self.config})"
 

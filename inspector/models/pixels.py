@@ -34,7 +34,7 @@ class PixelsConfig(ExtractorConfig):
 class PixelsExtractor(Extractor):
     """Mean-centred downsampled intensities; layers ``pix8``, ``pix16``, ``pix32`` by default.
 
-    ``forward_batch`` returns ``{pix<k>: (B, k*k)}``; ``feature_maps(batch, "pix<k>")`` returns the
+    ``forward_batch`` returns ``{pix<k>: (B, k*k)}``; ``_maps(batch, ["pix<k>"])`` returns the
     downsampled (not centred) image, shape (B, 1, k, k).
     """
 

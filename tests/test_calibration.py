@@ -1,0 +1,367 @@
+"""The one calibration object (inspector.calibration): p-values, flags, thresholds, the verdict and the CI
+gate, against slow references written here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from inspector.calibration import GATES, NULL_KINDS, Calibration, Verdict, gate, wilson_interval
+from inspector.scores import calibrated_mi, mann_whitney_auc
+
+Z95 = 1.959963984540054
+
+
+# ---------------------------------------------------------------------------------------------- references
+def ref_p_values(sim, null) -> np.ndarray:
+    """Conformal p-values by counting, one slice at a time."""
+    return np.array([(1 + sum(1 for z in null if z >= s)) / (1 + len(null)) for s in sim])
+
+
+def ref_bh(p, alpha: float) -> np.ndarray:
+    """Benjamini-Hochberg step-up: reject the k smallest, k the largest rank with p_(k) <= k alpha / m."""
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    k = 0
+    for rank, i in enumerate(order, start=1):
+        if p[i] <= rank * alpha / m:
+            k = rank
+    out = np.zeros(m, bool)
+    for i in order[:k]:
+        out[i] = True
+    return out
+
+
+def ref_wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson interval as the roots of (phat - p)^2 = z^2 p (1 - p) / n."""
+    phat, c = k / n, z * z / n
+    roots = np.sort(np.real(np.roots([1 + c, -(2 * phat + c), phat * phat])))
+    return float(roots[0]), float(roots[1])
+
+
+def _data(seed: int, m: int = 200, n_null: int = 400, n_copies: int = 0, round_to: int | None = None):
+    """Continuous null and synthetic scores (no ties unless rounded); the first n_copies score high."""
+    rng = np.random.default_rng(seed)
+    null = rng.normal(0.5, 0.1, n_null)
+    sim = rng.normal(0.5, 0.1, m)
+    sim[:n_copies] = rng.uniform(0.95, 1.2, n_copies)
+    if round_to is not None:
+        null, sim = np.round(null, round_to), np.round(sim, round_to)
+    return sim, null
+
+
+# ---------------------------------------------------------------------------------------------- construction
+def test_construction_and_attributes():
+    sim, null = _data(0, m=50, n_null=120)
+    cal = Calibration(sim, null, null_kind="holdout")
+    assert len(cal) == 50 and cal.n_null == 120
+    assert cal.alpha == 0.01 and cal.fdr is False and cal.mode == "default" and cal.null_kind == "holdout"
+    assert cal.p_values.shape == (50,) and cal.similarity.dtype == np.float64
+    assert_allclose(cal.mi, calibrated_mi(sim, null), rtol=0, atol=0)
+    assert cal.min_p_value == pytest.approx(1 / 121)
+    assert NULL_KINDS == ("holdout", "leave-one-subject-out", "split-half bootstrap")
+    for kind in NULL_KINDS:
+        assert Calibration(sim, null, null_kind=kind).null_kind == kind
+    # optional per-slice arrays default to blanks / NaN
+    assert (cal.nearest_subject == "").all() and np.isnan(cal.mi_z).all() and np.isnan(cal.oni).all()
+
+
+def test_construction_errors():
+    sim, null = _data(1, m=10, n_null=20)
+    with pytest.raises(ValueError, match="null_kind must be one of"):
+        Calibration(sim, null, null_kind="bootstrap")
+    with pytest.raises(ValueError, match="at least 2 are needed"):
+        Calibration(sim, null[:1], null_kind="holdout")
+    with pytest.raises(ValueError, match="alpha"):
+        Calibration(sim, null, null_kind="holdout", alpha=0.0)
+    with pytest.raises(ValueError, match="alpha"):
+        Calibration(sim, null, null_kind="holdout", alpha=1.0)
+    with pytest.raises(ValueError, match=r"mi_z must have shape \(10,\)"):
+        Calibration(sim, null, null_kind="holdout", mi_z=np.zeros(9))
+    with pytest.raises(ValueError, match=r"oni must have shape \(10,\)"):
+        Calibration(sim, null, null_kind="holdout", oni=np.zeros(11))
+    with pytest.raises(ValueError, match=r"nearest_subject must have shape \(10,\)"):
+        Calibration(sim, null, null_kind="holdout", nearest_subject=["a"] * 3)
+
+
+# ---------------------------------------------------------------------------------------------- slice decisions
+@pytest.mark.parametrize("round_to", [None, 2])
+def test_p_values_match_the_counting_reference(round_to):
+    sim, null = _data(2, m=80, n_null=150, n_copies=5, round_to=round_to)  # rounded: many ties on purpose
+    sim = np.concatenate([sim, [null.max(), null.min(), 10.0, -10.0]])
+    cal = Calibration(sim, null, null_kind="holdout")
+    assert_allclose(cal.p_values, ref_p_values(sim, null), rtol=0, atol=0)
+    assert cal.p_values[-2] == cal.min_p_value == 1 / 151  # above every null score
+    assert cal.p_values[-1] == 1.0  # below every null score
+    assert cal.p_values[-4] == 2 / 151  # ties with the null maximum count as >=
+
+
+def test_flags_are_p_at_most_alpha():
+    sim, null = _data(3, n_copies=12)
+    cal = Calibration(sim, null, null_kind="holdout", alpha=0.05)
+    ref_p = ref_p_values(sim, null)
+    for alpha in (0.003, 0.01, 0.05, 0.2):
+        got = cal.flags(alpha)
+        assert got.dtype == bool and got.shape == sim.shape
+        assert_array_equal(got, ref_p <= alpha)
+        assert_array_equal(cal.flags(alpha, False), got)
+    assert_array_equal(cal.flags(), ref_p <= 0.05)  # the default setting
+    assert cal.flags(0.01)[:12].all()
+
+
+def test_fdr_flags_match_a_slow_benjamini_hochberg():
+    for seed in range(6):
+        sim, null = _data(10 + seed, m=150, n_null=600, n_copies=seed * 4, round_to=3 if seed % 2 else None)
+        cal = Calibration(sim, null, null_kind="leave-one-subject-out")
+        ref_p = ref_p_values(sim, null)
+        for alpha in (0.01, 0.05, 0.2):
+            got = cal.flags(alpha, fdr=True)
+            assert_array_equal(got, ref_bh(ref_p, alpha))
+            assert (got <= (ref_p <= alpha)).all()  # BH never flags more than the per-slice rule
+        assert_array_equal(
+            Calibration(sim, null, null_kind="holdout", fdr=True, alpha=0.05).flags(), ref_bh(ref_p, 0.05)
+        )
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_threshold_is_consistent_with_the_flags(seed):
+    sim, null = _data(20 + seed, m=300, n_null=500, n_copies=10 * seed)
+    assert len(np.unique(np.concatenate([sim, null]))) == len(sim) + len(null)  # no ties
+    cal = Calibration(sim, null, null_kind="holdout")
+    for alpha in (0.005, 0.01, 0.05, 0.3):
+        thr = cal.threshold(alpha)
+        flagged = cal.flags(alpha)
+        assert np.isfinite(thr)
+        assert_array_equal(flagged, sim > thr)  # every similarity above is flagged, at or below is not
+        # at the threshold itself (a null score): not flagged; just above it: flagged
+        edge = Calibration([thr, np.nextafter(thr, np.inf)], null, null_kind="holdout")
+        assert_array_equal(edge.flags(alpha), [False, True])
+        # with BH: the smallest flagged similarity, flagged iff at or above it
+        thr_bh = cal.threshold(alpha, fdr=True)
+        flagged_bh = cal.flags(alpha, fdr=True)
+        if flagged_bh.any():
+            assert thr_bh == sim[flagged_bh].min()
+            assert_array_equal(flagged_bh, sim >= thr_bh)
+        else:
+            assert thr_bh == math.inf
+    # unreachable alpha: nothing can be flagged, the threshold is +inf
+    assert cal.threshold(1 / 1000) == math.inf and not cal.flags(1 / 1000).any()
+    assert cal.threshold() == cal.threshold(0.01)  # the default setting
+
+
+def test_threshold_with_nothing_flagged_under_fdr():
+    sim, null = _data(30, m=100, n_null=400)
+    cal = Calibration(sim - 1.0, null, null_kind="holdout")  # everything far below the null
+    assert not cal.flags(0.05, True).any() and cal.threshold(0.05, fdr=True) == math.inf
+
+
+# ---------------------------------------------------------------------------------------------- the verdict
+def test_wilson_interval_matches_the_quadratic_roots():
+    for k, n in [(0, 1), (1, 1), (0, 20), (3, 20), (20, 20), (7, 300), (150, 300), (1, 10**6)]:
+        lo, hi = wilson_interval(k, n)
+        rlo, rhi = ref_wilson(k, n)
+        assert lo == pytest.approx(max(0.0, rlo), abs=1e-12) and hi == pytest.approx(min(1.0, rhi), abs=1e-12)
+        assert 0 <= lo <= k / n <= hi <= 1
+    assert wilson_interval(3, 40, z=3.29) == pytest.approx(ref_wilson(3, 40, z=3.29), abs=1e-12)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_verdict_fields_when_copying():
+    sim, null = _data(40, m=200, n_null=400, n_copies=30)
+    subjects = np.array([f"sub-{i % 7}" if i % 10 else "" for i in range(200)], dtype=object)
+    mi_z, oni = np.linspace(-1, 3, 200), np.linspace(-0.9, 0.8, 200)
+    cal = Calibration(
+        sim, null, null_kind="holdout", alpha=0.01, nearest_subject=subjects, mi_z=mi_z, oni=oni, mode="paper"
+    )
+    v = cal.verdict()
+    assert isinstance(v, Verdict)
+    flagged = ref_p_values(sim, null) <= 0.01
+    k = int(flagged.sum())
+    assert k >= 30 and v.n_flagged == k and v.n_synthetic == 200
+    assert v.fraction_flagged == k / 200
+    assert v.fraction_ci95 == pytest.approx(ref_wilson(k, 200), abs=1e-12)
+    assert v.alpha == 0.01 and v.fdr is False and v.mode == "paper" and v.null_kind == "holdout"
+    assert v.expected_false_positives == pytest.approx(2.0)
+    assert v.n_subjects_flagged == len({s for s in subjects[flagged] if s})
+    assert v.n_null == 400 and v.min_p_value == pytest.approx(1 / 401) and v.alpha_reachable is True
+    auc, p = mann_whitney_auc(sim, null)
+    assert v.mann_whitney_auc == pytest.approx(auc) and v.mann_whitney_p == pytest.approx(p)
+    assert v.mean_oni == pytest.approx(oni.mean()) and v.mean_mi_z == pytest.approx(mi_z.mean())
+    assert v.paper_rule_memorised is bool(oni.mean() < 0.68) is True
+    # the dataset decision: the lower Wilson bound of the flagged fraction above alpha
+    assert v.fraction_ci95[0] > 0.01 and v.copying is True
+    assert "lies above alpha = 0.01" in v.copying_reason and f"{k} of 200" in v.copying_reason
+    assert v.warning is None
+    assert f"{k} of 200 synthetic slices look copied" in v.text and "likely memorised" in v.text
+
+
+def test_verdict_fields_when_not_copying():
+    # synthetic scores from the null's distribution: a few chance flags, no copying
+    rng = np.random.default_rng(41)
+    null, sim = rng.normal(size=2000), rng.normal(size=300)
+    cal = Calibration(sim, null, null_kind="leave-one-subject-out", alpha=0.01)
+    for fdr in (False, True):
+        v = cal.verdict(fdr=fdr)
+        k = int(cal.flags(0.01, fdr).sum())
+        assert v.n_flagged == k and v.fdr is fdr
+        lo, hi = wilson_interval(k, 300)
+        assert v.fraction_ci95 == (lo, hi)
+        assert v.copying is (lo > 0.01) is False
+        assert "includes alpha = 0.01" in v.copying_reason
+    assert np.isnan(cal.verdict().mean_oni) and cal.verdict().paper_rule_memorised is False  # no ONI given
+
+
+def test_verdict_copying_is_the_wilson_lower_bound_above_alpha():
+    rng = np.random.default_rng(42)
+    null = rng.normal(size=999)
+    for n_copies in (0, 2, 5, 8, 12, 20, 40):
+        sim = rng.normal(size=400)
+        sim[:n_copies] = 10.0
+        cal = Calibration(sim, null, null_kind="holdout")
+        for alpha in (0.01, 0.05):
+            v = cal.verdict(alpha)
+            lo = ref_wilson(v.n_flagged, 400)[0]
+            assert v.copying is bool(lo > alpha), (n_copies, alpha, v.n_flagged)
+
+
+def test_verdict_warns_when_the_null_is_too_small():
+    sim, null = _data(43, m=60, n_null=50, n_copies=20)
+    cal = Calibration(sim, null, null_kind="holdout", alpha=0.01)
+    v = cal.verdict()
+    assert not cal.reachable() and v.alpha_reachable is False
+    assert v.n_flagged == 0 and not v.copying  # copies or not, p >= 1/51 > 0.01
+    assert v.min_p_value == pytest.approx(1 / 51)
+    assert "only 50 slices" in v.warning and "at least 99 slices" in v.warning and "alpha = 0.01" in v.warning
+    assert "Warning:" in v.text
+    # a larger alpha is reachable: no warning, the copies are flagged
+    v5 = cal.verdict(0.05)
+    assert cal.reachable(0.05) and v5.alpha_reachable and v5.warning is None and v5.n_flagged >= 20
+    # the boundary: 99 null scores reach alpha = 0.01 exactly
+    assert Calibration(sim, np.linspace(0, 0.5, 99), null_kind="holdout").verdict().warning is None
+    assert Calibration(sim, np.linspace(0, 0.5, 98), null_kind="holdout").verdict().warning is not None
+
+
+def test_verdict_of_an_empty_synthetic_set():
+    cal = Calibration([], np.arange(200.0), null_kind="holdout")
+    v = cal.verdict()
+    assert v.n_synthetic == 0 and v.n_flagged == 0 and v.fraction_flagged == 0.0
+    assert v.fraction_ci95 == (0.0, 1.0) and v.copying is False and v.n_subjects_flagged == 0
+    assert np.isnan(v.mann_whitney_auc) and np.isnan(v.mean_oni)
+    assert gate(v, "verdict")[0] is False and gate(v, "flagged")[0] is False
+
+
+def test_at_changes_the_default_setting_only():
+    sim, null = _data(44, m=150, n_null=300, n_copies=15)
+    oni = np.linspace(-1, 1, 150)  # given, so that verdicts compare equal (no NaN means)
+    cal = Calibration(sim, null, null_kind="holdout", alpha=0.01, fdr=False, mi_z=-oni, oni=oni)
+    other = cal.at(0.05, True)
+    assert (other.alpha, other.fdr) == (0.05, True)
+    assert (cal.alpha, cal.fdr) == (0.01, False)  # the original is unchanged
+    assert other.p_values is cal.p_values and other.mi is cal.mi  # nothing recomputed
+    assert_array_equal(other.flags(), cal.flags(0.05, True))
+    assert other.threshold() == cal.threshold(0.05, True)
+    assert other.verdict() == cal.verdict(0.05, True)
+    assert other.verdict(0.01, False) == cal.verdict()  # explicit arguments still win
+    half = cal.at(fdr=True)
+    assert (half.alpha, half.fdr) == (0.01, True)
+    assert (cal.at(alpha=0.2).alpha, cal.at(alpha=0.2).fdr) == (0.2, False)
+    same = cal.at()
+    assert same is not cal and (same.alpha, same.fdr) == (0.01, False) and same.verdict() == cal.verdict()
+    with pytest.raises(ValueError, match="alpha"):
+        cal.at(1.5)
+
+
+# ---------------------------------------------------------------------------------------------- the CI gate
+def _verdicts():
+    null = np.random.default_rng(45).normal(size=999)
+    sim = np.random.default_rng(46).normal(size=300)
+    few = sim.copy()
+    few[:3] = 10.0  # 3 copies plus chance: within what chance explains at 0.01
+    many = sim.copy()
+    many[:40] = 10.0
+    return (
+        Calibration(few, null, null_kind="holdout").verdict(),
+        Calibration(many, null, null_kind="holdout").verdict(),
+    )
+
+
+def test_gate_results():
+    few, many = _verdicts()
+    assert GATES == ("never", "flagged", "verdict")
+    assert few.n_flagged >= 3 and not few.copying and many.copying
+    for v in (few, many):
+        assert gate(v, "never") == (False, "")
+        assert gate(v, "never", max_flagged=0) == (False, "")
+        assert gate(v, "verdict") == (v.copying, v.copying_reason)
+        # flagged, without a count: the Wilson lower bound against alpha
+        fails, why = gate(v, "flagged")
+        assert fails is (v.fraction_ci95[0] > v.alpha)
+        assert why.startswith(f"{v.n_flagged} slices flagged") and f"{v.fraction_ci95[0]:.4f}" in why
+        # flagged, with a count: more than max_flagged fails, exactly max_flagged passes
+        n = v.n_flagged
+        assert gate(v, "flagged", max_flagged=n) == (False, f"{n} slices flagged (allowed: {n})")
+        assert gate(v, "flagged", max_flagged=n - 1) == (True, f"{n} slices flagged (allowed: {n - 1})")
+        assert gate(v, "flagged", max_flagged=0)[0] is (n > 0)
+    assert gate(few, "flagged")[0] is False and gate(many, "flagged")[0] is True
+    # the Calibration's gate is the gate of its verdict at the setting
+    null = np.random.default_rng(45).normal(size=999)
+    sim = np.random.default_rng(46).normal(size=300)
+    sim[:40] = 10.0
+    cal = Calibration(sim, null, null_kind="holdout")
+    for fail_on in GATES:
+        for alpha, fdr in ((None, None), (0.05, True), (0.001, False)):
+            assert cal.gate(fail_on, alpha=alpha, fdr=fdr) == gate(cal.verdict(alpha, fdr), fail_on)
+    assert cal.gate("flagged", max_flagged=1000) == gate(cal.verdict(), "flagged", max_flagged=1000)
+
+
+def test_gate_errors():
+    v, _ = _verdicts()
+    with pytest.raises(ValueError, match="fail_on must be one of"):
+        gate(v, "sometimes")
+    with pytest.raises(ValueError, match="max_flagged must be >= 0"):
+        gate(v, "flagged", max_flagged=-1)
+    with pytest.raises(TypeError, match="gate needs a Verdict"):
+        gate(v.to_dict(), "flagged")
+    with pytest.raises(TypeError, match="got dict"):
+        gate({"n_flagged": 3, "copying": True}, "verdict")
+    with pytest.raises(TypeError):
+        gate(None, "never")
+
+
+# ---------------------------------------------------------------------------------------------- serialisation
+def _same(a: Verdict, b: Verdict) -> None:
+    for f in dataclasses.fields(Verdict):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, float) and math.isnan(x):
+            assert isinstance(y, float) and math.isnan(y), f.name
+        else:
+            assert x == y and type(x) is type(y), f.name
+
+
+def test_verdict_to_dict_from_dict_round_trip():
+    sim, null = _data(47, m=120, n_null=50, n_copies=10)
+    subjects = np.array([f"s{i % 4}" for i in range(120)], dtype=object)
+    cal = Calibration(
+        sim, null, null_kind="holdout", nearest_subject=subjects, mi_z=np.linspace(0, 2, 120), oni=np.zeros(120)
+    )
+    with_warning = cal.verdict(0.01)  # 50 null scores: a warning
+    plain = cal.verdict(0.05, True)
+    no_oni = Calibration(sim, null, null_kind="holdout").verdict(0.05)  # NaN means
+    assert with_warning.warning and plain.warning is None
+    for v in (with_warning, plain, no_oni):
+        d = v.to_dict()
+        assert isinstance(d["fraction_ci95"], list) and len(d["fraction_ci95"]) == 2
+        assert ("warning" in d) is (v.warning is not None)
+        assert set(d) <= {f.name for f in dataclasses.fields(Verdict)}
+        back = Verdict.from_dict(json.loads(json.dumps(d)))  # through summary.json
+        assert isinstance(back.fraction_ci95, tuple)
+        _same(v, back)
+        assert Verdict.from_dict({**d, "unknown_key": 1, "schema": "x"}).to_dict().keys() == d.keys()
+    assert Verdict.from_dict(plain.to_dict()) == plain
+    assert Verdict.from_dict(with_warning.to_dict()) == with_warning
+    assert gate(Verdict.from_dict(plain.to_dict()), "verdict") == gate(plain, "verdict")
