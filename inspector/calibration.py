@@ -1,19 +1,31 @@
 """The one calibration object: the null, the p-values, the flags, the thresholds and the dataset verdict.
 
-Every flag, count, threshold and verdict the user sees (``scores.csv``, ``summary.json``, the app's pages,
-the report, the CI gate) is asked of a :class:`Calibration`; no other code compares a p-value with alpha.
-
-The maths lives in :mod:`inspector.scores` (conformal p-values, the null's CDF with fitted tails,
-Benjamini–Hochberg, the Mann–Whitney AUC, the Wilson interval); this module composes them at one
-``(alpha, fdr)`` setting and says what they mean.
+Every flag, count, threshold and verdict the user sees (``scores.csv``, ``volumes.csv``, ``summary.json``, the
+app's pages, the report, the CI gate) is asked of a :class:`Calibration`; no other code compares a p-value with
+alpha. The elementary maths lives in :mod:`inspector.scores`; this module composes it and says what it means.
 
 Slice level
-    ``p_j = (1 + #{null >= s_j}) / (1 + n_null)``; a slice is flagged when ``p_j <= alpha``, or, with
-    ``fdr``, when Benjamini–Hochberg at level ``alpha`` rejects it across the synthetic set.
+    ``p_j = (1 + #{null >= s_j}) / (1 + n_null)`` (conformal), flagged when ``p_j <= alpha`` or, with ``fdr``,
+    when Benjamini–Hochberg at level ``alpha`` rejects it. Valid when the null's slices are exchangeable with
+    the synthetic set's novel slices: a **holdout** of real, unseen scans from the same source, scored through
+    exactly the synthetic path. Without a holdout (the leave-one-subject-out or the paper's split-half null)
+    the p-values are not calibrated (measured: a quarter of novel slices flagged at alpha 0.01), so the
+    calibration **ranks without flagging** and says so (:attr:`Calibration.decidable`).
+Volume level
+    A synthetic volume (the slices sharing one source: a NIfTI file, a DICOM series; a 2D image is a volume of
+    one slice) gets the Simes combination of its slices' p-values, ``P_v = min_k n_v p_(k) / k``: valid at
+    level alpha for a novel volume when its slices' p-values are positively dependent (PRDS, as conformal
+    p-values sharing one null are), whatever the number of slices.
 Dataset level
-    ``copying`` when the lower end of the 95 % Wilson interval of the flagged fraction lies above alpha.
-    (This treats flags as independent; a test valid under the shared null and within-volume dependence is
-    the subject of the calibration issue.)
+    A count test whose false-alarm rate is at most its stated level (default 5 %) under no copying:
+    * **independent units** (every volume one slice): the number ``K`` of units with ``p <= alpha``. Given the
+      null, each novel unit passes the threshold with the same probability ``U``; over nulls
+      ``U ~ Beta(c + 1, n - c)`` with ``c = floor(alpha (n + 1)) - 1``, so ``K ~ BetaBinomial(m, c + 1, n - c)``
+      exactly (the shared null accounted for, unlike a binomial interval). ``copying`` when
+      ``P(K' >= K) <= level``.
+    * **volumes of several slices**: the same count test over volumes, with each holdout volume scored like a
+      synthetic one (its Simes p-value against the null without its own slices) as the volume-level null; when
+      the holdout has no multi-slice volumes, Bonferroni over the synthetic volumes' Simes p-values.
 """
 
 from __future__ import annotations
@@ -40,12 +52,30 @@ from .scores import (
     null_too_small,
 )
 
-__all__ = ["Calibration", "Verdict", "GATES", "NULL_KINDS", "gate", "wilson_interval"]
+__all__ = [
+    "Calibration",
+    "Verdict",
+    "GATES",
+    "NULL_KINDS",
+    "CALIBRATED_NULLS",
+    "VERDICT_LEVEL",
+    "count_test_p_value",
+    "exchangeability_diagnostics",
+    "permutation_mean_test",
+    "gate",
+    "simes",
+    "group_simes",
+    "wilson_interval",
+]
 
 log = logging.getLogger(__name__)
 
 #: The nulls a calibration can be built on.
 NULL_KINDS: tuple[str, ...] = ("holdout", "leave-one-subject-out", "split-half bootstrap")
+#: The nulls whose p-values are calibrated (exchangeable with novel synthetic slices): only a real holdout.
+CALIBRATED_NULLS: tuple[str, ...] = ("holdout",)
+#: The default false-alarm level of the dataset verdict.
+VERDICT_LEVEL = 0.05
 #: The CI gate's rules (``--fail-on``).
 GATES: tuple[str, ...] = ("never", "flagged", "verdict")
 PAPER_RULE = f"ONI < {PAPER_ONI_THRESHOLD:g} means memorisation"
@@ -131,11 +161,22 @@ class Verdict:
     copying: bool
     copying_reason: str
     warning: str | None = None
+    decidable: bool = True
+    unit: str = "slice"
+    n_units: int = 0
+    n_units_flagged: int = 0
+    n_volumes_flagged: int = 0
+    test: str = ""
+    test_level: float = VERDICT_LEVEL
+    test_p_value: float = 1.0
+    assumption: str = ""
+    diagnostics: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (the interval as a list; ``warning`` only when set)."""
         d = dataclasses.asdict(self)
         d["fraction_ci95"] = list(self.fraction_ci95)
+        d["diagnostics"] = list(self.diagnostics)
         if d["warning"] is None:
             del d["warning"]
         return d
@@ -146,6 +187,7 @@ class Verdict:
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         kw["fraction_ci95"] = tuple(kw.get("fraction_ci95", (0.0, 1.0)))
+        kw["diagnostics"] = tuple(kw.get("diagnostics", ()))
         return cls(**kw)
 
     @property
@@ -156,17 +198,27 @@ class Verdict:
         rule = "the Benjamini–Hochberg FDR level" if self.fdr else "α ="
         who = f"from {s} training subject{'s' if s != 1 else ''}" if k else ""
         chance = f"about {exp:.1f} would be flagged by chance at {rule} {a:g}."
+        if not self.decidable:
+            head = (
+                f"Not decided: the {self.null_kind} null is not calibrated, so no slice is flagged; the {m} synthetic "
+                "slices are ranked by similarity only. Give a holdout of real, unseen scans from the same source "
+                "(--holdout) to flag slices and decide."
+            )
+            return head + (f" Warning: {self.warning}" if self.warning else "")
         head = f"{k} of {m} synthetic slices look copied {who}; {chance}"
         if not k:
             head = f"None of {m} synthetic slices looks copied; {chance}"
         if self.copying:
-            tail = " More slices are flagged than chance explains: the model likely memorised training data."
+            tail = f" More {self.unit}s are flagged than chance explains ({self.test}: p = {self.test_p_value:.3g} <= "
+            tail += f"{self.test_level:g}): the model likely memorised training data."
         elif k:
             tail = " The flagged count is within what chance explains; review the flagged pairs."
         else:
             tail = ""
         if self.warning:
             tail += f" Warning: {self.warning}"
+        for d in self.diagnostics:
+            tail += f" Check: {d}"
         return head + tail
 
 
@@ -192,6 +244,15 @@ class Calibration:
         The paper's per-slice MI and ONI (dataset means in the verdict; NaN when absent).
     mode : str
         The audit's mode, stated in the verdict.
+    groups : array of str, shape (m,), optional
+        The synthetic volume of each slice (default: every slice its own volume).
+    null_groups : array of str, shape (n_null,), optional
+        The holdout volume of each null score (enables the volume-level count test).
+    level : float
+        False-alarm level of the dataset verdict (default :data:`VERDICT_LEVEL`).
+    diagnostics : sequence of str
+        Warnings about the null's exchangeability (e.g. a holdout that differs from the synthetic set),
+        stated in the verdict.
 
     Attributes
     ----------
@@ -213,6 +274,10 @@ class Calibration:
         mi_z: Any = None,
         oni: Any = None,
         mode: str = "default",
+        groups: Any = None,
+        null_groups: Any = None,
+        level: float = VERDICT_LEVEL,
+        diagnostics: Any = (),
     ) -> None:
         if null_kind not in NULL_KINDS:
             raise ValueError(f"null_kind must be one of {NULL_KINDS}; got {null_kind!r}.")
@@ -238,6 +303,21 @@ class Calibration:
         self.p_values = empirical_p_values(self.similarity, self.null)
         self.mi = calibrated_mi(self.similarity, self.null)
         self._auc = mann_whitney_auc(self.similarity, self.null) if m else (float("nan"), 1.0)
+        self.level = _check_alpha(level)
+        self.diagnostics = tuple(str(d) for d in diagnostics)
+        self.groups = np.arange(m).astype(str).astype(object) if groups is None else np.asarray(groups, dtype=object)
+        if self.groups.shape != (m,):
+            raise ValueError(f"groups must have shape ({m},); got {self.groups.shape}.")
+        self.null_groups = None if null_groups is None else np.asarray(null_groups, dtype=object)
+        if self.null_groups is not None and self.null_groups.shape != self.null.shape:
+            raise ValueError(f"null_groups must have shape {self.null.shape}; got {self.null_groups.shape}.")
+        self.volume_ids, self.volume_p_values = group_simes(self.p_values, self.groups)
+        self._volume_of = {g: i for i, g in enumerate(self.volume_ids)}
+
+    @property
+    def decidable(self) -> bool:
+        """Whether the null is calibrated (a holdout): only then are slices flagged and a verdict given."""
+        return self.null_kind in CALIBRATED_NULLS
 
     def __len__(self) -> int:
         return int(self.similarity.size)
@@ -276,9 +356,29 @@ class Calibration:
         np.ndarray of bool, shape (m,)
         """
         a, f = self._setting(alpha, fdr)
+        if not self.decidable:
+            return np.zeros(len(self), dtype=bool)
         if f:
             return benjamini_hochberg(self.p_values, a)
         return self.p_values <= a
+
+    def volume_flags(self, alpha: float | None = None, fdr: bool | None = None) -> np.ndarray:
+        """Which synthetic volumes (:attr:`volume_ids`) are flagged: Simes p-value <= alpha (or BH across volumes).
+
+        Returns
+        -------
+        np.ndarray of bool, shape (n_volumes,)
+        """
+        a, f = self._setting(alpha, fdr)
+        if not self.decidable:
+            return np.zeros(len(self.volume_ids), dtype=bool)
+        if f:
+            return benjamini_hochberg(self.volume_p_values, a)
+        return self.volume_p_values <= a
+
+    def volume_index(self) -> np.ndarray:
+        """The row of :attr:`volume_ids` of each synthetic slice, shape (m,)."""
+        return np.asarray([self._volume_of[g] for g in self.groups], dtype=np.int64)
 
     def threshold(self, alpha: float | None = None, fdr: bool | None = None) -> float:
         """The similarity above which a slice is flagged at ``(alpha, fdr)``, for drawing.
@@ -288,6 +388,8 @@ class Calibration:
         with ``fdr`` it is the smallest flagged similarity (``inf`` when nothing is flagged).
         """
         a, f = self._setting(alpha, fdr)
+        if not self.decidable:
+            return float("inf")
         if f:
             fl = self.flags(a, True)
             return float(self.similarity[fl].min()) if fl.any() else float("inf")
@@ -302,29 +404,79 @@ class Calibration:
         return float(null[n - allowed - 1])
 
     # ------------------------------------------------------------------ the dataset decision
+    def _dataset_test(self, a: float) -> tuple[str, str, int, int, float, str]:
+        """``(unit, test, n_units, n_units_flagged, p_value, assumption)`` of the dataset count test at ``a``."""
+        multi = len(self.volume_ids) < len(self)
+        if not multi:
+            k = int((self.p_values <= a).sum())
+            p = count_test_p_value(k, len(self), self.n_null, a)
+            test = f"conformal count test (Beta-binomial, shared null of {self.n_null})"
+            assumption = "novel synthetic slices and holdout slices are exchangeable and independent of each other"
+            return "slice", test, len(self), k, p, assumption
+        n_v = len(self.volume_ids)
+        h = self._holdout_volume_fractions(a)
+        vi = self.volume_index()
+        g_frac = np.bincount(vi, weights=(self.p_values <= a).astype(float), minlength=n_v) / np.bincount(vi)
+        if h is not None and h.size >= 2:
+            p = permutation_mean_test(g_frac, h, seed=0)
+            test = f"volume permutation test of the flagged fraction ({n_v} synthetic vs {h.size} holdout volumes)"
+            assumption = "novel synthetic volumes and holdout volumes are exchangeable (any dependence within a volume)"
+            return "volume", test, n_v, int((g_frac > 0).sum()), p, assumption
+        p = min(1.0, n_v * float(self.volume_p_values.min())) if n_v else 1.0
+        test = f"Bonferroni over {n_v} volumes of their Simes p-values"
+        assumption = (
+            "each novel volume's slice p-values are positively dependent (Simes); any dependence across volumes"
+        )
+        return "volume", test, n_v, int((self.volume_p_values <= a).sum()), p, assumption
+
+    def _holdout_volume_fractions(self, a: float) -> np.ndarray | None:
+        """The fraction of each multi-slice holdout volume's slices with ``p <= a``, each scored like a synthetic
+        volume: against the null without its own slices (``None`` without two such volumes)."""
+        if self.null_groups is None:
+            return None
+        g = self.null_groups.astype(str)
+        ids, counts = np.unique(g, return_counts=True)
+        if (counts > 1).sum() < 2:
+            return None
+        out = []
+        for vid in ids[counts > 1]:
+            mine = g == vid
+            rest = self.null[~mine]
+            if rest.size >= 2:
+                out.append(float((empirical_p_values(self.null[mine], rest) <= a).mean()))
+        return np.asarray(out, np.float64)
+
     def verdict(self, alpha: float | None = None, fdr: bool | None = None) -> Verdict:
         """The dataset verdict at ``(alpha, fdr)`` (default: the audit's setting)."""
         a, f = self._setting(alpha, fdr)
         flagged = self.flags(a, f)
         k, m = int(flagged.sum()), len(self)
         lo, hi = wilson_interval(k, m)
-        copying = lo > a
         subj = self.nearest_subject[flagged]
         n_subj = len({s for s in subj if s}) if k else 0
         warning = None
-        if not self.reachable(a):
+        if not self.decidable:
+            warning = (
+                f"without a holdout the {self.null_kind} null is not exchangeable with the synthetic slices "
+                "(measured: it flags about a quarter of novel slices), so nothing is flagged and no verdict is given."
+            )
+        elif not self.reachable(a):
             warning = (
                 f"The null has only {self.n_null} slices, so the smallest possible p-value is {self.min_p_value:.3g} "
                 f"> alpha = {a:g}: no slice can be flagged. Give a larger holdout (at least {min_null_size(a)} "
                 "slices) or a larger alpha."
             )
+        unit, test, n_units, k_units, p_test, assumption = self._dataset_test(a)
+        copying = self.decidable and self.reachable(a) and p_test <= self.level
+        if not self.decidable:
+            reason = f"not decided: no calibrated null ({self.null_kind}); give a holdout"
+        else:
+            verb = "rejects" if copying else "does not reject"
+            reason = (
+                f"{k_units} of {n_units} {unit}s have p <= alpha = {a:g}; the {test} {verb} 'no copying' at level "
+                f"{self.level:g} (p = {p_test:.3g})"
+            )
         mean_oni = float(np.mean(self.oni)) if m else float("nan")
-        reason = (
-            f"{k} of {m} slices flagged; the 95% interval of the flagged fraction [{lo:.3f}, {hi:.3f}] lies above "
-            f"alpha = {a:g}"
-            if copying
-            else f"{k} of {m} slices flagged; the 95% interval [{lo:.3f}, {hi:.3f}] includes alpha = {a:g}"
-        )
         return Verdict(
             mode=self.mode,
             n_synthetic=m,
@@ -348,6 +500,16 @@ class Calibration:
             copying=bool(copying),
             copying_reason=reason,
             warning=warning,
+            decidable=self.decidable,
+            unit=unit,
+            n_units=n_units,
+            n_units_flagged=k_units,
+            n_volumes_flagged=int(self.volume_flags(a, f).sum()),
+            test=test,
+            test_level=self.level,
+            test_p_value=float(p_test),
+            assumption=assumption,
+            diagnostics=self.diagnostics,
         )
 
     def gate(
@@ -355,6 +517,132 @@ class Calibration:
     ) -> tuple[bool, str]:
         """The CI gate at ``(alpha, fdr)``: see :func:`gate`."""
         return gate(self.verdict(alpha, fdr), fail_on, max_flagged=max_flagged)
+
+
+def exchangeability_diagnostics(holdout: Any, synthetic: Any, *, min_effect: float = 0.5) -> tuple[str, ...]:
+    """Warnings when the holdout visibly differs from the synthetic set on statistics unrelated to T.
+
+    The holdout null is valid only when the holdout is exchangeable with the synthetic set's novel part; a
+    holdout from another scanner or protocol is not. Compared (two-sample Kolmogorov–Smirnov, warned when the
+    statistic is at least ``min_effect`` and its p-value below 0.001): each slice's source matrix size
+    (pixels), pixel spacing, foreground fraction, and foreground intensity median and spread (after the
+    loader's normalisation). These do not depend on the training set, so copies of T do not trigger them
+    unless the copies themselves differ from real scans that way.
+
+    Parameters
+    ----------
+    holdout, synthetic : Cohort
+
+    Returns
+    -------
+    tuple of str
+        One plain-words warning per statistic that differs (empty when none does).
+    """
+    from scipy.stats import ks_2samp
+
+    def stats(c: Any) -> dict[str, np.ndarray]:
+        rows: dict[str, list[float]] = {k: [] for k in _DIAGNOSTICS}
+        for sl in c.slices:
+            a = np.asarray(sl.array, np.float32)
+            fg = a[a > 0.05]
+            rows["matrix size"].append(float(np.prod(sl.original_shape)) or float(a.size))
+            rows["pixel spacing"].append(float(np.prod(sl.spacing)))
+            rows["foreground fraction"].append(float(fg.size) / a.size)
+            rows["foreground intensity (median)"].append(float(np.median(fg)) if fg.size else 0.0)
+            rows["foreground intensity (spread)"].append(
+                float(np.subtract(*np.percentile(fg, [90, 10]))) if fg.size else 0.0
+            )
+        return {k: np.asarray(v) for k, v in rows.items()}
+
+    if holdout is None or synthetic is None or len(holdout) < 5 or len(synthetic) < 5:
+        return ()
+    h, g = stats(holdout), stats(synthetic)
+    out = []
+    for name in _DIAGNOSTICS:
+        a, b = h[name], g[name]
+        if np.ptp(np.concatenate([a, b])) == 0:
+            continue
+        res = ks_2samp(a, b)
+        if res.statistic >= min_effect and res.pvalue < 1e-3:
+            out.append(
+                f"the holdout differs from the synthetic set in {name} (median {np.median(a):.4g} vs "
+                f"{np.median(b):.4g}; KS {res.statistic:.2f}): a holdout from another scanner or protocol "
+                "invalidates the p-values."
+            )
+    for msg in out:
+        log.warning(msg)
+    return tuple(out)
+
+
+_DIAGNOSTICS: tuple[str, ...] = (
+    "matrix size",
+    "pixel spacing",
+    "foreground fraction",
+    "foreground intensity (median)",
+    "foreground intensity (spread)",
+)
+
+
+def simes(p: Any) -> float:
+    """Simes' combination of p-values, ``min_k n p_(k) / k`` (valid under positive dependence), in [0, 1]."""
+    pv = np.sort(np.asarray(p, np.float64).reshape(-1))
+    if pv.size == 0:
+        return 1.0
+    return float(min(1.0, np.min(pv.size * pv / np.arange(1, pv.size + 1))))
+
+
+def group_simes(p: Any, groups: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Simes' p-value of each group, in order of first appearance.
+
+    Returns
+    -------
+    (ids, p_values) : np.ndarray of object, shape (G,), and np.ndarray of float, shape (G,)
+    """
+    pv = np.asarray(p, np.float64).reshape(-1)
+    g = np.asarray(groups, dtype=object).reshape(-1)
+    ids = list(dict.fromkeys(g.tolist()))
+    index = {v: i for i, v in enumerate(ids)}
+    codes = np.asarray([index[v] for v in g], dtype=np.int64)
+    order = np.argsort(codes, kind="stable")
+    bounds = np.searchsorted(codes[order], np.arange(len(ids) + 1))
+    out = np.array([simes(pv[order[bounds[i] : bounds[i + 1]]]) for i in range(len(ids))], np.float64)
+    return np.asarray(ids, dtype=object), out
+
+
+def permutation_mean_test(g: Any, h: Any, *, n_perm: int = 9999, seed: int = 0) -> float:
+    """One-sided permutation p-value that the mean of ``g`` exceeds what a random split of ``g ∪ h`` gives.
+
+    Exact (``(1 + #{perm >= obs}) / (1 + n_perm)``) when the units of ``g`` and ``h`` are exchangeable.
+    """
+    x, y = np.asarray(g, np.float64).reshape(-1), np.asarray(h, np.float64).reshape(-1)
+    if x.size == 0 or y.size == 0:
+        return 1.0
+    pooled = np.concatenate([x, y])
+    obs = x.mean()
+    rng = np.random.default_rng(seed)
+    hits, chunk = 0, max(1, 2_000_000 // pooled.size)  # bounded memory: about 16 MB of draws at a time
+    for start in range(0, n_perm, chunk):
+        b = min(chunk, n_perm - start)
+        idx = np.argsort(rng.random((b, pooled.size)), axis=1)[:, : x.size]
+        hits += int(np.sum(pooled[idx].mean(axis=1) >= obs - 1e-12))
+    return float((1 + hits) / (1 + n_perm))
+
+
+def count_test_p_value(k: int, m: int, n_null: int, alpha: float) -> float:
+    """``P(K' >= k)`` for ``K'`` the number of ``m`` novel units with conformal ``p <= alpha`` against one null of
+    ``n_null``: ``K' ~ BetaBinomial(m, c + 1, n_null - c)``, ``c = floor(alpha (n_null + 1)) - 1``.
+
+    Exact for exchangeable, independent units with continuous scores (ties make it conservative). 1 when no unit
+    can pass (``c < 0``).
+    """
+    from scipy.stats import betabinom
+
+    c = int(math.floor(alpha * (n_null + 1) + 1e-9)) - 1
+    if c < 0 or m <= 0:
+        return 1.0
+    if c >= n_null:
+        return 1.0 if k <= m else 0.0
+    return float(min(1.0, max(0.0, betabinom.sf(k - 1, m, c + 1, n_null - c))))
 
 
 def gate(verdict: Verdict, fail_on: str, *, max_flagged: int | None = None) -> tuple[bool, str]:
@@ -366,8 +654,9 @@ def gate(verdict: Verdict, fail_on: str, *, max_flagged: int | None = None) -> t
         From :meth:`Calibration.verdict` (``AuditResult.verdict``).
     fail_on : str
         ``never``; ``flagged``: fail when more than ``max_flagged`` slices are flagged, or (without
-        ``max_flagged``) when the lower end of the 95 % interval of the flagged fraction exceeds alpha;
-        ``verdict``: fail when the dataset verdict says copying.
+        ``max_flagged``) when more units are flagged than chance explains (the verdict's count test);
+        ``verdict``: fail when the dataset verdict says copying. Both fail when the verdict is not decidable
+        (no calibrated null: missing evidence).
     max_flagged : int, optional
         With ``flagged``: the number of flagged slices allowed (>= 0).
 
@@ -384,10 +673,9 @@ def gate(verdict: Verdict, fail_on: str, *, max_flagged: int | None = None) -> t
         raise ValueError(f"max_flagged must be >= 0; got {max_flagged}.")
     if fail_on == "never":
         return False, ""
+    if not verdict.decidable:
+        return True, f"missing evidence: {verdict.copying_reason}"
     n = verdict.n_flagged
-    if fail_on == "flagged":
-        if max_flagged is not None:
-            return n > max_flagged, f"{n} slices flagged (allowed: {max_flagged})"
-        lo, a = verdict.fraction_ci95[0], verdict.alpha
-        return lo > a, f"{n} slices flagged; 95% interval of the flagged fraction starts at {lo:.4f} > alpha {a:g}"
+    if fail_on == "flagged" and max_flagged is not None:
+        return n > max_flagged, f"{n} slices flagged (allowed: {max_flagged})"
     return verdict.copying, verdict.copying_reason

@@ -584,9 +584,19 @@ class PaperMatcher:
         train_images: np.ndarray | None = None,
         progress: ProgressFn | None = None,
     ) -> tuple[np.ndarray, str]:
-        """The paper's split-half bootstrap null (as published; the holdout is not used)."""
+        """The null of the paper mode's p-values and flags.
+
+        With a holdout: the holdout scored with the paper's own similarity against all of T, exactly as the
+        synthetic set is (``"holdout"``). Without: the paper's split-half bootstrap null, a maximum over half of
+        T while G is scored against all of it, so it is not calibrated for flags (the calibration flags
+        nothing then). The paper's MI and ONI always use the bootstrap null, as published.
+        """
         if not hasattr(self, "scorer_"):
             raise RuntimeError("PaperMatcher is not fitted; call fit(train_layers, ...) first.")
+        if holdout_views is not None:
+            if progress:
+                progress("scoring:holdout", 0, 1)
+            return np.asarray(self.scorer_.score_samples(holdout_views["id"]).similarity, np.float64), "holdout"
         return np.asarray(self.scorer_.null_, np.float64), "split-half bootstrap"
 
 

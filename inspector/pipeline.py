@@ -56,6 +56,7 @@ __all__ = [
     "make_matcher",
     "match",
     "calibrate",
+    "volume_ids",
     "attribute",
     "audit",
 ]
@@ -300,8 +301,10 @@ def match(
 def calibrate(matches: Matches, inputs: Inputs, config: AuditConfig | None = None) -> Calibration:
     """The :class:`~inspector.calibration.Calibration` of the synthetic similarities against the null."""
     from .attribution import nearest_subjects
+    from .calibration import exchangeability_diagnostics
 
     cfg = config or AuditConfig()
+    holdout_null = matches.null_kind == "holdout" and inputs.holdout is not None
     return Calibration(
         np.asarray(matches.synthetic.similarity, np.float64),
         matches.null,
@@ -312,7 +315,16 @@ def calibrate(matches: Matches, inputs: Inputs, config: AuditConfig | None = Non
         mi_z=matches.paper.mi_z,
         oni=matches.paper.oni,
         mode=cfg.mode,
+        groups=volume_ids(inputs.synthetic),
+        null_groups=volume_ids(inputs.holdout) if holdout_null else None,
+        diagnostics=exchangeability_diagnostics(inputs.holdout, inputs.synthetic) if holdout_null else (),
     )
+
+
+def volume_ids(cohort: Cohort) -> np.ndarray:
+    """The volume of each slice: its source (a NIfTI file, a DICOM series, an ``.npz`` member; a 2D image file
+    is a volume of one slice), shape (n,) of str."""
+    return np.asarray([s.path for s in cohort.slices], dtype=object)
 
 
 # ---------------------------------------------------------------------------------------------- stage 5
