@@ -445,7 +445,9 @@ def score_seed(
             backbone,
             np.asarray(pu.similarity, np.float64),
             {c: np.asarray(p.similarity, np.float64) for c, p in pcs.items()},
-            calibration="fixed",
+            # as the product's paper mode: p-values against the holdout scored with the paper's similarity
+            # (the split-half null is not calibrated for flags; it still gives the paper's MI and ONI)
+            calibration="holdout",
             null=np.asarray(paper.null_, np.float64),
             oni_unseen=np.asarray(pu.oni, np.float64),
             oni_copies={c: np.asarray(p.oni, np.float64) for c, p in pcs.items()},
@@ -1336,8 +1338,8 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
     )
     parts.append(
         f"**Methods** (all through the library's own classes): `paper` = PaperScorer (Deo et al.: ZCA, top-1 cosine, "
-        f"geometric mean over layers, split-half null; flags at p <= {cfg.alpha:g} against that null, as the audit's "
-        f"paper mode does); `default` = MemorizationScorer with AuditConfig's defaults (views {list(cfg.views)}, "
+        f"geometric mean over layers; MI and ONI against its split-half null; flags at p <= {cfg.alpha:g} against the "
+        f"holdout scored with the paper's similarity, as the audit's paper mode does); `default` = MemorizationScorer with AuditConfig's defaults (views {list(cfg.views)}, "
         f"shortlist {cfg.shortlist}, re-ranking {cfg.rerank}, align_flips {cfg.align_flips!r}, "
         f"align_size {cfg.align_size}; "
         "seed = benchmark seed; built by `inspector.pipeline.make_matcher`) calibrated on the holdout null by "
