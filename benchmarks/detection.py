@@ -1339,7 +1339,8 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
     parts.append(
         f"**Methods** (all through the library's own classes): `paper` = PaperScorer (Deo et al.: ZCA, top-1 cosine, "
         f"geometric mean over layers; MI and ONI against its split-half null; flags at p <= {cfg.alpha:g} against the "
-        f"holdout scored with the paper's similarity, as the audit's paper mode does); `default` = MemorizationScorer with AuditConfig's defaults (views {list(cfg.views)}, "
+        f"holdout scored with the paper's similarity, as the audit's paper mode does); `default` = "
+        f"MemorizationScorer with AuditConfig's defaults (views {list(cfg.views)}, "
         f"shortlist {cfg.shortlist}, re-ranking {cfg.rerank}, align_flips {cfg.align_flips!r}, "
         f"align_size {cfg.align_size}; "
         "seed = benchmark seed; built by `inspector.pipeline.make_matcher`) calibrated on the holdout null by "

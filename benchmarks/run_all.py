@@ -76,6 +76,23 @@ def run_speed(name: str, args: list[str], timeout: float) -> dict:
     }
 
 
+#: The calibration benchmark (simulated decisions under no copying and under copying): full and quick arguments.
+CALIBRATION: tuple[list[str], list[str]] = ([], ["--quick"])
+
+
+def calibration_section(r: dict, machine: str, date: str) -> str:
+    """The calibration part of RESULTS.md: the verbatim tables of ``benchmarks.calibration``."""
+    parts = ["## Calibration: false alarms and power of the decisions (`calibration`)\n"]
+    parts.append(f"- Machine: {machine}\n- Date: {date}\n- Command: `{r['command'] or 'n/a'}`")
+    parts.append(f"- Status: {r['status']}, {r['seconds']:.0f} s wall\n")
+    if r["stdout"].strip():
+        parts.append(r["stdout"].strip() + "\n")
+    if r["status"] != "ok":
+        tail = "\n".join(r["stderr"].strip().splitlines()[-15:])
+        parts.append("Error output (last lines):\n\n```\n" + tail + "\n```\n")
+    return "\n".join(parts)
+
+
 def speed_section(results: Sequence[dict], machine: str, date: str) -> str:
     """The speed part of RESULTS.md: each benchmark's own tables, with machine, date and command."""
     parts = ["## Speed and memory\n"]
@@ -219,6 +236,7 @@ def render(
     date: str,
     seconds: dict[str, float],
     mri_core: str | None,
+    calibration: dict | None = None,
 ) -> str:
     """The whole RESULTS.md."""
     parts = ["# Benchmark results\n"]
@@ -242,6 +260,8 @@ def render(
         parts.append("### Runtime of the detection benchmark per split and seed\n")
         parts.append(det.timing_table(out) + "\n")
         parts.append(notes_section(out))
+    if calibration is not None:
+        parts.append(calibration_section(calibration, machine, date))
     if speed:
         parts.append(speed_section(speed, machine, date))
     return "\n".join(parts) + "\n"
@@ -253,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--cold", action="store_true", help="train the ssl encoders from scratch (empty weight cache)")
     ap.add_argument("--skip-speed", action="store_true", help="detection only")
     ap.add_argument("--skip-detection", action="store_true", help="speed benchmarks only")
+    ap.add_argument("--skip-calibration", action="store_true", help="no calibration (decision) benchmark")
     ap.add_argument("--no-ablations", action="store_true", help="skip the registered ablations of the default mode")
     ap.add_argument("--extra-ablations", action="store_true", help="also shortlist=20 and align_size=96 (slower)")
     ap.add_argument("--mri-core-checkpoint", default=None, help="real MRI-CORE weights (adds the mri-core backbone)")
@@ -301,6 +322,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds["detection"] = time.perf_counter() - t0
         det.save(out, HERE / "_out")
         print(det.headline_section(out, args.mri_core_checkpoint))
+    calibration = None
+    if not args.skip_calibration:
+        t0 = time.perf_counter()
+        calibration = run_speed("calibration", CALIBRATION[1] if args.quick else CALIBRATION[0], args.speed_timeout)
+        log.info("calibration: %s in %.0f s", calibration["status"], calibration["seconds"])
+        seconds["calibration"] = time.perf_counter() - t0
     speed = []
     if not args.skip_speed:
         t0 = time.perf_counter()
@@ -312,7 +339,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds["speed"] = time.perf_counter() - t0
     machine = det.machine()
     text = render(
-        out, speed, command=command, machine=machine, date=date, seconds=seconds, mri_core=args.mri_core_checkpoint
+        out,
+        speed,
+        command=command,
+        machine=machine,
+        date=date,
+        seconds=seconds,
+        mri_core=args.mri_core_checkpoint,
+        calibration=calibration,
     )
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text, encoding="utf-8")

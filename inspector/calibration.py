@@ -13,9 +13,13 @@ Slice level
     calibration **ranks without flagging** and says so (:attr:`Calibration.decidable`).
 Volume level
     A synthetic volume (the slices sharing one source: a NIfTI file, a DICOM series; a 2D image is a volume of
-    one slice) gets the Simes combination of its slices' p-values, ``P_v = min_k n_v p_(k) / k``: valid at
-    level alpha for a novel volume when its slices' p-values are positively dependent (PRDS, as conformal
-    p-values sharing one null are), whatever the number of slices.
+    one slice) gets the Simes statistic of its slices' p-values, ``S_v = min_k n_v p_(k) / k``. With a holdout
+    of volumes, each holdout volume is scored the same way (its slices against the null without its own), and
+    the volume's p-value is the conformal rank of ``S_v`` among them: exact when novel synthetic volumes and
+    holdout volumes are exchangeable, whatever the dependence within a volume (but p <= alpha needs at least
+    ``1/alpha - 1`` holdout volumes). Without holdout volumes the p-value is ``S_v`` itself (Simes), valid when the
+    slices' p-values are valid and positively dependent; measured anti-conservative (up to about 2 alpha) when
+    whole volumes differ from each other, since a null of few volumes then estimates its tail poorly.
 Dataset level
     A count test whose false-alarm rate is at most its stated level (default 5 %) under no copying:
     * **independent units** (every volume one slice): the number ``K`` of units with ``p <= alpha``. Given the
@@ -311,8 +315,17 @@ class Calibration:
         self.null_groups = None if null_groups is None else np.asarray(null_groups, dtype=object)
         if self.null_groups is not None and self.null_groups.shape != self.null.shape:
             raise ValueError(f"null_groups must have shape {self.null.shape}; got {self.null_groups.shape}.")
-        self.volume_ids, self.volume_p_values = group_simes(self.p_values, self.groups)
+        self.volume_ids, self.volume_simes = group_simes(self.p_values, self.groups)
         self._volume_of = {g: i for i, g in enumerate(self.volume_ids)}
+        self.volume_null = self._holdout_volume_simes()
+        if self.volume_null is not None:
+            # each synthetic volume's Simes statistic ranked among the holdout volumes' (scored the same way):
+            # exact under volume exchangeability, whatever the dependence within a volume
+            self.volume_calibration = "holdout volumes"
+            self.volume_p_values = empirical_p_values(-self.volume_simes, -self.volume_null)
+        else:
+            self.volume_calibration = "Simes"
+            self.volume_p_values = self.volume_simes
 
     @property
     def decidable(self) -> bool:
@@ -429,22 +442,31 @@ class Calibration:
         )
         return "volume", test, n_v, int((self.volume_p_values <= a).sum()), p, assumption
 
-    def _holdout_volume_fractions(self, a: float) -> np.ndarray | None:
-        """The fraction of each multi-slice holdout volume's slices with ``p <= a``, each scored like a synthetic
-        volume: against the null without its own slices (``None`` without two such volumes)."""
+    def _holdout_volumes(self) -> list[np.ndarray]:
+        """Masks over the null of each multi-slice holdout volume (empty without two such volumes)."""
         if self.null_groups is None:
-            return None
+            return []
         g = self.null_groups.astype(str)
         ids, counts = np.unique(g, return_counts=True)
         if (counts > 1).sum() < 2:
+            return []
+        return [g == vid for vid in ids[counts > 1] if (g != vid).sum() >= 2]
+
+    def _holdout_volume_simes(self) -> np.ndarray | None:
+        """Each holdout volume's Simes statistic, its slices scored against the null without its own slices (as a
+        synthetic volume's are against the whole null); None without two multi-slice holdout volumes."""
+        masks = self._holdout_volumes()
+        if len(masks) < 2:
             return None
-        out = []
-        for vid in ids[counts > 1]:
-            mine = g == vid
-            rest = self.null[~mine]
-            if rest.size >= 2:
-                out.append(float((empirical_p_values(self.null[mine], rest) <= a).mean()))
-        return np.asarray(out, np.float64)
+        return np.asarray([simes(empirical_p_values(self.null[k], self.null[~k])) for k in masks], np.float64)
+
+    def _holdout_volume_fractions(self, a: float) -> np.ndarray | None:
+        """The fraction of each multi-slice holdout volume's slices with ``p <= a``, each scored like a synthetic
+        volume: against the null without its own slices (``None`` without two such volumes)."""
+        masks = self._holdout_volumes()
+        if len(masks) < 2:
+            return None
+        return np.asarray([float((empirical_p_values(self.null[k], self.null[~k]) <= a).mean()) for k in masks])
 
     def verdict(self, alpha: float | None = None, fdr: bool | None = None) -> Verdict:
         """The dataset verdict at ``(alpha, fdr)`` (default: the audit's setting)."""

@@ -468,12 +468,20 @@ def test_the_verdict_has_power_against_copies():
         sim[:50] += 6.0  # 5 % copied slices
         hits += Calibration(sim, rng.normal(size=100), null_kind="holdout").verdict().copying
     assert hits >= 36  # power >= 0.9
-    # copies concentrated in two of ten volumes (a holdout of volumes calibrates the volume test)
+    # whole copied volumes: a holdout of volumes calibrates each volume's p-value and the dataset test
     g, gg = _volumes(rng, 10, 30)
-    g[:60] += 10.0
-    h, hg = _volumes(rng, 10, 30)
-    v = Calibration(g, h, null_kind="holdout", groups=gg, null_groups=hg).verdict()
-    assert v.unit == "volume" and v.n_volumes_flagged >= 2
+    g[:150] += 10.0  # 5 of 10 volumes copied
+    h, hg = _volumes(rng, 40, 30)
+    cal = Calibration(g, h, null_kind="holdout", groups=gg, null_groups=hg)
+    v = cal.verdict()
+    assert cal.volume_calibration == "holdout volumes" and cal.volume_null.shape == (40,)
+    assert v.unit == "volume" and v.copying and v.test.startswith("volume permutation test")
+    assert_allclose(cal.volume_p_values[:5], 1 / 41)  # each copied volume beats every holdout volume
+    assert (cal.volume_p_values[5:] > 1 / 41).mean() >= 0.6
+    # with 10 holdout volumes no volume can reach p <= 0.01 (1/11 is the smallest): said, not flagged
+    h10, hg10 = _volumes(rng, 10, 30)
+    c10 = Calibration(g, h10, null_kind="holdout", groups=gg, null_groups=hg10)
+    assert c10.volume_p_values.min() == pytest.approx(1 / 11) and not c10.volume_flags(0.01).any()
 
 
 def test_permutation_mean_test():
