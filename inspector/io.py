@@ -37,8 +37,11 @@ Conventions
   ``SeriesInstanceUID``), and for 2D image files the parent folder relative to the root (the root's
   own name for files at the root).
 * **Privacy**: raw DICOM ``PatientID``/``PatientName`` never leave :func:`_dicom_subject`; only
-  :func:`pseudonymise` digests do. pydicom warnings raised while reading are swallowed and counted
-  (their text may quote header values).
+  keyed pseudonyms do (:func:`inspector.privacy.pseudonym`: HMAC-SHA256 under a per-project secret
+  key, ``"sub-"`` + 12 hex characters; the key file is :func:`inspector.privacy.key_path`, created on
+  first use, overridable by :attr:`LoadConfig.pseudonym_key_file` or the environment variable
+  ``INSPECTOR_PSEUDONYM_KEY_FILE``). The key is read (or created) only when a DICOM file is read.
+  pydicom warnings raised while reading are swallowed and counted (their text may quote header values).
 * **Provenance**: every slice lists the files it was read from (:attr:`Slice.sources`) and the
   cohort holds each such file's size and sha256 (:attr:`Cohort.files`), hashed once, right after
   the file was read.
@@ -57,20 +60,61 @@ in this module::
         suffixes = (".raw16",)       # lower case; must not clash with another reader's
 
         def read(self, c, config, skipped):
+            h, w = ...               # the header's dimensions, before decoding anything:
+            check_voxel_budget((h, w), config, bytes_per_voxel=2)
             arr = ...                # (H, W) stored values of c.abs; raise _Skip(reason) to skip it
             return [_Unit(c.rel, arr[None], [0], "2d", (1.0, 1.0), "folder", c.rel)]
 
 :data:`SUPPORTED_EXTENSIONS`, skip reasons and error messages follow the registry. A reader that
 must see several files at once (DICOM series) overrides :meth:`Reader.read_group`.
+
+Safety: what is opened, how much is read, for how long
+------------------------------------------------------
+* **Only regular files are opened.** FIFOs, character and block devices and sockets are skipped at
+  discovery with a reason, before any reader (or sniffer) opens them, so a FIFO named ``bad.png``
+  cannot block. A symlink is resolved and its *target* checked:
+  a broken symlink, a symlink loop and a symlink to a non-regular file (``bad.dcm -> /dev/urandom``)
+  are skipped. **A symlink that points outside the cohort root is allowed when its target is a
+  regular file** (data sets are often assembled from links into a shared store); its path in the
+  cohort stays the link's path. Hashing re-checks the opened file (``fstat``), so a file swapped
+  for a FIFO after discovery cannot block either.
+* **Per-file budgets, checked before decoding.** :attr:`LoadConfig.max_file_bytes` (default 2 GiB)
+  bounds the size of a file on disk *and* the decoded size its header declares (voxels times bytes
+  per voxel, which matters for compressed files: ``.nii.gz``, ``.npz``, compressed DICOM);
+  :attr:`LoadConfig.max_voxels` (default 512 Mi voxels) bounds the voxels its header declares:
+  the NIfTI/MGH header shape (the one 3D volume read of a 4D image), PNG/JPEG/TIFF dimensions
+  (Pillow's or tifffile's header, nothing decoded; Pillow's decompression-bomb limit
+  ``Image.MAX_IMAGE_PIXELS`` is set to the same budget), DICOM ``Rows x Columns x NumberOfFrames``,
+  the ``.npy`` header's shape and dtype (:mod:`numpy.lib.format`), and for ``.npz`` each member's
+  declared shape and its decompressed size from the zip directory (a 3 MB archive that expands to
+  3 GB is skipped without inflating it). A file over a budget is skipped; its reason names the
+  budget and how to raise it. A reader added with :func:`register_reader` gets the byte budget for
+  free and can call :func:`check_voxel_budget` before it decodes.
+* **Per-file timeout.** Each file's read runs in a worker thread with a deadline of
+  :attr:`LoadConfig.file_timeout_s` (default 60 s; ``None`` reads in the calling thread without a
+  deadline). A read past its deadline is skipped with a reason and abandoned (Python cannot kill a
+  thread: the daemon thread finishes or dies with the process, its result is discarded). The
+  thread approach works from any thread (the Streamlit app reads outside the main thread, where
+  ``signal.alarm`` is unavailable) and also bounds blocking system calls. For DICOM, reading the
+  header and decoding the pixels of each file each have this deadline.
+* **A bad file never aborts the load**: any exception while reading or preprocessing one file (or
+  one DICOM series) becomes a :class:`~inspector.types.SkippedFile` with its reason. Only a
+  programming error of a reader (sources outside its candidates) and an unusable pseudonym key
+  file (:class:`inspector.privacy.PseudonymKeyError`, a configuration error) are raised.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
+import math
 import os
+import stat
 import sys
+import threading
 import warnings
+import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -82,6 +126,7 @@ from typing import Any, ClassVar, TypeVar
 import numpy as np
 
 from .preprocess import ConstantImageError, PreprocessConfig, is_background, normalise_volume, resize_square
+from .privacy import load_or_create_key, pseudonym
 from .types import Cohort, SkippedFile, Slice, SourceFile, raw_pixel_hash
 
 __all__ = [
@@ -89,6 +134,10 @@ __all__ = [
     "load_cohort",
     "read_labels",
     "pseudonymise",
+    "check_voxel_budget",
+    "DEFAULT_MAX_FILE_BYTES",
+    "DEFAULT_MAX_VOXELS",
+    "DEFAULT_FILE_TIMEOUT_S",
     "CohortNotFoundError",
     "NoImagesError",
     "ManifestError",
@@ -110,6 +159,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 ProgressCallback = Callable[[str, int, int], None]
 #: ``tick(k)``: ``k`` more candidate files are done (drives :data:`ProgressCallback`).
 TickCallback = Callable[[int], None]
@@ -119,6 +170,13 @@ TickCallback = Callable[[int], None]
 SUPPORTED_EXTENSIONS: tuple[str, ...] = ()
 #: File names that are never images (the sample data's ground truth and manifests); hidden files too.
 IGNORED_NAMES: frozenset[str] = frozenset({"labels.csv", "manifest.csv"})
+
+#: Default per-file byte budget (:attr:`LoadConfig.max_file_bytes`): 2 GiB on disk or decoded.
+DEFAULT_MAX_FILE_BYTES: int = 2 * 1024**3
+#: Default per-file voxel budget (:attr:`LoadConfig.max_voxels`): 512 Mi voxels (a 256^3 MRI is 16 Mi).
+DEFAULT_MAX_VOXELS: int = 512 * 1024**2
+#: Default per-file read deadline in seconds (:attr:`LoadConfig.file_timeout_s`).
+DEFAULT_FILE_TIMEOUT_S: float = 60.0
 
 _VOLUME_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
 _LABEL_VALUES = frozenset({"copy", "novel"})
@@ -167,21 +225,37 @@ class LoadConfig:
         Which volume of a 4D NIfTI to read (a warning names the file).
     preprocess : PreprocessConfig
         Percentiles, square output ``size`` and the background rule.
-    salt : str
-        Salt of :func:`pseudonymise` for DICOM subject IDs; change it to unlink IDs across releases.
     slice_step : int
         Keep every ``slice_step``-th slice of a volume (indices 0, step, 2*step, ...). Normalisation
         still uses the whole volume.
     array_axis : int
         Axis of 3D NumPy arrays along which slices are taken (default ``-1``, the last axis).
+    max_file_bytes : int
+        Per-file byte budget (default :data:`DEFAULT_MAX_FILE_BYTES`, 2 GiB): a file larger than
+        this on disk, or whose header declares more decoded bytes (voxels x bytes per voxel, e.g.
+        a ``.npz`` member's decompressed size), is skipped before it is decoded.
+    max_voxels : int
+        Per-file pixel budget (default :data:`DEFAULT_MAX_VOXELS`, 512 Mi voxels): a file whose
+        header declares more voxels (pixels x frames/slices) is skipped before it is decoded.
+    file_timeout_s : float or None
+        Per-file read deadline in seconds (default :data:`DEFAULT_FILE_TIMEOUT_S`, 60 s); a read
+        past it is skipped. ``None`` disables the deadline (the read runs in the calling thread).
+    pseudonym_key_file : str or None
+        The secret key file of DICOM subject pseudonyms (HMAC-SHA256); ``None`` (default) uses
+        :func:`inspector.privacy.key_path`: ``$INSPECTOR_PSEUDONYM_KEY_FILE``, else
+        ``<user config dir>/mri-memorization-inspector/pseudonym.key``. Created (mode 0600) on
+        first use. The same key gives the same pseudonyms; share it deliberately to link sites.
     """
 
     axis: str = "axial"
     volume_index: int = 0
     preprocess: PreprocessConfig = PreprocessConfig()
-    salt: str = "inspector-v1"
     slice_step: int = 1
     array_axis: int = -1
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+    max_voxels: int = DEFAULT_MAX_VOXELS
+    file_timeout_s: float | None = DEFAULT_FILE_TIMEOUT_S
+    pseudonym_key_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.axis not in _VOLUME_AXES:
@@ -190,31 +264,65 @@ class LoadConfig:
             raise ValueError(f"LoadConfig.volume_index must be >= 0; got {self.volume_index}.")
         if self.slice_step < 1:
             raise ValueError(f"LoadConfig.slice_step must be >= 1; got {self.slice_step}.")
-        if not isinstance(self.salt, str) or not self.salt:
-            raise ValueError("LoadConfig.salt must be a non-empty string.")
         if self.array_axis not in (-3, -2, -1, 0, 1, 2):
             raise ValueError(f"LoadConfig.array_axis must be in -3..2; got {self.array_axis}.")
         if not isinstance(self.preprocess, PreprocessConfig):
             raise TypeError(f"LoadConfig.preprocess must be a PreprocessConfig; got {type(self.preprocess)}.")
+        for name, default in (("max_file_bytes", DEFAULT_MAX_FILE_BYTES), ("max_voxels", DEFAULT_MAX_VOXELS)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer):
+                raise TypeError(
+                    f"LoadConfig.{name} must be a positive integer (default {default:_}); "
+                    f"got {type(value).__name__} {value!r}."
+                )
+            if value < 1:
+                raise ValueError(f"LoadConfig.{name} must be a positive integer (default {default:_}); got {value}.")
+            object.__setattr__(self, name, int(value))
+        t = self.file_timeout_s
+        if t is not None:
+            if isinstance(t, bool) or not isinstance(t, int | float | np.integer | np.floating):
+                raise TypeError(
+                    f"LoadConfig.file_timeout_s must be a number of seconds > 0 or None (no deadline); "
+                    f"got {type(t).__name__} {t!r}."
+                )
+            if not (math.isfinite(float(t)) and float(t) > 0):
+                raise ValueError(
+                    "LoadConfig.file_timeout_s must be a finite number of seconds > 0, or None for no deadline; "
+                    f"got {t}."
+                )
+            object.__setattr__(self, "file_timeout_s", float(t))
+        kf = self.pseudonym_key_file
+        if kf is not None:
+            if not isinstance(kf, str | os.PathLike) or not os.fspath(kf):
+                raise TypeError(
+                    "LoadConfig.pseudonym_key_file must be a path (str or PathLike) or None for the default "
+                    f"key file; got {kf!r}."
+                )
+            object.__setattr__(self, "pseudonym_key_file", os.fspath(kf))
 
 
-def pseudonymise(raw: str, salt: str) -> str:
-    """A stable pseudonymous subject ID for a raw identifier.
+def pseudonymise(raw: str, key: bytes) -> str:
+    """A stable pseudonymous subject ID for a raw identifier: :func:`inspector.privacy.pseudonym`.
 
     Parameters
     ----------
     raw : str
         The raw identifier (e.g. a DICOM PatientID). Never logged.
-    salt : str
-        Project-specific salt; the same (raw, salt) always gives the same ID.
+    key : bytes
+        The project's secret key (:func:`inspector.privacy.load_or_create_key`). The former
+        constant-salt scheme (``sha256(salt + raw)``) is gone: a salt string is refused.
 
     Returns
     -------
     str
-        ``"sub-"`` followed by the first 10 hex characters of ``sha256(salt + raw)``.
+        ``"sub-"`` followed by 12 hex characters of ``HMAC-SHA256(key, raw)``.
     """
-    digest = hashlib.sha256((salt + raw).encode("utf-8")).hexdigest()
-    return "sub-" + digest[:10]
+    if isinstance(key, str):
+        raise TypeError(
+            "pseudonymise(raw, key) takes the secret key bytes (inspector.privacy.load_or_create_key()), "
+            "not a salt string: the constant-salt digest was replaced by a keyed HMAC."
+        )
+    return pseudonym(raw, key)
 
 
 def read_labels(folder_or_csv: str | Path) -> Any:
@@ -318,14 +426,185 @@ class _Unit:
     sources: tuple[str, ...] = ()
 
 
+_local = threading.local()
+
+
 def _warn(message: str) -> None:
-    """``warnings.warn`` pointing at the first caller outside this module (the user's call)."""
+    """``warnings.warn`` pointing at the first caller outside this module (the user's call).
+
+    In a read worker (:func:`_call_with_deadline`) the message is collected instead and warned by
+    the calling thread once the read is done, so it points at the user's call and a read abandoned
+    after its deadline warns nothing.
+    """
+    pending = getattr(_local, "pending", None)
+    if pending is not None:
+        pending.append(message)
+        return
     level = 1
     frame = sys._getframe(0)
     while frame is not None and frame.f_code.co_filename == __file__:
         frame = frame.f_back
         level += 1
     warnings.warn(message, LoadWarning, stacklevel=level)
+
+
+class _Timeout(Exception):
+    """Internal: a read ran past :attr:`LoadConfig.file_timeout_s`; the message is the reason."""
+
+
+def _call_with_deadline(fn: Callable[[], _T], timeout_s: float | None, what: str = "reading the file") -> _T:
+    """Run ``fn()`` in a daemon worker thread and wait at most ``timeout_s`` seconds for it.
+
+    ``None`` (or a call from inside a worker) runs ``fn`` in the calling thread. On expiry
+    :class:`_Timeout` is raised and the worker is abandoned: it keeps running until ``fn`` returns
+    (or the process exits) and its result, warnings and exceptions are discarded. Exceptions of
+    ``fn`` are re-raised in the caller; :func:`_warn` messages of ``fn`` are warned by the caller.
+    """
+    if timeout_s is None or getattr(_local, "pending", None) is not None:
+        return fn()
+    box: dict[str, Any] = {}
+    pending: list[str] = []
+    done = threading.Event()
+
+    def work() -> None:
+        _local.pending = pending
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # handed to the caller, which decides
+            box["error"] = e
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work, name="inspector-reader", daemon=True)
+    worker.start()
+    if not done.wait(timeout_s):  # the caller logs the skip with the file's name
+        raise _Timeout(
+            f"{what} took longer than the per-file timeout of {timeout_s:g} s (LoadConfig.file_timeout_s); "
+            "skipped. If the file is merely large or on a slow disk, raise it, e.g. "
+            f"LoadConfig(file_timeout_s={max(2 * timeout_s, 120):g})"
+        )
+    error = box.get("error")
+    if error is not None:
+        raise error
+    for message in pending:
+        _warn(message)
+    return box["value"]
+
+
+_BUDGET_HINT = {
+    "max_file_bytes": "the per-file byte budget LoadConfig.max_file_bytes",
+    "max_voxels": "the per-file pixel budget LoadConfig.max_voxels",
+}
+
+
+def _human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
+
+
+def _over_budget(field: str, found: str, budget: int, needed: int) -> _Skip:
+    """The skip for a file over one budget; the reason names the budget and how to raise it."""
+    shown = _human_bytes(budget) if field == "max_file_bytes" else f"{budget:_}"
+    suggest = 1 << max(0, int(needed) - 1).bit_length()
+    return _Skip(
+        f"over {_BUDGET_HINT[field]} = {shown}: {found}; skipped before decoding. To read it, raise the "
+        f"budget, e.g. LoadConfig({field}={suggest:_})"
+    )
+
+
+def _check_file_bytes(size: int, config: LoadConfig) -> None:
+    if size > config.max_file_bytes:
+        raise _over_budget(
+            "max_file_bytes", f"the file is {_human_bytes(size)} ({size:_} bytes)", config.max_file_bytes, size
+        )
+
+
+def check_voxel_budget(
+    shape: Sequence[int], config: LoadConfig, *, bytes_per_voxel: int = 0, what: str = "image"
+) -> None:
+    """Check a shape declared by a file's header against the per-file budgets, before decoding.
+
+    For readers added with :func:`register_reader`: call it with the header's shape, then decode.
+
+    Parameters
+    ----------
+    shape : sequence of int
+        Declared dimensions (pixels, slices, frames; not colour samples). Negative values are
+        refused as corrupt.
+    config : LoadConfig
+        ``max_voxels`` bounds the product of ``shape``; ``max_file_bytes`` bounds it times
+        ``bytes_per_voxel`` (the decoded size; ``0`` skips that check).
+    bytes_per_voxel : int
+        Decoded bytes of one voxel, all samples included (e.g. 3 for 8-bit RGB).
+    what : str
+        Named in the reason (``"image"``, ``"volume"``, ``"array"``...).
+
+    Raises
+    ------
+    _Skip
+        Over a budget (the reason names it and how to raise it) or a negative dimension; the file
+        is recorded in ``Cohort.skipped``.
+    """
+    dims = tuple(int(d) for d in shape)
+    if any(d < 0 for d in dims):
+        raise _Skip(f"corrupt header: negative dimension in the declared {what} shape {dims}")
+    voxels = math.prod(dims)
+    if voxels > config.max_voxels:
+        raise _over_budget(
+            "max_voxels", f"the header declares {what} shape {dims} = {voxels:_} voxels", config.max_voxels, voxels
+        )
+    nbytes = voxels * int(bytes_per_voxel)
+    if nbytes > config.max_file_bytes:
+        raise _over_budget(
+            "max_file_bytes",
+            f"the header declares {what} shape {dims} = {_human_bytes(nbytes)} decoded",
+            config.max_file_bytes,
+            nbytes,
+        )
+
+
+_KIND_NAMES = (
+    (stat.S_ISFIFO, "a FIFO, i.e. a named pipe"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a directory"),
+)
+
+
+def _kind(mode: int) -> str:
+    for test, name in _KIND_NAMES:
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` must not be opened (not a regular file, broken symlink...), or ``None``.
+
+    Never opens the file: ``lstat`` and ``stat`` only. A symlink is judged by its resolved target;
+    a target outside the cohort root is fine when it is a regular file.
+    """
+    try:
+        lst = os.lstat(path)
+    except OSError as e:
+        return f"cannot inspect the file: {type(e).__name__}: {e.strerror or e}"
+    link = stat.S_ISLNK(lst.st_mode)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if link and e.errno == errno.ELOOP:
+            return "symlink loop (too many levels of symbolic links); not read"
+        if link and isinstance(e, FileNotFoundError):
+            return "broken symlink (its target does not exist); not read"
+        return f"cannot inspect the file: {type(e).__name__}: {e.strerror or e}"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    if link:
+        return f"symlink to {_kind(st.st_mode)}, not a regular file; only regular files are read"
+    return f"not a regular file ({_kind(st.st_mode)}); only regular files are read"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -406,18 +685,29 @@ class Reader(ABC):
         """:meth:`read` one file; a failure becomes a :class:`SkippedFile` (and ``[]``), never an error.
 
         The manifest override of ``c`` is set on every unit, and ``sources`` defaults to ``(c.rel,)``.
+        The read runs with the deadline :attr:`LoadConfig.file_timeout_s` (in a worker thread); a
+        read past it is skipped, and what it recorded in ``skipped`` is dropped with it.
         """
+        own: list[SkippedFile] = []
         try:
-            units = self.read(c, config, skipped)
+            units = _call_with_deadline(lambda: self.read(c, config, own), config.file_timeout_s)
+        except _Timeout as e:
+            skipped.append(SkippedFile(c.rel, f"reading it as {self.label}: {e}"))
+            log.warning("skipped %s: %s (its read is abandoned in the background)", c.rel, e)
+            return []
         except _Skip as e:
+            skipped.extend(own)
             skipped.append(SkippedFile(c.rel, str(e)))
             log.info("skipped %s: %s", c.rel, e)
             return []
         except Exception as e:
-            skipped.append(SkippedFile(c.rel, f"corrupt or unreadable {self.label} file: {type(e).__name__}: {e}"))
+            skipped.extend(own)
+            skipped.append(SkippedFile(c.rel, f"corrupt or unreadable {self.label} file: {_error_text(e)}"))
             log.info("skipped %s: corrupt or unreadable %s file (%s)", c.rel, self.label, type(e).__name__)
             log.debug("traceback for %s", c.rel, exc_info=True)
             return []
+        skipped.extend(own)
+        units = list(units)
         for u in units:
             u.override = c.override
             if not u.sources:
@@ -614,11 +904,24 @@ def _no_tick(k: int) -> None:
 
 
 def _hash_file(path: Path, rel: str) -> SourceFile:
-    """Size and streamed sha256 of one file (the one the reader opened)."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
+    """Size and streamed sha256 of one file (the one the reader opened).
+
+    Opened non-blocking and checked with ``fstat``: a file replaced by a FIFO or a device after it
+    was read raises :class:`OSError` instead of blocking or reading without end.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with open(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"not a regular file any more ({_kind(st.st_mode)})")
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return SourceFile(rel, int(size), digest)
+    return SourceFile(rel, int(st.st_size), digest)
+
+
+def _error_text(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of a library exception, shortened (a message may quote a whole header)."""
+    text = f"{type(e).__name__}: {e}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _has_dicm_preamble(path: Path) -> bool:
@@ -663,6 +966,16 @@ def _check_numeric(arr: np.ndarray, what: str) -> np.ndarray:
         raise _Skip(f"zero-size {what} (shape {tuple(arr.shape)})")
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.dtype.kind == "f" and arr.dtype.itemsize >= 8:  # float32 ranges always fit in float64
+        with np.errstate(all="ignore"):
+            finite = np.isfinite(arr)
+            hi = float(np.max(arr, where=finite, initial=-np.inf))
+            lo = float(np.min(arr, where=finite, initial=np.inf))
+        if np.isfinite(lo) and np.isfinite(hi) and not np.isfinite(hi - lo):
+            raise _Skip(
+                f"{what} values span [{lo:.3g}, {hi:.3g}], wider than float64 can normalise (max - min overflows); "
+                "not intensities"
+            )
     return arr
 
 
@@ -685,6 +998,11 @@ def _sniff(path: Path) -> Reader | None:
 
 
 def _classify(path: Path, rel: str, skipped: list[SkippedFile], override: _Override | None) -> _Candidate | None:
+    problem = _file_problem(path)  # before any reader or sniffer opens it
+    if problem is not None:
+        skipped.append(SkippedFile(rel, problem))
+        log.info("skipped %s: %s", rel, problem)
+        return None
     reader, ext = _match(path.name)
     if reader is not None:
         return _Candidate(path, rel, reader, override)
@@ -764,7 +1082,7 @@ def _read_manifest(csv: Path, root: Path, skipped: list[SkippedFile]) -> list[_C
         subject = str(row.subject_id).strip() or None
         label = (str(row.label).strip() or None) if has_label else None
         ov = _Override(subject, label)
-        if not p.exists():
+        if not p.exists() and not os.path.lexists(p):
             skipped.append(SkippedFile(rel, f"listed in manifest {csv.name} (row {i}) but not found"))
             log.info("manifest row %d: %s not found", i, rel)
             continue
@@ -795,9 +1113,16 @@ def _display(vol: np.ndarray) -> np.ndarray:
     return vol.transpose(0, 2, 1)[:, ::-1, ::-1]
 
 
+def _require_content(c: _Candidate, label: str) -> None:
+    """Skip an empty (0-byte) file with a clear reason instead of a library's parse error."""
+    if os.stat(c.abs).st_size == 0:
+        raise _Skip(f"empty file (0 bytes); not a valid {label} file")
+
+
 def _read_nifti(c: _Candidate, config: LoadConfig) -> list[_Unit]:
     import nibabel as nib
 
+    _require_content(c, "NIfTI/MGH")
     img = nib.load(str(c.abs))
     shape = tuple(int(s) for s in img.shape)
     if len(shape) == 0 or 0 in shape:
@@ -807,6 +1132,10 @@ def _read_nifti(c: _Candidate, config: LoadConfig) -> list[_Unit]:
         nd -= 1
     if nd > 4:
         raise _Skip(f"unsupported {nd}D image (shape {shape}); expected 2D, 3D or 4D")
+    # budgets from the header, before any voxel is read: the one 3D volume of a 4D image is read
+    read_shape = shape[:3] if nd == 4 else shape
+    itemsize = np.dtype(img.get_data_dtype()).itemsize
+    check_voxel_budget(read_shape, config, bytes_per_voxel=itemsize, what="volume")
     if nd >= 3:
         img = nib.as_closest_canonical(img)
         shape = tuple(int(s) for s in img.shape)
@@ -867,10 +1196,45 @@ def _pil_to_array(im: Any, rel: str) -> np.ndarray:
     raise _Skip(f"unsupported image mode {mode!r}")
 
 
-def _read_pil(c: _Candidate, config: LoadConfig) -> list[_Unit]:
+#: Decoded bytes per pixel of Pillow modes (others: 4).
+_PIL_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "La": 2, "PA": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3}
+
+
+def _pil_bytes_per_pixel(mode: str) -> int:
+    if mode.startswith("I;16"):
+        return 2
+    return _PIL_BYTES.get(mode, 4)
+
+
+def _pil_open(path: Path, config: LoadConfig) -> Any:
+    """``Image.open`` (header only) with Pillow's decompression-bomb limit set to the pixel budget.
+
+    ``Image.MAX_IMAGE_PIXELS`` is set to :attr:`LoadConfig.max_voxels` (a process-wide setting:
+    the last load's budget), so Pillow never refuses an image within the budget; an image beyond it
+    is refused by :func:`check_voxel_budget` (or by Pillow's own error beyond twice the limit),
+    always with the budget's reason.
+    """
     from PIL import Image
 
-    with Image.open(c.abs) as im:
+    Image.MAX_IMAGE_PIXELS = config.max_voxels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(path)
+    except Image.DecompressionBombError as e:
+        import re
+
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        px = int(m.group(1)) if m else 4 * config.max_voxels
+        found = f"the header declares an image of {px:_} pixels (refused by Pillow's decompression-bomb check)"
+        raise _over_budget("max_voxels", found, config.max_voxels, px) from e
+
+
+def _read_pil(c: _Candidate, config: LoadConfig) -> list[_Unit]:
+    _require_content(c, "image")
+    with _pil_open(c.abs, config) as im:
+        w, h = im.size
+        check_voxel_budget((h, w), config, bytes_per_voxel=_pil_bytes_per_pixel(im.mode), what="image")
         im.load()
         n = getattr(im, "n_frames", 1)
         if n > 1:
@@ -903,6 +1267,7 @@ def _tiff_series_to_pages(arr: np.ndarray, axes: str, rel: str) -> np.ndarray:
 
 
 def _read_tiff(c: _Candidate, config: LoadConfig) -> list[_Unit]:
+    _require_content(c, "TIFF")
     try:
         import tifffile
 
@@ -912,15 +1277,24 @@ def _read_tiff(c: _Candidate, config: LoadConfig) -> list[_Unit]:
             if len(tf.series) > 1:
                 log.info("%s: %d image series; only the first is read", c.rel, len(tf.series))
             series = tf.series[0]
+            axes = str(series.axes).upper()
+            dims = tuple(int(d) for d in series.shape)
+            samples = math.prod(d for d, a in zip(dims, axes, strict=False) if a == "S")
+            spatial = tuple(d for d, a in zip(dims, axes, strict=False) if a != "S") or dims
+            itemsize = np.dtype(series.dtype).itemsize if series.dtype is not None else 8
+            check_voxel_budget(spatial, config, bytes_per_voxel=samples * itemsize, what="TIFF image")
             pages = _tiff_series_to_pages(np.asarray(series.asarray()), series.axes, c.rel)
     except _Skip:
         raise
     except Exception as e:  # tifffile cannot read it (e.g. a codec is missing): try Pillow
         log.debug("%s: tifffile failed (%s: %s); trying Pillow", c.rel, type(e).__name__, e)
-        from PIL import Image, ImageSequence
+        from PIL import ImageSequence
 
         try:
-            with Image.open(c.abs) as im:
+            with _pil_open(c.abs, config) as im:
+                w, h = im.size
+                n = int(getattr(im, "n_frames", 1) or 1)
+                check_voxel_budget((n, h, w), config, bytes_per_voxel=_pil_bytes_per_pixel(im.mode), what="TIFF image")
                 pages = np.stack([_pil_to_array(fr, c.rel) for fr in ImageSequence.Iterator(im)])
         except _Skip:
             raise
@@ -951,29 +1325,125 @@ def _array_unit(arr: np.ndarray, path: str, file_rel: str, config: LoadConfig, i
     raise _Skip(f"unsupported array shape {tuple(arr.shape)}; expected 2D (H, W) or 3D volume")
 
 
+def _npy_header(fp: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a ``.npy`` header (:mod:`numpy.lib.format`), nothing else read."""
+    from numpy.lib import format as npf
+
+    version = npf.read_magic(fp)
+    if version == (1, 0):
+        shape, _fortran, dtype = npf.read_array_header_1_0(fp)
+    elif version == (2, 0):
+        shape, _fortran, dtype = npf.read_array_header_2_0(fp)
+    elif hasattr(npf, "_read_array_header"):  # version 3.0 (utf-8 header): no public reader
+        shape, _fortran, dtype = npf._read_array_header(fp, version)
+    else:
+        raise _Skip(f"unsupported .npy format version {version}")
+    return tuple(int(d) for d in shape), np.dtype(dtype)
+
+
+def _check_array_header(
+    shape: tuple[int, ...], dtype: np.dtype, config: LoadConfig, available: int | None, what: str = "array"
+) -> int:
+    """Refuse object (pickle) and non-numeric dtypes, over-budget and truncated arrays; data bytes."""
+    if dtype.hasobject:
+        raise _Skip(
+            f"object-dtype {what} ({dtype}): pickled Python objects are never loaded (allow_pickle=False); "
+            "save the intensities as a numeric array"
+        )
+    if dtype.kind not in "biuf":
+        raise _Skip(f"unsupported {what} dtype {dtype} (expected integer or float intensities)")
+    check_voxel_budget(shape, config, bytes_per_voxel=dtype.itemsize, what=what)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if available is not None and nbytes > available:
+        raise _Skip(
+            f"truncated {what}: the header declares shape {shape} ({dtype}, {nbytes:_} bytes of data) "
+            f"but only {max(available, 0):_} bytes follow it"
+        )
+    return nbytes
+
+
 def _read_npy(c: _Candidate, config: LoadConfig) -> list[_Unit]:
-    try:
-        arr = np.load(c.abs, allow_pickle=False)
-    except ValueError as e:
-        raise _Skip(f"unreadable .npy (pickled/object arrays are not loaded): {e}") from e
+    from numpy.lib import format as npf
+
+    _require_content(c, ".npy")
+    with open(c.abs, "rb") as fp:
+        try:
+            shape, dtype = _npy_header(fp)
+        except _Skip:
+            raise
+        except Exception as e:
+            raise _Skip(f"not a valid .npy file (unreadable header: {_error_text(e)})") from e
+        _check_array_header(shape, dtype, config, os.fstat(fp.fileno()).st_size - fp.tell())
+        fp.seek(0)
+        arr = npf.read_array(fp, allow_pickle=False)
     return [_array_unit(arr, c.rel, c.rel, config, in_npz=False)]
 
 
 def _read_npz(c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+    """Each ``.npy`` member, its declared shape and decompressed size checked before it is inflated.
+
+    Budgets hold per member and for the archive as a whole (members are taken in key order until
+    the total would exceed a budget; the rest are skipped with that reason).
+    """
+    from numpy.lib import format as npf
+
+    _require_content(c, ".npz")
     units = []
-    with np.load(c.abs, allow_pickle=False) as z:
-        keys = sorted(z.files)
-        if not keys:
+    with zipfile.ZipFile(c.abs) as zf:
+        members: dict[str, zipfile.ZipInfo] = {}
+        for info in zf.infolist():
+            if info.is_dir():
+                continue
+            name = info.filename
+            members[name[:-4] if name.endswith(".npy") else name] = info  # np.load's keys; the last wins
+        if not members:
             raise _Skip("empty .npz archive (no arrays)")
-        for k in keys:
+        total_voxels = total_bytes = 0
+        for k in sorted(members):
+            info = members[k]
             path = f"{c.rel}:{k}"
             try:
+                if info.file_size > config.max_file_bytes:
+                    raise _over_budget(
+                        "max_file_bytes",
+                        f"member {k!r} decompresses to {_human_bytes(info.file_size)} "
+                        f"({info.compress_size:_} bytes compressed)",
+                        config.max_file_bytes,
+                        info.file_size,
+                    )
+                with zf.open(info) as fp:
+                    try:
+                        shape, dtype = _npy_header(fp)
+                    except _Skip:
+                        raise
+                    except Exception as e:
+                        raise _Skip(f"not a NumPy array (.npy) member: {_error_text(e)}") from e
+                    nbytes = _check_array_header(shape, dtype, config, info.file_size - fp.tell())
+                voxels = math.prod(shape)
+                if total_voxels + voxels > config.max_voxels:
+                    raise _over_budget(
+                        "max_voxels",
+                        f"the archive's arrays up to {k!r} declare {total_voxels + voxels:_} voxels together",
+                        config.max_voxels,
+                        total_voxels + voxels,
+                    )
+                if total_bytes + nbytes > config.max_file_bytes:
+                    raise _over_budget(
+                        "max_file_bytes",
+                        f"the archive's arrays up to {k!r} decode to {_human_bytes(total_bytes + nbytes)} together",
+                        config.max_file_bytes,
+                        total_bytes + nbytes,
+                    )
+                with zf.open(info) as fp:
+                    arr = npf.read_array(fp, allow_pickle=False)
+                total_voxels += voxels
+                total_bytes += nbytes
                 # every array of an archive belongs to the archive's subject (file stem)
-                units.append(_array_unit(z[k], path, c.rel, config, in_npz=True))
+                units.append(_array_unit(arr, path, c.rel, config, in_npz=True))
             except _Skip as e:
                 skipped.append(SkippedFile(path, str(e)))
             except Exception as e:
-                skipped.append(SkippedFile(path, f"unreadable array in .npz: {type(e).__name__}: {e}"))
+                skipped.append(SkippedFile(path, f"unreadable array in .npz: {_error_text(e)}"))
     return units
 
 
@@ -1015,14 +1485,21 @@ def _read_dicom_header(c: _Candidate) -> Any:
     return ds
 
 
-def _dicom_subject(ds: Any, salt: str, fallback: str) -> str:
-    """Pseudonymised subject: PatientID, else PatientName, else SeriesInstanceUID, else the path."""
+def _dicom_subject(ds: Any, key: bytes, fallback: str) -> str:
+    """Keyed pseudonym of the subject: PatientID, else PatientName, else SeriesInstanceUID, else the path.
+
+    The only place raw patient identifiers are read; they leave it only as HMAC pseudonyms
+    (:func:`inspector.privacy.pseudonym`). A malformed element counts as absent.
+    """
     for tag in ("PatientID", "PatientName", "SeriesInstanceUID"):
-        value = ds.get(tag)
-        text = str(value).strip() if value is not None else ""
+        try:
+            value = ds.get(tag)
+            text = str(value).strip() if value is not None else ""
+        except Exception:  # a malformed element (bad encoding...): try the next identifier
+            continue
         if text:
-            return pseudonymise(text, salt)
-    return pseudonymise(fallback, salt)
+            return pseudonym(text, key)
+    return pseudonym(fallback, key)
 
 
 def _dicom_error(e: BaseException, ds: Any | None = None) -> str:
@@ -1123,8 +1600,27 @@ def _rescale(ds: Any, frames: np.ndarray) -> np.ndarray:
     return res
 
 
-def _decode_dicom(ds: Any, rel: str) -> np.ndarray:
+def _check_dicom_budget(ds: Any, config: LoadConfig) -> None:
+    """Rows x Columns x NumberOfFrames (and samples x bits) from the header against the budgets."""
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", 16) or 16)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise _Skip(
+            f"corrupt DICOM header: unreadable Rows/Columns/SamplesPerPixel/BitsAllocated ({type(e).__name__})"
+        ) from e
+    check_voxel_budget(
+        (_n_frames(ds), rows, cols),
+        config,
+        bytes_per_voxel=max(1, spp) * max(1, (bits + 7) // 8),
+        what="DICOM image (frames x rows x columns)",
+    )
+
+
+def _decode_dicom(ds: Any, rel: str, config: LoadConfig) -> np.ndarray:
     """Decoded modality values, (F, H, W), with MONOCHROME1 inverted and colour converted to grey."""
+    _check_dicom_budget(ds, config)
     meta = getattr(ds, "file_meta", None)
     ts = meta.get("TransferSyntaxUID") if meta is not None else None
     if ts is not None and ts.is_compressed:
@@ -1197,9 +1693,27 @@ def _order_series(items: list[tuple[_Candidate, Any]]) -> tuple[list[int], str]:
 
 def _dicom_skip(rel: str, e: Exception, ds: Any | None, skipped: list[SkippedFile]) -> None:
     """Record a DICOM file that could not be read; library messages are shortened and redacted."""
-    reason = str(e) if isinstance(e, _Skip) else f"corrupt or unreadable DICOM file: {_dicom_error(e, ds)}"
+    if isinstance(e, _Skip | _Timeout):
+        reason = str(e)
+    else:
+        reason = f"corrupt or unreadable DICOM file: {_dicom_error(e, ds)}"
     skipped.append(SkippedFile(rel, reason))
-    log.info("skipped %s: %s", rel, reason)
+    log.log(logging.WARNING if isinstance(e, _Timeout) else logging.INFO, "skipped %s: %s", rel, reason)
+
+
+def _dicom_header_of(c: _Candidate) -> tuple[Any, int, str]:
+    """Header, frame count and series UID of one file (run under the per-file deadline)."""
+    _require_content(c, "DICOM")
+    ds = _read_dicom_header(c)
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
+    return ds, _n_frames(ds), uid
+
+
+def _series_number(ds: Any) -> float:
+    try:
+        return float(ds.get("SeriesNumber"))
+    except Exception:  # absent (None), malformed, unparsable
+        return float("inf")
 
 
 def _read_dicoms(
@@ -1208,107 +1722,152 @@ def _read_dicoms(
     skipped: list[SkippedFile],
     tick: TickCallback | None = None,
 ) -> list[_Unit]:
-    """Multi-frame files one by one; single-frame files grouped by (folder, series, manifest row)."""
+    """Multi-frame files one by one; single-frame files grouped by (folder, series, manifest row).
+
+    Each file's header read and each file's pixel decoding run under the per-file deadline; any
+    failure of one file, or of one series as a whole, is recorded in ``skipped``. The pseudonym key
+    is loaded (or created) in the calling thread, once, when the first header was read.
+    """
     tick = tick if tick is not None else _no_tick
+    timeout = config.file_timeout_s
     units: list[_Unit] = []
     groups: dict[tuple[str, str, _Override | None], list[tuple[_Candidate, Any]]] = defaultdict(list)
+    keys: list[bytes] = []
+
+    def key() -> bytes:  # a key-file problem is a configuration error: raised, never a skipped file
+        if not keys:
+            keys.append(load_or_create_key(config.pseudonym_key_file))
+        return keys[0]
+
     for c in cands:
         try:
-            ds = _read_dicom_header(c)
+            ds, nf, uid = _call_with_deadline(lambda c=c: _dicom_header_of(c), timeout, "reading the DICOM header")
         except Exception as e:
             _dicom_skip(c.rel, e, None, skipped)
             tick(1)
             continue
-        if _n_frames(ds) > 1:
-            try:
-                vol = _decode_dicom(ds, c.rel)
-                subject = _dicom_subject(ds, config.salt, c.rel)
-                units.append(
-                    _Unit(
-                        c.rel,
-                        vol,
-                        list(range(vol.shape[0])),
-                        _axis_from_iop(_orientation(ds)),
-                        _pixel_spacing(ds),
-                        "fixed",
-                        c.rel,
-                        subject_id=subject,
-                        override=c.override,
-                        sources=(c.rel,),
-                    )
+        k = key()
+        if nf > 1:
+
+            def multiframe(c: _Candidate = c, ds: Any = ds, k: bytes = k) -> _Unit:
+                vol = _decode_dicom(ds, c.rel, config)
+                return _Unit(
+                    c.rel,
+                    vol,
+                    list(range(vol.shape[0])),
+                    _axis_from_iop(_orientation(ds)),
+                    _pixel_spacing(ds),
+                    "fixed",
+                    c.rel,
+                    subject_id=_dicom_subject(ds, k, c.rel),
+                    override=c.override,
+                    sources=(c.rel,),
                 )
+
+            try:
+                units.append(_call_with_deadline(multiframe, timeout, "decoding the DICOM pixel data"))
             except Exception as e:
                 _dicom_skip(c.rel, e, ds, skipped)
             tick(1)
             continue
         folder = Path(c.rel).parent.as_posix()
-        uid = str(ds.get("SeriesInstanceUID", "") or "").strip() or f"no-series-uid:{c.rel}"
-        groups[(folder, uid, c.override)].append((c, ds))
+        groups[(folder, uid or f"no-series-uid:{c.rel}", c.override)].append((c, ds))
 
     per_folder = Counter(folder for folder, _, _ in groups)
     series_no: dict[tuple[str, str, _Override | None], int] = {}
     by_folder: dict[str, list[tuple[str, str, _Override | None]]] = defaultdict(list)
-    for key in groups:
-        by_folder[key[0]].append(key)
-    for _folder, keys in by_folder.items():
+    for gk in groups:
+        by_folder[gk[0]].append(gk)
+    for _folder, gks in by_folder.items():
+        ranked = sorted(gks, key=lambda g: (_series_number(groups[g][0][1]), groups[g][0][0].rel))
+        for j, gk in enumerate(ranked, start=1):
+            series_no[gk] = j
 
-        def _sn(k: tuple[str, str, _Override | None]) -> tuple[float, str]:
-            ds0 = groups[k][0][1]
-            try:
-                return float(ds0.get("SeriesNumber")), groups[k][0][0].rel
-            except (TypeError, ValueError):
-                return float("inf"), groups[k][0][0].rel
-
-        for j, k in enumerate(sorted(keys, key=_sn), start=1):
-            series_no[k] = j
-
-    for key, items in groups.items():
-        folder = key[0]
+    for gk, items in groups.items():
+        folder = gk[0]
         if len(items) == 1:
             path = items[0][0].rel
         elif per_folder[folder] == 1:
             path = folder
         else:
-            path = f"{folder}/series-{series_no[key]}"
-        order, how = _order_series(items)
-        if len(items) > 1:
-            log.debug("%s: %d files ordered by %s", path, len(items), how)
-        subject = _dicom_subject(items[0][1], config.salt, path)
-        decoded: list[tuple[str, np.ndarray]] = []
-        for i in order:
-            c, ds = items[i]
-            try:
-                decoded.append((c.rel, _decode_dicom(ds, c.rel)[0]))
-            except Exception as e:
-                _dicom_skip(c.rel, e, ds, skipped)
-            tick(1)
-        if not decoded:
+            path = f"{folder}/series-{series_no[gk]}"
+        ticked = [0]
+
+        def count(n: int, ticked: list[int] = ticked) -> None:
+            ticked[0] += n
+            tick(n)
+
+        own: list[SkippedFile] = []
+        try:
+            unit = _dicom_series_unit(path, items, config, key(), own, count)
+        except Exception as e:  # a malformed header value breaks the series as a whole
+            for c, ds in items:
+                reason = f"corrupt or unreadable DICOM series {path}: {_dicom_error(e, ds)}"
+                skipped.append(SkippedFile(c.rel, reason))
+            tick(len(items) - ticked[0])
+            log.info("skipped DICOM series %s (%d files): %s", path, len(items), type(e).__name__)
+            log.debug("traceback for %s", path, exc_info=True)
             continue
-        shapes = Counter(f.shape for _, f in decoded)
-        main = shapes.most_common(1)[0][0]
-        for rel, f in decoded:
-            if f.shape != main:
-                reason = f"slice shape {f.shape} differs from the rest of its series {main}"
-                skipped.append(SkippedFile(rel, reason))
-                log.info("skipped %s: %s", rel, reason)
-        frames = [f for _, f in decoded if f.shape == main]
-        contributing = tuple(sorted(rel for rel, f in decoded if f.shape == main))
-        first = items[order[0]][1]
-        units.append(
-            _Unit(
-                path,
-                frames,
-                list(range(len(frames))),
-                _axis_from_iop(_orientation(first)),
-                _pixel_spacing(first),
-                "fixed",
-                path,
-                subject_id=subject,
-                override=items[0][0].override,
-                sources=contributing,
-            )
-        )
+        skipped.extend(own)
+        if unit is not None:
+            units.append(unit)
     return units
+
+
+def _dicom_series_unit(
+    path: str,
+    items: list[tuple[_Candidate, Any]],
+    config: LoadConfig,
+    key: bytes,
+    skipped: list[SkippedFile],
+    tick: TickCallback,
+) -> _Unit | None:
+    """One volume from the single-frame files of one series, each decoded under the deadline."""
+    try:
+        order, how = _order_series(items)
+    except Exception as e:  # malformed positions or instance numbers: keep the file order
+        order, how = list(range(len(items))), f"filename ({type(e).__name__} in the positions)"
+    if len(items) > 1:
+        log.debug("%s: %d files ordered by %s", path, len(items), how)
+    subject = _dicom_subject(items[0][1], key, path)
+    first = items[order[0]][1]
+    axis, spacing = _axis_from_iop(_orientation(first)), _pixel_spacing(first)
+    decoded: list[tuple[str, np.ndarray]] = []
+    for i in order:
+        c, ds = items[i]
+        try:
+            frame = _call_with_deadline(
+                lambda c=c, ds=ds: _decode_dicom(ds, c.rel, config)[0],
+                config.file_timeout_s,
+                "decoding the DICOM pixel data",
+            )
+            decoded.append((c.rel, frame))
+        except Exception as e:
+            _dicom_skip(c.rel, e, ds, skipped)
+        tick(1)
+    if not decoded:
+        return None
+    shapes = Counter(f.shape for _, f in decoded)
+    main = shapes.most_common(1)[0][0]
+    for rel, f in decoded:
+        if f.shape != main:
+            reason = f"slice shape {f.shape} differs from the rest of its series {main}"
+            skipped.append(SkippedFile(rel, reason))
+            log.info("skipped %s: %s", rel, reason)
+    frames = [f for _, f in decoded if f.shape == main]
+    contributing = tuple(sorted(rel for rel, f in decoded if f.shape == main))
+    return _Unit(
+        path,
+        frames,
+        list(range(len(frames))),
+        axis,
+        spacing,
+        "fixed",
+        path,
+        subject_id=subject,
+        override=items[0][0].override,
+        sources=contributing,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1411,11 +1970,26 @@ def _read_all(
     """Hand each reader its candidates (in registration order), then hash every unit's source files.
 
     Returns the units and the :class:`SourceFile` of each source, by relative path; a unit whose
-    file cannot be hashed (it vanished after reading) is skipped.
+    file cannot be hashed (it vanished after reading) is skipped. Before any reader sees a file,
+    it is checked again to be a regular file (it may have changed since discovery) and its size
+    against :attr:`LoadConfig.max_file_bytes`.
     """
     groups: dict[int, list[_Candidate]] = defaultdict(list)
     readers: dict[int, Reader] = {}
     for c in cands:
+        problem = _file_problem(c.abs)
+        if problem is None:
+            try:
+                _check_file_bytes(os.stat(c.abs).st_size, config)
+            except _Skip as e:
+                problem = str(e)
+            except OSError as e:
+                problem = f"cannot inspect the file: {type(e).__name__}: {e.strerror or e}"
+        if problem is not None:
+            skipped.append(SkippedFile(c.rel, problem))
+            log.info("skipped %s: %s", c.rel, problem)
+            tick(1)
+            continue
         groups[id(c.reader)].append(c)
         readers[id(c.reader)] = c.reader
     order = {id(r): i for i, r in enumerate(_READERS.values())}
@@ -1520,6 +2094,21 @@ def _unit_slices(u: _Unit, config: LoadConfig, skipped: list[SkippedFile]) -> li
     return out
 
 
+def _unit_slices_or_skip(u: _Unit, config: LoadConfig, skipped: list[SkippedFile]) -> list[Slice]:
+    """:func:`_unit_slices`; any error (odd values, a shape the resize refuses) skips the unit."""
+    own: list[SkippedFile] = []
+    try:
+        out = _unit_slices(u, config, own)
+    except Exception as e:
+        reason = f"could not preprocess its pixel values: {_error_text(e)}"
+        skipped.append(SkippedFile(u.path, reason))
+        log.info("skipped %s: %s", u.path, reason)
+        log.debug("traceback for %s", u.path, exc_info=True)
+        return []
+    skipped.extend(own)
+    return out
+
+
 def _skip_sort_key(sk: SkippedFile) -> tuple[str, int]:
     base, sep, idx = sk.path.rpartition("#")
     if sep and idx.isdigit():
@@ -1544,7 +2133,8 @@ def load_cohort(
         (paths relative to the manifest's folder or absolute; a path may name a folder), a single
         image file, or a :class:`Cohort` (returned unchanged).
     config : LoadConfig
-        Slicing axis, 4D volume index, preprocessing, pseudonymisation salt, slice step.
+        Slicing axis, 4D volume index, preprocessing, slice step, per-file budgets and timeout, and
+        the pseudonym key file (read or created only when a DICOM file is read).
     name : str, optional
         Display name of the cohort (default: the root folder's name).
     progress : callable, optional
@@ -1609,7 +2199,7 @@ def load_cohort(
     _assign_subjects(units, root.name or cohort_name)
     slices: list[Slice] = []
     for u in units:
-        slices.extend(_unit_slices(u, config, skipped))
+        slices.extend(_unit_slices_or_skip(u, config, skipped))
     slices.sort(key=lambda s: (s.path, s.slice_index))
     unique: list[Slice] = []
     seen: set[str] = set()

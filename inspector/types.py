@@ -65,7 +65,8 @@ class Slice:
     array : np.ndarray, shape (H, W), float32
         Intensities in ``[0, 1]`` after preprocessing (normalisation, resizing). Read-only.
     subject_id : str
-        Pseudonymous subject identifier (never a raw DICOM PatientID or PatientName).
+        Pseudonymous subject identifier (never a raw DICOM PatientID or PatientName: for DICOM a
+        keyed HMAC pseudonym, ``sub-`` + 12 hex characters, see :mod:`inspector.privacy`).
     path : str
         Source file path relative to the cohort root, POSIX separators. For a DICOM series spread
         over a folder, the folder.

@@ -91,3 +91,11 @@ def make_audit_cohorts(
 def audit_cohorts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Real-MRI train/holdout/synthetic folders with 6 planted copies and 10 novel slices."""
     return make_audit_cohorts(tmp_path_factory.mktemp("cohorts"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_pseudonym_key(tmp_path_factory: pytest.TempPathFactory):
+    """No test reads or creates the user's real pseudonym key (~/.config/mri-memorization-inspector/)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("INSPECTOR_PSEUDONYM_KEY_FILE", str(tmp_path_factory.mktemp("pseudonym-key") / "pseudonym.key"))
+        yield

@@ -35,6 +35,7 @@ from inspector.io import (
     unregister_reader,
 )
 from inspector.preprocess import PreprocessConfig, normalise_volume
+from inspector.privacy import KEY_ENV_VAR
 from inspector.types import SkippedFile, SourceFile, raw_pixel_hash
 
 NATIVE = LoadConfig(preprocess=PreprocessConfig(size=None))
@@ -42,6 +43,14 @@ BUILTIN_EXTENSIONS = (
     ".nii.gz", ".nii", ".mgz", ".mgh", ".dcm", ".dicom", ".ima",
     ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy", ".npz",
 )  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def rd_pseudonym_key(tmp_path_factory, monkeypatch) -> Path:
+    """Pseudonym keys of these tests live in a temporary file, never in the user's config dir."""
+    path = tmp_path_factory.mktemp("key") / "pseudonym.key"
+    monkeypatch.setenv(KEY_ENV_VAR, str(path))
+    return path
 
 
 @pytest.fixture
@@ -408,3 +417,131 @@ def test_registration_rejects_malformed_readers(registry):
     assert dict(READERS) == before
     with pytest.raises(KeyError, match="No reader named 'nope'"):
         unregister_reader("nope")
+
+
+# ----------------------------------------------------------------------------------------------
+# per-file timeout and failures of a reader never abort a load
+# ----------------------------------------------------------------------------------------------
+
+
+class SleepyReader(TextImageReader):
+    """``.sleepy``: a text image whose first line is how long reading it takes (seconds)."""
+
+    name = "sleepy"
+    label = "sleepy image"
+    suffixes = (".sleepy",)
+
+    def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+        import time
+
+        seconds = float(c.abs.read_text().splitlines()[0])
+        skipped.append(SkippedFile(f"{c.rel}:part", "a part recorded before sleeping"))
+        time.sleep(seconds)
+        io._warn(f"{c.rel}: slept {seconds:g} s")
+        return [_Unit(c.rel, rd_text_image(c, skip_lines=1), [0], "2d", (1.0, 1.0), "folder", c.rel)]
+
+
+def test_a_reader_that_hangs_is_skipped_after_the_per_file_timeout(tmp_path, registry):
+    import time
+
+    register_reader(SleepyReader)
+    rd_write(tmp_path / "slow.sleepy", rd_grid(30), header="3\n")
+    rd_write(tmp_path / "quick.sleepy", rd_grid(31), header="0\n")
+    np.save(tmp_path / "v.npy", rd_grid(32))
+    calls = []
+    t0 = time.monotonic()
+    with pytest.warns(io.LoadWarning, match="quick.sleepy: slept 0 s") as rec:
+        c = load_cohort(tmp_path, LoadConfig(preprocess=PreprocessConfig(size=None), file_timeout_s=0.3),
+                        progress=lambda *a: calls.append(a))  # fmt: skip
+    assert time.monotonic() - t0 < 2.5  # not the 3 s the file asked for
+    assert [s.key for s in c] == ["quick.sleepy#0", "v.npy#0"]
+    reasons = {sk.path: sk.reason for sk in c.skipped}
+    assert reasons["slow.sleepy"].startswith(
+        "reading it as sleepy image: reading the file took longer than the per-file timeout of 0.3 s "
+        "(LoadConfig.file_timeout_s); skipped."
+    )
+    assert "LoadConfig(file_timeout_s=120)" in reasons["slow.sleepy"]
+    # what the abandoned read recorded is dropped with it; the finished read's part is kept
+    assert "slow.sleepy:part" not in reasons and "quick.sleepy:part" in reasons
+    assert {w.filename for w in rec} == {__file__}  # worker warnings point at the caller
+    assert calls[-1] == ("loading", 3, 3)
+
+
+def test_no_timeout_reads_in_the_calling_thread(tmp_path, registry):
+    import threading
+
+    seen: list[str] = []
+
+    class WhereReader(TextImageReader):
+        name = "where"
+        suffixes = (".where",)
+
+        def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+            seen.append(threading.current_thread().name)
+            return super().read(c, config, skipped)
+
+    register_reader(WhereReader)
+    rd_write(tmp_path / "a.where", rd_grid(33))
+    load_cohort(tmp_path, LoadConfig(preprocess=PreprocessConfig(size=None), file_timeout_s=None))
+    load_cohort(tmp_path, NATIVE)
+    assert seen == [threading.current_thread().name, "inspector-reader"]
+
+
+def test_a_reader_raising_memory_or_recursion_errors_is_skipped_not_fatal(tmp_path, registry):
+    class Greedy(TextImageReader):
+        name = "greedy"
+        suffixes = (".greedy", ".deep")
+
+        def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+            if c.rel.endswith(".deep"):
+                raise RecursionError("maximum recursion depth exceeded")
+            raise MemoryError("Unable to allocate 3.2 GiB")
+
+    register_reader(Greedy)
+    rd_write(tmp_path / "a.greedy", rd_grid(34))
+    rd_write(tmp_path / "b.deep", rd_grid(35))
+    np.save(tmp_path / "v.npy", rd_grid(36))
+    c = load_cohort(tmp_path, NATIVE)
+    assert [s.key for s in c] == ["v.npy#0"]
+    reasons = {sk.path: sk.reason for sk in c.skipped}
+    assert reasons["a.greedy"] == "corrupt or unreadable toy text image file: MemoryError: Unable to allocate 3.2 GiB"
+    assert reasons["b.deep"].startswith("corrupt or unreadable toy text image file: RecursionError")
+
+
+def test_pixels_that_preprocessing_refuses_skip_the_unit_not_the_load(tmp_path, registry):
+    class Weird(TextImageReader):
+        name = "weird"
+        suffixes = (".weird",)
+
+        def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+            return [_Unit(c.rel, np.array([[["x", "y"]]], dtype=object), [0], "2d", (1.0, 1.0), "folder", c.rel)]
+
+    register_reader(Weird)
+    rd_write(tmp_path / "a.weird", rd_grid(37))
+    np.save(tmp_path / "v.npy", rd_grid(38))
+    c = load_cohort(tmp_path, NATIVE)
+    assert [s.key for s in c] == ["v.npy#0"]
+    assert {sk.path: sk.reason for sk in c.skipped}["a.weird"].startswith("could not preprocess its pixel values:")
+
+
+def test_a_custom_reader_gets_the_byte_budget_and_can_check_the_pixel_budget(tmp_path, registry):
+    class Budgeted(TextImageReader):
+        name = "budgeted"
+        suffixes = (".budget",)
+
+        def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
+            h, w = (int(v) for v in c.abs.read_text().split()[:2])  # a header: the declared size
+            io.check_voxel_budget((h, w), config, bytes_per_voxel=8, what="budget image")
+            raise AssertionError("never decoded in this test")
+
+    register_reader(Budgeted)
+    (tmp_path / "claims.budget").write_text("100000 100000\n")
+    (tmp_path / "big.budget").write_text("1 1\n" + "0 " * 5000)
+    np.save(tmp_path / "v.npy", rd_grid(39))
+    c = load_cohort(tmp_path, LoadConfig(preprocess=PreprocessConfig(size=None), max_file_bytes=4096))
+    reasons = {sk.path: sk.reason for sk in c.skipped}
+    assert reasons["claims.budget"].startswith("over the per-file pixel budget LoadConfig.max_voxels = 536_870_912: "
+                                               "the header declares budget image shape (100000, 100000)")  # fmt: skip
+    assert reasons["big.budget"].startswith("over the per-file byte budget LoadConfig.max_file_bytes = 4.0 KiB")
+    with pytest.raises(io._Skip, match="negative dimension"):
+        io.check_voxel_budget((-1, 5), NATIVE)
