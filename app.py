@@ -1,7 +1,10 @@
 """MRI Memorization Inspector: the Streamlit app.
 
-Run with ``make app`` (or ``streamlit run app.py``; ``.streamlit/config.toml`` binds 127.0.0.1 and
-turns usage statistics off). The app calls the library only: every number comes from
+Run with ``make app``, ``python app.py`` (the launcher: binds 127.0.0.1, usage statistics and error details
+off, from any folder) or ``streamlit run app.py``. The app sets its privacy options itself first
+(:func:`inspector.ui.apply_privacy_options`), wherever it was started from, and refuses to show anything when
+the server listens on another interface than loopback (``$INSPECTOR_ALLOW_REMOTE=1`` allows it, e.g. behind
+an authenticating proxy). The app calls the library only: every number comes from
 :class:`inspector.result.AuditResult`, and images are rendered from its float arrays by
 :mod:`inspector.ui`. Reviewer decisions go to SQLite through :class:`inspector.review.ReviewStore`.
 
@@ -11,6 +14,8 @@ INSPECTOR_REVIEWS_DB
     Default reviews database (otherwise ``audits/reviews.sqlite3`` under the working directory).
 INSPECTOR_CACHE_DIR
     Embedding and encoder cache of the library.
+INSPECTOR_ALLOW_REMOTE
+    ``1`` to serve on a non-loopback address.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +31,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import streamlit as st
+from streamlit import runtime
 
 from inspector import ui
-from inspector.review import DECISIONS, ReviewError, ReviewStore
+from inspector.review import DECISIONS, ReviewError, ReviewStore, ReviewStoreBusyError
 from inspector.views import View
+
+# before anything else: the privacy options, wherever the app was started from (and `python app.py` launches)
+if __name__ == "__main__" and not runtime.exists():
+    sys.exit(ui.launch_app(__file__, sys.argv[1:]))
+_BOUND_ADDRESS = ui.apply_privacy_options()
 
 log = logging.getLogger("inspector.app")
 
@@ -37,6 +49,14 @@ _DEFAULTS = {"train": "sample_data/train", "synthetic": "sample_data/synthetic",
 _MAX_CACHED_AUDITS = 4
 
 st.set_page_config(page_title="MRI Memorization Inspector", page_icon=":material/neurology:", layout="wide")
+if not ui.served_privately(_BOUND_ADDRESS, real_server=not st.get_option("global.appTest")):
+    st.error(
+        f"This server listens on {_BOUND_ADDRESS or 'every network interface'}, not only on this machine: the app "
+        "shows patients' images and stays closed. Restart it with `python app.py` or `make app` (they bind "
+        "127.0.0.1), or set INSPECTOR_ALLOW_REMOTE=1 behind an authenticating proxy.",
+        icon=":material/lock:",
+    )
+    st.stop()
 
 
 # ==============================================================================================
@@ -121,13 +141,14 @@ def _skipped_frame(cohorts: dict[str, Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["cohort", "file", "reason"])
 
 
-def _show_error(message: str, skipped: list[Any] | None = None) -> None:
+def _show_error(message: str, skipped: list[Any] | None = None, cohorts: list[str] | None = None) -> None:
     st.error(message, icon=":material/error:")
     if skipped:
+        rows = [{"file": s.path, "reason": s.reason} for s in skipped]
+        if cohorts is not None:
+            rows = [{"cohort": c, **r} for c, r in zip(cohorts, rows, strict=True)]
         with st.expander(f"{len(skipped)} file(s) skipped, with the reason", expanded=True):
-            st.dataframe(
-                pd.DataFrame([{"file": s.path, "reason": s.reason} for s in skipped]), hide_index=True, width="stretch"
-            )
+            st.dataframe(pd.DataFrame(rows), hide_index=True, width="stretch")
 
 
 def run_audit(vals: dict[str, Any]) -> str | None:
@@ -138,6 +159,7 @@ def run_audit(vals: dict[str, Any]) -> str | None:
     from inspector.config import AuditConfig
     from inspector.io import CohortNotFoundError, ManifestError, NoImagesError
     from inspector.pipeline import InsufficientDataError, audit
+    from inspector.result import MissingEvidenceError
 
     try:
         paths: dict[str, Path | None] = {
@@ -194,6 +216,16 @@ def run_audit(vals: dict[str, Any]) -> str | None:
         box.empty()
         _show_error(f"Not enough data for this audit: {e}")
         return None
+    except MissingEvidenceError as e:
+        box.empty()
+        head = str(e).split("\n", 1)[0]
+        _show_error(
+            f"{head} Fix or remove the files listed below, or tick **Allow skipped training/holdout files** under "
+            "Input to audit without them (they are then named in the verdict, summary.json and the report).",
+            [sk for _, sk in e.files],
+            [c for c, _ in e.files],
+        )
+        return None
     except (ValueError, OSError, RuntimeError) as e:
         box.empty()
         log.exception("audit failed")
@@ -220,13 +252,23 @@ def run_audit(vals: dict[str, Any]) -> str | None:
 def review_store(path_text: str) -> ReviewStore | None:
     try:
         return ReviewStore(Path(path_text).expanduser())
+    except ReviewStoreBusyError as e:
+        st.error(f"{e}", icon=":material/lock_clock:")
+        st.button("Retry", key="retry_store", help="Open the reviews database again.")
+        return None
     except (ReviewError, OSError) as e:
         st.error(f"The reviews database {path_text!r} cannot be opened: {e}. Choose another file in the sidebar.")
         return None
 
 
 def _latest(store: ReviewStore | None, audit_id: str) -> dict[str, Any]:
-    return store.latest(audit_id) if store is not None else {}
+    if store is None:
+        return {}
+    try:
+        return store.latest(audit_id)
+    except ReviewError as e:
+        st.warning(f"Earlier decisions cannot be shown right now: {e}")
+        return {}
 
 
 def _pair_label(result: Any, i: int) -> str:
@@ -265,6 +307,12 @@ def header(entry: Entry) -> None:
         f"computed in {entry.seconds:.1f} s",
     ]
     st.caption(" · ".join(parts))
+    if r.evidence_note:
+        st.warning(
+            f"**Missing evidence.** {r.evidence_note}"
+            + (" The audit ran with *Allow skipped*." if r.config.allow_skipped else ""),
+            icon=":material/report:",
+        )
     skipped = _skipped_frame({"training": r.train, "synthetic": r.synthetic, "holdout": r.holdout})
     if len(skipped):
         with st.expander(f":material/warning: {len(skipped)} file(s) or slice(s) were skipped while loading"):
@@ -281,7 +329,12 @@ def overview_page(entry: Entry, alpha: float, fdr: bool) -> None:
     v = r.calibration.verdict(alpha, fdr)
     lo, hi = v.fraction_ci95
     box = st.error if v.copying else (st.warning if v.n_flagged else st.success)
-    box(f"**Verdict.** {v.text}", icon=":material/policy:")
+    box(f"**Verdict.** {' '.join(t for t in (v.text, r.evidence_note) if t)}", icon=":material/policy:")
+    if v.decidable:
+        st.caption(
+            f"Dataset test: {v.test}, p = {ui.format_p(v.test_p_value)} at level {v.test_level:g} "
+            f"({v.n_units_flagged} of {v.n_units} {v.unit}s with p ≤ α). Assumes {v.assumption}."
+        )
 
     cols = st.columns(5)
     rule = "BH at" if fdr else "α ="
@@ -300,6 +353,13 @@ def overview_page(entry: Entry, alpha: float, fdr: bool) -> None:
         f"paper's rule ONI < 0.68 → {'memorised' if v.paper_rule_memorised else 'not memorised'}; "
         f"mean MI z = {v.mean_mi_z:.2f}"
     )
+    vols = r.volumes(alpha, fdr)
+    if len(vols) < len(r.table):  # some synthetic volumes hold several slices
+        with st.expander(
+            f"Per synthetic volume: {int(vols['flagged'].sum())} of {len(vols)} flagged "
+            f"(p-values by {r.calibration.volume_calibration})"
+        ):
+            st.dataframe(vols, hide_index=True, width="stretch", key="volumes_table")
     b = r.baselines
     if "ct_score" in b:
         cols[3].metric("CT-score (Meehan)", f"{b['ct_score']:.2f}")
@@ -641,21 +701,42 @@ def review_form(r: Any, row: Any, store: ReviewStore | None, latest: dict[str, A
         reviewer = c3.text_input("Reviewer name", key="reviewer_name")
         with c4:
             submitted = st.form_submit_button("Save decision", type="primary", key="save_decision", width="stretch")
+    pending_key, retry_key = f"pending_{sha[:16]}", f"retry_{sha[:16]}"
+    attempt = bool(st.session_state.get(retry_key)) and pending_key in st.session_state
     if submitted:
         if decision is None:
             st.warning("Choose a decision first.")
         elif not (reviewer or "").strip():
             st.warning("Enter the reviewer's name.")
         else:
-            try:
-                saved = store.record(r.audit_id, sha, decision, reviewer, comment, slice_key=slice_key)
-            except ReviewError as e:
-                st.error(f"Not saved: {e}")
-            else:
-                st.success(
-                    f"Saved: **{saved.decision}** by {saved.reviewer} at {saved.created_at} (record {saved.id})."
-                )
-                latest[sha] = saved
+            st.session_state[pending_key] = {"decision": decision, "reviewer": reviewer, "comment": comment}
+            attempt = True
+    pending = st.session_state.get(pending_key)
+    busy = ""
+    if attempt and pending is not None:
+        try:
+            saved = store.record(
+                r.audit_id, sha, pending["decision"], pending["reviewer"], pending["comment"], slice_key=slice_key
+            )
+        except ReviewStoreBusyError as e:
+            busy = str(e)
+        except ReviewError as e:
+            st.session_state.pop(pending_key, None)
+            st.error(f"Not saved: {e}")
+        else:
+            st.session_state.pop(pending_key, None)
+            st.success(f"Saved: **{saved.decision}** by {saved.reviewer} at {saved.created_at} (record {saved.id}).")
+            latest[sha] = saved
+    pending = st.session_state.get(pending_key)
+    if pending is not None:
+        # never dropped: the decision waits here, with a Retry, until the database has committed it
+        st.error(
+            f"Not saved yet: **{pending['decision']}** by {pending['reviewer']}. "
+            f"{busy or 'The reviews database was busy at the last try.'} The decision is kept on this page "
+            "until it is saved.",
+            icon=":material/lock_clock:",
+        )
+        st.button("Retry saving the decision", key=retry_key, type="primary")
     hist = store.history(r.audit_id, sha)
     if hist:
         with st.expander(f"History of this slice ({len(hist)} decision(s))"):

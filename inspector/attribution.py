@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +20,16 @@ from .matching import MatchResult
 from .scores import PaperScores
 from .types import Cohort
 
-__all__ = ["SCORE_COLUMNS", "layer_consensus", "score_table", "subjects_table", "attach_labels"]
+__all__ = [
+    "volumes_table",
+    "SCORE_COLUMNS",
+    "LabelsError",
+    "attach_labels",
+    "check_labels",
+    "layer_consensus",
+    "score_table",
+    "subjects_table",
+]
 
 log = logging.getLogger(__name__)
 
@@ -126,37 +136,186 @@ def score_table(
     return table
 
 
-def subjects_table(table: pd.DataFrame, train: Cohort) -> pd.DataFrame:
-    """Per training subject: its slices, the synthetic slices attributed to it and how many are flagged.
+def volumes_table(table: pd.DataFrame, calibration: Calibration, alpha: float | None = None,
+                  fdr: bool | None = None) -> pd.DataFrame:
+    """One row per synthetic volume (``volumes.csv``): its calibrated p-value, flag and best training match.
+
+    A synthetic volume is the slices of one source (:attr:`Calibration.volume_ids`; a 2D image is a volume of
+    one slice). Its training match is the training volume (``nearest_train_path``) most of its slices match,
+    ``match_fraction`` the share of its slices that match it (a copied volume matches one training volume
+    throughout), ``train_slice_offset`` the median of (matched training slice index − synthetic slice index)
+    over those slices.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``volume, n_slices, slice_first, slice_last, p_value, simes (the statistic: Simes' combination of
+        the slices' p-values), flagged, p_calibration, n_slices_flagged,
+        max_similarity, nearest_train_volume, nearest_train_subject, match_fraction, train_slice_offset``;
+        flagged and most significant first.
+    """
+    vi = calibration.volume_index()
+    vflags = calibration.volume_flags(alpha, fdr)
+    sflags = calibration.flags(alpha, fdr)
+    rows = []
+    for v, vid in enumerate(calibration.volume_ids):
+        mine = table.iloc[np.flatnonzero(vi == v)]
+        paths = mine["nearest_train_path"].astype(str)
+        best = paths.mode().iloc[0] if len(paths) else ""
+        on_best = mine[paths == best]
+        subj = on_best["nearest_train_subject"].astype(str).mode()
+        offset = (on_best["nearest_train_slice"] - on_best["slice_index"]).median() if len(on_best) else np.nan
+        rows.append(
+            {
+                "volume": str(vid),
+                "n_slices": len(mine),
+                "slice_first": int(mine["slice_index"].min()),
+                "slice_last": int(mine["slice_index"].max()),
+                "p_value": float(calibration.volume_p_values[v]),
+                "simes": float(calibration.volume_simes[v]),
+                "flagged": int(vflags[v]),
+                "p_calibration": calibration.volume_calibration,
+                "n_slices_flagged": int(sflags[vi == v].sum()),
+                "max_similarity": float(mine["similarity"].max()),
+                "nearest_train_volume": best,
+                "nearest_train_subject": subj.iloc[0] if len(subj) else "",
+                "match_fraction": float(len(on_best) / len(mine)) if len(mine) else 0.0,
+                "train_slice_offset": float(offset),
+            }
+        )
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return df
+    return df.sort_values(["flagged", "p_value", "max_similarity"], ascending=[False, True, False]).reset_index(
+        drop=True
+    )
+
+
+def subjects_table(
+    table: pd.DataFrame, train: Cohort, volumes: pd.DataFrame | None = None, alpha: float = 0.01
+) -> pd.DataFrame:
+    """Per training subject: its slices, the synthetic slices and volumes attributed to it, and a flag.
+
+    A subject is flagged when one of the ``k`` synthetic volumes attributed to it has a volume p-value at most
+    ``alpha / k`` (Bonferroni over its volumes), so a subject with no copy is flagged with probability at most
+    ``alpha`` however many volumes match it.
 
     Returns
     -------
     pandas.DataFrame
         Columns ``subject_id, n_train_slices, n_synthetic_matched, n_flagged, max_similarity, min_p_value,
-        flagged_synthetic``; most flagged first.
+        flagged_synthetic`` and, with ``volumes``, ``n_volumes_matched, n_volumes_flagged, p_value, flagged``;
+        most flagged first.
     """
     rows = []
     counts = pd.Series([s.subject_id for s in train.slices]).value_counts()
     for subj in train.subjects:
         mine = table[table["nearest_train_subject"] == subj]
         flagged = mine[mine["flagged"] == 1]
-        rows.append(
-            {
-                "subject_id": subj,
-                "n_train_slices": int(counts.get(subj, 0)),
-                "n_synthetic_matched": len(mine),
-                "n_flagged": len(flagged),
-                "max_similarity": float(mine["similarity"].max()) if len(mine) else np.nan,
-                "min_p_value": float(mine["p_value"].min()) if len(mine) else np.nan,
-                "flagged_synthetic": ";".join(
-                    f"{p}#{i}" for p, i in zip(flagged["synthetic_path"], flagged["slice_index"], strict=True)
-                ),
-            }
-        )
+        row = {
+            "subject_id": subj,
+            "n_train_slices": int(counts.get(subj, 0)),
+            "n_synthetic_matched": len(mine),
+            "n_flagged": len(flagged),
+            "max_similarity": float(mine["similarity"].max()) if len(mine) else np.nan,
+            "min_p_value": float(mine["p_value"].min()) if len(mine) else np.nan,
+            "flagged_synthetic": ";".join(
+                f"{p}#{i}" for p, i in zip(flagged["synthetic_path"], flagged["slice_index"], strict=True)
+            ),
+        }
+        if volumes is not None and not volumes.empty:
+            vs = volumes[volumes["nearest_train_subject"] == subj]
+            k = len(vs)
+            p = min(1.0, k * float(vs["p_value"].min())) if k else 1.0
+            row.update(
+                {
+                    "n_volumes_matched": k,
+                    "n_volumes_flagged": int(vs["flagged"].sum()),
+                    "p_value": p,
+                    "flagged": int(k > 0 and p <= alpha),
+                }
+            )
+        rows.append(row)
     df = pd.DataFrame(rows)
     return df.sort_values(["n_flagged", "max_similarity"], ascending=[False, False], na_position="last").reset_index(
         drop=True
     )
+
+
+class LabelsError(ValueError):
+    """The optional ``labels.csv`` beside the synthetic set is malformed; the message names the file and line."""
+
+
+_LABEL_VALUES = ("copy", "novel")
+
+
+def check_labels(folder_or_csv: str | Path) -> Path | None:
+    """Validate the optional ground truth ``labels.csv`` before any computation, line by line.
+
+    Parameters
+    ----------
+    folder_or_csv : str or Path
+        The synthetic set's root folder (``labels.csv`` inside it is checked) or the CSV itself.
+
+    Returns
+    -------
+    Path or None
+        The file checked; None when there is none.
+
+    Raises
+    ------
+    LabelsError
+        Naming the file and line: not UTF-8, unparsable CSV, no ``path``/``label`` header, more fields than the
+        header, an empty path, a label other than copy/novel, a path listed twice.
+    """
+    import csv as _csv
+    import io as _io
+
+    p = Path(folder_or_csv).expanduser()
+    f = p / "labels.csv" if p.is_dir() else p
+    if not f.is_file():
+        return None
+    raw = f.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LabelsError(f"Labels file {f} line {line}: not UTF-8 text ({e.reason}); save it as UTF-8 CSV.") from e
+    fix = "Expected columns path,label[,source,augmentation] with label copy or novel; fix or remove the file."
+    reader = _csv.reader(_io.StringIO(text, newline=""), strict=True)
+    header: list[str] | None = None
+    seen: dict[str, int] = {}
+    try:
+        for row in reader:
+            line = reader.line_num
+            if not any(c.strip() for c in row):
+                continue
+            if header is None:
+                header = [c.strip().lower() for c in row]
+                missing = [c for c in ("path", "label") if c not in header]
+                if missing:
+                    raise LabelsError(f"Labels file {f} line {line}: the header lacks column(s) {missing}. {fix}")
+                continue
+            if len(row) > len(header):
+                raise LabelsError(
+                    f"Labels file {f} line {line}: {len(row)} fields, the header has {len(header)}. "
+                    "Quote fields that hold commas."
+                )
+            rec = dict(zip(header, (c.strip() for c in row), strict=False))
+            path, label = rec.get("path", ""), rec.get("label", "").lower()
+            if not path:
+                raise LabelsError(f"Labels file {f} line {line}: empty path. {fix}")
+            if label not in _LABEL_VALUES:
+                raise LabelsError(f"Labels file {f} line {line}: label {label!r} is not one of {_LABEL_VALUES}. {fix}")
+            key = Path(path).as_posix()
+            if key in seen:
+                raise LabelsError(f"Labels file {f} line {line}: {path!r} is listed again (first on line {seen[key]}).")
+            seen[key] = line
+    except _csv.Error as e:
+        raise LabelsError(f"Labels file {f} line {reader.line_num}: not valid CSV ({e}). {fix}") from e
+    if header is None:
+        raise LabelsError(f"Labels file {f} line 1: the file is empty. {fix}")
+    return f
 
 
 def attach_labels(table: pd.DataFrame, synthetic: Cohort) -> pd.DataFrame:

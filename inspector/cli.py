@@ -4,7 +4,10 @@ Exit codes (a stable contract):
 
 - ``0``: the audit ran (and, with ``--fail-on``, passed the gate);
 - ``1``: the audit ran and failed the ``--fail-on`` gate;
-- ``2``: bad input or usage (missing path, no readable images, bad option), with a message on stderr;
+- ``2``: bad input or usage, with a message on stderr: a missing path, no readable images, a bad option or one
+  this machine cannot honour (``--device cuda`` without CUDA, ``mri-core`` without a checkpoint), ``--out``
+  naming a file or lying inside an input, a malformed ``labels.csv``, too few training subjects, skipped training
+  or holdout files without ``--allow-skipped`` (each named with its reason), a mixed audit folder;
 - ``3``: an unexpected internal error.
 """
 
@@ -182,19 +185,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _scan(args: argparse.Namespace) -> int:
-    from .config import AuditConfig, settings
-    from .folder import save_audit
+    from .config import AuditConfig, ConfigError, settings
+    from .folder import check_output_folder, save_audit
+    from .io import CohortNotFoundError
     from .pipeline import audit
 
+    # everything that needs no data first: a bad option never costs a load
     try:
         cfg = AuditConfig.create(**{st.name: getattr(args, st.name) for st in settings()})
+    except ConfigError as e:
+        raise ValueError(f"bad option {e.flag}: {e}") from e
     except ValueError as e:
         raise ValueError(f"bad option: {e}") from e
     if args.max_flagged is not None and args.max_flagged < 0:
-        raise ValueError(f"--max-flagged must be >= 0; got {args.max_flagged}.")
+        raise ValueError(f"bad option --max-flagged: must be >= 0; got {args.max_flagged}.")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1; got {args.threads}.")
+    inputs = {"train": args.train, "synthetic": args.synthetic, "holdout": args.holdout}
+    for name, path in inputs.items():
+        if path is not None and not Path(path).expanduser().exists():
+            raise CohortNotFoundError(
+                f"--{name} {Path(path).expanduser()} does not exist. Expected a folder of images, a CSV manifest "
+                "with columns path,subject_id[,label], or a single image file."
+            )
+    out = check_output_folder(args.out, inputs)
+    try:
+        cfg.preflight()
+    except ConfigError as e:
+        raise ValueError(f"bad option {e.flag}: {e}") from e
     if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1; got {args.threads}.")
         import torch
 
         torch.set_num_threads(args.threads)
@@ -211,11 +230,21 @@ def _scan(args: argparse.Namespace) -> int:
         )
     finally:
         progress.close()
-    out = Path(args.out)
     save_audit(result, out)
-    print(result.verdict.text)
+    gaps = result.missing_evidence
+    for name, files in gaps.items():
+        if not files:
+            continue
+        what = "not audited" if name == "synthetic" else "missing evidence (--allow-skipped)"
+        print(f"warning: {len(files)} {name} file(s) skipped, {what}:", file=sys.stderr)
+        for sk in files:
+            print(f"  - {sk.path}: {sk.reason}", file=sys.stderr)
+    print(result.verdict_text)
     print(f"wrote {out / 'scores.csv'}, {out / 'summary.json'}, {out / 'subjects.csv'}")
     failed, why = result.calibration.gate(args.fail_on, max_flagged=args.max_flagged)
+    if args.fail_on != "never" and not result.evidence_complete and not cfg.allow_skipped:
+        n = len(gaps["train"]) + len(gaps["holdout"])
+        failed, why = True, f"missing evidence: {n} training/holdout file(s) were skipped (see above)"
     if failed:
         print(f"GATE FAILED (--fail-on {args.fail_on}): {why}", file=sys.stderr)
         return EXIT_GATE

@@ -9,14 +9,34 @@ appears in ``inspector scan --help``, in the app and in ``summary.json``'s confi
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AuditConfig", "Setting", "settings"]
+__all__ = ["AuditConfig", "ConfigError", "Setting", "settings"]
 
 #: Sections that group the settings in the app and the CLI's help.
 SECTIONS: tuple[str, ...] = ("method", "decision", "matching", "input", "runtime")
+
+
+class ConfigError(ValueError):
+    """A setting has a value outside its choices or bounds, or cannot be used on this machine.
+
+    Attributes
+    ----------
+    field : str
+        The :class:`AuditConfig` field at fault (``--field-with-dashes`` on the command line).
+    """
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+    @property
+    def flag(self) -> str:
+        """The command-line option of :attr:`field`."""
+        return "--" + self.field.replace("_", "-")
 
 
 def _opt(default: Any, section: str, *, choices: tuple[Any, ...] | None = None, **meta: Any) -> Any:
@@ -60,15 +80,20 @@ class AuditConfig:
     axis : str
         Slicing axis for volumes.
     size : int
-        Square size in pixels slices are resampled to on loading.
+        Square size in pixels slices are resampled to on loading (16 to 1024).
+    allow_skipped : bool
+        Run the audit although training or holdout files could not be read (missing evidence: a copy of a
+        skipped training slice cannot be detected). Off by default: the audit then refuses, naming every
+        skipped file and its reason. When on, the skipped files are counted and listed in summary.json, the
+        verdict and the report, and the CI gate still runs.
     align_size : int
-        Working resolution in pixels of the registration.
+        Working resolution in pixels of the registration (16 to 1024).
     n_bootstrap : int
         Split-half bootstrap rounds of the paper's null.
     device : str
         auto (CUDA when present, else CPU), cpu or cuda.
     seed : int
-        Random seed (encoder training, bootstrap, k-means).
+        Random seed (encoder training, bootstrap, k-means), 0 to 2**32 - 1.
     """
 
     mode: str = _opt("default", "method", choices=("default", "paper"))
@@ -79,31 +104,80 @@ class AuditConfig:
     fdr: bool = _opt(False, "decision")
     views: tuple[str, ...] = _opt(("id", "hflip", "vflip", "hvflip"), "matching", metavar="NAMES")
     rerank: bool = _opt(True, "matching")
-    shortlist: int = _opt(10, "matching", minimum=1)
+    shortlist: int = _opt(10, "matching", minimum=1, maximum=10_000)
     align_flips: str = _opt("all", "matching", choices=("all", "matched"))
-    top_k: int = _opt(5, "matching", minimum=1)
+    top_k: int = _opt(5, "matching", minimum=1, maximum=1_000)
     axis: str = _opt("axial", "input", choices=("axial", "coronal", "sagittal"))
-    size: int = _opt(128, "input", minimum=16)
-    align_size: int = _opt(64, "matching", minimum=16)
-    n_bootstrap: int = _opt(10, "method", minimum=1)
+    size: int = _opt(128, "input", minimum=16, maximum=1024)
+    allow_skipped: bool = _opt(False, "input")
+    align_size: int = _opt(64, "matching", minimum=16, maximum=1024)
+    n_bootstrap: int = _opt(10, "method", minimum=1, maximum=100_000)
     device: str = _opt("auto", "runtime", choices=("auto", "cpu", "cuda"))
-    seed: int = _opt(0, "runtime", minimum=0)
+    seed: int = _opt(0, "runtime", minimum=0, maximum=2**32 - 1)
 
     def __post_init__(self) -> None:
         for s in settings(registry=False):
             value = getattr(self, s.name)
+            _check_type(s, value)
+            if s.kind is tuple and isinstance(value, list):
+                object.__setattr__(self, s.name, tuple(value))
             if s.choices is not None and value not in s.choices:
-                raise ValueError(f"{s.name} must be one of {s.choices}; got {value!r}.")
+                raise ConfigError(s.name, f"{s.name} must be one of {s.choices}; got {value!r}.")
             if s.minimum is not None and value < s.minimum:
-                raise ValueError(f"{s.name} must be >= {s.minimum}; got {value!r}.")
+                raise ConfigError(s.name, f"{s.name} must be >= {s.minimum}; got {value!r}.")
+            if s.maximum is not None and value > s.maximum:
+                raise ConfigError(s.name, f"{s.name} must be <= {s.maximum}; got {value!r}.")
         if not 0 < self.alpha < 1:
-            raise ValueError(f"alpha must be in (0, 1); got {self.alpha}.")
+            raise ConfigError("alpha", f"alpha must be in (0, 1); got {self.alpha}.")
         from .views import canonical_view_name
 
         # one spelling per view, so that aliases hash to the same audit and cache entries
         object.__setattr__(self, "views", tuple(dict.fromkeys(canonical_view_name(v) for v in self.views)))
         if "id" not in self.views:
-            raise ValueError(f"views must include 'id'; got {self.views}.")
+            raise ConfigError("views", f"views must include 'id'; got {self.views}.")
+
+    def preflight(self) -> None:
+        """Every check of the settings that needs no data, against this machine: run before loading.
+
+        Raises
+        ------
+        ConfigError
+            An unknown extractor; a checkpoint for another extractor than ``mri-core``; ``mri-core`` without a
+            checkpoint (``--checkpoint`` or ``$INSPECTOR_MRI_CORE_CHECKPOINT``) or with one that is not a file;
+            ``device='cuda'`` on a machine without CUDA.
+        """
+        import os
+        from pathlib import Path
+
+        names = _extractor_names()
+        if self.extractor not in names:
+            raise ConfigError("extractor", f"extractor must be one of {tuple(names)}; got {self.extractor!r}.")
+        if self.checkpoint and self.extractor != "mri-core":
+            raise ConfigError(
+                "checkpoint",
+                f"A checkpoint was given ({self.checkpoint!r}) but the extractor is {self.extractor!r}; "
+                "checkpoints are for extractor='mri-core'. Choose --extractor mri-core or drop --checkpoint.",
+            )
+        if self.extractor == "mri-core":
+            from .models.mri_core import CHECKPOINT_ENV
+
+            ck = self.checkpoint or os.environ.get(CHECKPOINT_ENV) or ""
+            if not ck:
+                raise ConfigError(
+                    "checkpoint",
+                    "extractor 'mri-core' needs its weights: pass --checkpoint FILE (the MRI-CORE .pth file) or set "
+                    f"${CHECKPOINT_ENV}. They cannot be downloaded by this tool (no network access).",
+                )
+            if not Path(ck).expanduser().is_file():
+                raise ConfigError("checkpoint", f"MRI-CORE checkpoint {ck!r} is not a file; check --checkpoint.")
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(
+                    "device",
+                    "device 'cuda' was requested but CUDA is not available on this machine; use 'auto' or 'cpu'.",
+                )
 
     @classmethod
     def create(cls, **kwargs: Any) -> AuditConfig:
@@ -148,7 +222,8 @@ class Setting:
         One of :data:`SECTIONS`.
     choices : tuple or None
         Allowed values (``extractor``: the extractor registry's names).
-    minimum : int or None
+    minimum, maximum : int or None
+        Bounds of a number (inclusive).
     optional : bool
         ``None`` is allowed (e.g. ``checkpoint``).
     metavar : str or None
@@ -163,6 +238,7 @@ class Setting:
     minimum: int | None
     optional: bool
     metavar: str | None
+    maximum: int | None = None
 
     @property
     def flag(self) -> str:
@@ -214,6 +290,7 @@ def settings(*, registry: bool = True) -> tuple[Setting, ...]:
                     minimum=meta.get("minimum"),
                     optional="None" in ann,
                     metavar=meta.get("metavar"),
+                    maximum=meta.get("maximum"),
                 )
             )
         _SETTINGS = tuple(out)
@@ -224,6 +301,28 @@ def settings(*, registry: bool = True) -> tuple[Setting, ...]:
         dataclasses.replace(s, choices=names) if _field(s.name).metadata.get("registry") == "extractors" else s
         for s in _SETTINGS
     )
+
+
+def _np_bool() -> type:
+    import numpy as np
+
+    return np.bool_
+
+
+def _check_type(s: Setting, value: Any) -> None:
+    """A value of the wrong type (a str for an int, a bool for a number) is a :class:`ConfigError`."""
+    if value is None and s.optional:
+        return
+    ok = {
+        bool: lambda v: isinstance(v, bool | _np_bool()),
+        int: lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        tuple: lambda v: isinstance(v, tuple | list),
+    }[s.kind]
+    if not ok(value):
+        what = {bool: "true or false", int: "an integer", float: "a number", str: "a string", tuple: "a list of names"}
+        raise ConfigError(s.name, f"{s.name} must be {what[s.kind]}; got {value!r} ({type(value).__name__}).")
 
 
 def _field(name: str) -> dataclasses.Field:

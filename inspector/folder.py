@@ -6,7 +6,8 @@ the stored scores and null, so the report, the app and the gate ask the same obj
 threshold and verdict. Files:
 
 - ``scores.csv``: one row per synthetic slice (:data:`inspector.attribution.SCORE_COLUMNS` first);
-- ``subjects.csv``: per training subject;
+- ``subjects.csv``: per training subject (slices and volumes attributed, a calibrated flag);
+- ``volumes.csv``: per synthetic volume (its calibrated p-value and flag, the training volume it matches);
 - ``summary.json``: the verdict, config, versions, inputs (validated against
   ``inspector/schemas/summary.schema.json``);
 - ``audit.npz``: the null, the per-layer neighbours and the registration (``alignment__<field>``);
@@ -14,9 +15,15 @@ threshold and verdict. Files:
 - ``manifest.json``: every input file's sha256 (recorded by the readers when they loaded it), counts,
   skipped files, the extractor, config, versions and the sha256 of the files above.
 
+Every file carries the audit ID (an ``audit_id`` column in the CSV files, an ``audit_id`` member in the
+``.npz`` files, the ``audit_id`` key in the JSON files), and :func:`save_audit` writes the folder as a whole:
+into a hidden temporary sibling folder, fsynced, then swapped in by one rename. :func:`load_audit_folder`
+refuses a folder whose files name different audits (:class:`MixedAuditFolderError`).
+
 Reviewer decisions and sign-offs live in one append-only store (:class:`inspector.review.ReviewStore`),
-``reviews.sqlite3`` in the folder unless another database is named. No protected health information: the
-folder holds pseudonymous subject IDs, relative paths and hashes only.
+``reviews.sqlite3`` in the folder unless another database is named; a save keeps it (and any report in the
+folder). No protected health information: the folder holds pseudonymous subject IDs, relative paths and
+hashes only.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ import hashlib
 import io
 import json
 import logging
+import os
+import shutil
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +46,9 @@ import pandas as pd
 from .align import Alignment
 from .cache import atomic_write_bytes
 from .calibration import Calibration, Verdict
-from .result import AuditResult, jsonable
+from .result import OWN_OUTPUT_REASON, AuditResult, evidence_note, is_missing_evidence, jsonable
 from .review import DECISIONS, RecordedSignOff, Review, ReviewStore, SignOff, SignOffError
-from .types import Cohort
+from .types import Cohort, SkippedFile
 
 __all__ = [
     "MAX_EVIDENCE_PAIRS",
@@ -46,6 +56,10 @@ __all__ = [
     "AuditFolder",
     "AuditFolderError",
     "Evidence",
+    "MixedAuditFolderError",
+    "OutputFolderError",
+    "check_output_folder",
+    "drop_audit_outputs",
     "SummaryValidationError",
     "load_alignment",
     "load_audit_folder",
@@ -76,7 +90,18 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = "inspector-manifest/1"
 DEFAULT_REVIEWS_FILE = "reviews.sqlite3"
 #: Files of the audit folder whose sha256 the manifest records (checked by the report).
-AUDIT_OUTPUTS: tuple[str, ...] = ("scores.csv", "subjects.csv", "summary.json", "audit.npz", EVIDENCE_FILE)
+AUDIT_OUTPUTS: tuple[str, ...] = (
+    "scores.csv",
+    "subjects.csv",
+    "volumes.csv",
+    "summary.json",
+    "audit.npz",
+    EVIDENCE_FILE,
+)
+#: Every file one save writes; together they are one audit (each carries its ID).
+FOLDER_FILES: tuple[str, ...] = (*AUDIT_OUTPUTS, MANIFEST_FILE)
+#: Output files that a reader would take for images (``.npz``): never read back as input.
+IMAGE_LIKE_OUTPUTS: tuple[str, ...] = ("audit.npz", EVIDENCE_FILE)
 
 _TEXT_COLUMNS = frozenset(
     {
@@ -91,6 +116,7 @@ _TEXT_COLUMNS = frozenset(
         "source",
         "augmentation",
         "flagged_synthetic",
+        "audit_id",
     }
 )
 
@@ -98,6 +124,26 @@ _TEXT_COLUMNS = frozenset(
 
 class AuditFolderError(FileNotFoundError):
     """The audit folder lacks a file the report needs (run ``inspector scan --out DIR`` first)."""
+
+
+class MixedAuditFolderError(AuditFolderError):
+    """The files of an audit folder name different audits (e.g. a ``scores.csv`` of another run beside this
+    run's ``summary.json``); nothing in it can be trusted. Re-run ``inspector scan --out DIR``.
+
+    Attributes
+    ----------
+    ids : dict of str to str
+        The audit ID each file carries (``"none"`` for a file that carries none).
+    """
+
+    def __init__(self, message: str, ids: dict[str, str]) -> None:
+        super().__init__(message)
+        self.ids = dict(ids)
+
+
+class OutputFolderError(ValueError):
+    """The output folder cannot be used: a file, inside an input root, or a folder holding other things than
+    an audit."""
 
 
 class SummaryValidationError(ValueError):
@@ -304,6 +350,7 @@ def write_evidence(
         neighbour_ref=refs,
         pairs_json=np.array(json.dumps(pairs)),
         layers_json=np.array(json.dumps(layers)),
+        audit_id=np.array(result.audit_id),
     )
     atomic_write_bytes(out / EVIDENCE_FILE, buf.getvalue())
 
@@ -409,6 +456,12 @@ class AuditFolder:
     def audit_id(self) -> str:
         return str(self.summary["audit_id"])
 
+    def volumes(self, alpha: float | None = None, fdr: bool | None = None) -> pd.DataFrame:
+        """Per synthetic volume at ``(alpha, fdr)`` (``volumes.csv``), from the rebuilt calibration."""
+        from .attribution import volumes_table
+
+        return volumes_table(self.table, self.calibration, alpha, fdr)
+
     @property
     def null_similarity(self) -> np.ndarray:
         return self.calibration.null
@@ -428,6 +481,24 @@ class AuditFolder:
     @property
     def intact(self) -> bool:
         return all(r["ok"] for r in self.integrity)
+
+    @property
+    def missing_evidence(self) -> dict[str, int]:
+        """Files skipped as missing evidence per cohort (``train``, ``synthetic``, ``holdout``)."""
+        cohorts = self.summary.get("cohorts") or {}
+        return {
+            k: int((cohorts.get(k) or {}).get("n_missing_evidence", 0) or 0) for k in ("train", "synthetic", "holdout")
+        }
+
+    @property
+    def evidence_note(self) -> str:
+        """The sentence the verdict carries about skipped files ('' when nothing is missing)."""
+        return evidence_note(self.missing_evidence)
+
+    @property
+    def verdict_text(self) -> str:
+        """The verdict in plain words at the folder's calibration, with :attr:`evidence_note`."""
+        return " ".join(t for t in (self.verdict.text, self.evidence_note) if t)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -451,12 +522,14 @@ def _require(folder: Path, name: str) -> Path:
 
 
 def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
-    """Read an audit folder written by ``inspector scan`` (:meth:`AuditResult.save`).
+    """Read an audit folder written by ``inspector scan`` (:func:`save_audit`).
 
     Raises
     ------
     AuditFolderError
-        When the folder or ``summary.json``/``scores.csv``/``subjects.csv`` is missing.
+        When the folder or ``summary.json``/``scores.csv``/``subjects.csv``/``audit.npz`` is missing.
+    MixedAuditFolderError
+        When its files name different audits (each file carries the audit ID it was written with).
     """
     folder = Path(audit_dir).expanduser()
     if not folder.is_dir():
@@ -465,21 +538,35 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
         summary = json.loads(_require(folder, "summary.json").read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{folder / 'summary.json'} is not valid JSON ({e}); re-run 'inspector scan'.") from e
+    if not isinstance(summary, dict) or not isinstance(summary.get("audit_id"), str):
+        raise AuditFolderError(f"{folder / 'summary.json'} holds no audit_id; re-run 'inspector scan --out {folder}'.")
+    ids: dict[str, str | None] = {"summary.json": summary["audit_id"]}
     table = _read_csv(_require(folder, "scores.csv"))
+    ids["scores.csv"] = _csv_audit_id(table, folder / "scores.csv")
+    table = table.drop(columns=["audit_id"], errors="ignore")
     subjects = _read_csv(_require(folder, "subjects.csv"))
+    ids["subjects.csv"] = _csv_audit_id(subjects, folder / "subjects.csv")
+    subjects = subjects.drop(columns=["audit_id"], errors="ignore")
     with np.load(_require(folder, "audit.npz"), allow_pickle=False) as z:
         if "null_similarity" not in z:
             raise AuditFolderError(f"{folder / 'audit.npz'} holds no null; re-run 'inspector scan ... --out {folder}'.")
         null = np.asarray(z["null_similarity"], np.float64)
-    calibration = _calibration(summary, table, null, folder)
+        null_groups = np.asarray(z["null_groups"]).astype(object) if "null_groups" in z.files else None
+        level = float(z["level"]) if "level" in z.files else None
+        ids["audit.npz"] = str(z["audit_id"]) if "audit_id" in z.files else None
     manifest = None
     if (folder / MANIFEST_FILE).is_file():
-        manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        try:
+            manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise AuditFolderError(f"{folder / MANIFEST_FILE} is not valid JSON ({e}); re-run 'inspector scan'.") from e
+        ids[MANIFEST_FILE] = str(manifest.get("audit_id")) if isinstance(manifest, dict) else None
     else:
         log.warning("%s has no %s: the report will lack input hashes", folder, MANIFEST_FILE)
     evidence = None
     if (folder / EVIDENCE_FILE).is_file():
         with np.load(folder / EVIDENCE_FILE, allow_pickle=False) as z:
+            ids[EVIDENCE_FILE] = str(z["audit_id"]) if "audit_id" in z.files else None
             evidence = Evidence(
                 rows=np.asarray(z["rows"], np.int64),
                 synthetic=np.asarray(z["synthetic"], np.float32),
@@ -492,6 +579,9 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
             )
     else:
         log.warning("%s has no %s: the report will show no pair images", folder, EVIDENCE_FILE)
+    _check_one_audit(folder, ids)
+    summary = _upgrade_summary(summary, manifest)
+    calibration = _calibration(summary, table, null, folder, null_groups, level)
     integrity = []
     for name, expected in (manifest or {}).get("outputs", {}).items():
         actual = sha256_file(folder / name) if (folder / name).is_file() else None
@@ -502,7 +592,77 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
     return AuditFolder(folder, summary, table, subjects, calibration, manifest, evidence, integrity)
 
 
-def _calibration(summary: dict[str, Any], table: pd.DataFrame, null: np.ndarray, folder: Path) -> Calibration:
+def _csv_audit_id(df: pd.DataFrame, path: Path) -> str | None:
+    """The audit ID of a CSV's ``audit_id`` column (None when it has none; ``mixed`` within the file raises)."""
+    if "audit_id" not in df.columns:
+        return None
+    vals = sorted(set(df["audit_id"].astype(str)))
+    if len(vals) > 1:
+        raise MixedAuditFolderError(
+            f"{path} mixes rows of {len(vals)} audits ({', '.join(v[:12] for v in vals[:4])}); it is not one "
+            "audit's output. Re-run 'inspector scan --out' into a new folder.",
+            {path.name: ",".join(vals)},
+        )
+    return vals[0] if vals else None
+
+
+def _check_one_audit(folder: Path, ids: dict[str, str | None]) -> None:
+    """Refuse a folder whose files carry different audit IDs, or where some carry one and others none.
+
+    A folder written before files carried the ID (no ``audit_id`` in its CSV and ``.npz`` files) is accepted;
+    its manifest's hashes still show any file changed after the scan.
+    """
+    expected = ids["summary.json"]
+    carried = {k: v for k, v in ids.items() if k not in ("summary.json", MANIFEST_FILE)}
+    legacy = all(v is None for v in carried.values())
+    bad = {k: v for k, v in ids.items() if v != expected and not (legacy and v is None)}
+    if not bad:
+        return
+    rows = "; ".join(f"{k}: {(v or 'none')[:12]}" for k, v in ids.items())
+    raise MixedAuditFolderError(
+        f"{folder} mixes files of different audits: {', '.join(sorted(bad))} "
+        f"{'do' if len(bad) > 1 else 'does'} not belong to audit {expected[:12]} of summary.json ({rows}). "
+        "A crash while saving or a copy from another run can leave such a folder; nothing in it can be trusted. "
+        f"Re-run 'inspector scan ... --out {folder}'.",
+        {k: v or "none" for k, v in ids.items()},
+    )
+
+
+def _upgrade_summary(summary: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """A ``summary.json`` written before the skipped-file keys existed, completed from the manifest."""
+    out = dict(summary)
+    if isinstance(out.get("config"), dict) and "allow_skipped" not in out["config"]:
+        out["config"] = {**out["config"], "allow_skipped": False}
+    cohorts = dict(out.get("cohorts") or {})
+    for name, c in cohorts.items():
+        if not isinstance(c, dict) or ("skipped" in c and "n_missing_evidence" in c):
+            continue
+        listed = ((manifest or {}).get("cohorts") or {}).get(name) or {}
+        sk = [SkippedFile(str(r.get("path", "")), str(r.get("reason", ""))) for r in listed.get("skipped", [])]
+        records = [
+            {"path": k.path, "reason": k.reason, "missing_evidence": is_missing_evidence(k)}
+            for k in sk
+            if not k.reason.lower().startswith("background-only slice")
+        ]
+        cohorts[name] = {
+            **c,
+            "n_missing_evidence": sum(r["missing_evidence"] for r in records),
+            "skipped": records,
+        }
+    out["cohorts"] = cohorts
+    return out
+
+
+def _calibration(
+    summary: dict[str, Any],
+    table: pd.DataFrame,
+    null: np.ndarray,
+    folder: Path,
+    null_groups: np.ndarray | None = None,
+    level: float | None = None,
+) -> Calibration:
+    from .calibration import VERDICT_LEVEL
+
     cfg, v = summary.get("config", {}), summary.get("verdict", {})
     try:
         return Calibration(
@@ -515,6 +675,10 @@ def _calibration(summary: dict[str, Any], table: pd.DataFrame, null: np.ndarray,
             mi_z=table["mi_z"].to_numpy(np.float64),
             oni=table["oni"].to_numpy(np.float64),
             mode=str(cfg.get("mode", v.get("mode", "default"))),
+            groups=table["synthetic_path"].astype(str).to_numpy(object),
+            null_groups=null_groups,
+            level=VERDICT_LEVEL if level is None else level,
+            diagnostics=tuple(v.get("diagnostics", ())),
         )
     except (KeyError, ValueError) as e:
         raise AuditFolderError(
@@ -661,7 +825,7 @@ def report_summary(
     """The report's ``summary.json``: the audit's summary plus review counts, sign-off, report hash."""
     out = dict(folder.summary)
     v = folder.verdict  # at the report's setting
-    out["verdict"], out["verdict_text"] = jsonable(v.to_dict()), v.text
+    out["verdict"], out["verdict_text"] = jsonable(v.to_dict()), folder.verdict_text
     out["reviews"] = review_state
     out["signoff"] = signoff.to_dict() if signoff is not None else None
     out["report"] = {"file": report_file, "sha256": report_sha256, "generated": generated}
@@ -678,22 +842,199 @@ def report_summary(
 # ----------------------------------------------------------------------------------------------
 
 
+def _is_companion(name: str) -> bool:
+    """Files that may live in an audit folder beside its outputs and that a save keeps: the review database
+    (with its ``-wal``/``-shm``/``-journal`` files) and reports (``*.html``, ``*.summary.json``)."""
+    return name.startswith(DEFAULT_REVIEWS_FILE) or name.endswith((".html", ".summary.json"))
+
+
+def _root_of(path: str | Path) -> Path:
+    """The folder a cohort's paths are relative to: the folder itself, else the manifest's or file's folder."""
+    p = Path(path).expanduser().absolute()
+    return p if p.is_dir() else p.parent
+
+
+def _within(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def check_output_folder(out_dir: str | Path, inputs: dict[str, str | Path | Cohort | None] | None = None) -> Path:
+    """Check that an audit folder can be written at ``out_dir``, before anything is computed.
+
+    Parameters
+    ----------
+    out_dir : str or Path
+        The folder to write.
+    inputs : dict of str to path or Cohort, optional
+        The cohorts' paths (or loaded cohorts) by name (``train``, ``synthetic``, ``holdout``).
+
+    Returns
+    -------
+    Path
+        ``out_dir``, absolute.
+
+    Raises
+    ------
+    OutputFolderError
+        ``out_dir`` is an existing file; it lies inside an input root (the next audit would read its own
+        outputs as images) or holds one (a save replaces the folder as a whole); it is an existing folder
+        holding sub-folders or files that are neither an audit's outputs nor a review database or report.
+    """
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise OutputFolderError(
+            f"--out {out} is an existing file, not a folder. Give a new folder (or an earlier audit folder) to "
+            "write the audit into."
+        )
+    real = out.resolve()
+    for name, src in (inputs or {}).items():
+        if src is None:
+            continue
+        root = (src.root if isinstance(src, Cohort) else _root_of(src)).expanduser().absolute().resolve()
+        what = {"train": "training", "synthetic": "synthetic", "holdout": "holdout"}.get(name, name)
+        if _within(real, root):
+            fix = root.parent / (root.name + "-audit")
+            raise OutputFolderError(
+                f"--out {out} is inside the {what} input root {root}: the next audit would read its own outputs "
+                f"as images. Write the audit outside every input folder, e.g. --out {fix}."
+            )
+        if _within(root, real):
+            raise OutputFolderError(
+                f"--out {out} holds the {what} input {root}; saving replaces the output folder as a whole. "
+                "Write the audit into a folder of its own, outside the inputs."
+            )
+    if out.is_dir():
+        entries = [e for e in os.scandir(out) if not e.name.startswith(".")]
+        dirs = sorted(e.name for e in entries if e.is_dir())
+        other = sorted(
+            e.name for e in entries if not e.is_dir() and e.name not in FOLDER_FILES and not _is_companion(e.name)
+        )
+        if dirs or other:
+            listed = ", ".join([*(d + "/" for d in dirs), *other][:5])
+            raise OutputFolderError(
+                f"--out {out} already holds files that are not part of an audit folder ({listed}); a save "
+                "replaces the folder as a whole. Choose a new or empty folder, or an earlier audit folder."
+            )
+    return out
+
+
+def drop_audit_outputs(cohort: Cohort) -> Cohort:
+    """The cohort without the slices read from this tool's own output files inside its root.
+
+    An ``audit.npz`` or ``evidence.npz`` beside a ``manifest.json``, ``summary.json`` or ``scores.csv`` (an audit
+    folder), or holding this tool's arrays, is an output of an earlier audit, never an image: its slices are
+    dropped and the file is listed in ``skipped`` with the reason (not missing evidence).
+
+    Raises
+    ------
+    inspector.io.NoImagesError
+        When nothing else is left.
+    """
+    def files_of(sl: Any) -> set[str]:
+        return set(sl.sources) if sl.sources else {sl.path.split(":", 1)[0]}
+
+    found = {f for sl in cohort.slices for f in files_of(sl) if Path(f).name in IMAGE_LIKE_OUTPUTS}
+    own = {rel for rel in found if _is_own_output(cohort.root / rel)}
+    if not own:
+        return cohort
+    keep = [sl for sl in cohort.slices if not files_of(sl) & own]
+    # the members of those files that the readers skipped ("audit.npz:null_similarity: unsupported shape") go too
+    skipped = [sk for sk in cohort.skipped if sk.path.split(":", 1)[0].split("#", 1)[0] not in own]
+    for rel in sorted(own):
+        where = Path(rel).parent.as_posix()
+        reason = f"{OWN_OUTPUT_REASON} (the audit folder '{where}/' inside this input root); never read as an image"
+        skipped.append(SkippedFile(rel, reason))
+        log.warning("%s/%s is an output of an earlier audit inside the input root; not read", cohort.name, rel)
+    if not keep:
+        from .io import NoImagesError
+
+        raise NoImagesError(
+            f"Cohort {cohort.name!r} at {cohort.root} holds only the outputs of an earlier audit "
+            f"({', '.join(sorted(own))}); point it at the images.",
+            skipped,
+        )
+    files = tuple(f for f in cohort.files if f.path not in own)
+    return Cohort(keep, cohort.root, skipped, cohort.name, files)
+
+
+def _is_own_output(path: Path) -> bool:
+    """An ``audit.npz``/``evidence.npz`` in an audit folder, or one holding this tool's members."""
+    if any((path.parent / n).is_file() for n in (MANIFEST_FILE, "summary.json", "scores.csv")):
+        return True
+    try:
+        import zipfile
+
+        with zipfile.ZipFile(path) as z:
+            names = {n.removesuffix(".npy") for n in z.namelist()}
+    except (OSError, ValueError, RuntimeError):  # not a zip (a bare .npy renamed): not ours
+        return False
+    return bool(names & {"null_similarity", "pairs_json", "neighbour_ref", "audit_id"})
+
+
 def save_audit(result: AuditResult, out_dir: str | Path) -> Path:
-    """Write the audit folder: ``scores.csv``, ``subjects.csv``, ``summary.json``, ``audit.npz``, the evidence
-    and the manifest (see the module docstring).
+    """Write the audit folder as a whole: ``scores.csv``, ``subjects.csv``, ``summary.json``, ``audit.npz``, the
+    evidence and the manifest (see the module docstring), each carrying the audit ID.
+
+    Everything is written into a hidden temporary sibling folder (``.<name>.tmp-*``) and fsynced, then swapped
+    in by one rename (an atomic exchange where the system has it): a reader, or a crash, sees the old folder or
+    the new one, never a mixture. An existing audit folder (of this audit or another) is replaced; its review
+    database and reports are kept (they carry their audit's ID).
 
     Returns
     -------
     Path
         ``out_dir``.
+
+    Raises
+    ------
+    OutputFolderError
+        See :func:`check_output_folder` (the result's cohort roots are the inputs).
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "scores.csv", result.table.to_csv(index=False).encode())
-    atomic_write_bytes(out / "subjects.csv", result.subjects.to_csv(index=False).encode())
-    atomic_write_bytes(out / "summary.json", json.dumps(result.summary(), indent=2).encode())
+    inputs = {"train": result.train, "synthetic": result.synthetic, "holdout": result.holdout}
+    out = check_output_folder(out_dir, inputs)
+    if out.is_symlink():  # replace the folder it names, not the link
+        out = out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        _write_outputs(result, tmp)
+        if out.is_dir():
+            for e in os.scandir(out):
+                if not e.name.startswith(".") and e.is_file() and _is_companion(e.name):
+                    _carry(Path(e.path), tmp / e.name)
+        os.chmod(tmp, 0o755)
+        _fsync_dir(tmp)
+        if out.is_dir():
+            if _exchange(tmp, out):
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+            else:
+                old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+                os.rmdir(old)
+                os.rename(out, old)
+                os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("audit %s saved to %s", result.audit_id[:12], out)
+    return out
+
+
+def _write_outputs(result: AuditResult, out: Path) -> None:
+    aid = result.audit_id
+    atomic_write_bytes(out / "scores.csv", result.table.assign(audit_id=aid).to_csv(index=False).encode())
+    atomic_write_bytes(out / "subjects.csv", result.subjects.assign(audit_id=aid).to_csv(index=False).encode())
+    atomic_write_bytes(out / "volumes.csv", result.volumes().assign(audit_id=aid).to_csv(index=False).encode())
+    atomic_write_bytes(out / "summary.json", json.dumps(jsonable(result.summary()), indent=2).encode())
     buf = io.BytesIO()
-    arrays = {"null_similarity": np.asarray(result.null_similarity, np.float64)}
+    arrays = {"null_similarity": np.asarray(result.null_similarity, np.float64), "audit_id": np.array(aid)}
+    cal = result.calibration
+    if cal.null_groups is not None:  # the holdout volume of each null score: the volume-level calibration
+        arrays["null_groups"] = cal.null_groups.astype(str)
+    arrays["level"] = np.array(cal.level)
     for layer in result.layers:
         arrays[f"neighbours__{layer}"] = result.neighbours[layer]
         arrays[f"neighbour_sims__{layer}"] = result.neighbour_sims[layer]
@@ -703,8 +1044,45 @@ def save_audit(result: AuditResult, out_dir: str | Path) -> Path:
     np.savez(buf, **arrays)
     atomic_write_bytes(out / "audit.npz", buf.getvalue())
     write_evidence(result, out)
-    log.info("audit %s saved to %s", result.audit_id[:12], out)
-    return out
+
+
+def _carry(src: Path, dst: Path) -> None:
+    """A companion file into the new folder: a hard link (the same file, so a writer holding it open loses
+    nothing), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def load_alignment(audit_dir: str | Path) -> Alignment | None:

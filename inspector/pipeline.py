@@ -111,23 +111,71 @@ def load_inputs(
 ) -> Inputs:
     """Load the three cohorts with the audit's slicing axis and size.
 
+    What needs no data is checked before anything is read: the settings against this machine
+    (:meth:`AuditConfig.preflight`), that every path exists, and the optional ``labels.csv`` beside the synthetic
+    set (:func:`inspector.attribution.check_labels`). What needs only the file list is checked after loading,
+    before any feature is extracted: the tool's own outputs inside an input root are dropped
+    (:func:`inspector.folder.drop_audit_outputs`), then the training set's size and subjects, then the skipped
+    files.
+
     Raises
     ------
+    inspector.config.ConfigError
+        A setting that cannot be used here (e.g. ``device='cuda'`` without CUDA, ``mri-core`` without a checkpoint).
     inspector.io.CohortNotFoundError, inspector.io.NoImagesError
         A path does not exist or holds no readable image.
+    inspector.attribution.LabelsError
+        A malformed ``labels.csv`` (naming the line).
     InsufficientDataError
-        Fewer than 4 training slices.
+        Fewer than 4 training slices; a single training subject without a holdout (default mode).
+    inspector.result.MissingEvidenceError
+        Training or holdout files were skipped (unreadable, over a budget...) and ``config.allow_skipped`` is off;
+        it names every such file and its reason.
     """
+    from .attribution import check_labels
+    from .folder import drop_audit_outputs
+    from .io import CohortNotFoundError
+    from .result import MissingEvidenceError, missing_evidence
+
     cfg = config or AuditConfig()
+    cfg.preflight()
+    named = {"train": train, "synthetic": synthetic, "holdout": holdout}
+    what = {"train": "training cohort", "synthetic": "synthetic set", "holdout": "holdout"}
+    for name, src in named.items():
+        if src is not None and not isinstance(src, Cohort) and not Path(src).expanduser().exists():
+            raise CohortNotFoundError(
+                f"The {what[name]} path {Path(src).expanduser()} does not exist. Expected a folder of images, a CSV "
+                "manifest with columns path,subject_id[,label], or a single image file."
+            )
+    if isinstance(synthetic, Cohort):
+        check_labels(synthetic.root)
+    else:
+        src = Path(synthetic).expanduser().absolute()
+        check_labels(src if src.is_dir() else src.parent)
     t0 = time.perf_counter()
-    t = _load(train, cfg, "train", progress)
+    t = drop_audit_outputs(_load(train, cfg, "train", progress))
     if len(t) < 4:
         raise InsufficientDataError(
             f"The training cohort {t.name!r} has {len(t)} slice(s); an audit needs at least 4 to whiten features "
             "and build a null. Point --train at the whole training set."
         )
-    g = _load(synthetic, cfg, "synthetic", progress)
-    h = _load(holdout, cfg, "holdout", progress) if holdout is not None else None
+    g = drop_audit_outputs(_load(synthetic, cfg, "synthetic", progress))
+    h = drop_audit_outputs(_load(holdout, cfg, "holdout", progress)) if holdout is not None else None
+    if cfg.mode == "default" and h is None and len(t.subjects) < 2:
+        raise InsufficientDataError(
+            f"The training cohort {t.name!r} holds a single subject, so the leave-one-subject-out null "
+            "cannot be built. Give a holdout of real, unseen scans (--holdout) or more training subjects."
+        )
+    gaps = {"train": missing_evidence(t), "holdout": missing_evidence(h)}
+    if any(gaps.values()):
+        if not cfg.allow_skipped:
+            names = {"train": t.name, "holdout": h.name if h is not None else ""}
+            raise MissingEvidenceError(gaps, names)
+        for name, files in gaps.items():
+            for sk in files:
+                log.warning("missing evidence (allow_skipped): %s file %s skipped: %s", name, sk.path, sk.reason)
+    for sk in missing_evidence(g):
+        log.warning("synthetic file %s was skipped and is not audited: %s", sk.path, sk.reason)
     return Inputs(t, g, h, time.perf_counter() - t0)
 
 
@@ -343,7 +391,7 @@ def attribute(
         ``scores.csv``'s table (with the baselines' per-slice columns and any ground truth), ``subjects.csv``'s
         table and the baselines' dataset-level values.
     """
-    from .attribution import attach_labels, score_table, subjects_table
+    from .attribution import attach_labels, score_table, subjects_table, volumes_table
     from .baselines import run_baselines
 
     cfg = config or AuditConfig()
@@ -361,7 +409,8 @@ def attribute(
         inputs.synthetic, inputs.train, matches.synthetic, calibration, matches.paper, features.layers, cols
     )
     table = attach_labels(table, inputs.synthetic)
-    return table, subjects_table(table, inputs.train), baselines
+    subjects = subjects_table(table, inputs.train, volumes_table(table, calibration), cfg.alpha)
+    return table, subjects, baselines
 
 
 # ---------------------------------------------------------------------------------------------- the facade

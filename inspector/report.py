@@ -426,8 +426,28 @@ def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
             f"95 % interval {_num(100 * float(lo or 0), '.2f')}–{_num(100 * float(hi or 1), '.2f')} %); "
             f"about {_num(v.get('expected_false_positives'), '.1f')} expected by chance",
             "A slice is flagged when its p-value ≤ α. Even a model that copied nothing gets about α × (number of "
-            "slices) flags by chance. Copying is indicated when the whole 95 % interval of the flagged fraction lies "
-            "above α.",
+            "slices) flags by chance. The interval describes the flagged fraction; the decision is the dataset test "
+            "below.",
+        ),
+        (
+            "Dataset test (the verdict)",
+            (
+                f"{v.get('test')}: p = {_num(v.get('test_p_value'))} at level {_num(v.get('test_level'))}; "
+                f"{v.get('n_units_flagged')} of {v.get('n_units')} {v.get('unit')}s with p ≤ α; "
+                + ("copying" if v.get("copying") else "not copying" if v.get("decidable") else "not decided")
+            ),
+            "A test whose false-alarm rate under no copying is at most its level, valid although every flag shares "
+            f"one null and slices of one volume depend on each other. Assumption: {v.get('assumption')}. "
+            + ("" if v.get("decidable") else "Without a holdout nothing is flagged and nothing is decided. ")
+            + " ".join(f"Check: {d}" for d in v.get("diagnostics", ())),
+        ),
+        (
+            "Volumes flagged",
+            f"{v.get('n_volumes_flagged')} of {len(folder.calibration.volume_ids)} synthetic volumes "
+            f"(p-values calibrated by {folder.calibration.volume_calibration})",
+            "A volume is the slices of one source file or series (a 2D image is a volume of one slice); its p-value "
+            "combines its slices' (Simes), ranked among the holdout's volumes scored the same way when the holdout "
+            "has volumes. The per-volume table is volumes.csv.",
         ),
         (
             "α (alpha)",
@@ -610,6 +630,28 @@ def _provenance_html(folder: AuditFolder, generated: str) -> str:
     return "".join(out)
 
 
+def _missing_evidence_html(folder: AuditFolder) -> str:
+    """A warning and the list of the training/holdout files that were skipped (the audit ran with
+    ``--allow-skipped``) and of the synthetic files that were not audited; '' when none."""
+    note = folder.evidence_note
+    if not note:
+        return ""
+    cohorts = folder.summary.get("cohorts") or {}
+    rows = [
+        {"cohort": name, "file": r.get("path"), "reason": r.get("reason")}
+        for name in ("train", "holdout", "synthetic")
+        for r in ((cohorts.get(name) or {}).get("skipped") or [])
+        if r.get("missing_evidence")
+    ]
+    allowed = bool((folder.summary.get("config") or {}).get("allow_skipped"))
+    how = " The audit ran with --allow-skipped: these files were not compared." if allowed else ""
+    table = _df_table(pd.DataFrame(rows, columns=["cohort", "file", "reason"]), max_rows=len(rows) + 1)
+    return (
+        f'<div class="missing-evidence"><p class="bad"><b>Missing evidence.</b> {_e(note)}{_e(how)}</p>'
+        f"<details open><summary>{len(rows)} skipped file(s), with the reason</summary>{table}</details></div>"
+    )
+
+
 def _signoff_html(records: Sequence[RecordedSignOff], state: dict[str, Any], audit_dir: Path) -> str:
     out = ['<h2 id="signoff">Sign-off</h2>']
     if not records:
@@ -675,6 +717,7 @@ def _render(
     # ---------------------------------------------------------------- verdict
     out.append('<h2 id="verdict">Verdict</h2>')
     out.append(f'<div class="verdict {_verdict_class(v)}">{_e(s.get("verdict_text", ""))}</div>')
+    out.append(_missing_evidence_html(folder))
     auc = v.get("mann_whitney_auc")
     words = []
     if auc is not None and math.isfinite(float(auc)):
@@ -816,7 +859,17 @@ def _render(
         "scans the model may reproduce: the unit of the release decision.</p>"
     )
     out.append(_df_table(folder.subjects, max_rows=1000))
-    # ---------------------------------------------------------------- provenance and sign-off
+    # ---------------------------------------------------------------- volumes
+    vols = folder.volumes()
+    if len(vols) < len(folder.table):  # some synthetic volumes hold several slices
+        out.append('<h2 id="volumes">Per synthetic volume</h2>')
+        out.append(
+            '<p class="meta">One row per synthetic volume (volumes.csv): its p-value (Simes over its slices, '
+            f"calibrated by {_e(folder.calibration.volume_calibration)}), flag, and the training volume most of its "
+            "slices match, with the share of slices that match it and the median slice offset. A copied volume "
+            "matches one training volume throughout, at a constant offset.</p>"
+        )
+        out.append(_df_table(vols, max_rows=200))
     out.append(_provenance_html(folder, generated))
     out.append(_signoff_html(records, state, folder.path))
     out.append(

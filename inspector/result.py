@@ -23,9 +23,151 @@ from . import __version__
 from .align import Alignment
 from .calibration import Calibration, Verdict
 from .config import AuditConfig
-from .types import Cohort
+from .types import Cohort, SkippedFile
 
-__all__ = ["AuditResult", "PairEvidence", "versions", "jsonable"]
+__all__ = [
+    "AuditResult",
+    "MissingEvidenceError",
+    "PairEvidence",
+    "evidence_note",
+    "is_missing_evidence",
+    "jsonable",
+    "missing_evidence",
+    "skipped_records",
+    "versions",
+]
+
+# ----------------------------------------------------------------------------------------------
+# Skipped files: which are missing evidence
+# ----------------------------------------------------------------------------------------------
+
+#: Extensions of files that are never images (sidecars, notes, tables, the tool's own text outputs): a
+#: cohort file skipped as an unsupported format with one of these is not missing evidence.
+NON_IMAGE_SUFFIXES: frozenset[str] = frozenset(
+    {
+        ".json", ".csv", ".tsv", ".txt", ".md", ".rst", ".html", ".htm", ".pdf", ".xml", ".yaml", ".yml",
+        ".toml", ".ini", ".cfg", ".log", ".bval", ".bvec", ".py", ".sh", ".db", ".sqlite", ".sqlite3",
+        ".sqlite3-wal", ".sqlite3-shm", ".sqlite3-journal", ".db-wal", ".db-shm", ".db-journal",
+    }
+)  # fmt: skip
+#: Names without an extension that are documentation, never images (BIDS has README, CHANGES, LICENSE).
+NON_IMAGE_NAMES: frozenset[str] = frozenset({"readme", "changes", "license", "licence", "authors", "notice"})
+#: Reason prefixes of skips that lose no evidence: an empty slice of a volume, a file without content, a
+#: manifest listing the same file twice, the tool's own outputs.
+_BENIGN_REASONS: tuple[str, ...] = (
+    "background-only slice",
+    "constant image",
+    "constant volume",
+    "listed more than once in manifest",
+    "output of an earlier audit",
+)
+#: The reason :func:`inspector.folder.drop_audit_outputs` gives the tool's own output files in an input root.
+OWN_OUTPUT_REASON = "output of an earlier audit"
+
+
+def is_missing_evidence(skipped: SkippedFile) -> bool:
+    """Whether a skipped entry is missing evidence: content the audit should have read and did not.
+
+    Not missing evidence: a background-only slice of a volume, a constant (content-free) image or volume, a
+    second listing of the same file in a manifest, the tool's own outputs, and a file of an unsupported format
+    whose name marks it as a non-image (a ``.json`` sidecar, a ``.tsv`` table, ``README``...;
+    :data:`NON_IMAGE_SUFFIXES`, :data:`NON_IMAGE_NAMES`). Everything else is: a corrupt or undecodable file, a
+    file over a reader's budget or past its deadline, a special file, a manifest row whose file is missing, a
+    slice dropped as a duplicate key, an unsupported file that may be an image. Unknown reasons count as
+    missing evidence (the safe side).
+    """
+    reason = skipped.reason.strip().lower()
+    if reason.startswith(_BENIGN_REASONS):
+        return False
+    if reason.startswith("unsupported format"):
+        name = Path(skipped.path).name.lower()
+        if name in NON_IMAGE_NAMES or any(name.endswith(suf) for suf in NON_IMAGE_SUFFIXES):
+            return False
+    return True
+
+
+def missing_evidence(cohort: Cohort | None) -> list[SkippedFile]:
+    """The skipped entries of a cohort that are missing evidence (:func:`is_missing_evidence`), in order."""
+    if cohort is None:
+        return []
+    return [sk for sk in cohort.skipped if is_missing_evidence(sk)]
+
+
+def skipped_records(cohort: Cohort | None) -> list[dict[str, Any]]:
+    """``{path, reason, missing_evidence}`` per skipped file of a cohort, for ``summary.json``.
+
+    Background-only slices of volumes (``path#index``, one per empty slice, often thousands) are left out;
+    ``manifest.json`` lists them all and ``n_skipped`` counts them.
+    """
+    if cohort is None:
+        return []
+    return [
+        {"path": sk.path, "reason": sk.reason, "missing_evidence": is_missing_evidence(sk)}
+        for sk in cohort.skipped
+        if not sk.reason.lower().startswith("background-only slice")
+    ]
+
+
+_COHORT_WORDS = {"train": "training", "holdout": "holdout", "synthetic": "synthetic"}
+
+
+def evidence_note(counts: dict[str, int]) -> str:
+    """The sentence the verdict carries when files were skipped as missing evidence ('' when none).
+
+    Parameters
+    ----------
+    counts : dict of str to int
+        Missing-evidence files per cohort (``train``, ``holdout``, ``synthetic``).
+    """
+    parts = []
+    for name in ("train", "holdout"):
+        n = int(counts.get(name, 0) or 0)
+        if n:
+            parts.append(
+                f"{n} {_COHORT_WORDS[name]} file{'s were' if n != 1 else ' was'} skipped: missing evidence"
+                + (" (a copy of a skipped training slice cannot be detected)" if name == "train" else "")
+                + "."
+            )
+    n = int(counts.get("synthetic", 0) or 0)
+    if n:
+        parts.append(f"{n} synthetic file{'s' if n != 1 else ''} could not be read and {'were' if n != 1 else 'was'} "
+                     "not audited.")
+    return " ".join(parts)
+
+
+class MissingEvidenceError(ValueError):
+    """Training or holdout files were skipped (unreadable, over a budget...) and ``allow_skipped`` is off.
+
+    Attributes
+    ----------
+    skipped : dict of str to list of SkippedFile
+        The missing-evidence files per cohort (``train``, ``holdout``).
+    """
+
+    def __init__(self, skipped: dict[str, list[SkippedFile]], names: dict[str, str] | None = None) -> None:
+        self.skipped = {k: list(v) for k, v in skipped.items() if v}
+        names = names or {}
+        total = sum(len(v) for v in self.skipped.values())
+        lines = []
+        counted = []
+        for cohort, files in self.skipped.items():
+            word, name = _COHORT_WORDS.get(cohort, cohort), names.get(cohort)
+            counted.append(f"{len(files)} {word} file{'s' if len(files) != 1 else ''}")
+            lines.append(f"  {word} cohort {name!r}:" if name else f"  {word} cohort:")
+            lines.extend(f"    - {sk.path}: {sk.reason}" for sk in files)
+        verb = "were" if total != 1 else "was"
+        super().__init__(
+            f"{' and '.join(counted)} {verb} skipped: missing evidence (a copy of a skipped training slice would go "
+            "undetected), so the audit refuses to run.\n"
+            + "\n".join(lines)
+            + "\nFix or remove these files, or run with --allow-skipped (app: 'Allow skipped') to audit without "
+            "them; they are then listed in summary.json, the verdict and the report."
+        )
+
+    @property
+    def files(self) -> list[tuple[str, SkippedFile]]:
+        """``(cohort, skipped file)`` for every missing-evidence file."""
+        return [(c, sk) for c, files in self.skipped.items() for sk in files]
 
 
 def versions() -> dict[str, str]:
@@ -130,6 +272,35 @@ class AuditResult:
         return self.calibration.verdict()
 
     @property
+    def missing_evidence(self) -> dict[str, list[SkippedFile]]:
+        """Skipped files that are missing evidence, per cohort (``train``, ``synthetic``, ``holdout``).
+
+        Non-empty for ``train``/``holdout`` only when the audit ran with ``allow_skipped``; a synthetic file that
+        could not be read was not audited.
+        """
+        return {
+            "train": missing_evidence(self.train),
+            "synthetic": missing_evidence(self.synthetic),
+            "holdout": missing_evidence(self.holdout),
+        }
+
+    @property
+    def evidence_complete(self) -> bool:
+        """No training or holdout file is missing (the gate fails otherwise unless ``allow_skipped``)."""
+        gaps = self.missing_evidence
+        return not gaps["train"] and not gaps["holdout"]
+
+    @property
+    def evidence_note(self) -> str:
+        """The sentence the verdict carries about skipped files ('' when nothing is missing)."""
+        return evidence_note({k: len(v) for k, v in self.missing_evidence.items()})
+
+    @property
+    def verdict_text(self) -> str:
+        """The verdict in plain words, with :attr:`evidence_note` when files are missing."""
+        return " ".join(t for t in (self.verdict.text, self.evidence_note) if t)
+
+    @property
     def null_similarity(self) -> np.ndarray:
         """The null scores, shape (n_null,)."""
         return self.calibration.null
@@ -137,6 +308,12 @@ class AuditResult:
     @property
     def has_ground_truth(self) -> bool:
         return "label" in self.table and self.table["label"].notna().any()
+
+    def volumes(self, alpha: float | None = None, fdr: bool | None = None) -> pd.DataFrame:
+        """Per synthetic volume at ``(alpha, fdr)``: ``volumes.csv`` (:func:`inspector.attribution.volumes_table`)."""
+        from .attribution import volumes_table
+
+        return volumes_table(self.table, self.calibration, alpha, fdr)
 
     def flags(self, alpha: float | None = None, fdr: bool | None = None) -> np.ndarray:
         """Flags at ``(alpha, fdr)`` (default: the audit's), shape (m,) bool. See :meth:`Calibration.flags`."""
@@ -255,6 +432,8 @@ class AuditResult:
                 "n_subjects": len(c.subjects),
                 "n_files": len({s.path for s in c.slices}),
                 "n_skipped": len(c.skipped),
+                "n_missing_evidence": len(missing_evidence(c)),
+                "skipped": skipped_records(c),
                 "content_hash": c.content_hash,
             }
 
@@ -262,7 +441,7 @@ class AuditResult:
         return {
             "audit_id": self.audit_id,
             "created": self.created,
-            "verdict_text": v.text,
+            "verdict_text": self.verdict_text,
             "verdict": jsonable(v.to_dict()),
             "baselines": jsonable(self.baselines),
             "config": self.config.to_dict(),

@@ -5,6 +5,11 @@ latest row. A decision is committed (``synchronous=FULL``) before :meth:`ReviewS
 so a UI that confirms after the call never confirms a decision that is not on disk. Decisions are
 keyed by the audit's ID and the synthetic slice's content hash, so they survive a restart and a
 re-run of the same audit.
+
+When another program holds the database's write lock for longer than the store waits
+(:data:`DEFAULT_TIMEOUT_S`, 30 s), a write raises :class:`ReviewStoreBusyError` with a message saying nothing
+was saved and to retry: never a raw ``sqlite3.OperationalError``, and never a decision reported saved that is
+not on disk.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import datetime as _dt
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,8 @@ __all__ = [
     "Review",
     "ReviewStore",
     "ReviewError",
+    "ReviewStoreBusyError",
+    "DEFAULT_TIMEOUT_S",
     "SignOff",
     "SignOffError",
     "RecordedSignOff",
@@ -52,6 +60,27 @@ CREATE INDEX IF NOT EXISTS reviews_audit ON reviews (audit_id, slice_sha256, id)
 
 class ReviewError(ValueError):
     """An invalid decision, reviewer or database."""
+
+
+class ReviewStoreBusyError(ReviewError):
+    """Another program holds the review database's write lock for longer than the store waits; nothing was
+    written. The caller keeps what it was saving and retries.
+
+    Attributes
+    ----------
+    path : Path
+    timeout : float
+        Seconds the store waited for the lock.
+    """
+
+    def __init__(self, message: str, path: Path, timeout: float) -> None:
+        super().__init__(message)
+        self.path = path
+        self.timeout = timeout
+
+
+#: Seconds a write waits for another writer's lock before :class:`ReviewStoreBusyError`.
+DEFAULT_TIMEOUT_S: float = 30.0
 
 
 class SignOffError(ReviewError):
@@ -171,26 +200,64 @@ class ReviewStore:
     ----------
     path : str or Path
         The database file (created with its folder when missing).
+    timeout : float, optional
+        Seconds a write waits for another writer's lock (default :data:`DEFAULT_TIMEOUT_S`) before
+        :class:`ReviewStoreBusyError`.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, timeout: float | None = None) -> None:
         self.path = Path(path)
+        self.timeout = float(DEFAULT_TIMEOUT_S if timeout is None else timeout)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with self._connect() as con:
-                con.executescript(_SCHEMA)
-                con.executescript(_SIGNOFF_SCHEMA)
-            con.close()
+            with self._session("open") as con:
+                have = {r[0] for r in con.execute("SELECT name FROM sqlite_master")}
+                if not {"reviews", "signoffs", "signoffs_no_update", "signoffs_no_delete"} <= have:
+                    con.executescript(_SCHEMA)
+                    con.executescript(_SIGNOFF_SCHEMA)
+        except ReviewError:
+            raise
         except sqlite3.DatabaseError as e:
             raise ReviewError(
                 f"{self.path} is not a usable review database ({e}); choose another file or move it aside."
             ) from e
 
     def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, timeout=30)
-        con.execute("PRAGMA journal_mode=WAL")
-        con.execute("PRAGMA synchronous=FULL")
+        con = sqlite3.connect(self.path, timeout=self.timeout)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=FULL")
+        except BaseException:
+            con.close()
+            raise
         return con
+
+    @contextmanager
+    def _session(self, doing: str) -> Iterator[sqlite3.Connection]:
+        """A connection, closed afterwards; a held lock becomes :class:`ReviewStoreBusyError`, another
+        operational failure a :class:`ReviewError` (never a raw ``sqlite3.OperationalError``)."""
+        try:
+            con = self._connect()
+        except sqlite3.OperationalError as e:
+            raise self._error(e, doing) from e
+        try:
+            yield con
+        except sqlite3.OperationalError as e:
+            raise self._error(e, doing) from e
+        finally:
+            con.close()
+
+    def _error(self, e: sqlite3.OperationalError, doing: str) -> ReviewError:
+        text = str(e).lower()
+        if getattr(e, "sqlite_errorname", "") in ("SQLITE_BUSY", "SQLITE_LOCKED") or "locked" in text or "busy" in text:
+            return ReviewStoreBusyError(
+                f"The review database {self.path} is busy: another program has held its write lock for more than "
+                f"{self.timeout:g} s, so it could not {doing} and nothing was written. Nothing is lost; "
+                "retry once the other program (another app session, a sign-off, a backup) has finished.",
+                self.path,
+                self.timeout,
+            )
+        return ReviewError(f"The review database {self.path} could not {doing} ({e}); nothing was written.")
 
     def record(
         self,
@@ -230,22 +297,18 @@ class ReviewStore:
         if not audit_id or not slice_sha256:
             raise ReviewError("audit_id and slice_sha256 are required to key a decision.")
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        with self._connect() as con:
+        with self._session("save the decision") as con, con:
             cur = con.execute(
                 "INSERT INTO reviews (audit_id, slice_sha256, slice_key, decision, comment, reviewer, created_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (audit_id, slice_sha256, slice_key, decision, comment or "", reviewer.strip(), now),
             )
             row_id = int(cur.lastrowid or 0)
-        con.close()
         return Review(row_id, audit_id, slice_sha256, slice_key, decision, comment or "", reviewer.strip(), now)
 
     def _rows(self, sql: str, args: Iterable) -> list[Review]:
-        con = self._connect()
-        try:
+        with self._session("read the decisions") as con:
             rows = con.execute(sql, tuple(args)).fetchall()
-        finally:
-            con.close()
         return [Review(*r) for r in rows]
 
     def latest(self, audit_id: str) -> dict[str, Review]:
@@ -301,28 +364,21 @@ class ReviewStore:
             int(n_flagged),
             int(n_reviewed),
         )
-        con = self._connect()
-        try:
-            with con:
-                cur = con.execute(
-                    "INSERT INTO signoffs (audit_id, signer, role, decision, date, reason, recorded_at, n_flagged,"
-                    " n_reviewed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    values,
-                )
-                row_id = int(cur.lastrowid or 0)
-        finally:
-            con.close()
+        with self._session("record the sign-off") as con, con:
+            cur = con.execute(
+                "INSERT INTO signoffs (audit_id, signer, role, decision, date, reason, recorded_at, n_flagged,"
+                " n_reviewed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+            row_id = int(cur.lastrowid or 0)
         return RecordedSignOff(row_id, *values)
 
     def signoffs(self, audit_id: str) -> list[RecordedSignOff]:
         """Every sign-off of one audit, oldest first."""
-        con = self._connect()
-        try:
+        with self._session("read the sign-offs") as con:
             rows = con.execute(
                 "SELECT id, audit_id, signer, role, decision, date, reason, recorded_at, n_flagged, n_reviewed"
                 " FROM signoffs WHERE audit_id = ? ORDER BY id",
                 (audit_id,),
             ).fetchall()
-        finally:
-            con.close()
         return [RecordedSignOff(*r) for r in rows]

@@ -28,7 +28,11 @@ __all__ = [
     "AuditEntry",
     "audit_store",
     "InputPathError",
+    "PRIVACY_OPTIONS",
     "ProgressThrottle",
+    "apply_privacy_options",
+    "launch_app",
+    "served_privately",
     "blend",
     "colourise_difference",
     "config_settings",
@@ -68,6 +72,7 @@ SETTING_LABELS: dict[str, str] = {
     "top_k": "Neighbours shown per layer",
     "axis": "Slicing axis for volumes",
     "size": "Slice size (pixels)",
+    "allow_skipped": "Allow skipped training/holdout files (missing evidence)",
     "align_size": "Registration size (pixels)",
     "n_bootstrap": "Bootstrap rounds of the paper's null",
     "device": "Device",
@@ -76,6 +81,21 @@ SETTING_LABELS: dict[str, str] = {
 
 #: Environment variable overriding the default reviews database path.
 REVIEWS_DB_ENV = "INSPECTOR_REVIEWS_DB"
+
+#: Streamlit options the app sets itself, wherever it is started from (they repeat .streamlit/config.toml):
+#: no usage statistics, no error details in the browser, bound to the loopback interface only.
+PRIVACY_OPTIONS: dict[str, Any] = {
+    "browser.gatherUsageStats": False,
+    "client.showErrorDetails": "none",
+    "client.toolbarMode": "minimal",
+    "server.address": "127.0.0.1",
+    "browser.serverAddress": "127.0.0.1",
+    "server.headless": True,
+}
+#: Addresses a server may listen on and still serve this machine only.
+LOOPBACK_ADDRESSES: frozenset[str] = frozenset({"127.0.0.1", "localhost", "::1"})
+#: Set to 1 to serve the app on another interface than loopback (behind an authenticating proxy); off by default.
+ALLOW_REMOTE_ENV = "INSPECTOR_ALLOW_REMOTE"
 
 
 
@@ -141,6 +161,63 @@ def audit_store() -> dict[str, AuditEntry]:
 
         _store_fn = st.cache_resource(show_spinner=False)(_new_store)
     return _store_fn()
+
+
+# ----------------------------------------------------------------------------------------------
+# Privacy options and the launcher
+# ----------------------------------------------------------------------------------------------
+
+
+_UNSET: Any = object()
+_BOUND_AT_START: Any = _UNSET
+
+
+def apply_privacy_options() -> str | None:
+    """Set :data:`PRIVACY_OPTIONS` in Streamlit's config, whatever config file (if any) was read.
+
+    Called first by ``app.py``: usage statistics and error details are read per session and per error, so they
+    take effect wherever the app was started from. The listening address is fixed when the server starts;
+    what it was at the process's first call (before this function changed it) is returned (``None``: all
+    interfaces), for :func:`served_privately`.
+    """
+    from streamlit import config
+
+    global _BOUND_AT_START
+    if _BOUND_AT_START is _UNSET:  # the first run of the process: the value the server was started with
+        _BOUND_AT_START = config.get_option("server.address")
+    for key, value in PRIVACY_OPTIONS.items():
+        config.set_option(key, value, where_defined="inspector.ui.PRIVACY_OPTIONS")
+    return _BOUND_AT_START  # type: ignore[return-value]
+
+
+def served_privately(bound: str | None, *, real_server: bool) -> bool:
+    """Whether a server that was started listening on ``bound`` serves this machine only.
+
+    ``None`` or ``""`` means every interface. A unix socket is local. ``real_server`` False (a headless test
+    runner) serves nobody; ``$INSPECTOR_ALLOW_REMOTE=1`` accepts any address.
+    """
+    if not real_server or os.environ.get(ALLOW_REMOTE_ENV) == "1":
+        return True
+    if not bound:
+        return False
+    return bound in LOOPBACK_ADDRESSES or bound.startswith("unix://") or bound.startswith("127.")
+
+
+def launch_app(script: str | Path, argv: Sequence[str] = ()) -> int:
+    """Start the Streamlit server on ``script`` with :data:`PRIVACY_OPTIONS` as command-line flags (which
+    override any config file), so ``python app.py`` is private from any folder. Extra ``argv`` (e.g.
+    ``--server.port 8502``) are passed on."""
+    import sys
+
+    from streamlit.web import cli as stcli
+
+    flags = [f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in PRIVACY_OPTIONS.items()]
+    sys.argv = ["streamlit", "run", str(script), *flags, *argv]
+    try:
+        stcli.main()
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,7 +366,13 @@ def setting_widget(container: Any, setting: Any) -> Any:
     if setting.kind is int:
         return int(
             container.number_input(
-                label, min_value=setting.minimum, value=int(default), step=1, key=key, help=help_text
+                label,
+                min_value=setting.minimum,
+                max_value=getattr(setting, "maximum", None),
+                value=int(default),
+                step=1,
+                key=key,
+                help=help_text,
             )
         )
     if setting.kind is float:

@@ -492,3 +492,68 @@ def test_histogram_draws_the_threshold_and_the_log_view():
     assert log.layout.xaxis.autorange == "reversed"
     none = ui.histogram_figure(syn, null, float("inf"))
     assert len(none.layout.shapes) == 0
+
+
+# ------------------------------------------------------------------------------------------------ issue 14
+
+
+def test_item6_a_held_write_lock_shows_a_message_and_a_retry_and_loses_no_decision(ran, monkeypatch):
+    """Another writer holds the reviews database's lock: the decision is not lost, not reported saved, and a
+    Retry saves it once the lock is released (issue 14, item 6)."""
+    import sqlite3
+
+    import inspector.review as review
+
+    monkeypatch.setattr(review, "DEFAULT_TIMEOUT_S", 0.3)
+    at, r = ran.at, ran.result
+    go(at, "Pair")
+    i = int(at.session_state["pair_index"])
+    sha = str(r.table.loc[i, "sha256"])
+    before = len(ReviewStore(ran.env.db).history(r.audit_id, sha))
+    holder = sqlite3.connect(ran.env.db, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        at.radio(key=f"dec_{sha[:16]}").set_value("copy")
+        at.text_input(key="reviewer_name").input("Dr Lock")
+        at.button(key="save_decision").click().run()
+        assert not at.exception
+        errors = [e.value for e in at.error]
+        assert any("Not saved yet: **copy** by Dr Lock" in e and "is busy" in e for e in errors), errors
+        assert not any("OperationalError" in e for e in errors)
+        assert not any(s.value.startswith("Saved:") for s in at.success)
+        go(at, "Pair")  # any rerun: the decision waits, with its Retry
+        assert any("Not saved yet: **copy**" in e.value for e in at.error)
+        at.button(key=f"retry_{sha[:16]}").click().run()  # still locked: still waiting
+        assert any("Not saved yet: **copy**" in e.value for e in at.error)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert len(ReviewStore(ran.env.db).history(r.audit_id, sha)) == before
+    at.button(key=f"retry_{sha[:16]}").click().run()
+    assert not at.exception
+    assert any(s.value.startswith("Saved: **copy** by Dr Lock") for s in at.success)
+    assert not any("Not saved yet" in e.value for e in at.error)
+    hist = ReviewStore(ran.env.db).history(r.audit_id, sha)
+    assert len(hist) == before + 1 and hist[-1].decision == "copy" and hist[-1].reviewer == "Dr Lock"
+
+
+def test_item1_skipped_training_files_are_named_in_the_app_with_the_allow_setting(env, tmp_path):
+    import shutil
+
+    train = tmp_path / "train"
+    shutil.copytree(SAMPLE / "train", train)
+    first = next(p for p in sorted(train.rglob("*")) if p.is_file())
+    (first.parent / "broken.png").write_bytes(b"not a png")
+    at = fresh_app()
+    assert at.checkbox(key="in_allow_skipped").value is False
+    click_run(at, train=str(train), synthetic=str(SAMPLE / "synthetic"), holdout=str(SAMPLE / "holdout"))
+    assert not at.exception
+    assert len(at.error) == 1 and "1 training file was skipped: missing evidence" in at.error[0].value
+    skipped = frame_with(at, "reason")
+    assert list(skipped["cohort"]) == ["train"] and skipped["file"].iloc[0].endswith("broken.png")
+    assert not at.metric
+    at.checkbox(key="in_allow_skipped").check()
+    at.button(key="run").click().run()
+    assert not at.exception and at.metric
+    assert any("**Missing evidence.** 1 training file was skipped: missing evidence" in w.value for w in at.warning)
+    assert "1 training file was skipped: missing evidence" in verdict_of(at)

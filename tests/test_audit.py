@@ -142,7 +142,10 @@ def test_pair_evidence(default_result):
 
 def test_paper_mode(paper_result, default_result):
     r = paper_result
-    assert r.verdict.null_kind == "split-half bootstrap"
+    # p-values and flags come from the holdout scored with the paper's own similarity (issue 12); MI and ONI
+    # from the paper's split-half bootstrap, as published
+    assert r.verdict.null_kind == "holdout" and r.verdict.decidable
+    assert len(r.null_similarity) == len(r.holdout)
     assert r.alignment is None
     t = r.table
     np.testing.assert_allclose(t["oni"], -np.tanh(t["mi_z"]), rtol=1e-6)
@@ -158,6 +161,21 @@ def test_leave_one_subject_out_null(audit_cohorts, tmp_path):
     assert r.verdict.null_kind == "leave-one-subject-out"
     assert len(r.null_similarity) == len(r.train)
     assert np.isfinite(r.null_similarity).all()
+    # that null is not calibrated: the audit ranks without flagging and says so, and the gate refuses to pass
+    assert not r.verdict.decidable and r.table["flagged"].sum() == 0 and not r.verdict.copying
+    assert "Give a holdout" in r.verdict.text
+    assert r.calibration.gate("verdict")[0] and "missing evidence" in r.calibration.gate("flagged")[1]
+    s = r.table["similarity"].to_numpy()
+    copy = _labels(r)
+    assert s[copy].mean() > s[~copy].mean()  # still ranked
+
+
+def test_paper_mode_without_holdout_flags_nothing(audit_cohorts, tmp_path):
+    p = audit_cohorts
+    r = audit(p["train"], p["synthetic"], None, AuditConfig(mode="paper", **FAST), cache_dir=tmp_path)
+    assert r.verdict.null_kind == "split-half bootstrap" and not r.verdict.decidable
+    assert r.table["flagged"].sum() == 0 and "not calibrated" in r.verdict.text
+    assert np.isfinite(r.table["mi_z"]).all()  # the paper's MI and ONI are still reported
 
 
 def test_single_subject_without_holdout_is_a_clear_error(audit_cohorts, tmp_path):
@@ -195,3 +213,60 @@ def test_save_writes_the_cli_contract(default_result, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["verdict"]["n_flagged"] == default_result.verdict.n_flagged
     assert summary["config"]["mode"] == "default"
+
+
+@pytest.fixture(scope="module")
+def volume_result(tmp_path_factory):
+    """Volumes (.npy stacks of disjoint MNI slabs, interleaved along z): 4 training subjects, 4 holdout, and 2
+    copied and 4 novel synthetic volumes."""
+    from nilearn.datasets import load_mni152_template
+
+    from inspector.preprocess import normalise_volume
+
+    vol = normalise_volume(np.asarray(load_mni152_template(resolution=2).get_fdata(), np.float32))
+    root = tmp_path_factory.mktemp("vols")
+    rng = np.random.default_rng(0)
+    slabs = [vol[:, :, z : z + 4] for z in range(14, 14 + 12 * 5, 5)]  # 12 disjoint slabs, 1 slice apart
+
+    def put(folder: str, name: str, arr: np.ndarray) -> None:
+        (root / folder).mkdir(exist_ok=True)
+        np.save(root / folder / f"{name}.npy", np.clip(arr, 0, 1).astype(np.float32))
+
+    for i in range(4):
+        put("train", f"t{i}", slabs[3 * i])
+        put("holdout", f"h{i}", slabs[3 * i + 1])
+        put("synthetic", f"novel{i}", slabs[3 * i + 2])
+    for j, i in enumerate((0, 2)):
+        put("synthetic", f"copy{j}", slabs[3 * i] + rng.normal(0, 0.01, slabs[3 * i].shape))
+    cfg = AuditConfig(extractor="pixels", size=64, alpha=0.05)
+    r = audit(root / "train", root / "synthetic", root / "holdout", cfg, cache_dir=root / "cache")
+    return r, root
+
+
+def test_volumes_are_units_with_calibrated_p_values(volume_result, tmp_path):
+    r, _ = volume_result
+    v = r.volumes()
+    assert len(v) == 6 and set(v["n_slices"]) == {4}
+    copies = v[v["volume"].str.startswith("copy")]
+    novel = v[v["volume"].str.startswith("novel")]
+    # every copied volume matches its source volume throughout, at offset 0, and ranks above every novel one
+    assert (copies["match_fraction"] == 1.0).all() and (copies["train_slice_offset"] == 0).all()
+    assert set(copies["nearest_train_volume"]) == {"t0.npy", "t2.npy"}
+    assert copies["simes"].max() < novel["simes"].min() and copies["p_value"].max() <= novel["p_value"].min()
+    # 4 holdout volumes calibrate the volume p-values (smallest possible 1/5)
+    assert r.calibration.volume_calibration == "holdout volumes"
+    assert copies["p_value"].max() == pytest.approx(1 / 5) and not v["flagged"].any()
+    assert r.verdict.unit == "volume"
+    # the saved folder gives the same volumes, verdict and subject flags
+    from inspector.folder import load_audit_folder
+
+    out = save_audit(r, tmp_path / "out")
+    f = load_audit_folder(out)
+    pd_v = __import__("pandas").read_csv(out / "volumes.csv").drop(columns="audit_id")
+    np.testing.assert_allclose(pd_v["p_value"], v["p_value"])
+    assert (f.volumes()["volume"] == v["volume"]).all()
+    np.testing.assert_allclose(f.volumes()["p_value"], v["p_value"])
+    assert f.verdict.to_dict() == r.verdict.to_dict()
+    subj = r.subjects.set_index("subject_id")
+    assert {"n_volumes_matched", "p_value", "flagged"} <= set(subj.columns)
+    assert subj["n_volumes_matched"].sum() == 6

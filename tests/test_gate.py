@@ -171,7 +171,7 @@ def test_verdict_gate(gate_cohorts, memo_audit, capsys, synthetic, expected):
     assert v["copying"] is bool(expected)
     assert code == expected, err
     if expected:
-        assert "GATE FAILED (--fail-on verdict)" in err and "lies above alpha" in err
+        assert "GATE FAILED (--fail-on verdict)" in err and "rejects 'no copying'" in err
 
 
 def test_each_cohort_is_scored_once(gate_cohorts, memo_audit):
@@ -217,8 +217,11 @@ def _verdict_obj(**kw) -> Verdict:
 def test_gate_function_rules():
     v = _verdict_obj()
     assert gate(v, "never") == (False, "")
-    assert gate(v, "flagged")[0] is True  # 0.02 > 0.01
-    assert gate(_verdict_obj(fraction_ci95=(0.005, 0.3)), "flagged")[0] is False
+    assert gate(v, "flagged")[0] is True  # the count test rejects
+    assert gate(_verdict_obj(copying=False, copying_reason="chance"), "flagged") == (False, "chance")
+    # no calibrated null: missing evidence never passes a gate
+    undecided = _verdict_obj(copying=False, decidable=False, copying_reason="not decided")
+    assert gate(undecided, "flagged")[0] and gate(undecided, "verdict")[0] and not gate(undecided, "never")[0]
     assert gate(v, "flagged", max_flagged=3)[0] is False
     assert gate(v, "flagged", max_flagged=2)[0] is True
     assert gate(v, "verdict") == (True, "why")
