@@ -236,7 +236,8 @@ def _scan(args: argparse.Namespace) -> int:
         if not files:
             continue
         what = "not audited" if name == "synthetic" else "missing evidence (--allow-skipped)"
-        print(f"warning: {len(files)} {name} file(s) skipped, {what}:", file=sys.stderr)
+        hidden = "" if cfg.show_paths else " (pseudonymous labels; --show-paths shows the file names)"
+        print(f"warning: {len(files)} {name} file(s) skipped, {what}{hidden}:", file=sys.stderr)
         for sk in files:
             print(f"  - {sk.path}: {sk.reason}", file=sys.stderr)
     print(result.verdict_text)

@@ -86,6 +86,16 @@ class AuditConfig:
         skipped training slice cannot be detected). Off by default: the audit then refuses, naming every
         skipped file and its reason. When on, the skipped files are counted and listed in summary.json, the
         verdict and the report, and the CI gate still runs.
+    show_paths : bool
+        Opt in to real file and folder names in the outputs (scores.csv, subjects.csv, volumes.csv,
+        summary.json, manifest.json, evidence.npz, the report, the app, the CLI). Off by default: a file or
+        folder name (often a patient's name or record number) is shown as <subject pseudonym>/vol-<n>, and
+        subject IDs taken from names as keyed pseudonyms (see inspector.naming). Cohort roots are only ever
+        written as hashes.
+    allow_outside_root : bool
+        Read the rows of a CSV manifest whose path lies outside the manifest's folder (an absolute path
+        elsewhere, or one climbing out with ..). Off by default: such a row is skipped with the reason (a
+        skipped training or holdout row is missing evidence, so the audit refuses unless allow_skipped).
     align_size : int
         Working resolution in pixels of the registration (16 to 1024).
     n_bootstrap : int
@@ -110,6 +120,8 @@ class AuditConfig:
     axis: str = _opt("axial", "input", choices=("axial", "coronal", "sagittal"))
     size: int = _opt(128, "input", minimum=16, maximum=1024)
     allow_skipped: bool = _opt(False, "input")
+    show_paths: bool = _opt(False, "input")
+    allow_outside_root: bool = _opt(False, "input")
     align_size: int = _opt(64, "matching", minimum=16, maximum=1024)
     n_bootstrap: int = _opt(10, "method", minimum=1, maximum=100_000)
     device: str = _opt("auto", "runtime", choices=("auto", "cpu", "cuda"))

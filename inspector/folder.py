@@ -23,7 +23,8 @@ refuses a folder whose files name different audits (:class:`MixedAuditFolderErro
 Reviewer decisions and sign-offs live in one append-only store (:class:`inspector.review.ReviewStore`),
 ``reviews.sqlite3`` in the folder unless another database is named; a save keeps it (and any report in the
 folder). No protected health information: the folder holds pseudonymous subject IDs, relative paths and
-hashes only.
+hashes only. File and folder names are pseudonymous labels unless the audit ran with ``show_paths``
+(:mod:`inspector.naming`), and the cohort roots appear only as ``root_sha256``.
 """
 
 from __future__ import annotations
@@ -168,7 +169,13 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _cohort_manifest(c: Cohort | None) -> dict[str, Any] | None:
-    """Counts, content hash, every input file's sha256 (as the readers recorded it) and the skipped files."""
+    """Counts, content hash, every input file's sha256 (as the readers recorded it) and the skipped files.
+
+    Paths are the cohort's (relative to its root, or pseudonymous labels without ``show_paths``); the root only
+    as ``root_sha256``.
+    """
+    from .privacy import root_hash
+
     if c is None:
         return None
     rows: list[dict[str, Any]] = [{"path": f.path, "bytes": f.bytes, "sha256": f.sha256} for f in c.files]
@@ -178,7 +185,7 @@ def _cohort_manifest(c: Cohort | None) -> dict[str, Any] | None:
         log.warning("input %s of cohort %s has no recorded file hash (built without a reader)", rel, c.name)
         rows.append({"path": rel, "bytes": None, "sha256": None, "error": "no file hash recorded when loaded"})
     return {
-        "root": str(c.root),
+        "root_sha256": root_hash(c.root),
         "n_slices": len(c),
         "n_subjects": len(c.subjects),
         "n_files": len(rows),
@@ -629,12 +636,20 @@ def _check_one_audit(folder: Path, ids: dict[str, str | None]) -> None:
 
 
 def _upgrade_summary(summary: dict[str, Any], manifest: dict[str, Any] | None) -> dict[str, Any]:
-    """A ``summary.json`` written before the skipped-file keys existed, completed from the manifest."""
+    """A ``summary.json`` written before the skipped-file keys, the path settings or the root hashes existed,
+    completed (from the manifest) and with each root replaced by its hash."""
+    from .privacy import root_hash
+
     out = dict(summary)
-    if isinstance(out.get("config"), dict) and "allow_skipped" not in out["config"]:
-        out["config"] = {**out["config"], "allow_skipped": False}
+    if isinstance(out.get("config"), dict):
+        # written before these settings existed: no skipped training files, real paths, every manifest row read
+        old = {"allow_skipped": False, "show_paths": True, "allow_outside_root": True}
+        out["config"] = {**{k: v for k, v in old.items() if k not in out["config"]}, **out["config"]}
     cohorts = dict(out.get("cohorts") or {})
-    for name, c in cohorts.items():
+    for name, c in list(cohorts.items()):
+        if isinstance(c, dict) and "root" in c:  # written before roots were hashed: the root is never shown
+            c = {("root_sha256" if k == "root" else k): (root_hash(v) if k == "root" else v) for k, v in c.items()}
+            cohorts[name] = c
         if not isinstance(c, dict) or ("skipped" in c and "n_missing_evidence" in c):
             continue
         listed = ((manifest or {}).get("cohorts") or {}).get(name) or {}

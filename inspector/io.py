@@ -42,6 +42,12 @@ Conventions
   first use, overridable by :attr:`LoadConfig.pseudonym_key_file` or the environment variable
   ``INSPECTOR_PSEUDONYM_KEY_FILE``). The key is read (or created) only when a DICOM file is read.
   pydicom warnings raised while reading are swallowed and counted (their text may quote header values).
+  File and folder names, and the subject IDs taken from them, stay real in a loaded :class:`Cohort`
+  (ground truth and joins need them); :func:`inspector.audit` replaces them in everything it outputs
+  by pseudonymous labels (:mod:`inspector.naming`) unless ``AuditConfig.show_paths``.
+* **Manifests**: a row whose path lies outside the manifest's folder (absolute elsewhere, or climbing
+  out with ``..``) is skipped with :data:`OUTSIDE_ROOT_REASON` unless
+  :attr:`LoadConfig.allow_outside_root`.
 * **Provenance**: every slice lists the files it was read from (:attr:`Slice.sources`) and the
   cohort holds each such file's size and sha256 (:attr:`Cohort.files`), hashed once, right after
   the file was read.
@@ -245,6 +251,13 @@ class LoadConfig:
         :func:`inspector.privacy.key_path`: ``$INSPECTOR_PSEUDONYM_KEY_FILE``, else
         ``<user config dir>/mri-memorization-inspector/pseudonym.key``. Created (mode 0600) on
         first use. The same key gives the same pseudonyms; share it deliberately to link sites.
+    allow_outside_root : bool
+        Read CSV manifest rows whose path lies outside the manifest's folder: an absolute path
+        elsewhere, or a relative one that climbs out with ``..``. Off by default: such a row is
+        skipped with the reason :data:`OUTSIDE_ROOT_REASON` (missing evidence, see
+        :func:`inspector.result.is_missing_evidence`). The check is on the path as written
+        (normalised, symlinks not followed); a symlink inside the folder is judged as in a folder
+        scan (allowed when its target is a regular file).
     """
 
     axis: str = "axial"
@@ -256,6 +269,7 @@ class LoadConfig:
     max_voxels: int = DEFAULT_MAX_VOXELS
     file_timeout_s: float | None = DEFAULT_FILE_TIMEOUT_S
     pseudonym_key_file: str | None = None
+    allow_outside_root: bool = False
 
     def __post_init__(self) -> None:
         if self.axis not in _VOLUME_AXES:
@@ -1054,7 +1068,24 @@ def _discover_folder(
     return cands
 
 
-def _read_manifest(csv: Path, root: Path, skipped: list[SkippedFile]) -> list[_Candidate]:
+#: Start of the skip reason of a manifest row whose path lies outside the manifest's folder.
+OUTSIDE_ROOT_REASON = (
+    "outside the manifest's folder (an absolute path elsewhere or a path climbing out with ..; "
+    "LoadConfig.allow_outside_root / --allow-outside-root reads it): listed in manifest"
+)
+
+
+def _within_root(path: Path, root: Path) -> bool:
+    """Whether a normalised path lies in ``root`` (as written: symlinks are not followed)."""
+    r = Path(os.path.normpath(root))
+    return path == r or r in path.parents
+
+
+def _read_manifest(
+    csv: Path, root: Path, skipped: list[SkippedFile], allow_outside_root: bool = False
+) -> list[_Candidate]:
+    """The candidates a CSV manifest lists. A row whose path lies outside ``root`` (the manifest's folder) is
+    skipped with :data:`OUTSIDE_ROOT_REASON` unless ``allow_outside_root``."""
     import pandas as pd
 
     try:
@@ -1077,8 +1108,12 @@ def _read_manifest(csv: Path, root: Path, skipped: list[SkippedFile]) -> list[_C
             skipped.append(SkippedFile(f"{csv.name}:row{i}", "manifest row with an empty path"))
             continue
         p = Path(raw_path).expanduser()
-        p = p if p.is_absolute() else root / p
+        p = Path(os.path.normpath(p if p.is_absolute() else root / p))
         rel = _rel(p, root)
+        if not allow_outside_root and not _within_root(p, root):
+            skipped.append(SkippedFile(rel, f"{OUTSIDE_ROOT_REASON} {csv.name} (row {i}); not read"))
+            log.info("manifest row %d: %s lies outside the manifest's folder; not read", i, rel)
+            continue
         subject = str(row.subject_id).strip() or None
         label = (str(row.label).strip() or None) if has_label else None
         ov = _Override(subject, label)
@@ -2130,7 +2165,8 @@ def load_cohort(
     source : str, Path or Cohort
         A folder (scanned recursively in sorted order; hidden files, ``labels.csv`` and
         ``manifest.csv`` are ignored), a ``.csv`` manifest with columns ``path,subject_id[,label]``
-        (paths relative to the manifest's folder or absolute; a path may name a folder), a single
+        (paths relative to the manifest's folder or absolute; a path may name a folder; a path outside
+        the manifest's folder is skipped unless ``config.allow_outside_root``), a single
         image file, or a :class:`Cohort` (returned unchanged).
     config : LoadConfig
         Slicing axis, 4D volume index, preprocessing, slice step, per-file budgets and timeout, and
@@ -2174,7 +2210,7 @@ def load_cohort(
         origin = f"folder {src}"
     elif src.suffix.lower() == ".csv":
         root = src.parent
-        cands = _read_manifest(src, root, skipped)
+        cands = _read_manifest(src, root, skipped, config.allow_outside_root)
         origin = f"manifest {src}"
     else:
         root = src.parent

@@ -2,7 +2,11 @@
 
 Data flows one way (DESIGN §4)::
 
-    load_inputs -> extract_features (cached) -> match -> calibrate -> attribute -> AuditResult
+    load_inputs -> extract_features (cached) -> match -> calibrate -> attribute -> publish -> AuditResult
+
+``publish`` (:mod:`inspector.naming`) replaces file and folder names by pseudonymous labels and subject IDs
+taken from names by keyed pseudonyms, unless ``AuditConfig.show_paths``; every stage before it runs on the real
+paths.
 
 Each stage is a public function over plain data types, so the benchmarks run exactly what the product
 runs by calling the same stages. The stages hold no maths of their own: they call the estimators of
@@ -41,6 +45,7 @@ from .features import Features
 from .io import LoadConfig, load_cohort
 from .matching import InsufficientDataError, Matcher, MatchResult
 from .preprocess import PreprocessConfig
+from .privacy import load_or_create_key
 from .result import AuditResult, versions
 from .scores import PaperScorer, PaperScores
 from .types import Cohort, ProgressFn
@@ -93,7 +98,9 @@ class Inputs:
 def _load(source: str | Path | Cohort, cfg: AuditConfig, what: str, progress: ProgressFn | None) -> Cohort:
     if isinstance(source, Cohort):
         return source
-    lc = LoadConfig(axis=cfg.axis, preprocess=PreprocessConfig(size=cfg.size))
+    lc = LoadConfig(
+        axis=cfg.axis, preprocess=PreprocessConfig(size=cfg.size), allow_outside_root=cfg.allow_outside_root
+    )
 
     def prog(stage: str, done: int, total: int) -> None:
         if progress:
@@ -172,9 +179,15 @@ def load_inputs(
             names = {"train": t.name, "holdout": h.name if h is not None else ""}
             raise MissingEvidenceError(gaps, names)
         for name, files in gaps.items():
+            if files and not cfg.show_paths:  # the published result names them (labels); no file name in the log
+                log.warning("missing evidence (allow_skipped): %d %s file(s) skipped", len(files), name)
+                continue
             for sk in files:
                 log.warning("missing evidence (allow_skipped): %s file %s skipped: %s", name, sk.path, sk.reason)
-    for sk in missing_evidence(g):
+    unread = missing_evidence(g)
+    if unread and not cfg.show_paths:
+        log.warning("%d synthetic file(s) were skipped and are not audited", len(unread))
+    for sk in unread if cfg.show_paths else ():
         log.warning("synthetic file %s was skipped and is not audited: %s", sk.path, sk.reason)
     return Inputs(t, g, h, time.perf_counter() - t0)
 
@@ -448,7 +461,10 @@ def audit(
     -------
     AuditResult
         ``table`` has one row per synthetic slice; higher ``similarity``/``mi``/``mi_z`` and lower
-        ``p_value``/``oni`` mean more memorised.
+        ``p_value``/``oni`` mean more memorised. Unless ``config.show_paths``, its cohorts, tables and
+        calibration carry pseudonymous names only (:func:`inspector.naming.publish`: ``<subject>/vol-<n>`` for
+        every file and folder name, keyed pseudonyms for subjects), and so does everything saved from it; the
+        audit ID hashes the published cohorts.
 
     Raises
     ------
@@ -457,14 +473,25 @@ def audit(
     InsufficientDataError
         Too few slices or subjects for the requested null.
     """
+    from .naming import build_naming, publish
+
     cfg = config or AuditConfig()
     t0 = time.perf_counter()
+    # the pseudonym key before any data is read (a bad key file is bad input, found at once)
+    key = None if cfg.show_paths else load_or_create_key()
     inputs = load_inputs(train, synthetic, holdout, cfg, progress)
     features = extract_features(inputs, cfg, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     matches = match(inputs, features, cfg, progress=progress)
     calibration = calibrate(matches, inputs, cfg)
     t4 = time.perf_counter()
     table, subjects, baselines = attribute(inputs, features, matches, calibration, cfg)
+    # every stage above ran on the real paths (ground truth, joins); from here on only published names
+    naming = build_naming(
+        {"train": inputs.train, "synthetic": inputs.synthetic, "holdout": inputs.holdout},
+        show_paths=cfg.show_paths,
+        key=key,
+    )
+    inputs, table, subjects, calibration = publish(naming, inputs, table, subjects, calibration)
     timings = {
         "loading": inputs.seconds,
         **features.seconds,

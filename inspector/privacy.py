@@ -52,6 +52,7 @@ __all__ = [
     "key_path",
     "load_or_create_key",
     "pseudonym",
+    "root_hash",
 ]
 
 log = logging.getLogger(__name__)
@@ -222,3 +223,20 @@ def pseudonym(raw: str, key: bytes) -> str:
         raise TypeError("pseudonym(raw, key) needs the secret key bytes (at least 16) from load_or_create_key().")
     digest = hmac.new(bytes(key), str(raw).encode("utf-8"), hashlib.sha256).hexdigest()
     return "sub-" + digest[:_DIGITS]
+
+
+def root_hash(root: str | os.PathLike[str]) -> str:
+    """sha256 (hex) of a cohort root's absolute path string: what the outputs hold instead of the root.
+
+    Parameters
+    ----------
+    root : str or PathLike
+        The cohort root (``~`` expanded, made absolute, symlinks not resolved), as :attr:`Cohort.root`.
+
+    Returns
+    -------
+    str
+        64 hex characters; the same root gives the same hash (not keyed: it tells "the same folder" across
+        audits of one machine, and a guessed root can be checked against it).
+    """
+    return hashlib.sha256(str(Path(root).expanduser().absolute()).encode("utf-8")).hexdigest()

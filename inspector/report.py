@@ -20,8 +20,9 @@ The report states its own sha256, computed over the HTML with the hash replaced 
 :func:`verify_report` checks it.
 
 No protected health information: the audit folder and the report hold pseudonymous subject IDs,
-relative paths and hashes only; raw DICOM ``PatientName``/``PatientID`` never reach this module
-(:mod:`inspector.io` pseudonymises them on reading).
+pseudonymous labels in place of file and folder names (relative paths when the audit ran with
+``show_paths``; :mod:`inspector.naming`) and hashes only (each cohort root as ``root_sha256``); raw DICOM
+``PatientName``/``PatientID`` never reach this module (:mod:`inspector.io` pseudonymises them on reading).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from .folder import (
     signoffs,
     validate_summary,
 )
+from .privacy import root_hash
 from .result import jsonable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -536,6 +538,7 @@ def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
 
 def _provenance_html(folder: AuditFolder, generated: str) -> str:
     s, m = folder.summary, folder.manifest or {}
+    shown = bool((s.get("config") or {}).get("show_paths", True))
     out = ['<h2 id="provenance">Provenance</h2>']
     ext = m.get("extractor") or {
         "name": s.get("config", {}).get("extractor"),
@@ -581,9 +584,15 @@ def _provenance_html(folder: AuditFolder, generated: str) -> str:
         if not c:
             continue
         files = pd.DataFrame(c.get("files", []), columns=["path", "bytes", "sha256"])
+        root = c.get("root_sha256") or (root_hash(c["root"]) if c.get("root") else "")  # never the root itself
+        named = (
+            "paths relative to the cohort root"
+            if shown
+            else "pseudonymous labels &lt;subject&gt;/vol-&lt;n&gt; in place of file names"
+        )
         out.append(
-            f"<details><summary>{_e(name)}: sha256 of {len(files)} input files (paths relative to "
-            f"<code>{_e(c.get('root'))}</code>)</summary>{_df_table(files, max_rows=len(files) + 1)}</details>"
+            f"<details><summary>{_e(name)}: sha256 of {len(files)} input files ({named}; the root's path "
+            f"as sha256 <code>{_e(root)}</code>)</summary>{_df_table(files, max_rows=len(files) + 1)}</details>"
         )
         if c.get("skipped"):
             sk = pd.DataFrame(c["skipped"], columns=["path", "reason"])

@@ -74,8 +74,11 @@ def is_missing_evidence(skipped: SkippedFile) -> bool:
     :data:`NON_IMAGE_SUFFIXES`, :data:`NON_IMAGE_NAMES`). Everything else is: a corrupt or undecodable file, a
     file over a reader's budget or past its deadline, a special file, a manifest row whose file is missing, a
     slice dropped as a duplicate key, an unsupported file that may be an image. Unknown reasons count as
-    missing evidence (the safe side).
+    missing evidence (the safe side). An entry already judged on its real name (``skipped.missing_evidence``,
+    set on pseudonymous copies by :mod:`inspector.naming`) keeps that judgement.
     """
+    if skipped.missing_evidence is not None:
+        return bool(skipped.missing_evidence)
     reason = skipped.reason.strip().lower()
     if reason.startswith(_BENIGN_REASONS):
         return False
@@ -421,13 +424,18 @@ class AuditResult:
 
     # ------------------------------------------------------------------ the JSON summary
     def summary(self) -> dict[str, Any]:
-        """The JSON summary: verdict, counts, config, versions, inputs and their hashes."""
+        """The JSON summary: verdict, counts, config, versions, inputs and their hashes.
+
+        Each cohort's root only as ``root_sha256`` (:func:`inspector.naming.root_hash`), never the root; its
+        paths (skipped files) are the cohort's own: relative to the root, or labels (``config.show_paths`` off).
+        """
+        from .privacy import root_hash
 
         def cohort_info(c: Cohort | None) -> dict[str, Any] | None:
             if c is None:
                 return None
             return {
-                "root": str(c.root),
+                "root_sha256": root_hash(c.root),
                 "n_slices": len(c),
                 "n_subjects": len(c.subjects),
                 "n_files": len({s.path for s in c.slices}),

@@ -158,10 +158,16 @@ class SkippedFile:
         Path relative to the cohort root (POSIX); ``path#index`` for a single skipped slice.
     reason : str
         Human-readable reason, e.g. ``"corrupt NIfTI: ..."`` or ``"background-only slice"``.
+    missing_evidence : bool or None
+        Whether the entry is missing evidence, when already judged on the real file name
+        (:func:`inspector.result.is_missing_evidence` then returns it): set on the pseudonymous copies
+        :mod:`inspector.naming` publishes, whose labels no longer show the name. ``None`` (default): judged
+        from ``path`` and ``reason``. Not part of equality.
     """
 
     path: str
     reason: str
+    missing_evidence: bool | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ SETTING_LABELS: dict[str, str] = {
     "axis": "Slicing axis for volumes",
     "size": "Slice size (pixels)",
     "allow_skipped": "Allow skipped training/holdout files (missing evidence)",
+    "show_paths": "Show real file and folder names (off: pseudonymous labels)",
+    "allow_outside_root": "Read manifest rows outside the manifest's folder",
     "align_size": "Registration size (pixels)",
     "n_bootstrap": "Bootstrap rounds of the paper's null",
     "device": "Device",

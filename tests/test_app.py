@@ -288,6 +288,43 @@ def test_export_offers_the_scores_and_writes_the_release_report(ran):
     assert "Download report.html" in [b.label for b in at.get("download_button")]
 
 
+def _visible_text(at: AppTest) -> str:
+    """Everything a page shows as text: messages, captions, tables, image captions, choices, metrics."""
+    parts = [str(e.value) for e in (*at.markdown, *at.caption, *at.error, *at.warning, *at.success, *at.info)]
+    parts += [str(s.value) for s in (*at.subheader, *at.title)]
+    for d in at.dataframe:
+        parts += [" ".join(map(str, d.value.to_numpy().ravel())), " ".join(map(str, d.value.columns))]
+    parts += captions(at)
+    parts += [str(o) for sb in at.selectbox for o in sb.options]
+    parts += [f"{m.label} {m.value}" for m in at.metric]
+    return "\n".join(map(str, parts))
+
+
+def test_every_page_shows_pseudonymous_labels_not_file_names_by_default(ran):
+    """Issue 14 item 4: without 'Show real file and folder names' (off by default, also for the sample data) no
+    page names a file or folder of the inputs; slices are <subject pseudonym>/vol-<n> and subjects pseudonyms."""
+    import re
+
+    at, r = ran.at, ran.result
+    assert r.config.show_paths is False and at.checkbox(key="in_show_paths").value is False
+    label = re.compile(r"sub-[0-9a-f]{12}/vol-\d{3,}")
+    assert all(label.fullmatch(p) for p in r.table["synthetic_path"])
+    names = {p.name for p in SAMPLE.rglob("*") if p.parent != SAMPLE and p.name != "labels.csv"}
+    names |= {Path(n).stem for n in names if "." in n}
+    assert "syn_000.png" in names and "mni152-t1" in names  # the sample data's own names, planted or not
+    for page in ("Overview", "Flagged", "Pair", "Review"):
+        go(at, page)
+        text = _visible_text(at)
+        found = sorted(n for n in names if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text))
+        assert not found, f"{page} shows {found[:5]}"
+        if page in ("Flagged", "Pair"):  # where a file name would be shown, the label is
+            assert label.search(text), page
+        if page == "Flagged":
+            assert all(label.fullmatch(k.split("#")[0]) for k in frame_with(at, "similarity")["synthetic"])
+        if page == "Pair":
+            assert any(c.startswith("synthetic · sub-") and label.search(c) for c in captions(at))
+
+
 # ------------------------------------------------------------------------------------------------ errors
 
 

@@ -238,7 +238,8 @@ def volume_result(tmp_path_factory):
         put("synthetic", f"novel{i}", slabs[3 * i + 2])
     for j, i in enumerate((0, 2)):
         put("synthetic", f"copy{j}", slabs[3 * i] + rng.normal(0, 0.01, slabs[3 * i].shape))
-    cfg = AuditConfig(extractor="pixels", size=64, alpha=0.05)
+    # real names (show_paths): the tests tell copied from novel volumes by their file names
+    cfg = AuditConfig(extractor="pixels", size=64, alpha=0.05, show_paths=True)
     r = audit(root / "train", root / "synthetic", root / "holdout", cfg, cache_dir=root / "cache")
     return r, root
 

@@ -98,12 +98,21 @@ def server(tmp_path):
 
 
 def _rotated_copy() -> str:
-    """A planted copy that came back rotated (an informative pair for the screenshot), else any copy."""
-    with (ROOT / "sample_data" / "synthetic" / "labels.csv").open(newline="") as fh:
+    """A planted copy that came back rotated (an informative pair for the screenshot), else any copy: the
+    pseudonymous label the app shows for it (file names are shown only with 'Show real file and folder
+    names'): the synthetic PNGs lie at the root, so their subject is the root's name, and each is a volume
+    numbered in the order of the file names (inspector.naming)."""
+    from inspector.privacy import load_or_create_key, pseudonym
+
+    syn = ROOT / "sample_data" / "synthetic"
+    with (syn / "labels.csv").open(newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["label"] == "copy"]
     assert rows, "sample_data/synthetic/labels.csv lists no copy"
     rotated = [r for r in rows if r.get("augmentation", "").startswith("rotate_5")]
-    return (rotated or rows)[0]["path"]
+    name = (rotated or rows)[0]["path"]
+    files = sorted(p.name for p in syn.glob("*.png"))
+    key = load_or_create_key()  # the server runs with this process's INSPECTOR_PSEUDONYM_KEY_FILE (conftest)
+    return f"{pseudonym('synthetic', key)}/vol-{files.index(name) + 1:03d}"
 
 
 def test_run_open_a_pair_and_record_a_decision(server, tmp_path):

@@ -11,6 +11,7 @@ import pytest
 
 from inspector.attribution import SCORE_COLUMNS
 from inspector.cli import build_parser, main
+from inspector.privacy import load_or_create_key, pseudonym
 
 
 def test_scan_writes_scores_summary_subjects(audit_cohorts, tmp_path, capsys):
@@ -34,8 +35,11 @@ def test_scan_writes_scores_summary_subjects(audit_cohorts, tmp_path, capsys):
         assert col in scores.columns
     assert any(c.startswith("sim_") for c in scores.columns) and "layer_consensus" in scores.columns
     assert len(scores) == 16
-    # synthetic_path is relative to the synthetic root, as given
-    assert scores["synthetic_path"].str.startswith("gen/").all()
+    # synthetic_path is a pseudonymous label (no --show-paths): the keyed pseudonym of the PNGs' subject (their
+    # folder gen/), then the volume's number in the order of the real paths (the table's order)
+    gen = pseudonym("gen", load_or_create_key())
+    assert list(scores["synthetic_path"]) == [f"{gen}/vol-{n:03d}" for n in range(1, 17)]
+    assert set(scores["subject_id"]) == {gen}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["extractor"] == "pixels" and summary["config"]["alpha"] == 0.05
     assert "inspector" in summary["versions"] and "torch" in summary["versions"]

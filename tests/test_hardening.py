@@ -147,7 +147,7 @@ def test_item1_allow_skipped_records_the_files_in_summary_verdict_and_report(aud
     train = _copy(audit_cohorts["train"], tmp_path / "train")
     (train / "sub-axial" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    code = _scan(audit_cohorts, out, "--allow-skipped", train=train)
+    code = _scan(audit_cohorts, out, "--allow-skipped", "--show-paths", train=train)  # real names: to find them
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert "1 training file was skipped: missing evidence" in cap.out  # the verdict on stdout says so
@@ -183,7 +183,7 @@ def test_item1_an_unreadable_synthetic_file_is_reported_not_refused(audit_cohort
     syn = _copy(audit_cohorts["synthetic"], tmp_path / "synthetic")
     (syn / "gen" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    code = _scan(audit_cohorts, out, synthetic=syn)
+    code = _scan(audit_cohorts, out, "--show-paths", synthetic=syn)  # real names: to find the file's
     cap = capsys.readouterr()
     assert code == 0, cap.err
     assert "1 synthetic file(s) skipped, not audited" in cap.err and "gen/broken.png" in cap.err

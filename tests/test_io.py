@@ -39,6 +39,8 @@ from inspector.privacy import KEY_ENV_VAR, load_or_create_key
 from inspector.types import Cohort, Slice, SourceFile, raw_pixel_hash
 
 NATIVE = LoadConfig(preprocess=PreprocessConfig(size=None))
+#: NATIVE with the opt-in to manifest rows outside the manifest's folder (tests of what such rows give).
+NATIVE_OUTSIDE = LoadConfig(preprocess=PreprocessConfig(size=None), allow_outside_root=True)
 
 
 @pytest.fixture(autouse=True)
@@ -585,7 +587,7 @@ def test_manifest_subject_override_labels_and_missing_rows(tmp_path):
     (data / "manifest.csv").write_text(
         f"path,subject_id,label\na.npy,S1,healthy\nb.npy,,tumour\ndcm,S3,\n{outside},S4,x\nmissing.npy,S5,\n"
     )
-    c = load_cohort(data / "manifest.csv", NATIVE)
+    c = load_cohort(data / "manifest.csv", NATIVE_OUTSIDE)
     assert c.root == data and c.name == "data"
     by = {s.key: s for s in c}
     assert by["a.npy#0"].subject_id == "S1" and by["a.npy#0"].label == "healthy"
@@ -803,7 +805,7 @@ def test_manifest_sources_outside_the_root_and_files_hashed_once(tmp_path, monke
     hashed: list[str] = []
     real = io_mod._hash_file
     monkeypatch.setattr(io_mod, "_hash_file", lambda p, rel: hashed.append(rel) or real(p, rel))
-    c = load_cohort(tmp_path / "data" / "manifest.csv", NATIVE)
+    c = load_cohort(tmp_path / "data" / "manifest.csv", NATIVE_OUTSIDE)
     assert [s.sources for s in c] == [("../elsewhere.npy",), ("p.npz",), ("p.npz",)]
     assert sorted(hashed) == ["../elsewhere.npy", "p.npz"]  # the archive once, not once per member
     assert c.files == (io_source(tmp_path / "data", "../elsewhere.npy"), io_source(tmp_path / "data", "p.npz"))
@@ -928,7 +930,7 @@ def test_bad_symlink_to_dev_urandom_is_skipped_not_read_forever(tmp_path):
 def test_bad_device_listed_in_a_manifest_is_skipped(tmp_path):
     io_ok(tmp_path)
     (tmp_path / "m.csv").write_text("path,subject_id\nok.npy,s1\n/dev/null,s2\n/dev/zero,s3\n")
-    c = io_load_bounded(tmp_path / "m.csv")
+    c = io_load_bounded(tmp_path / "m.csv", NATIVE_OUTSIDE)
     assert io_keys(c) == ["ok.npy#0"]
     r = io_reasons(c)
     assert {k for k in r if "dev/" in k} == {"../" * (len(tmp_path.parts) - 1) + "dev/null",

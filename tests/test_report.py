@@ -165,6 +165,7 @@ def scanned(cohorts: dict[str, Path]) -> dict:
                 "--alpha", "0.05",
                 "--cache-dir", str(cohorts["root"] / "cache"),
                 "--quiet",
+                "--show-paths",  # real names: the tests find the planted copies by their files
                 "--out", str(out),
             ]
         )  # fmt: skip
@@ -258,7 +259,8 @@ def test_manifest_hashes_match_the_files_on_disk(scanned, cohorts):
     m = json.loads((scanned["dir"] / "manifest.json").read_text())
     for name in ("train", "synthetic", "holdout"):
         c = m["cohorts"][name]
-        root = Path(c["root"])
+        root = cohorts[name]  # the manifest holds the root only as the sha256 of its absolute path
+        assert "root" not in c and c["root_sha256"] == hashlib.sha256(str(root).encode()).hexdigest()
         on_disk = sorted(
             p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != "labels.csv"
         )
@@ -277,7 +279,8 @@ def test_manifest_hashes_match_the_files_on_disk(scanned, cohorts):
             assert m["cohorts"][name][key] == summary["cohorts"][name][key]
     for name, digest in m["outputs"].items():
         assert sha256_file(scanned["dir"] / name) == digest
-    assert set(m["outputs"]) == {"scores.csv", "subjects.csv", "summary.json", "audit.npz", "evidence.npz"}
+    outputs = {"scores.csv", "subjects.csv", "volumes.csv", "summary.json", "audit.npz", "evidence.npz"}
+    assert set(m["outputs"]) == outputs
     assert m["extractor"]["name"] == "pixels" and m["extractor"]["fingerprint"] == summary["extractor_fingerprint"]
     assert m["config"] == summary["config"] and m["versions"]["inspector"]
 
