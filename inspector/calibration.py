@@ -418,7 +418,14 @@ class Calibration:
 
     # ------------------------------------------------------------------ the dataset decision
     def _dataset_test(self, a: float) -> tuple[str, str, int, int, float, str]:
-        """``(unit, test, n_units, n_units_flagged, p_value, assumption)`` of the dataset count test at ``a``."""
+        """``(unit, test, n_units, n_units_flagged, p_value, assumption)`` of the dataset count test at ``a``
+        (computed once per alpha: the screens ask for the verdict on every redraw)."""
+        cache = self.__dict__.setdefault("_tests", {})
+        if a not in cache:
+            cache[a] = self._compute_dataset_test(a)
+        return cache[a]
+
+    def _compute_dataset_test(self, a: float) -> tuple[str, str, int, int, float, str]:
         multi = len(self.volume_ids) < len(self)
         if not multi:
             k = int((self.p_values <= a).sum())

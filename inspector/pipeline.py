@@ -328,7 +328,7 @@ def match(
     Raises
     ------
     InsufficientDataError
-        Without a holdout, in default mode, when T holds a single subject.
+        Without a holdout, in default mode, when T holds a single subject (from the matcher's null).
     """
     cfg = config or AuditConfig()
     t0 = time.perf_counter()
@@ -338,11 +338,6 @@ def match(
     if progress:
         progress("scoring:paper", 1, 1)
     img_t = inputs.images("train", cfg.size)
-    if cfg.mode == "default" and inputs.holdout is None and len(inputs.train.subjects) < 2:
-        raise InsufficientDataError(
-            f"The training cohort {inputs.train.name!r} holds a single subject, so the leave-one-subject-out null "
-            "cannot be built. Give a holdout of real, unseen scans (--holdout) or more training subjects."
-        )
     matcher = make_matcher(cfg, paper=paper).fit(features.train.layers, images=img_t, groups=groups)
     res = matcher.score_samples(
         features.synthetic.views, images=inputs.images("synthetic", cfg.size), progress=progress, stage="synthetic"
