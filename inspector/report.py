@@ -449,7 +449,7 @@ def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
             f"(p-values calibrated by {folder.calibration.volume_calibration})",
             "A volume is the slices of one source file or series (a 2D image is a volume of one slice); its p-value "
             "combines its slices' (Simes), ranked among the holdout's volumes scored the same way when the holdout "
-            "has volumes. The per-volume table is volumes.csv.",
+            "has volumes (Bonferroni within the volume otherwise). The per-volume table is volumes.csv.",
         ),
         (
             "α (alpha)",
@@ -873,7 +873,7 @@ def _render(
     if len(vols) < len(folder.table):  # some synthetic volumes hold several slices
         out.append('<h2 id="volumes">Per synthetic volume</h2>')
         out.append(
-            '<p class="meta">One row per synthetic volume (volumes.csv): its p-value (Simes over its slices, '
+            "<p class=\"meta\">One row per synthetic volume (volumes.csv): its p-value (from its slices' p-values, "
             f"calibrated by {_e(folder.calibration.volume_calibration)}), flag, and the training volume most of its "
             "slices match, with the share of slices that match it and the median slice offset. A copied volume "
             "matches one training volume throughout, at a constant offset.</p>"

@@ -419,11 +419,16 @@ def test_volume_flags_and_the_volume_index():
     cal = Calibration(sim, null, null_kind="holdout", groups=groups)
     assert list(cal.volume_ids) == ["v0", "v1", "v2", "v3", "v4", "v5"]
     assert_array_equal(cal.volume_index(), np.repeat(np.arange(6), 10))
-    assert_allclose(cal.volume_p_values[1], simes(cal.p_values[10:20]))
-    fl = cal.volume_flags(0.01)
+    # no holdout volumes: Bonferroni within the volume
+    assert cal.volume_calibration.startswith("Bonferroni")
+    assert_allclose(cal.volume_simes[1], simes(cal.p_values[10:20]))
+    assert_allclose(cal.volume_p_values, np.minimum(1, 10 * cal.p_values.reshape(6, 10).min(axis=1)))
+    assert cal.volume_p_values[1] == pytest.approx(10 / 501)  # 10 slices at the smallest p-value 1/501
+    assert not cal.volume_flags(0.01).any()  # 10/501 > 0.01: a long volume needs a larger holdout
+    fl = cal.volume_flags(0.05)
     assert fl[1] and fl.sum() == 1
-    assert_array_equal(cal.volume_flags(0.05, True), fl)  # BH across the 6 volumes: 0.002 <= 0.05 / 6
-    assert not cal.volume_flags(0.01, True).any()  # but not at 0.01 / 6
+    assert_array_equal(cal.volume_flags(0.2, True), fl)  # BH across the 6 volumes: 0.02 <= 0.2 / 6
+    assert not cal.volume_flags(0.05, True).any()  # but not at 0.05 / 6
 
 
 def _volumes(rng, n_vol: int, size: int, rho: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
