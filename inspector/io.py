@@ -315,28 +315,9 @@ class LoadConfig:
             object.__setattr__(self, "pseudonym_key_file", os.fspath(kf))
 
 
-def pseudonymise(raw: str, key: bytes) -> str:
-    """A stable pseudonymous subject ID for a raw identifier: :func:`inspector.privacy.pseudonym`.
-
-    Parameters
-    ----------
-    raw : str
-        The raw identifier (e.g. a DICOM PatientID). Never logged.
-    key : bytes
-        The project's secret key (:func:`inspector.privacy.load_or_create_key`). The former
-        constant-salt scheme (``sha256(salt + raw)``) is gone: a salt string is refused.
-
-    Returns
-    -------
-    str
-        ``"sub-"`` followed by 12 hex characters of ``HMAC-SHA256(key, raw)``.
-    """
-    if isinstance(key, str):
-        raise TypeError(
-            "pseudonymise(raw, key) takes the secret key bytes (inspector.privacy.load_or_create_key()), "
-            "not a salt string: the constant-salt digest was replaced by a keyed HMAC."
-        )
-    return pseudonym(raw, key)
+#: A stable pseudonymous subject ID for a raw identifier: the keyed HMAC of :func:`inspector.privacy.pseudonym`
+#: (``"sub-"`` + 12 hex characters), under the project's key (:func:`inspector.privacy.load_or_create_key`).
+pseudonymise = pseudonym
 
 
 def read_labels(folder_or_csv: str | Path) -> Any:

@@ -219,6 +219,11 @@ def pseudonym(raw: str, key: bytes) -> str:
     str
         Stable for one (raw, key); different keys give unrelated pseudonyms.
     """
+    if isinstance(key, str):
+        raise TypeError(
+            "pseudonym(raw, key) takes the secret key bytes (load_or_create_key()), not a salt string: the "
+            "constant-salt digest was replaced by a keyed HMAC."
+        )
     if not isinstance(key, bytes | bytearray) or len(key) < 16:
         raise TypeError("pseudonym(raw, key) needs the secret key bytes (at least 16) from load_or_create_key().")
     digest = hmac.new(bytes(key), str(raw).encode("utf-8"), hashlib.sha256).hexdigest()
