@@ -243,12 +243,28 @@ def select_evidence_rows(
     p = table["p_value"].to_numpy(float)
     s = table["similarity"].to_numpy(float)
     rows = np.arange(len(table))
-    s_key = np.where(np.isfinite(s), -s, np.inf)
-    f_rows = rows[flagged]
-    f_rows = f_rows[np.lexsort((f_rows, s_key[f_rows], p[f_rows]))]
-    u_rows = rows[~flagged]
-    u_rows = u_rows[np.lexsort((u_rows, s_key[u_rows]))][:n_context]
+    f_rows = most_significant_first(rows[flagged], p, s)
+    u_rows = most_significant_first(rows[~flagged], None, s)[:n_context]
     return np.concatenate([f_rows, u_rows]).astype(np.int64)[:max_pairs]
+
+
+def most_significant_first(rows: np.ndarray, p: np.ndarray | None, s: np.ndarray) -> np.ndarray:
+    """``rows`` ordered by p-value (when given), then by similarity (highest first, non-finite last), then row.
+
+    Parameters
+    ----------
+    rows : np.ndarray of int, shape (k,)
+    p, s : np.ndarray, shape (m,)
+        p-values and similarities of all m rows (``p`` None: by similarity only).
+
+    Returns
+    -------
+    np.ndarray of int, shape (k,)
+    """
+    rows = np.asarray(rows)
+    s_key = np.where(np.isfinite(s[rows]), -s[rows], np.inf)
+    keys = (rows, s_key) if p is None else (rows, s_key, p[rows])
+    return rows[np.lexsort(keys)]
 
 
 def write_evidence(
@@ -481,9 +497,7 @@ class AuditFolder:
     def flagged_rows(self, alpha: float | None = None, fdr: bool | None = None) -> np.ndarray:
         """Rows of the flagged slices at ``(alpha, fdr)``, most significant first, shape (k,)."""
         rows = np.flatnonzero(self.calibration.flags(alpha, fdr))
-        p = self.calibration.p_values[rows]
-        s = self.calibration.similarity[rows]
-        return rows[np.lexsort((rows, -np.nan_to_num(s, nan=-np.inf), p))]
+        return most_significant_first(rows, self.calibration.p_values, self.calibration.similarity)
 
     @property
     def intact(self) -> bool:
