@@ -64,8 +64,8 @@ class DegenerateInputError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _as_2d(x: ArrayLike, name: str, *, min_rows: int = 1) -> np.ndarray:
-    """Check that ``x`` is a finite 2-D float array with at least ``min_rows`` rows; return float64."""
+def _check_2d(x: ArrayLike, name: str, *, min_rows: int = 1) -> np.ndarray:
+    """Check that ``x`` is a 2-D real array with at least ``min_rows`` rows; return it unconverted."""
     arr = np.asarray(x)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array of shape (n_samples, n_features); got shape {arr.shape}.")
@@ -77,7 +77,12 @@ def _as_2d(x: ArrayLike, name: str, *, min_rows: int = 1) -> np.ndarray:
         raise DegenerateInputError(
             f"{name} has {arr.shape[0]} sample(s); at least {min_rows} are needed. Provide more slices."
         )
-    arr = arr.astype(np.float64, copy=False)
+    return arr
+
+
+def _as_2d(x: ArrayLike, name: str, *, min_rows: int = 1) -> np.ndarray:
+    """Check that ``x`` is a finite 2-D float array with at least ``min_rows`` rows; return float64."""
+    arr = _check_2d(x, name, min_rows=min_rows).astype(np.float64, copy=False)
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
         raise DegenerateInputError(
@@ -124,34 +129,180 @@ def _l2_normalise(x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- whitening
-def ledoit_wolf_shrinkage(xc: np.ndarray) -> float:
-    """Ledoit–Wolf shrinkage intensity of centred data, computed through the n x n Gram matrix.
+#: Rows per block of the streamed whitening statistics: fitting holds ``O(chunk d + d^2)`` floats.
+_FIT_CHUNK_ROWS = 4096
 
-    Same value as :func:`sklearn.covariance.ledoit_wolf_shrinkage` with ``assume_centered=True`` (the
-    shrunk covariance is ``(1 - a) S + a tr(S)/d I``), in ``O(n^2 d)`` instead of ``O(n d^2)``.
+
+@dataclass
+class _Moments:
+    """Streamed statistics of a set of rows ``x_i`` (float64), about the set's own mean.
+
+    With ``y_i = x_i - mean`` and ``q_i = ||y_i||^2``: ``scatter = sum_i y_i y_i^T``, shape (d, d);
+    ``third = sum_i q_i y_i``, shape (d,); ``fourth = sum_i q_i^2``; ``lo``/``hi`` the per-feature
+    minimum and maximum, shape (d,). Sufficient for the covariance, the Ledoit–Wolf coefficient about
+    the final mean and the constant-feature check, and mergeable (:func:`_merge_moments`).
+    """
+
+    n: int
+    mean: np.ndarray
+    scatter: np.ndarray
+    third: np.ndarray
+    fourth: float
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+def _block_moments(x: np.ndarray) -> _Moments:
+    """:class:`_Moments` of one block of rows, shape (m, d) float64, m >= 1, centred on its own mean."""
+    mean = x.mean(axis=0)
+    y = x - mean
+    q = np.einsum("ij,ij->i", y, y)
+    return _Moments(
+        n=x.shape[0],
+        mean=mean,
+        scatter=y.T @ y,
+        third=y.T @ q,
+        fourth=float(q @ q),
+        lo=x.min(axis=0),
+        hi=x.max(axis=0),
+    )
+
+
+def _recentre(m: _Moments, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """``(scatter, third, fourth)`` of ``m``'s rows about ``m.mean + shift`` instead of ``m.mean``.
+
+    With ``y' = y - shift``, ``s = ||shift||^2`` and ``sum_i y_i = 0``:
+    ``scatter' = scatter + n shift shift^T``,
+    ``third' = third - 2 scatter shift - tr(scatter) shift - n s shift``,
+    ``fourth' = fourth + 4 shift^T scatter shift + n s^2 - 4 third^T shift + 2 s tr(scatter)``.
+    """
+    s = float(shift @ shift)
+    q_sum = float(np.trace(m.scatter))
+    sm = m.scatter @ shift
+    scatter = m.scatter + m.n * np.outer(shift, shift)
+    third = m.third - 2.0 * sm - (q_sum + m.n * s) * shift
+    fourth = m.fourth + 4.0 * float(shift @ sm) + m.n * s * s - 4.0 * float(m.third @ shift) + 2.0 * s * q_sum
+    return scatter, third, fourth
+
+
+def _merge_moments(a: _Moments | None, b: _Moments) -> _Moments:
+    """:class:`_Moments` of the union of two row sets (Chan et al.'s pairwise update, to 4th order).
+
+    Both sets are re-centred on the pooled mean before their sums are added, so no raw (uncentred)
+    moment is ever formed and a large common offset costs no precision.
+    """
+    if a is None:
+        return b
+    n = a.n + b.n
+    mean = a.mean + (b.mean - a.mean) * (b.n / n)
+    sa, ta, fa = _recentre(a, mean - a.mean)
+    sb, tb, fb = _recentre(b, mean - b.mean)
+    return _Moments(
+        n=n,
+        mean=mean,
+        scatter=sa + sb,
+        third=ta + tb,
+        fourth=fa + fb,
+        lo=np.minimum(a.lo, b.lo),
+        hi=np.maximum(a.hi, b.hi),
+    )
+
+
+def _check_finite_block(x: np.ndarray, name: str, first_row: int) -> None:
+    """Raise :class:`DegenerateInputError` naming the first non-finite value of a block of rows."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return
+    rows = np.flatnonzero(~finite.all(axis=1))
+    r = int(rows[0])
+    c = int(np.flatnonzero(~finite[r])[0])
+    raise DegenerateInputError(
+        f"{name} contain NaN or Inf: row {first_row + r}, column {c} is {float(x[r, c])!r} ({rows.size} bad row(s) "
+        f"among rows {first_row}..{first_row + x.shape[0] - 1}); remove or fix those samples (e.g. empty "
+        "slices) before fitting. Nothing from this call was accumulated."
+    )
+
+
+def _ledoit_wolf_from_moments(n: int, scatter: np.ndarray, fourth: float) -> float:
+    """Ledoit–Wolf shrinkage intensity from centred statistics (sklearn's formula, ``assume_centered``).
 
     Parameters
     ----------
-    xc : np.ndarray, shape (n, d)
-        Centred training features.
+    n : int
+        Number of rows.
+    scatter : np.ndarray, shape (d, d)
+        ``X^T X`` of the centred rows ``X`` (so ``S = scatter / n``).
+    fourth : float
+        ``sum_i ||x_i||^4`` over the centred rows, which is sklearn's ``sum(X2.T @ X2)`` with ``X2 = X**2``.
+
+    Returns
+    -------
+    float
+        ``a`` in [0, 1]; 0 for a single feature (as sklearn), or when ``S`` is already ``tr(S)/d I``.
+    """
+    d = scatter.shape[0]
+    if d == 1:
+        return 0.0
+    trace = float(np.trace(scatter)) / n  # tr(S)
+    mu = trace / d
+    delta_ = float(np.einsum("ij,ij->", scatter, scatter)) / n**2  # ||S||_F^2
+    beta = (fourth / n - delta_) / (d * n)
+    delta = (delta_ - 2.0 * mu * trace + d * mu**2) / d  # ||S - mu I||_F^2 / d
+    beta = min(beta, delta)
+    if beta <= 0 or delta <= 0:
+        return 0.0
+    return float(beta / delta)
+
+
+def ledoit_wolf_shrinkage(xc: ArrayLike, *, block_size: int = _FIT_CHUNK_ROWS) -> float:
+    """Ledoit–Wolf shrinkage intensity of centred data, streamed over blocks of rows.
+
+    Same value as :func:`sklearn.covariance.ledoit_wolf_shrinkage` with ``assume_centered=True`` (the
+    shrunk covariance is ``(1 - a) S + a tr(S)/d I``), from the ``d x d`` matrix ``X^T X`` and the scalar
+    ``sum_i ||x_i||^4`` accumulated in float64 over blocks of ``block_size`` rows: ``O(n d^2)`` time and
+    ``O(block_size d + d^2)`` memory; no ``n x n`` matrix is formed.
+
+    Parameters
+    ----------
+    xc : array-like, shape (n, d)
+        Centred training features (``n >= 1``, finite).
+    block_size : int
+        Rows per block.
 
     Returns
     -------
     float
         ``a`` in [0, 1].
     """
-    x = np.asarray(xc, dtype=np.float64)
+    x = _check_2d(xc, "centred features", min_rows=1)
+    if int(block_size) < 1:
+        raise ValueError(f"block_size must be a positive number of rows; got {block_size!r}.")
     n, d = x.shape
-    row_sq = np.einsum("ij,ij->i", x, x)  # ||x_k||^2
-    trace = row_sq.sum() / n  # tr(S)
-    mu = trace / d
-    gram = x @ x.T
-    beta_ = float((row_sq**2).sum())  # sum(X2.T @ X2)
-    delta_ = float((gram**2).sum()) / n**2  # ||S||_F^2
-    beta = (beta_ / n - delta_) / (d * n)
-    delta = (delta_ - 2.0 * mu * trace + d * mu**2) / d
-    beta = min(beta, delta)
-    return 0.0 if beta == 0 else float(beta / delta)
+    bs = int(block_size)
+    scatter = np.zeros((d, d), dtype=np.float64)
+    fourth = 0.0
+    for start in range(0, n, bs):
+        blk = np.asarray(x[start : start + bs], dtype=np.float64)
+        _check_finite_block(blk, "centred features", start)
+        scatter += blk.T @ blk
+        q = np.einsum("ij,ij->i", blk, blk)
+        fourth += float(q @ q)
+    return _ledoit_wolf_from_moments(n, scatter, fourth)
+
+
+#: Attributes set by :meth:`Whitener.finalize`; reading one computes a pending streamed fit.
+_WHITENER_FITTED = frozenset(
+    (
+        "mean_",
+        "components_",
+        "component_scale_",
+        "isotropic_scale_",
+        "eigenvalues_",
+        "shrinkage_",
+        "n_samples_fit_",
+        "n_features_in_",
+    )
+)
 
 
 class Whitener:
@@ -160,6 +311,12 @@ class Whitener:
     ``transform(f) = normalise((f - mean_) @ W_)`` with ``W_ = (C + eps I)^(-1/2)`` (symmetric, i.e.
     ZCA), computed in float64 by a symmetric eigendecomposition, followed by row L2 normalisation so
     that inner products are cosines.
+
+    The fit is streamed: :meth:`partial_fit` accumulates, over blocks of rows, the count, the mean, the
+    centred scatter ``sum (x - mean)(x - mean)^T`` and the fourth-order sums that the Ledoit–Wolf
+    coefficient needs (Chan et al.'s pairwise update, float64), and :meth:`finalize` turns them into the
+    whitening; :meth:`fit` does both over blocks of 4096 rows. Memory is ``O(block d + d^2)`` whatever the
+    number of training slices: no ``n x n`` matrix is formed.
 
     Parameters
     ----------
@@ -181,7 +338,8 @@ class Whitener:
     shrinkage : "ledoit-wolf" or float
         For ``method="shrinkage"``: ``"ledoit-wolf"`` estimates ``a`` with the Ledoit–Wolf formula
         (:func:`sklearn.covariance.ledoit_wolf`, optimal in squared Frobenius loss, needs no tuning and
-        no cross-validation); a float in ``[0, 1]`` fixes it.
+        no cross-validation; here :func:`ledoit_wolf_shrinkage`'s streamed form); a float in ``[0, 1]``
+        fixes it.
 
     Attributes
     ----------
@@ -189,23 +347,35 @@ class Whitener:
     whitening_ : np.ndarray, shape (d, d), float64
         ``W = (C + eps I)^(-1/2)`` (a property built from the factors below).
     components_ : np.ndarray, shape (d, r)
-        Eigenvectors of ``C`` (all ``d`` when ``n >= d``; the ``r <= n`` data directions otherwise).
+        Eigenvectors of ``C`` (all ``d`` when ``n >= d``, ascending eigenvalues; otherwise the ``r = n``
+        leading ones, descending, which span the data directions).
     component_scale_ : np.ndarray, shape (r,)
     isotropic_scale_ : float
         ``W = isotropic_scale_ I + components_ diag(component_scale_) components_^T``; when ``n < d`` the
-        fit uses the SVD of the centred data (``O(n^2 d)``), exact, instead of a ``d x d`` eigendecomposition.
+        directions outside ``components_`` all have eigenvalue ``a tr(S)/d`` and share the isotropic scale.
     eigenvalues_ : np.ndarray, shape (d,)
         Eigenvalues of ``C`` (ascending, clipped at 0).
     shrinkage_ : float
         Shrinkage intensity used (0 for ``"zca"``).
     n_samples_fit_ : int
     n_features_in_ : int
+
+    After :meth:`partial_fit` these are computed on first use (:meth:`transform`, :attr:`whitening_` or
+    reading any of them), or explicitly by :meth:`finalize`.
     """
 
     def __init__(self, *, method: str = "shrinkage", eps: float = 1e-5, shrinkage: str | float = "ledoit-wolf") -> None:
         self.method = method
         self.eps = eps
         self.shrinkage = shrinkage
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: a fitted attribute missing because a streamed fit is
+        # pending is computed now; anything else is a plain AttributeError.
+        if name in _WHITENER_FITTED and self.__dict__.get("_pending", False):
+            self.finalize()
+            return self.__dict__[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _validate_params(self) -> None:
         if self.method not in ("zca", "shrinkage"):
@@ -216,8 +386,29 @@ class Whitener:
             if not isinstance(self.shrinkage, int | float) or not 0.0 <= float(self.shrinkage) <= 1.0:
                 raise ValueError(f"shrinkage must be 'ledoit-wolf' or a float in [0, 1]; got {self.shrinkage!r}.")
 
+    def _accumulate(self, X: ArrayLike, prior: _Moments | None, *, min_rows: int) -> _Moments | None:
+        """``prior`` merged with the statistics of ``X``'s rows, in blocks; ``self`` is not modified."""
+        name = "training features"
+        x = _check_2d(X, name, min_rows=min_rows)
+        n, d = x.shape
+        if prior is not None and d != prior.mean.size:
+            raise ValueError(
+                f"this chunk of {name} has {d} columns but the earlier partial_fit chunks had "
+                f"{prior.mean.size}; pass the same layer's features in every chunk, or call fit(X) to start over."
+            )
+        seen = 0 if prior is None else prior.n
+        acc: _Moments | None = None
+        step = int(_FIT_CHUNK_ROWS)
+        for start in range(0, n, step):
+            blk = np.asarray(x[start : start + step], dtype=np.float64)
+            _check_finite_block(blk, name, seen + start)
+            acc = _merge_moments(acc, _block_moments(blk))
+        if acc is None:
+            return prior
+        return _merge_moments(prior, acc)
+
     def fit(self, X: ArrayLike, y: None = None) -> Whitener:
-        """Fit the whitening on the training features.
+        """Fit the whitening on the training features (streamed over blocks of 4096 rows).
 
         Parameters
         ----------
@@ -236,13 +427,90 @@ class Whitener:
             ``n < 2``, NaN/Inf, or every feature constant (all rows identical).
         """
         self._validate_params()
-        x = _as_2d(X, "training features", min_rows=2)
-        n, d = x.shape
-        mean = x.mean(axis=0)
-        xc = x - mean
-        scale = max(1.0, float(np.abs(x).max()))
-        spread = np.ptp(x, axis=0)
-        constant = spread <= 1e-12 * scale
+        stats = self._accumulate(X, None, min_rows=2)
+        fitted = self._solve(stats)
+        self._stats = stats
+        self.__dict__.update(fitted)
+        self._pending = False
+        return self
+
+    def partial_fit(self, X: ArrayLike, y: None = None) -> Whitener:
+        """Add a chunk of training rows to the streamed fit.
+
+        The statistics are updated in float64 by Chan et al.'s pairwise formulas; the whitening itself
+        is computed by :meth:`finalize`, explicitly or on first use. Calls after a finished fit keep
+        adding rows to it; :meth:`fit` starts over. A chunk that fails a check leaves the state unchanged.
+
+        Parameters
+        ----------
+        X : array-like, shape (m, d)
+            Training features of one layer, finite; any ``m >= 0`` (the total must reach 2), the same
+            ``d`` in every chunk.
+        y : ignored
+
+        Returns
+        -------
+        Whitener
+            ``self``.
+
+        Raises
+        ------
+        DegenerateInputError
+            NaN/Inf in the chunk (the message names its row, counted over all chunks, and column).
+        ValueError
+            Not 2-D, no columns, or a ``d`` different from the earlier chunks'.
+        """
+        self._validate_params()
+        prior = self.__dict__.get("_stats")
+        stats = self._accumulate(X, prior, min_rows=0)
+        if stats is prior:
+            return self
+        for attr in _WHITENER_FITTED:
+            self.__dict__.pop(attr, None)
+        self._stats = stats
+        self._pending = True
+        return self
+
+    def finalize(self) -> Whitener:
+        """Compute the whitening from the statistics accumulated by :meth:`partial_fit`.
+
+        Called automatically on first use after :meth:`partial_fit`; calling it again recomputes the
+        same result (or a new one if the parameters were changed).
+
+        Returns
+        -------
+        Whitener
+            ``self``.
+
+        Raises
+        ------
+        sklearn.exceptions.NotFittedError
+            No rows were passed yet.
+        DegenerateInputError
+            Fewer than 2 rows in total, or every feature constant.
+        """
+        stats = self.__dict__.get("_stats")
+        if stats is None:
+            raise NotFittedError(
+                f"This {type(self).__name__} instance has no training rows yet; "
+                "call fit(X) or partial_fit(chunk) first."
+            )
+        self._validate_params()
+        self.__dict__.update(self._solve(stats))
+        self._pending = False
+        return self
+
+    def _solve(self, stats: _Moments | None) -> dict[str, object]:
+        """The fitted attributes from the streamed statistics (``O(d^3)``; nothing is assigned here)."""
+        n = 0 if stats is None else stats.n
+        if stats is None or n < 2:
+            raise DegenerateInputError(
+                f"training features have {n} sample(s) in total; at least 2 are needed. Provide more slices "
+                "(more rows to partial_fit, or fit(X) with n >= 2)."
+            )
+        d = stats.mean.size
+        scale = max(1.0, float(np.abs(stats.lo).max()), float(np.abs(stats.hi).max()))
+        constant = (stats.hi - stats.lo) <= 1e-12 * scale
         if constant.all():
             raise DegenerateInputError(
                 f"All {d} training feature(s) are constant across the {n} samples (every row is identical); "
@@ -261,41 +529,38 @@ class Whitener:
         if self.method == "zca":
             a, denom = 0.0, n - 1  # unbiased covariance, no shrinkage
         elif self.shrinkage == "ledoit-wolf":
-            a, denom = ledoit_wolf_shrinkage(xc), n
+            a, denom = _ledoit_wolf_from_moments(n, stats.scatter, stats.fourth), n
         else:
             a, denom = float(self.shrinkage), n
-        self.shrinkage_ = a
         eps = float(self.eps)
+        # C = (1 - a) S + iso I with S = scatter / denom and iso = a tr(S_ml)/d (sklearn's shrunk covariance)
+        iso = a * float(np.trace(stats.scatter)) / n / d if a > 0 else 0.0
+        s = stats.scatter / denom
+        s = 0.5 * (s + s.T)
+        lam, vecs = np.linalg.eigh(s)
+        lam = np.clip(lam, 0.0, None)
         if n < d:
-            # Low rank: C = (1 - a) S + a mu I with S = V diag(lam) V^T of rank <= n, from the SVD of the
-            # centred data (O(n^2 d) instead of the O(d^3) eigendecomposition); exactly the same W.
-            _, sv, vt = np.linalg.svd(xc, full_matrices=False)
-            lam = sv**2 / denom
-            mu = float((sv**2).sum() / n / d) if a > 0 else 0.0  # tr(S_ml)/d, as sklearn's shrunk covariance
-            iso = a * mu
-            comp = (1.0 - a) * lam + iso
-            inner = 1.0 / np.sqrt(np.clip(comp, 0.0, None) + eps)
+            # Rank <= n - 1: keep the n leading directions (descending); every other direction has
+            # eigenvalue iso exactly and is served by the isotropic scale.
+            lam, vecs = lam[::-1][:n], np.ascontiguousarray(vecs[:, ::-1][:, :n])
+            comp = np.clip((1.0 - a) * lam + iso, 0.0, None)
+            inner = 1.0 / np.sqrt(comp + eps)
             outer = 1.0 / np.sqrt(iso + eps)
-            self.components_ = vt.T  # (d, r)
-            self.component_scale_ = inner - outer
-            self.isotropic_scale_ = outer
-            self.eigenvalues_ = np.sort(np.concatenate([np.clip(comp, 0.0, None), np.full(d - len(comp), iso)]))
+            component_scale, isotropic_scale = inner - outer, outer
+            evals = np.sort(np.concatenate([comp, np.full(d - n, iso)]))
         else:
-            cov = xc.T @ xc / denom
-            if a > 0:
-                mu = float(np.trace(xc.T @ xc / n)) / d
-                cov = (1.0 - a) * (xc.T @ xc / n) + a * mu * np.eye(d)
-            cov = 0.5 * (cov + cov.T)
-            evals, evecs = np.linalg.eigh(cov)
-            evals = np.clip(evals, 0.0, None)
-            self.components_ = evecs
-            self.component_scale_ = 1.0 / np.sqrt(evals + eps)
-            self.isotropic_scale_ = 0.0
-            self.eigenvalues_ = evals
-        self.mean_ = mean
-        self.n_samples_fit_ = n
-        self.n_features_in_ = d
-        return self
+            evals = np.clip((1.0 - a) * lam + iso, 0.0, None)
+            component_scale, isotropic_scale = 1.0 / np.sqrt(evals + eps), 0.0
+        return {
+            "shrinkage_": a,
+            "components_": vecs,
+            "component_scale_": component_scale,
+            "isotropic_scale_": isotropic_scale,
+            "eigenvalues_": evals,
+            "mean_": stats.mean.copy(),
+            "n_samples_fit_": n,
+            "n_features_in_": d,
+        }
 
     @property
     def whitening_(self) -> np.ndarray:

@@ -222,6 +222,192 @@ def test_whitener_zero_norm_rows_and_errors():
     assert np.isfinite(Whitener(method="zca").fit(x2).transform(x2)).all()
 
 
+# ---------------------------------------------------------------------------------------------- streamed whitening
+def ref_whitener_gram(x: np.ndarray, method: str, shrinkage, eps: float):
+    """The pre-streaming ``Whitener.fit``: Ledoit–Wolf through the n x n Gram matrix, SVD when n < d.
+
+    Returns ``(mean, W, a, eigenvalues)``.
+    """
+    n, d = x.shape
+    mean = x.mean(0)
+    xc = x - mean
+    if method == "zca":
+        a, denom = 0.0, n - 1
+    elif shrinkage == "ledoit-wolf":
+        row_sq = np.einsum("ij,ij->i", xc, xc)
+        trace = row_sq.sum() / n
+        mu = trace / d
+        gram = xc @ xc.T
+        delta_ = float((gram**2).sum()) / n**2
+        beta = (float((row_sq**2).sum()) / n - delta_) / (d * n)
+        delta = (delta_ - 2.0 * mu * trace + d * mu**2) / d
+        beta = min(beta, delta)
+        a, denom = (0.0 if beta == 0 else beta / delta), n
+    else:
+        a, denom = float(shrinkage), n
+    if n < d:
+        _, sv, vt = np.linalg.svd(xc, full_matrices=False)
+        iso = a * float((sv**2).sum() / n / d)
+        comp = np.clip((1 - a) * sv**2 / denom + iso, 0, None)
+        w = (vt.T * (1 / np.sqrt(comp + eps) - 1 / np.sqrt(iso + eps))) @ vt + np.eye(d) / np.sqrt(iso + eps)
+        evals = np.sort(np.concatenate([comp, np.full(d - n, iso)]))
+    else:
+        s = xc.T @ xc
+        cov = (1 - a) * s / denom + a * np.trace(s / n) / d * np.eye(d)
+        evals, v = np.linalg.eigh(0.5 * (cov + cov.T))
+        evals = np.clip(evals, 0, None)
+        w = (v / np.sqrt(evals + eps)) @ v.T
+    return mean, w, a, evals
+
+
+def _assert_same_whitener(w: Whitener, other: Whitener, rtol: float = 1e-9, atol: float = 1e-10) -> None:
+    assert w.n_samples_fit_ == other.n_samples_fit_ and w.n_features_in_ == other.n_features_in_
+    assert w.shrinkage_ == pytest.approx(other.shrinkage_, rel=rtol, abs=1e-15)
+    assert_allclose(w.mean_, other.mean_, rtol=rtol, atol=atol)
+    assert_allclose(w.eigenvalues_, other.eigenvalues_, rtol=rtol, atol=atol)
+    assert_allclose(w.whitening_, other.whitening_, rtol=rtol, atol=atol * 1e3)
+
+
+SETTINGS = [("zca", "ledoit-wolf"), ("shrinkage", "ledoit-wolf"), ("shrinkage", 0.3)]
+
+
+@pytest.mark.parametrize("shape", [(2, 10), (20, 30), (30, 30), (200, 30), (3, 2)])
+@pytest.mark.parametrize(("method", "shrinkage"), SETTINGS)
+def test_streamed_whitener_equals_gram_implementation(shape, method, shrinkage, monkeypatch):
+    """n < d, n = d, n > d and n = 2: same mean, W, coefficient and eigenvalues as the n x n Gram version."""
+    n, d = shape
+    rng = np.random.default_rng(n * 100 + d)
+    x = rng.normal(size=(n, d)) @ (rng.normal(size=(d, d)) + np.eye(d)) + rng.normal(size=d) * 5
+    q = rng.normal(size=(4, d)) * 2
+    mu, wr, a, evals = ref_whitener_gram(x, method, shrinkage, 1e-5)
+    for chunk in (4096, 3):  # one block, and blocks merged pairwise
+        monkeypatch.setattr(scores_mod, "_FIT_CHUNK_ROWS", chunk)
+        w = Whitener(method=method, shrinkage=shrinkage, eps=1e-5).fit(x)
+        assert w.shrinkage_ == pytest.approx(a, rel=1e-9, abs=1e-14)
+        assert_allclose(w.mean_, mu, rtol=1e-10, atol=1e-12)
+        assert_allclose(w.whitening_, wr, rtol=1e-6, atol=1e-8)
+        assert_allclose(w.eigenvalues_, evals, rtol=1e-6, atol=1e-8)
+        assert_allclose(w.transform(q), ref_whiten(q, mu, wr), atol=2e-6)
+        r = min(n, d) if n < d else d
+        assert w.components_.shape == (d, r) and w.component_scale_.shape == (r,)
+
+
+@pytest.mark.parametrize(("method", "shrinkage"), SETTINGS)
+def test_partial_fit_over_uneven_chunks_equals_fit(method, shrinkage, monkeypatch):
+    rng = np.random.default_rng(31)
+    x = rng.normal(size=(100, 30)) @ rng.normal(size=(30, 30)) + 50.0
+    monkeypatch.setattr(scores_mod, "_FIT_CHUNK_ROWS", 4)  # chunks larger than a block are split again
+    w = Whitener(method=method, shrinkage=shrinkage)
+    bounds = np.cumsum([0, 1, 2, 5, 0, 13, 37, 42])
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        assert w.partial_fit(x[lo:hi].astype(np.float32) if lo == 3 else x[lo:hi]) is w
+    x[3:8] = x[3:8].astype(np.float32)  # the float32 chunk, as fit sees it
+    full = Whitener(method=method, shrinkage=shrinkage).fit(x)
+    _assert_same_whitener(w, full)
+    assert_allclose(w.transform(x[:5]), full.transform(x[:5]), atol=1e-6)
+
+
+def test_partial_fit_is_lazy_resumable_and_finalize_explicit():
+    rng = np.random.default_rng(32)
+    x = rng.normal(size=(60, 8)) @ rng.normal(size=(8, 8))
+    w = Whitener().partial_fit(x[:20]).partial_fit(x[20:40])
+    assert "components_" not in vars(w)  # nothing solved yet
+    assert not hasattr(Whitener(), "mean_") and not hasattr(w, "no_such_attribute_")
+    import pickle
+
+    _assert_same_whitener(pickle.loads(pickle.dumps(w)), Whitener().fit(x[:40]))  # a pending fit pickles
+    assert_allclose(w.mean_, x[:40].mean(0), rtol=1e-12)  # reading an attribute finishes the fit
+    _assert_same_whitener(w, Whitener().fit(x[:40]))
+    w.partial_fit(x[40:])  # more rows after a finished fit keep adding to it
+    assert "mean_" not in vars(w)
+    assert_allclose(w.transform(x), Whitener().fit(x).transform(x), atol=1e-6)
+    assert w.finalize() is w and w.n_samples_fit_ == 60
+    # fit starts over
+    w.fit(x[:10])
+    _assert_same_whitener(w, Whitener().fit(x[:10]))
+    # the sklearn shrinkage coefficient of the uncentred data, streamed
+    from sklearn.covariance import ledoit_wolf_shrinkage as sk_lw
+
+    assert w.shrinkage_ == pytest.approx(sk_lw(x[:10]), rel=1e-9)
+
+
+def test_streamed_fit_keeps_precision_under_a_large_offset(monkeypatch):
+    """Pairwise-centred moments: a 1e6 common offset costs nothing (raw S/n - mu mu^T would lose ~12 digits)."""
+    rng = np.random.default_rng(33)
+    x0 = rng.normal(size=(500, 8)) @ (rng.normal(size=(8, 8)) + np.eye(8))
+    x = x0 + 1e6
+    _, wr, a, _ = ref_whitener_gram(x - 1e6, "shrinkage", "ledoit-wolf", 1e-5)
+    monkeypatch.setattr(scores_mod, "_FIT_CHUNK_ROWS", 7)
+    w = Whitener().fit(x)
+    assert w.shrinkage_ == pytest.approx(a, rel=1e-6)
+    assert_allclose(w.whitening_, wr, rtol=1e-6, atol=1e-8)
+    assert_allclose(w.mean_ - 1e6, x0.mean(0), atol=1e-8)
+
+
+def test_partial_fit_errors_name_the_value_and_leave_the_state_unchanged(monkeypatch):
+    rng = np.random.default_rng(34)
+    x = rng.normal(size=(30, 5))
+    with pytest.raises(NotFittedError, match="partial_fit"):
+        Whitener().finalize()
+    one = Whitener().partial_fit(x[:1])
+    with pytest.raises(DegenerateInputError, match="1 sample.*at least 2"):
+        one.transform(x)
+    with pytest.raises(DegenerateInputError, match="1 sample.*at least 2"):
+        one.finalize()
+    assert_allclose(one.partial_fit(x[1:]).mean_, x.mean(0), rtol=1e-12)  # recovers once rows arrive
+
+    w = Whitener().partial_fit(x[:10])
+    bad = x[10:20].copy()
+    bad[3, 2] = np.nan
+    with pytest.raises(DegenerateInputError, match=r"row 13, column 2 is nan .*remove or fix"):
+        w.partial_fit(bad)
+    bad[3, 2] = np.inf
+    with pytest.raises(DegenerateInputError, match=r"row 13, column 2 is inf"):
+        w.partial_fit(bad)
+    with pytest.raises(ValueError, match="has 4 columns but the earlier partial_fit chunks had 5.*fit"):
+        w.partial_fit(x[10:20, :4])
+    with pytest.raises(ValueError, match="2-D"):
+        w.partial_fit(x[10])
+    w.partial_fit(x[10:])  # the failed chunks left nothing behind
+    _assert_same_whitener(w, Whitener().fit(x))
+
+    # a NaN in a later block of one fit call: named by its row in X, and the earlier fit survives
+    monkeypatch.setattr(scores_mod, "_FIT_CHUNK_ROWS", 4)
+    bad_x = x.copy()
+    bad_x[9, 1] = np.nan
+    before = w.whitening_.copy()
+    with pytest.raises(DegenerateInputError, match=r"row 9, column 1 is nan"):
+        w.fit(bad_x)
+    with pytest.raises(DegenerateInputError, match="constant"):
+        w.fit(np.ones((10, 5)))
+    assert_allclose(w.whitening_, before, rtol=0, atol=0)
+    with pytest.raises(DegenerateInputError, match="at least 2"):
+        Whitener().fit(np.empty((0, 5)))
+
+
+def test_whitener_fit_memory_is_linear_in_rows_never_n_by_n():
+    """n = 20000, d = 16: an (n, n) float64 matrix alone would be 3.2 GB; the streamed fit stays under 64 MiB."""
+    import tracemalloc
+
+    from sklearn.covariance import ledoit_wolf_shrinkage as sk_lw
+
+    from inspector.scores import ledoit_wolf_shrinkage
+
+    n, d = 20000, 16
+    x = np.random.default_rng(35).normal(size=(n, d)) * np.linspace(0.5, 2, d)
+    xc = x - x.mean(0)
+    tracemalloc.start()
+    try:
+        w = Whitener().fit(x)
+        a = ledoit_wolf_shrinkage(xc)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20 < n * n * 8 / 40, peak
+    assert a == pytest.approx(sk_lw(xc, assume_centered=True), rel=1e-9)
+    assert w.shrinkage_ == pytest.approx(a, rel=1e-9)
+
+
 # ---------------------------------------------------------------------------------------------- aggregation
 def test_aggregate_layers_matches_reference_and_never_nans():
     rng = np.random.default_rng(4)
@@ -569,12 +755,28 @@ def test_zscore_oni_formula():
     assert np.isfinite(mi_c).all() and mi_c[0] == 0 and oni_c[1] == pytest.approx(-1.0)
 
 
-@pytest.mark.parametrize("shape", [(30, 200), (200, 30), (50, 50)])
-def test_ledoit_wolf_shrinkage_matches_sklearn(shape):
+@pytest.mark.parametrize("shape", [(30, 200), (200, 30), (50, 50), (2, 10), (9, 1)])
+@pytest.mark.parametrize(("block_size", "sk_block_size"), [(4096, 1000), (3, 7), (1, 1000)])
+def test_ledoit_wolf_shrinkage_matches_sklearn(shape, block_size, sk_block_size):
     from sklearn.covariance import ledoit_wolf_shrinkage as sk_lw
 
     from inspector.scores import ledoit_wolf_shrinkage
 
     x = np.random.default_rng(3).normal(size=shape) * np.linspace(0.1, 3, shape[1])
     xc = x - x.mean(0)
-    assert_allclose(ledoit_wolf_shrinkage(xc), sk_lw(xc, assume_centered=True), rtol=1e-9)
+    ours = ledoit_wolf_shrinkage(xc, block_size=block_size)
+    assert_allclose(ours, sk_lw(xc, assume_centered=True, block_size=sk_block_size), rtol=1e-9, atol=1e-15)
+    assert 0.0 <= ours <= 1.0
+
+
+def test_ledoit_wolf_shrinkage_errors():
+    from inspector.scores import ledoit_wolf_shrinkage
+
+    xc = np.random.default_rng(4).normal(size=(10, 3))
+    xc[7, 1] = np.nan
+    with pytest.raises(DegenerateInputError, match="row 7, column 1 is nan"):
+        ledoit_wolf_shrinkage(xc, block_size=4)
+    with pytest.raises(ValueError, match="block_size"):
+        ledoit_wolf_shrinkage(xc, block_size=0)
+    with pytest.raises(ValueError, match="2-D"):
+        ledoit_wolf_shrinkage(xc[0])
