@@ -56,6 +56,7 @@ __all__ = [
     "Matches",
     "InsufficientDataError",
     "load_inputs",
+    "loading_size",
     "extractor_overrides",
     "extract_features",
     "make_matcher",
@@ -73,7 +74,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- stage 1
 @dataclass
 class Inputs:
-    """The three cohorts of an audit (loaded at the audit's slicing axis and size).
+    """The three cohorts of an audit (loaded at the audit's slicing axis and :func:`loading_size`).
 
     Attributes
     ----------
@@ -95,11 +96,25 @@ class Inputs:
         return c.stack(size=size)
 
 
+def loading_size(cfg: AuditConfig) -> int:
+    """The square size slices are resampled to on loading: ``cfg.size``, or the extractor's input size if larger.
+
+    The extractor resizes what it is given to its ``input_size``; loading at that size when it exceeds
+    ``cfg.size`` (``mri-core``: 224 px against the default 128) resamples each slice once, from its native grid,
+    instead of twice (native to ``cfg.size``, then up to 224). The stages that work at ``cfg.size`` or their own
+    ``align_size`` (matching, registration, baselines, evidence) resize from the loaded slices as before.
+    """
+    from .models import extractor_class
+
+    ext_size = extractor_class(cfg.extractor).config_cls(**extractor_overrides(cfg)).input_size
+    return max(int(cfg.size), int(ext_size))
+
+
 def _load(source: str | Path | Cohort, cfg: AuditConfig, what: str, progress: ProgressFn | None) -> Cohort:
     if isinstance(source, Cohort):
         return source
     lc = LoadConfig(
-        axis=cfg.axis, preprocess=PreprocessConfig(size=cfg.size), allow_outside_root=cfg.allow_outside_root
+        axis=cfg.axis, preprocess=PreprocessConfig(size=loading_size(cfg)), allow_outside_root=cfg.allow_outside_root
     )
 
     def prog(stage: str, done: int, total: int) -> None:
@@ -116,7 +131,11 @@ def load_inputs(
     config: AuditConfig | None = None,
     progress: ProgressFn | None = None,
 ) -> Inputs:
-    """Load the three cohorts with the audit's slicing axis and size.
+    """Load the three cohorts with the audit's slicing axis, at :func:`loading_size`.
+
+    Slices are resampled once, from their native grid, to ``cfg.size`` or, when it is larger, to the chosen
+    extractor's input size (224 px for ``mri-core``), so that the extractor receives them without a second
+    resampling.
 
     What needs no data is checked before anything is read: the settings against this machine
     (:meth:`AuditConfig.preflight`), that every path exists, and the optional ``labels.csv`` beside the synthetic
@@ -312,6 +331,7 @@ def make_matcher(cfg: AuditConfig, *, paper: PaperScorer | None = None) -> Match
         rerank=cfg.rerank,
         align_size=cfg.align_size,
         align_flips=cfg.align_flips,
+        descriptor_shortlist=cfg.descriptor_shortlist,
         device=cfg.device,
     )
 

@@ -3,7 +3,8 @@
 The MRI-CORE tests write random-weight checkpoints of a tiny encoder (width 64, depth 4, 2 heads) in
 the DINOv2 and the SAM layouts, load them, and compare the extractor with an independent forward pass
 written below from the raw parameters (explicit window loops, explicit softmax attention, a NumPy
-bilinear interpolation of the positional embedding).
+bilinear interpolation of the positional embedding, SAM's relative positions gathered pair by pair from
+a NumPy linear interpolation of the tables).
 """
 
 from __future__ import annotations
@@ -170,8 +171,22 @@ MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def random_params(seed: int, *, c: int = 64, depth: int = 4, grid: int = 6, cls: bool = True, ls: bool = True) -> dict:
-    """Canonical random encoder parameters (numpy), written out below in either checkpoint layout."""
+def random_params(
+    seed: int,
+    *,
+    c: int = 64,
+    depth: int = 4,
+    grid: int = 6,
+    cls: bool = True,
+    ls: bool = True,
+    rel_pos: list[tuple[int, int]] | None = None,
+    head_dim: int = 32,
+) -> dict:
+    """Canonical random encoder parameters (numpy), written out below in either checkpoint layout.
+
+    ``rel_pos``: per block, the lengths ``(L_h, L_w)`` of random ``rel_pos_h``/``rel_pos_w`` tables of
+    ``head_dim`` columns (None: no relative positions).
+    """
     rng = np.random.default_rng(seed)
 
     def r(*shape, s=0.05):
@@ -203,7 +218,14 @@ def random_params(seed: int, *, c: int = 64, depth: int = 4, grid: int = 6, cls:
                 "g2": rng.uniform(0.5, 1.5, c).astype(np.float32) if ls else None,
             }
         )
+    for i, b in enumerate(p["blocks"]):
+        lh, lw = rel_pos[i] if rel_pos is not None else (0, 0)
+        b["rh"] = r(lh, head_dim, s=0.5) if rel_pos is not None else None
+        b["rw"] = r(lw, head_dim, s=0.5) if rel_pos is not None else None
     return p
+
+
+REL_POS_KEYS = [("rh", "attn.rel_pos_h"), ("rw", "attn.rel_pos_w")]
 
 
 def _block_keys(mlp: str) -> list[tuple[str, str]]:
@@ -243,7 +265,7 @@ def to_dinov2(p: dict, chunks: int = 2) -> dict[str, torch.Tensor]:
     }
     for i, b in enumerate(p["blocks"]):
         pre = f"backbone.blocks.{i // per}.{i}."
-        for ours, theirs in [*_block_keys("fc"), ("g1", "ls1.gamma"), ("g2", "ls2.gamma")]:
+        for ours, theirs in [*_block_keys("fc"), ("g1", "ls1.gamma"), ("g2", "ls2.gamma"), *REL_POS_KEYS]:
             if b[ours] is not None:
                 sd[pre + theirs] = t(b[ours].copy())
     return sd
@@ -266,8 +288,9 @@ def to_sam(p: dict) -> dict[str, torch.Tensor]:
     }
     for i, b in enumerate(p["blocks"]):
         pre = f"image_encoder.blocks.{i}."
-        for ours, theirs in _block_keys("lin"):
-            sd[pre + theirs] = t(b[ours].copy())
+        for ours, theirs in [*_block_keys("lin"), *REL_POS_KEYS]:
+            if b[ours] is not None:
+                sd[pre + theirs] = t(b[ours].copy())
     return sd
 
 
@@ -295,6 +318,55 @@ def bilinear_np(grid: np.ndarray, out: int) -> np.ndarray:
     return res
 
 
+def linear_np(table: np.ndarray, out: int) -> np.ndarray:
+    """Linear resize of a (L, d) table to (out, d) along its first axis: half-pixel centres, edge clamp."""
+    n = table.shape[0]
+    if n == out:
+        return table
+    src = np.maximum((np.arange(out) + 0.5) * n / out - 0.5, 0.0)
+    i0 = np.floor(src).astype(int)
+    i1 = np.minimum(i0 + 1, n - 1)
+    w = (src - i0)[:, None]
+    return (1 - w) * table[i0] + w * table[i1]
+
+
+def rel_pos_logits(q: torch.Tensor, rh: np.ndarray, rw: np.ndarray, hh: int, ww: int) -> torch.Tensor:
+    """The relative-position terms of the logits, straight from the formula, for a (hh, ww) token grid.
+
+    ``out[:, q, k] = Rh[qh - kh + hh - 1] . q + Rw[qw - kw + ww - 1] . q``, tokens row-major
+    (``q = qh * ww + qw``), ``Rh``/``Rw`` the tables linearly resampled to ``2*hh-1`` / ``2*ww-1``.
+    ``q``: (B, N, head_dim) float64, unscaled. Returns (B, N, N).
+    """
+    big_h = torch.from_numpy(linear_np(np.asarray(rh, np.float64), 2 * hh - 1))
+    big_w = torch.from_numpy(linear_np(np.asarray(rw, np.float64), 2 * ww - 1))
+    n = hh * ww
+    ih, iw = np.zeros((n, n), int), np.zeros((n, n), int)
+    for qi in range(n):
+        qh, qw = divmod(qi, ww)
+        for ki in range(n):
+            kh, kw = divmod(ki, ww)
+            ih[qi, ki] = qh - kh + (hh - 1)
+            iw[qi, ki] = qw - kw + (ww - 1)
+    return torch.einsum("bqc,qkc->bqk", q, big_h[ih]) + torch.einsum("bqc,qkc->bqk", q, big_w[iw])
+
+
+def ref_attention(t: torch.Tensor, b: dict, heads: int, hw: tuple[int, int]) -> torch.Tensor:
+    """Multi-head softmax attention of (B, N, C) float64 tokens on an ``hw`` grid, with rel pos when ``b`` has it."""
+    d = lambda a: torch.from_numpy(np.asarray(a)).double()  # noqa: E731
+    c = t.shape[-1]
+    hd = c // heads
+    qkv = t @ d(b["qkvw"]).T + d(b["qkvb"])
+    q, k, v = qkv[..., :c], qkv[..., c : 2 * c], qkv[..., 2 * c :]
+    outs = []
+    for h in range(heads):
+        sl = slice(h * hd, (h + 1) * hd)
+        logits = q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(hd)
+        if b.get("rh") is not None:
+            logits = logits + rel_pos_logits(q[..., sl], b["rh"], b["rw"], *hw)
+        outs.append(torch.softmax(logits, dim=-1) @ v[..., sl])
+    return torch.cat(outs, -1) @ d(b["projw"]).T + d(b["projb"])
+
+
 def expected_pos(p: dict, out_grid: int) -> np.ndarray:
     pos = p["pos"][0]
     g = math.isqrt(pos.shape[0])
@@ -314,29 +386,21 @@ def reference_forward(p: dict, images: np.ndarray, *, heads: int, window: int, g
     g = tok.shape[1]
     tok = tok + d(expected_pos(p, g))[None]
     c = tok.shape[-1]
-    hd = c // heads
 
     def ln(v, w, b):
         mu = v.mean(-1, keepdim=True)
         var = ((v - mu) ** 2).mean(-1, keepdim=True)
         return (v - mu) / torch.sqrt(var + 1e-6) * d(w) + d(b)
 
-    def attention(t, b):  # t: (B, N, C)
-        qkv = t @ d(b["qkvw"]).T + d(b["qkvb"])
-        q, k, v = qkv[..., :c], qkv[..., c : 2 * c], qkv[..., 2 * c :]
-        outs = []
-        for h in range(heads):
-            sl = slice(h * hd, (h + 1) * hd)
-            a = torch.softmax(q[..., sl] @ k[..., sl].transpose(1, 2) / math.sqrt(hd), dim=-1)
-            outs.append(a @ v[..., sl])
-        return torch.cat(outs, -1) @ d(b["projw"]).T + d(b["projb"])
+    def attention(t, b, side):  # t: (B, N, C) on a side x side grid
+        return ref_attention(t, b, heads, (side, side))
 
     pooled = {}
     for i, b in enumerate(p["blocks"]):
         hn = ln(tok, b["n1w"], b["n1b"])
         bsz = hn.shape[0]
         if i in global_blocks:
-            a = attention(hn.reshape(bsz, g * g, c), b).reshape(bsz, g, g, c)
+            a = attention(hn.reshape(bsz, g * g, c), b, g).reshape(bsz, g, g, c)
         else:
             gp = math.ceil(g / window) * window
             padded = torch.zeros(bsz, gp, gp, c, dtype=hn.dtype)
@@ -345,7 +409,9 @@ def reference_forward(p: dict, images: np.ndarray, *, heads: int, window: int, g
             for wy in range(0, gp, window):
                 for wx in range(0, gp, window):
                     win = padded[:, wy : wy + window, wx : wx + window].reshape(bsz, window * window, c)
-                    res[:, wy : wy + window, wx : wx + window] = attention(win, b).reshape(bsz, window, window, c)
+                    res[:, wy : wy + window, wx : wx + window] = attention(win, b, window).reshape(
+                        bsz, window, window, c
+                    )
             a = res[:, :g, :g]
         g1 = d(b["g1"]) if use_ls and b["g1"] is not None else 1.0
         g2 = d(b["g2"]) if use_ls and b["g2"] is not None else 1.0
@@ -502,17 +568,17 @@ def test_missing_weights_are_refused_by_name(tmp_path):
 
 def test_unexpected_weights_warn_by_name(tmp_path):
     sd = to_dinov2(random_params(7, grid=4))
-    sd["backbone.blocks.0.0.attn.rel_pos_h"] = torch.zeros(7, 32)
+    sd["backbone.blocks.0.0.attn.q_norm.weight"] = torch.zeros(32)
     sd["backbone.adapter.weight"] = torch.zeros(3)
     sd["decoder.head.weight"] = torch.zeros(3)
     with pytest.warns(UnusedWeightsWarning, match=r"3 weight\(s\)") as rec:
         ext = get_extractor("mri-core", checkpoint=str(save({"model": sd}, tmp_path / "u.pth")), **TINY)
     msg = str(rec[0].message)
-    for k in ("blocks.0.attn.rel_pos_h", "adapter.weight", "decoder.head.weight"):
+    for k in ("blocks.0.attn.q_norm.weight", "adapter.weight", "decoder.head.weight"):
         assert k in msg
     assert "cls_token" not in msg and "dino_head" not in msg
     assert sorted(ext.load_report.unused_suspicious) == sorted(
-        ["adapter.weight", "blocks.0.attn.rel_pos_h", "decoder.head.weight"]
+        ["adapter.weight", "blocks.0.attn.q_norm.weight", "decoder.head.weight"]
     )
 
 
@@ -575,6 +641,262 @@ def test_mri_core_fingerprint_follows_checkpoint_content(tmp_path):
     c = get_extractor("mri-core", checkpoint=str(tmp_path / "a.pth"), **dict(TINY, normalisation="unit"))
     assert a.fingerprint() == a2.fingerprint()  # same bytes elsewhere: same weights
     assert len({a.fingerprint(), b.fingerprint(), c.fingerprint()}) == 3
+
+
+# ------------------------------------------------------------------------------------------------
+# mri-core: SAM's decomposed relative positions (use_rel_pos)
+# ------------------------------------------------------------------------------------------------
+
+#: SAM's real table shapes at its pretraining size (1024 px: grid 64, window 14, head_dim 64), on a
+#: two-block encoder of width 128 (two heads of 64) run at 224 px: the windowed block's 27 x 64 tables are
+#: used as stored, the global block's 127 x 64 ones are resampled to 2 * 14 - 1 = 27.
+SAM_SMALL = dict(
+    input_size=224,
+    depth=2,
+    embed_dim=128,
+    num_heads=2,
+    patch_size=16,
+    window_size=14,
+    global_attn_blocks=(1,),
+    batch_size=2,
+)
+SAM_REL = [(27, 27), (127, 127)]
+
+
+def _attention_params(attn) -> dict:
+    """An :class:`Attention` module's weights as the reference's parameter dict (numpy)."""
+    g = lambda t: t.detach().double().numpy()  # noqa: E731
+    b = {"qkvw": g(attn.qkv.weight), "qkvb": g(attn.qkv.bias), "projw": g(attn.proj.weight), "projb": g(attn.proj.bias)}
+    b["rh"] = g(attn.rel_pos_h) if attn.use_rel_pos else None
+    b["rw"] = g(attn.rel_pos_w) if attn.use_rel_pos else None
+    return b
+
+
+@pytest.mark.parametrize(
+    ("hw", "lens"),
+    [
+        ((3, 5), (5, 9)),  # the stored lengths are the needed ones: 2H-1, 2W-1
+        ((3, 5), (11, 4)),  # resampled: down along h, up along w
+        ((4, 4), (27, 127)),  # SAM's stored lengths on a small grid
+    ],
+)
+def test_decomposed_rel_pos_attention_matches_the_formula(hw, lens):
+    from inspector.models.mri_core import Attention
+
+    torch.manual_seed(0)
+    dim, heads = 16, 2
+    attn = Attention(dim, heads, rel_pos_len=lens).double()
+    with torch.no_grad():
+        for prm in attn.parameters():
+            prm.normal_(0.0, 0.4)
+    assert tuple(attn.rel_pos_h.shape) == (lens[0], dim // heads)
+    assert tuple(attn.rel_pos_w.shape) == (lens[1], dim // heads)
+    x = torch.randn(2, *hw, dim, dtype=torch.float64)
+    with torch.no_grad():
+        got = attn(x).numpy()
+    b = _attention_params(attn)
+    want = ref_attention(x.reshape(2, -1, dim), b, heads, hw).reshape(2, *hw, dim).numpy()
+    assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    # the relative terms matter: without them the output is another one
+    plain = ref_attention(x.reshape(2, -1, dim), dict(b, rh=None, rw=None), heads, hw).reshape(2, *hw, dim).numpy()
+    assert np.abs(got - plain).max() > 1e-2
+
+
+def test_get_rel_pos_indexes_and_resamples_like_sam():
+    from inspector.models.mri_core import get_rel_pos
+
+    table = torch.randn(7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    r = get_rel_pos(4, 4, table)  # 2*4-1 = 7: no resampling
+    assert r.shape == (4, 4, 3)
+    for i in range(4):
+        for j in range(4):
+            assert torch.equal(r[i, j], table[i - j + 3])
+    r = get_rel_pos(3, 3, table)  # 7 -> 5
+    big = linear_np(table.numpy(), 5)
+    for i in range(3):
+        for j in range(3):
+            assert_allclose(r[i, j].numpy(), big[i - j + 2], rtol=1e-12)
+
+
+def test_sam_checkpoint_with_rel_pos_is_supported(tmp_path):
+    p = random_params(11, c=128, depth=2, grid=64, cls=False, ls=False, rel_pos=SAM_REL, head_dim=64)
+    sd = to_sam(p)
+    assert tuple(sd["image_encoder.blocks.0.attn.rel_pos_h"].shape) == (27, 64)
+    assert tuple(sd["image_encoder.blocks.1.attn.rel_pos_w"].shape) == (127, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnusedWeightsWarning)  # the tables are used, not left over
+        ext = get_extractor(
+            "mri-core", checkpoint=str(save(sd, tmp_path / "sam_rel.pth")), layers=("block0", "block1"), **SAM_SMALL
+        )
+    rep = ext.load_report
+    keys = [f"blocks.{i}.attn.rel_pos_{a}" for i in range(2) for a in "hw"]
+    assert rep.rel_pos == keys
+    assert set(keys) <= set(rep.loaded)
+    assert not rep.unused_suspicious and not any("rel_pos" in k for k in rep.unused_expected)
+    assert rep.rel_pos_interpolated == {"blocks.1.attn.rel_pos_h": (127, 27), "blocks.1.attn.rel_pos_w": (127, 27)}
+    assert "rel_pos on (4 tables, 2 resampled)" in rep.summary()
+    assert all(blk.attn.use_rel_pos for blk in ext.model.blocks)
+    assert_array_equal(ext.model.blocks[1].attn.rel_pos_h.detach().numpy(), p["blocks"][1]["rh"])  # kept as stored
+    imgs = blob_images(2, 224, seed=6)
+    got = ext.forward_batch(torch.from_numpy(imgs))
+    ref = reference_forward(p, imgs, heads=2, window=14, global_blocks=(1,), use_ls=False)
+    for i in range(2):
+        assert_allclose(got[f"block{i}"].numpy(), ref[i], rtol=1e-4, atol=1e-4)
+    # other tables, other features; zero tables are the plain attention
+    for name, scale in (("other", -1.0), ("zero", 0.0)):
+        q = {**p, "blocks": [dict(b, rh=b["rh"] * scale, rw=b["rw"] * scale) for b in p["blocks"]]}
+        e2 = get_extractor(
+            "mri-core", checkpoint=str(save(to_sam(q), tmp_path / f"{name}.pth")), layers=("block1",), **SAM_SMALL
+        )
+        out = e2.forward_batch(torch.from_numpy(imgs))["block1"].numpy()
+        assert np.abs(out - got["block1"].numpy()).max() > 1e-2
+        if name == "zero":
+            plain = {**p, "blocks": [dict(b, rh=None, rw=None) for b in p["blocks"]]}
+            assert_allclose(
+                out,
+                reference_forward(plain, imgs, heads=2, window=14, global_blocks=(1,), use_ls=False)[1],
+                rtol=1e-4,
+                atol=1e-4,
+            )
+
+
+def test_dinov2_checkpoint_with_rel_pos_matches_independent_forward(tmp_path):
+    # TINY: windows of 3 (needs 5) hold 27-long tables, the global blocks on the 4 x 4 grid 7-long ones (as needed)
+    rel = [(27, 27), (7, 7), (27, 27), (7, 7)]
+    p = random_params(12, grid=6, cls=True, ls=True, rel_pos=rel)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnusedWeightsWarning)
+        ext = get_extractor(
+            "mri-core", checkpoint=str(save({"teacher": to_dinov2(p)}, tmp_path / "d.pth")), layers=ALL_BLOCKS, **TINY
+        )
+    rep = ext.load_report
+    assert rep.renamed["backbone.blocks.1.3.attn.rel_pos_w"] == "blocks.3.attn.rel_pos_w"
+    assert len(rep.rel_pos) == 8
+    assert rep.rel_pos_interpolated == {f"blocks.{i}.attn.rel_pos_{a}": (27, 5) for i in (0, 2) for a in "hw"}
+    imgs = blob_images(3, 64, seed=7)
+    got = ext.forward_batch(torch.from_numpy(imgs))
+    ref = reference_forward(p, imgs, heads=2, window=3, global_blocks=(1, 3))
+    for i in range(4):
+        assert_allclose(got[f"block{i}"].numpy(), ref[i], rtol=1e-4, atol=1e-4)
+
+
+def _attention_forward_before_rel_pos(self, x):
+    """``Attention.forward`` as it was before relative positions were supported (verbatim)."""
+    b, h, w, c = x.shape
+    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
+    out = F.scaled_dot_product_attention(q, k, v)
+    out = out.transpose(1, 2).reshape(b, h, w, c)
+    return self.proj(out)
+
+
+def test_checkpoint_without_rel_pos_is_bit_identical(tmp_path, monkeypatch):
+    from inspector.models import mri_core
+
+    p = random_params(0, grid=6, cls=True, ls=True)
+    ext = get_extractor(
+        "mri-core", checkpoint=str(save(to_dinov2(p), tmp_path / "plain.pth")), layers=ALL_BLOCKS, **TINY
+    )
+    assert ext.load_report.rel_pos == [] and ext.load_report.rel_pos_interpolated == {}
+    assert not any(blk.attn.use_rel_pos for blk in ext.model.blocks)
+    assert not any("rel_pos" in k for k in ext.model.state_dict())
+    imgs = torch.from_numpy(blob_images(3, 64, seed=2))
+    now = ext.forward_batch(imgs)
+    monkeypatch.setattr(mri_core.Attention, "forward", _attention_forward_before_rel_pos)
+    before = ext.forward_batch(imgs)
+    for layer in ALL_BLOCKS:
+        assert_array_equal(now[layer].numpy(), before[layer].numpy())
+
+
+def test_rel_pos_errors_name_the_key_the_shape_and_the_fix(tmp_path):
+    from inspector.models.mri_core import RelPosError
+
+    full = to_sam(random_params(13, grid=4, cls=False, ls=False, rel_pos=[(5, 5), (7, 7)] * 2))
+    # in some blocks only
+    part = {
+        k: v
+        for k, v in full.items()
+        if not (
+            k.startswith("image_encoder.blocks.") and "rel_pos" in k and not k.startswith("image_encoder.blocks.0.")
+        )
+    }
+    with pytest.raises(
+        RelPosError, match=r"in block\(s\) \[0\] but lacks 6: blocks\.1\.attn\.rel_pos_h.*Fix: use the complete"
+    ) as e:
+        get_extractor("mri-core", checkpoint=str(save(part, tmp_path / "part.pth")), **TINY)
+    assert e.value.keys == [f"blocks.{i}.attn.rel_pos_{a}" for i in (1, 2, 3) for a in "hw"]
+    assert isinstance(e.value, CheckpointError)
+    # one axis only
+    no_w = {k: v for k, v in full.items() if not k.endswith("rel_pos_w")}
+    with pytest.raises(RelPosError, match=r"lacks 4: blocks\.0\.attn\.rel_pos_w, blocks\.1\.attn\.rel_pos_w"):
+        get_extractor("mri-core", checkpoint=str(save(no_w, tmp_path / "no_w.pth")), **TINY)
+    # another head_dim (32 here): the fix says how many heads the tables imply
+    wrong = dict(full)
+    wrong["image_encoder.blocks.2.attn.rel_pos_h"] = torch.zeros(5, 16)
+    with pytest.raises(
+        RelPosError,
+        match=r"head_dim = embed_dim / num_heads = 64 / 2 = 32, but image_encoder\.blocks\.2\.attn\.rel_pos_h has "
+        r"shape \[5, 16\]\. Fix: a head_dim of 16 means 4 heads: pass num_heads=4",
+    ) as e:
+        get_extractor("mri-core", checkpoint=str(save(wrong, tmp_path / "wrong.pth")), **TINY)
+    assert e.value.keys == ["blocks.2.attn.rel_pos_h"]
+    flat = dict(full)
+    flat["image_encoder.blocks.0.attn.rel_pos_w"] = torch.zeros(5 * 32)
+    with pytest.raises(
+        RelPosError, match=r"rel_pos_w has shape \[160\]\. Fix: check that the checkpoint is a SAM ViT-B"
+    ):
+        get_extractor("mri-core", checkpoint=str(save(flat, tmp_path / "flat.pth")), **TINY)
+
+
+# ------------------------------------------------------------------------------------------------
+# mri-core in the audit: one resampling from the native grid to the encoder's input
+# ------------------------------------------------------------------------------------------------
+
+
+def test_loading_size_is_the_extractors_input_size_when_larger(tmp_path):
+    from inspector.config import AuditConfig
+    from inspector.pipeline import loading_size
+
+    ckpt = str(save(to_dinov2(random_params(0, grid=4)), tmp_path / "c.pth"))
+    assert loading_size(AuditConfig(extractor="ssl")) == 128  # ssl reads 64 px: cfg.size
+    assert loading_size(AuditConfig(extractor="pixels", size=48)) == 64
+    assert loading_size(AuditConfig(extractor="mri-core", checkpoint=ckpt)) == 224
+    assert loading_size(AuditConfig(extractor="mri-core", checkpoint=ckpt, size=256)) == 256
+
+
+def test_mri_core_slice_is_resampled_once_from_native_to_224(tmp_path):
+    from inspector.config import AuditConfig
+    from inspector.features import extract
+    from inspector.io import LoadConfig, load_cohort
+    from inspector.pipeline import load_inputs
+    from inspector.preprocess import PreprocessConfig, resize_square
+
+    native = blob_images(5, 300, seed=8)
+    for i, img in enumerate(native):
+        for d in ("train", "synthetic"):
+            sub = tmp_path / d / f"sub-{i % 2}"
+            sub.mkdir(parents=True, exist_ok=True)
+            np.save(sub / f"s{i}.npy", img)
+    cfg224 = dict(TINY, input_size=224)  # the encoder MRI-CORE is run at; a tiny random-weight one
+    ckpt = save(to_dinov2(random_params(0, grid=14)), tmp_path / "mri_core.pth")
+    inputs = load_inputs(
+        tmp_path / "train", tmp_path / "synthetic", config=AuditConfig(extractor="mri-core", checkpoint=str(ckpt))
+    )
+    raw = load_cohort(tmp_path / "train", LoadConfig(preprocess=PreprocessConfig(size=None)))
+    assert [s.array.shape for s in raw.slices] == [(300, 300)] * 5
+    once = resize_square(raw.stack(), 224)
+    twice = resize_square(resize_square(raw.stack(), 128), 224)  # what loading at cfg.size gave
+    assert np.abs(once - twice).max() > 1e-2
+    assert_allclose(inputs.train.stack(), once, atol=1e-6)
+    # and that is what reaches the encoder: its patch embedding sees the loaded slices unchanged
+    ext = get_extractor("mri-core", checkpoint=str(ckpt), **cfg224)
+    seen = []
+    hook = ext.model.patch_embed.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
+    extract(inputs.train, ext, use_cache=False)
+    hook.remove()
+    x = torch.cat(seen).numpy()
+    assert x.shape == (5, 3, 224, 224)
+    assert_allclose(x[:, 0] * STD[0] + MEAN[0], once, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 The encoder is written here (no ``segment_anything`` dependency): patch embedding (16 px), absolute
 positional embedding stored as ``[1, h, w, C]``, 12 blocks of width 768 with 12 heads, windowed
-attention (window 14) except in the global blocks 2, 5, 8 and 11, no relative positions, and optional
-LayerScale. The SAM neck is not built: features come from the blocks. Grey input is repeated to three
-channels and, by default, normalised with the ImageNet mean and std.
+attention (window 14) except in the global blocks 2, 5, 8 and 11, SAM's decomposed relative positions
+when the checkpoint carries them, and optional LayerScale. The SAM neck is not built: features come from
+the blocks. Grey input is repeated to three channels and, by default, normalised with the ImageNet mean
+and std.
 
 Layers ``block<i>`` are the outputs of block ``i``, ``[B, h, w, C]`` (channels last), pooled by the
 mean over ``h`` and ``w`` (keeping ``C``; the reference code pooled the wrong axes). The paper's
@@ -20,6 +21,15 @@ Checkpoints (``.pt``/``.pth`` through ``torch.load(weights_only=True)``, ``.safe
   (bilinear, ``align_corners=False``) to the input grid.
 * **SAM**: ``image_encoder.*`` keys, ``pos_embed`` already ``[1, h, w, C]`` (interpolated likewise if
   its grid differs from the input grid).
+
+**Relative positions** (``use_rel_pos``, as in segment-anything's ``modeling/image_encoder.py``): when
+the blocks carry ``attn.rel_pos_h`` and ``attn.rel_pos_w`` (``[2*S-1, head_dim]``; SAM ViT-B at 1024 px
+stores 27 x 64 for its windowed blocks, S = window 14, and 127 x 64 for its global blocks, S = grid 64),
+every block's attention adds ``rel_h + rel_w`` to its logits (:func:`add_decomposed_rel_pos`). The
+tables are kept as stored and, when the length needed (``2*window-1`` in windowed blocks, ``2*grid-1``
+in global blocks at the configured input size: 27 at 224 px) differs, resampled linearly at each
+forward (:func:`get_rel_pos`), as SAM does. Tables in some blocks only, or with another ``head_dim``,
+raise :class:`RelPosError`. Checkpoints without them run the plain attention, unchanged.
 
 Every model weight must come from the checkpoint; a missing block, patch-embedding or positional
 weight raises :class:`IncompleteCheckpointError` naming the keys. Unused checkpoint weights are listed:
@@ -56,10 +66,13 @@ __all__ = [
     "CheckpointError",
     "MissingCheckpointError",
     "IncompleteCheckpointError",
+    "RelPosError",
     "UnusedWeightsWarning",
     "convert_checkpoint",
     "read_checkpoint",
     "interpolate_pos_embed",
+    "get_rel_pos",
+    "add_decomposed_rel_pos",
     "CHECKPOINT_ENV",
 ]
 
@@ -83,6 +96,14 @@ class IncompleteCheckpointError(CheckpointError):
     def __init__(self, message: str, missing: list[str]) -> None:
         super().__init__(message)
         self.missing = missing
+
+
+class RelPosError(CheckpointError):
+    """The checkpoint's relative-position tables do not fit the encoder; ``keys`` names them (encoder key names)."""
+
+    def __init__(self, message: str, keys: list[str]) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 class UnusedWeightsWarning(UserWarning):
@@ -164,21 +185,118 @@ class PatchEmbed(nn.Module):
         return self.proj(x).permute(0, 2, 3, 1)
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention over a (B, H, W, C) token grid, no relative positions."""
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative positional embeddings for every (query, key) pair along one axis (SAM's ``get_rel_pos``).
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    Parameters
+    ----------
+    q_size, k_size : int
+        Number of query and key positions along the axis.
+    rel_pos : torch.Tensor, shape (L, head_dim)
+        The stored table. When ``L != 2 * max(q_size, k_size) - 1`` it is first resampled to that length
+        (``F.interpolate``, ``mode="linear"``, ``align_corners=False``).
+
+    Returns
+    -------
+    torch.Tensor, shape (q_size, k_size, head_dim)
+        ``out[i, j] = table[i - j + k_size - 1]`` (coordinates scaled by the size ratio when
+        ``q_size != k_size``).
+    """
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    if rel_pos.shape[0] != max_rel_dist:
+        resized = F.interpolate(
+            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear"
+        )
+        resized = resized.reshape(-1, max_rel_dist).permute(1, 0)
+    else:
+        resized = rel_pos
+    q_coords = torch.arange(q_size, device=rel_pos.device)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size, device=rel_pos.device)[None, :] * max(q_size / k_size, 1.0)
+    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return resized[relative_coords.long()]
+
+
+def add_decomposed_rel_pos(
+    attn: torch.Tensor,
+    q: torch.Tensor,
+    rel_pos_h: torch.Tensor,
+    rel_pos_w: torch.Tensor,
+    q_size: tuple[int, int],
+    k_size: tuple[int, int],
+) -> torch.Tensor:
+    """Add SAM's decomposed relative positional terms to attention logits (SAM's ``add_decomposed_rel_pos``).
+
+    ``attn[b, (qh, qw), (kh, kw)] += q[b, (qh, qw)] . Rh[qh, kh] + q[b, (qh, qw)] . Rw[qw, kw]`` with
+    ``Rh = get_rel_pos(q_h, k_h, rel_pos_h)`` and ``Rw = get_rel_pos(q_w, k_w, rel_pos_w)``.
+
+    Parameters
+    ----------
+    attn : torch.Tensor, shape (B, q_h * q_w, k_h * k_w)
+        Logits (``B`` counts batch and heads).
+    q : torch.Tensor, shape (B, q_h * q_w, head_dim)
+        Queries, unscaled.
+    rel_pos_h, rel_pos_w : torch.Tensor, shape (L_h, head_dim), (L_w, head_dim)
+        Tables along the height and the width.
+    q_size, k_size : tuple of int
+        ``(q_h, q_w)`` and ``(k_h, k_w)``.
+
+    Returns
+    -------
+    torch.Tensor, shape (B, q_h * q_w, k_h * k_w)
+    """
+    q_h, q_w = q_size
+    k_h, k_w = k_size
+    rh = get_rel_pos(q_h, k_h, rel_pos_h)
+    rw = get_rel_pos(q_w, k_w, rel_pos_w)
+    b, _, dim = q.shape
+    r_q = q.reshape(b, q_h, q_w, dim)
+    rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
+    rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
+    return (attn.view(b, q_h, q_w, k_h, k_w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(
+        b, q_h * q_w, k_h * k_w
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over a (B, H, W, C) token grid, with SAM's decomposed relative positions.
+
+    Parameters
+    ----------
+    dim, num_heads : int
+    rel_pos_len : tuple of int, optional
+        ``(L_h, L_w)``: build ``rel_pos_h`` (L_h, head_dim) and ``rel_pos_w`` (L_w, head_dim) and add
+        their terms to the logits (:func:`add_decomposed_rel_pos`), resampling them at each forward to
+        ``2*H-1`` and ``2*W-1`` when the lengths differ. None (the default): no relative positions, the
+        plain scaled dot-product attention.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, rel_pos_len: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = rel_pos_len is not None
+        if rel_pos_len is not None:
+            self.rel_pos_h = nn.Parameter(torch.zeros(int(rel_pos_len[0]), head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(int(rel_pos_len[1]), head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C): every token attends to every token of the grid."""
         b, h, w, c = x.shape
         qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v)
-        out = out.transpose(1, 2).reshape(b, h, w, c)
+        if not self.use_rel_pos:
+            q, k, v = qkv.unbind(0)  # (B, heads, N, head_dim)
+            out = F.scaled_dot_product_attention(q, k, v)
+            out = out.transpose(1, 2).reshape(b, h, w, c)
+            return self.proj(out)
+        # segment-anything's Attention.forward, step by step
+        q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)  # (B * heads, N, head_dim)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = add_decomposed_rel_pos(attn, q, self.rel_pos_h, self.rel_pos_w, (h, w), (h, w))
+        attn = attn.softmax(dim=-1)
+        out = (attn @ v).view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, c)
         return self.proj(out)
 
 
@@ -225,12 +343,23 @@ def window_unpartition(win: torch.Tensor, ws: int, pad_hw: tuple[int, int], hw: 
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block on a (B, H, W, C) grid; ``window_size == 0`` means global attention."""
+    """Pre-norm transformer block on a (B, H, W, C) grid; ``window_size == 0`` means global attention.
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, window_size: int, layerscale: bool) -> None:
+    ``rel_pos_len`` is passed to :class:`Attention` (None: no relative positions).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float,
+        window_size: int,
+        layerscale: bool,
+        rel_pos_len: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, rel_pos_len=rel_pos_len)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
         self.window_size = window_size
@@ -252,7 +381,7 @@ class Block(nn.Module):
 
 
 class SamImageEncoder(nn.Module):
-    """The SAM ViT image encoder without neck and without relative positions.
+    """The SAM ViT image encoder without neck.
 
     Parameters
     ----------
@@ -260,12 +389,23 @@ class SamImageEncoder(nn.Module):
         Architecture and input size.
     layerscale : bool
         Build LayerScale gammas in every block (DINOv2-trained checkpoints carry them).
+    rel_pos_len : sequence of (int, int), optional
+        Per block, the lengths ``(L_h, L_w)`` of its ``rel_pos_h``/``rel_pos_w`` tables (as stored in the
+        checkpoint; ``use_rel_pos``). None (the default): no relative positions in any block.
     """
 
-    def __init__(self, config: MriCoreConfig, *, layerscale: bool = False) -> None:
+    def __init__(
+        self,
+        config: MriCoreConfig,
+        *,
+        layerscale: bool = False,
+        rel_pos_len: list[tuple[int, int]] | tuple[tuple[int, int], ...] | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         g = config.input_size // config.patch_size
+        if rel_pos_len is not None and len(rel_pos_len) != config.depth:
+            raise ValueError(f"rel_pos_len has {len(rel_pos_len)} entries for {config.depth} blocks.")
         self.patch_embed = PatchEmbed(config.patch_size, 3, config.embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, g, g, config.embed_dim))
         self.blocks = nn.ModuleList(
@@ -275,6 +415,7 @@ class SamImageEncoder(nn.Module):
                 config.mlp_ratio,
                 0 if i in config.global_attn_blocks else config.window_size,
                 layerscale,
+                rel_pos_len[i] if rel_pos_len is not None else None,
             )
             for i in range(config.depth)
         )
@@ -343,6 +484,13 @@ class LoadReport:
         Whether it was resampled to the input grid.
     layerscale : bool
         Whether LayerScale gammas were found and applied.
+    rel_pos : list of str
+        The relative-position tables loaded (``blocks.<i>.attn.rel_pos_h``/``rel_pos_w``, encoder key
+        names; also in ``loaded``); empty when the checkpoint has none (plain attention).
+    rel_pos_interpolated : dict of str to tuple of int
+        Tables whose stored length differs from the one the configured input needs: key ->
+        ``(stored, needed)`` (``needed = 2*S-1``, ``S`` the window or, in global blocks, the token grid);
+        they are resampled linearly at each forward, as SAM does.
     """
 
     path: str
@@ -356,14 +504,18 @@ class LoadReport:
     pos_embed_source: tuple[int, ...] = ()
     pos_embed_interpolated: bool = False
     layerscale: bool = False
+    rel_pos: list[str] = field(default_factory=list)
+    rel_pos_interpolated: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for logs."""
+        rel = f"on ({len(self.rel_pos)} tables, {len(self.rel_pos_interpolated)} resampled)" if self.rel_pos else "off"
         return (
             f"{Path(self.path).name} ({self.format}, sha256 {self.sha256[:12]}): {len(self.loaded)} weights loaded, "
             f"{len(self.missing)} missing, {len(self.unused_expected)} expected unused, "
             f"{len(self.unused_suspicious)} suspicious unused; pos_embed {list(self.pos_embed_source)}"
             f"{' interpolated' if self.pos_embed_interpolated else ''}; LayerScale {'on' if self.layerscale else 'off'}"
+            f"; rel_pos {rel}"
         )
 
 
@@ -385,6 +537,7 @@ _EXPECTED_OUTSIDE = (
 _EXPECTED_INSIDE = re.compile(r"^(cls_token|mask_token|register_tokens|norm\.|fc_norm\.|neck\.|head\.)")
 _CHUNKED = re.compile(r"^blocks\.(\d+)\.(\d+)\.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
+_REL_POS = re.compile(r"^blocks\.(\d+)\.attn\.rel_pos_([hw])$")
 
 
 def _sha256_file(path: Path) -> str:
@@ -611,6 +764,8 @@ def build_encoder(
     ------
     IncompleteCheckpointError
         Some patch-embedding, positional or block weight is missing (the message names them).
+    RelPosError
+        Relative-position tables in some blocks only, or not of shape ``[L, head_dim]``.
     CheckpointError
         Shape mismatches (wrong architecture) or a malformed checkpoint.
 
@@ -622,7 +777,8 @@ def build_encoder(
     state, report, unused = convert_checkpoint(checkpoint, config)
     report.path, report.sha256 = path, sha256
     report.layerscale = any(k.endswith((".ls1.gamma", ".ls2.gamma")) for k in state)
-    model = SamImageEncoder(config, layerscale=report.layerscale)
+    rel_pos_len = _rel_pos_lengths(state, config, {v: k for k, v in report.renamed.items()}, path)
+    model = SamImageEncoder(config, layerscale=report.layerscale, rel_pos_len=rel_pos_len)
     target = model.state_dict()
     missing = sorted(k for k in target if k not in state)
     if missing:
@@ -649,6 +805,14 @@ def build_encoder(
     state = {k: state[k] for k in target}
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     report.loaded = sorted(target)
+    report.rel_pos = sorted(k for k in target if _REL_POS.match(k))
+    if rel_pos_len is not None:
+        grid = config.input_size // config.patch_size
+        for i, blk in enumerate(model.blocks):
+            need = 2 * (blk.window_size or grid) - 1
+            for axis, stored in zip("hw", rel_pos_len[i], strict=True):
+                if stored != need:
+                    report.rel_pos_interpolated[f"blocks.{i}.attn.rel_pos_{axis}"] = (stored, need)
     for k in sorted(unused):  # outside the encoder prefix: heads, SAM's decoder, the student copy
         (report.unused_expected if k.startswith(_EXPECTED_OUTSIDE) else report.unused_suspicious).append(k)
     for k in inside:  # encoder keys the encoder has no place for: tokens, final norm, neck are expected
@@ -666,6 +830,71 @@ def build_encoder(
         log.info("unused (expected) checkpoint weights: %s", _fmt_keys(report.unused_expected))
     log.info("loaded %s", report.summary())
     return model, report
+
+
+def _rel_pos_lengths(
+    state: Mapping[str, torch.Tensor], config: MriCoreConfig, source: Mapping[str, str], path: str
+) -> list[tuple[int, int]] | None:
+    """The per-block ``(L_h, L_w)`` of the checkpoint's relative-position tables, or None when it has none.
+
+    Parameters
+    ----------
+    state : Mapping
+        Converted checkpoint (encoder key names).
+    config : MriCoreConfig
+    source : Mapping
+        Encoder key -> checkpoint key, where they differ (for the messages).
+    path : str
+        For the messages.
+
+    Raises
+    ------
+    RelPosError
+        A table not of shape ``[L, head_dim]``, or tables in some blocks (or axes) but not in all.
+    """
+    found = {(int(m.group(1)), m.group(2)): k for k in state if (m := _REL_POS.match(k))}
+    if not found:
+        return None
+    where = path or "<mapping>"
+    head_dim = config.embed_dim // config.num_heads
+    bad = {
+        k: tuple(state[k].shape)
+        for k in found.values()
+        if state[k].dim() != 2 or state[k].shape[1] != head_dim or state[k].shape[0] < 1
+    }
+    if bad:
+        keys = sorted(bad)
+        shapes = "; ".join(f"{source.get(k, k)} has shape {list(bad[k])}" for k in keys[:6])
+        dims = {sh[1] for sh in bad.values() if len(sh) == 2 and sh[1] > 0}
+        d = dims.pop() if len(dims) == 1 else 0
+        if d and config.embed_dim % d == 0:
+            fix = f"a head_dim of {d} means {config.embed_dim // d} heads: pass num_heads={config.embed_dim // d}"
+        else:
+            fix = (
+                "check that the checkpoint is a SAM ViT-B image encoder (embed_dim=768, num_heads=12), or pass "
+                "its embed_dim and num_heads"
+            )
+        raise RelPosError(
+            f"Checkpoint {where}: relative-position tables must be [2*S-1, head_dim] with head_dim = embed_dim / "
+            f"num_heads = {config.embed_dim} / {config.num_heads} = {head_dim}, but {shapes}"
+            f"{f' (… {len(keys) - 6} more)' if len(keys) > 6 else ''}. Fix: {fix}.",
+            keys,
+        )
+    missing = [f"blocks.{i}.attn.rel_pos_{a}" for i in range(config.depth) for a in "hw" if (i, a) not in found]
+    if missing:
+        have = sorted({i for i, _ in found})
+        raise RelPosError(
+            f"Checkpoint {where} has relative-position tables (attn.rel_pos_h/rel_pos_w, SAM's use_rel_pos) in "
+            f"block(s) {have} but lacks {len(missing)}: {_fmt_keys(missing)}. SAM's encoder uses them in every "
+            "block or in none, and a block run without the positions it was trained with computes other "
+            "features. Fix: use the complete checkpoint (SAM ViT-B carries rel_pos_h and rel_pos_w in all 12 "
+            "blocks: 27 x 64 windowed, 127 x 64 global), or check depth.",
+            missing,
+        )
+    return [
+        (int(state[f"blocks.{i}.attn.rel_pos_h"].shape[0]), int(state[f"blocks.{i}.attn.rel_pos_w"].shape[0]))
+        for i in range(config.depth)
+    ]
 
 
 def _fmt_keys(keys: list[str], n: int = 12) -> str:
