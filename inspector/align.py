@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .descriptors import foreground_moments
 from .preprocess import affine_warp, resize_square
 from .types import ProgressFn
 from .views import FLIPS, View
@@ -516,6 +517,25 @@ def pair_ncc(fixed: np.ndarray, moving: np.ndarray, *, size: int | None = None) 
 # ----------------------------------------------------------------------------------------------
 
 
+def _moment_start(fixed: torch.Tensor, moving: torch.Tensor, bounds: tuple[float, float, float, float]) -> torch.Tensor:
+    """Params (b, V, 4) mapping each moving view's foreground centroid and spread onto the fixed slice's.
+
+    fixed (b, r, r), moving (b, V, r, r). The sampling map is ``x_m = k x + t`` with ``k = rad_m / rad_f`` and
+    ``t = c_m - k c_f`` (no rotation), clamped to the scale and shift bounds.
+    """
+    b, v, r, _ = moving.shape
+    cf, rf = foreground_moments(fixed)
+    cm, rm = foreground_moments(moving.reshape(b * v, r, r))
+    cm, rm = cm.view(b, v, 2), rm.view(b, v)
+    _, lo_s, hi_s, max_sh = bounds
+    k = (rm / rf[:, None].clamp_min(1e-6)).clamp(1.0 / hi_s, 1.0 / lo_s)
+    t = cm - k[..., None] * cf[:, None, :]
+    p = torch.stack([k - 1.0, torch.zeros_like(k), t[..., 0], t[..., 1]], dim=-1)
+    ang, sc, sh = _similarity_from_params(p)
+    sh = sh.clamp(-max_sh, max_sh)
+    return _params_from_similarity(ang, sc, sh)
+
+
 def register_pairs(
     fixed: np.ndarray,
     moving: np.ndarray,
@@ -525,13 +545,16 @@ def register_pairs(
     device: str = "auto",
     max_angle: float = 15.0,
     batch_size: int = 256,
-    scale_range: tuple[float, float] = (0.8, 1.25),
-    max_shift: float = 0.15,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    max_shift: float = 0.3,
     angle_starts: Sequence[float] | None = None,
     coarse_size: int = 32,
     iterations: tuple[int, int] = (8, 5),
     flip_candidates: int = 2,
     measure: str = "poly_fg",
+    orientations: Sequence[str] | None = None,
+    init: str = "moments",
+    start_candidates: int = 3,
     progress: ProgressFn | None = None,
 ) -> Alignment:
     """Register each moving image onto its fixed image and score the aligned overlap.
@@ -544,8 +567,8 @@ def register_pairs(
         Training candidates, one per fixed image. Both stacks are resampled to ``size x size`` (centred,
         aspect kept, zero padded) internally.
     flips : sequence of str of length N, str, or None
-        Per pair, the flip to apply to ``moving`` first (``none``/``id``, ``hflip``, ``vflip``, ``hvflip``;
-        e.g. the feature view it matched under). ``None`` tries all four and keeps the best.
+        Per pair, the orientation (a view of :mod:`inspector.views`) to apply to ``moving`` first (e.g. the
+        feature view it matched under). ``None`` tries every one of ``orientations`` and keeps the best.
     size : int
         Working resolution of the fine refinement and of the score.
     device : str
@@ -555,7 +578,7 @@ def register_pairs(
     batch_size : int
         Pairs registered at once.
     scale_range : (float, float)
-        Smallest and largest zoom accepted.
+        Smallest and largest zoom accepted (default 0.5 to 2: a copy written at another field of view).
     max_shift : float
         Largest shift accepted on each axis, fraction of the field of view.
     angle_starts : sequence of float, optional
@@ -581,13 +604,26 @@ def register_pairs(
         ``poly_fg`` separated copies from neighbouring slices best in ``benchmarks/bench_align.py``
         (background pixels agree for any two slices of a head and compress the NCC towards 1; ``grad``
         suffers from blur at 128 px).
+    orientations : sequence of str, optional
+        With ``flips=None``, the orientations tried (default the four flips, :data:`inspector.views.FLIPS`;
+        :data:`inspector.views.DIHEDRAL` for all eight: the 90-degree rotations, transpose, anti-transpose).
+    init : {"moments", "identity"}
+        Starting transforms of the coarse level. ``"identity"``: the ``angle_starts`` at scale 1 and no shift.
+        ``"moments"`` (default) adds, per orientation, the transform that maps the moving slice's foreground
+        centroid and radius of gyration onto the fixed slice's (:func:`inspector.descriptors.foreground_moments`):
+        a copy written at another field of view, shifted or cropped then starts inside the optimiser's basin.
+    start_candidates : int
+        When there are more (orientation, start) combinations than this, each is first scored at its start
+        (one warp at ``coarse_size``, no iteration) and only the best ``start_candidates`` run the coarse ECC:
+        a cheap orientation and initialisation estimate before full registration.
     progress : callable, optional
         ``progress("aligning", done, total)`` after every batch.
 
     Returns
     -------
     Alignment
-        Arrays over the N pairs: ``ncc`` (the score), ``angle``, ``scale``, ``shift``, ``flip``, ``overlap``.
+        Arrays over the N pairs: ``ncc`` (the score), ``angle``, ``scale``, ``shift``, ``flip`` (the
+        orientation applied to the moving image), ``overlap``.
 
     Raises
     ------
@@ -623,6 +659,14 @@ def register_pairs(
     starts = [float(a) for a in angle_starts]
     if not starts or any(abs(a) > max_angle for a in starts):
         raise ValueError(f"angle_starts must be a non-empty list within +-max_angle={max_angle}; got {angle_starts}.")
+    if init not in ("moments", "identity"):
+        raise ValueError(f"init must be 'moments' or 'identity'; got {init!r}.")
+    if start_candidates < 1:
+        raise ValueError(f"start_candidates must be >= 1; got {start_candidates}.")
+    orients = list(FLIPS) if orientations is None else [View.parse(o) for o in orientations]
+    if not orients:
+        raise ValueError("orientations is empty; give at least one view (e.g. inspector.views.FLIPS).")
+    orients = list(dict.fromkeys(orients))
     dev = _resolve_device(device)
     if n == 0:
         empty = np.zeros(0, dtype=np.float32)
@@ -645,24 +689,48 @@ def register_pairs(
         mt = resize_square(torch.from_numpy(m_np[start:stop]).to(dev), size)
         b = ft.shape[0]
         if flip_arr is None:
-            views = torch.stack([v.apply(mt) for v in FLIPS], dim=1)  # (b, 4, s, s)
+            views = torch.stack([o.apply(mt) for o in orients], dim=1)  # (b, V, s, s)
         else:
             views = _flip_each(mt, flip_arr[start:stop])[:, None]
         v = views.shape[1]
         fc = resize_square(ft, cs)
         vc = resize_square(views.reshape(b * v, size, size), cs).reshape(b, v, cs, cs)
-        # coarse level: every (flip, start angle) at cs pixels
+        # starts per (pair, orientation): the angle starts, plus the moment-matching transform
+        starts_bv = start_p[None, None].expand(b, v, n_a, 4)
+        if init == "moments":
+            starts_bv = torch.cat([starts_bv, _moment_start(fc, vc, bounds)[:, :, None]], dim=2)
+        n_s = starts_bv.shape[2]
+        combos = v * n_s
+        f_sel = fc[:, None].expand(b, combos, cs, cs)
+        m_all = vc[:, :, None].expand(b, v, n_s, cs, cs).reshape(b, combos, cs, cs)
+        p_all = starts_bv.reshape(b, combos, 4)
+        kk = min(int(start_candidates), combos)
+        if kk < combos:  # cheap estimate: score every start once, run the ECC from the best few
+            _, r0 = _ecc_refine(f_sel.reshape(-1, cs, cs), m_all.reshape(-1, cs, cs), p_all.reshape(-1, 4), 0, bounds)
+            keep = torch.topk(r0.view(b, combos), kk, dim=1).indices  # (b, kk)
+        else:
+            keep = torch.arange(combos, device=dev)[None].expand(b, combos)
+        bi = torch.arange(b, device=dev)[:, None].expand_as(keep)
         p_c, r_c = _ecc_refine(
-            fc[:, None, None].expand(b, v, n_a, cs, cs).reshape(-1, cs, cs),
-            vc[:, :, None].expand(b, v, n_a, cs, cs).reshape(-1, cs, cs),
-            start_p.expand(b * v, n_a, 4).reshape(-1, 4),
+            f_sel[:, :kk].reshape(-1, cs, cs),
+            m_all[bi, keep].reshape(-1, cs, cs),
+            p_all[bi, keep].reshape(-1, 4),
             it_coarse,
             bounds,
         )
-        r_c = r_c.view(b, v, n_a)
-        best_a = r_c.argmax(-1)  # (b, v)
-        p_c = p_c.view(b, v, n_a, 4).gather(2, best_a[..., None, None].expand(b, v, 1, 4))[:, :, 0]
-        r_c = r_c.gather(2, best_a[..., None])[..., 0]  # (b, v)
+        # best start per orientation among those refined (-2 for orientations not kept)
+        orient_of = (keep // n_s).reshape(-1)
+        r_full = torch.full((b, v), -3.0, device=dev, dtype=dt)
+        p_full = torch.zeros((b, v, 4), device=dev, dtype=dt)
+        r_k = r_c.view(b, kk)
+        order = torch.argsort(r_k, dim=1)  # ascending: the best start of an orientation is written last
+        for j in range(kk):
+            col = order[:, j]
+            ar_b = torch.arange(b, device=dev)
+            o = orient_of.view(b, kk)[ar_b, col]
+            r_full[ar_b, o] = r_k[ar_b, col]
+            p_full[ar_b, o] = p_c.view(b, kk, 4)[ar_b, col]
+        p_c, r_c = p_full, r_full  # (b, v, 4), (b, v)
         k = min(max(1, int(flip_candidates)), v)
         top = torch.topk(r_c, k, dim=1).indices  # (b, k); deterministic ties: lowest index first on CPU
         bi = torch.arange(b, device=dev)[:, None].expand(b, k)
@@ -679,7 +747,7 @@ def register_pairs(
         p = p.view(b, k, 4)[ar, pick]
         overlap = overlap.view(b, k)[ar, pick]
         if flip_arr is None:
-            out_flip.append(np.asarray([v.value for v in FLIPS], dtype=object)[top[ar, pick].cpu().numpy()])
+            out_flip.append(np.asarray([o.value for o in orients], dtype=object)[top[ar, pick].cpu().numpy()])
         else:
             out_flip.append(flip_arr[start:stop])
         out_ncc.append(score.cpu())

@@ -73,14 +73,20 @@ class AuditConfig:
         Training candidates per synthetic slice that are registered and re-ranked (10: measured better than 5
         on shifted and cropped copies, benchmarks/RESULTS.md).
     align_flips : str
-        all: register each candidate under all four flips (default, measured best); matched: only under the
-        flip of the feature view that found it.
+        all: register each candidate under every orientation of the views (default, measured best; always
+        at least the four flips); matched: only under the orientation of the feature view that found it.
+    descriptor_shortlist : int
+        Extra candidates per synthetic slice from a moment-normalised structure descriptor (whitened on the
+        training set, searched over every view), registered beside the encoder's shortlist: an encoder
+        trained for invariance stops separating look-alike subjects of one protocol as the cohort grows
+        (benchmarks/RESULTS.md, look-alike cohorts); 0 turns it off.
     top_k : int
         Neighbours kept per layer for display and attribution.
     axis : str
         Slicing axis for volumes.
     size : int
-        Square size in pixels slices are resampled to on loading (16 to 1024).
+        Square size in pixels slices are resampled to on loading (16 to 1024), or the extractor's input size
+        when that is larger (224 for mri-core), so each slice is resampled once from its native grid.
     allow_skipped : bool
         Run the audit although training or holdout files could not be read (missing evidence: a copy of a
         skipped training slice cannot be detected). Off by default: the audit then refuses, naming every
@@ -116,6 +122,7 @@ class AuditConfig:
     rerank: bool = _opt(True, "matching")
     shortlist: int = _opt(10, "matching", minimum=1, maximum=10_000)
     align_flips: str = _opt("all", "matching", choices=("all", "matched"))
+    descriptor_shortlist: int = _opt(5, "matching", minimum=0, maximum=10_000)
     top_k: int = _opt(5, "matching", minimum=1, maximum=1_000)
     axis: str = _opt("axial", "input", choices=("axial", "coronal", "sagittal"))
     size: int = _opt(128, "input", minimum=16, maximum=1024)

@@ -22,10 +22,11 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .align import Alignment, register_pairs
+from .descriptors import structure_descriptor
 from .index import knn
 from .scores import PaperScorer, Whitener
 from .types import ProgressFn
-from .views import View, training_to_query
+from .views import FLIPS, View, training_to_query
 
 __all__ = ["InsufficientDataError", "MatchResult", "Matcher", "MemorizationScorer", "PaperMatcher"]
 
@@ -100,6 +101,9 @@ class MatchResult:
     alignment : Alignment or None
         The final match's registration (:class:`inspector.align.Alignment`, with ``train_index``). None
         without re-ranking and in paper mode.
+    candidates : np.ndarray of int, shape (m, K), or None
+        The shortlist of training indices that were verified (``-1`` = none), best feature match first. None
+        in paper mode.
     """
 
     similarity: np.ndarray
@@ -111,6 +115,7 @@ class MatchResult:
     neighbour_sims: dict[str, np.ndarray]
     margin: np.ndarray
     alignment: Alignment | None = None
+    candidates: np.ndarray | None = None
 
 
 class MemorizationScorer:
@@ -135,6 +140,12 @@ class MemorizationScorer:
         measured ``"all"`` better on shifts, crops, noise and rotations.
     margin_k : int
         Candidates searched per view for the shortlist and the subject margin.
+    descriptor_shortlist : int
+        Extra candidates per query from the moment-normalised structure descriptor
+        (:func:`inspector.descriptors.structure_descriptor`, whitened on T, searched over every view), added
+        to the ``shortlist`` of the encoder's features before registration. An encoder trained for invariance
+        stops telling look-alike subjects of one protocol apart as the cohort grows; the descriptor does not
+        (benchmarks/RESULTS.md, look-alike cohorts). ``0`` turns it off.
     device : str
         ``auto``, ``cpu`` or ``cuda`` for the search and the registration.
     chunk : int
@@ -151,6 +162,7 @@ class MemorizationScorer:
         align_size: int = 64,
         align_flips: str = "all",
         margin_k: int = 32,
+        descriptor_shortlist: int = 5,
         device: str = "auto",
         chunk: int = 256,
     ) -> None:
@@ -161,6 +173,7 @@ class MemorizationScorer:
         self.align_size = align_size
         self.align_flips = align_flips
         self.margin_k = margin_k
+        self.descriptor_shortlist = descriptor_shortlist
         self.device = device
         self.chunk = chunk
 
@@ -213,6 +226,16 @@ class MemorizationScorer:
             if images.ndim != 3 or images.shape[0] != self.n_:
                 raise ValueError(f"images must have shape ({self.n_}, H, W); got {images.shape}.")
         self.images_ = images
+        if self.descriptor_shortlist < 0:
+            raise ValueError(f"descriptor_shortlist must be >= 0; got {self.descriptor_shortlist}.")
+        self.desc_whiteners_: dict[str, Whitener] = {}
+        if self.rerank and self.descriptor_shortlist > 0:
+            desc = structure_descriptor(images)
+            self.desc_whiteners_ = {
+                k: Whitener(method="shrinkage", shrinkage=self.shrinkage).fit(np.asarray(x, np.float64))
+                for k, x in desc.items()
+            }
+            self.desc_train_ = self._desc_concat(desc)
         self.groups_ = None if groups is None else np.asarray(groups).astype(str)
         if self.groups_ is not None and self.groups_.shape != (self.n_,):
             raise ValueError(f"groups must have shape ({self.n_},); got {self.groups_.shape}.")
@@ -224,6 +247,37 @@ class MemorizationScorer:
     def _concat(self, white: Mapping[str, np.ndarray]) -> np.ndarray:
         scale = np.float32(1.0 / np.sqrt(len(self.layers_)))
         return np.ascontiguousarray(np.concatenate([white[layer] * scale for layer in self.layers_], axis=1))
+
+    def _desc_concat(self, desc: Mapping[str, np.ndarray]) -> np.ndarray:
+        scale = np.float32(1.0 / np.sqrt(len(self.desc_whiteners_)))
+        parts = [
+            np.asarray(self.desc_whiteners_[k].transform(np.asarray(x, np.float64)), np.float32) * scale
+            for k, x in desc.items()
+        ]
+        return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+    def _descriptor_candidates(
+        self,
+        images: np.ndarray,
+        views: list[str],
+        qg: np.ndarray | None,
+        tg: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Shortlist from the structure descriptor over every view: (sims, idx, view index), each (m, V*k)."""
+        k = min(self.n_, self.descriptor_shortlist)
+        base = structure_descriptor(images)
+        sims, idx, view_of = [], [], []
+        for i, v in enumerate(views):
+            view = View.parse(v)
+            dv = {}
+            for name, x in base.items():
+                side = int(round(np.sqrt(x.shape[1])))
+                dv[name] = np.ascontiguousarray(view.apply(x.reshape(-1, side, side))).reshape(x.shape[0], -1)
+            s_, ix = knn(self._desc_concat(dv), self.desc_train_, k, metric="ip", query_groups=qg, base_groups=tg)
+            sims.append(s_)
+            idx.append(ix)
+            view_of.append(np.full(ix.shape[1], i))
+        return np.concatenate(sims, 1), np.concatenate(idx, 1), np.concatenate(view_of)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "train_concat_"):
@@ -298,6 +352,10 @@ class MemorizationScorer:
         view_of = np.repeat(np.arange(len(views)), [a.shape[1] for a in sims_v])
         cand, cand_sim, cand_view = _merge_candidates(sims, idx, view_of, self.shortlist)
         feature_similarity = np.where(cand[:, 0] >= 0, cand_sim[:, 0], -1.0).astype(np.float32)
+        if self.rerank and self.descriptor_shortlist > 0 and hasattr(self, "desc_train_"):
+            d_s, d_i, d_v = self._descriptor_candidates(images, views, qg, tg)
+            d_c, _, d_cv = _merge_candidates(d_s, d_i, d_v, self.descriptor_shortlist)
+            cand, cand_view = _union_candidates(cand, cand_view, d_c, d_cv)
 
         # 2. alignment-verified re-ranking of the shortlist
         alignment: Alignment | None = None
@@ -346,6 +404,7 @@ class MemorizationScorer:
             neighbour_sims=neighbour_sims,
             margin=margin,
             alignment=alignment,
+            candidates=cand,
         )
 
     def null_scores(
@@ -402,6 +461,9 @@ class MemorizationScorer:
         shift = np.zeros((m, kk, 2), np.float32)
         flip = np.full((m, kk), View.ID.value, dtype=object)
         flip_names = np.array([training_to_query(v).value for v in views], dtype=object)
+        # "all": every orientation among the query views, plus the four flips (a flip-invariant encoder's
+        # view says nothing about the flip)
+        orientations = list(dict.fromkeys([*FLIPS, *(View.parse(v) for v in flip_names)]))
         for start in range(0, m, self.chunk):
             rows = np.arange(start, min(m, start + self.chunk))
             r, c = np.nonzero(cand[rows] >= 0)
@@ -412,6 +474,7 @@ class MemorizationScorer:
                     images[q],
                     self.images_[t],
                     flips=None if self.align_flips == "all" else flip_names[cand_view[q, c]],
+                    orientations=orientations,
                     size=self.align_size,
                     device=self.device,
                 )
@@ -456,6 +519,26 @@ class MemorizationScorer:
                 best_other = s[j][valid[j]].min() if valid[j].any() else best_same
             out[j] = float(best_same - best_other) if np.isfinite(best_same) else 0.0
         return out
+
+
+def _union_candidates(
+    a: np.ndarray, a_view: np.ndarray, b: np.ndarray, b_view: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row-wise union of two candidate lists (``-1`` padded): ``a``'s order first, then ``b``'s new ones.
+
+    Returns cand (m, Ka + Kb) int64 and its view index (m, Ka + Kb).
+    """
+    m, ka = a.shape
+    kb = b.shape[1]
+    cand = np.full((m, ka + kb), -1, np.int64)
+    view = np.zeros((m, ka + kb), np.int64)
+    cand[:, :ka], view[:, :ka] = a, a_view
+    dup = (b[:, :, None] == a[:, None, :]).any(-1) | (b < 0)
+    for j in range(m):
+        new = np.flatnonzero(~dup[j])
+        cand[j, ka : ka + len(new)] = b[j, new]
+        view[j, ka : ka + len(new)] = b_view[j, new]
+    return cand, view
 
 
 def _merge_candidates(

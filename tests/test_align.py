@@ -501,3 +501,65 @@ def test_apply_alignment_errors():
             "antitranspose": np.rot90(img, 2).T,
         }[view.value]
         assert_allclose(apply_alignment_single(img, {"flip": view.value}), ref, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 16: all eight orientations and other fields of view
+# ----------------------------------------------------------------------------------------------
+
+
+def _orient_np(x: np.ndarray, name: str) -> np.ndarray:
+    """The eight dihedral views written out with NumPy (independent of inspector.views)."""
+    table = {
+        "id": lambda a: a,
+        "hflip": lambda a: a[..., :, ::-1],
+        "vflip": lambda a: a[..., ::-1, :],
+        "hvflip": lambda a: a[..., ::-1, ::-1],
+        "rot90": lambda a: np.rot90(a, 1, axes=(-2, -1)),
+        "rot270": lambda a: np.rot90(a, 3, axes=(-2, -1)),
+        "transpose": lambda a: np.swapaxes(a, -1, -2),
+        "antitranspose": lambda a: np.rot90(np.swapaxes(a, -1, -2), 2, axes=(-2, -1)),
+    }
+    return np.ascontiguousarray(table[name](x))
+
+
+@pytest.mark.parametrize("name", [v.value for v in View])
+def test_every_orientation_is_found_and_verified(sagittal: np.ndarray, name: str) -> None:
+    from inspector.views import DIHEDRAL
+
+    src = sagittal[:3]
+    rng = np.random.default_rng(7)
+    fixed = np.clip(_orient_np(src, name) + rng.normal(0, 0.01, src.shape), 0, 1).astype(np.float32)
+    al = register_pairs(fixed, src, orientations=DIHEDRAL, device="cpu")
+    assert_array_equal(al.flip, [name] * 3)
+    assert (al.ncc > 0.98).all(), al.ncc
+    # the stored transform reproduces the copy's frame
+    back = apply_alignment(src, al)
+    assert (pair_ncc(fixed, back) > 0.97).all()
+    # without the rotations and transposes, a rotated or transposed copy is not verified
+    if name in ("rot90", "rot270", "transpose", "antitranspose"):
+        flips_only = register_pairs(fixed, src, device="cpu")
+        assert (flips_only.ncc < al.ncc - 0.1).all()
+
+
+@pytest.mark.parametrize("zoom", [0.55, 0.7, 1.4, 1.8])
+def test_other_field_of_view_is_registered(sagittal: np.ndarray, zoom: float) -> None:
+    src = sagittal[:4]
+    shift = np.array([[0.06, -0.04], [-0.05, 0.03], [0.0, 0.05], [0.04, 0.0]], np.float32)
+    fixed = affine_warp(torch.from_numpy(src), 4.0, torch.from_numpy(shift), zoom).numpy()
+    al = register_pairs(fixed, src, flips="id", device="cpu")
+    assert (al.ncc > 0.97).all(), al.ncc
+    assert_allclose(al.scale, zoom, rtol=0.05)
+    # the identity-only start, searched within the old bounds, misses the large zooms
+    if zoom in (0.55, 1.8):
+        old = register_pairs(fixed, src, flips="id", device="cpu", init="identity", scale_range=(0.8, 1.25))
+        assert (old.ncc < al.ncc - 0.05).all()
+
+
+def test_start_candidates_and_init_are_validated(sagittal: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="init must be"):
+        register_pairs(sagittal[:1], sagittal[:1], init="random")
+    with pytest.raises(ValueError, match="start_candidates"):
+        register_pairs(sagittal[:1], sagittal[:1], start_candidates=0)
+    with pytest.raises(ValueError, match="orientations is empty"):
+        register_pairs(sagittal[:1], sagittal[:1], orientations=[])

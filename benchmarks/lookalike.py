@@ -1,0 +1,300 @@
+"""The look-alike cohort benchmark: does detection hold as hundreds of subjects of one protocol join T?
+
+For each seed and cohort size (training subjects), on a cohort of :mod:`benchmarks.cohort`:
+
+* the audit's own matcher (:func:`inspector.pipeline.make_matcher` of ``AuditConfig``'s defaults, or of the
+  given overrides) is fitted on T, its null is the holdout H scored exactly as G (``null_scores``);
+* G's novel slices are every slice of the unseen *novel* subjects; its copies are every slice of
+  ``n_copied`` training subjects (always among the first 8, so the same copies are scored at every size)
+  passed through one condition (:func:`benchmarks.writers.apply_any`);
+* per condition: slice ROC-AUC and TPR at 1 % FPR of the calibrated similarity (copies against novel),
+  the feature-shortlist AUC (feature similarity alone), the shortlist's **recall** (is the true source among
+  the verified candidates?), the fraction of copies flagged at alpha; per size: the novel-slice FPR at
+  alpha = 0.01 and 0.05 and the wall time per stage.
+
+``python -m benchmarks.lookalike --sizes 8 32 128 --seeds 0 1`` prints the tables; ``run_all`` renders them in
+RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from inspector.config import AuditConfig
+from inspector.features import extract, prepare_extractor
+from inspector.pipeline import extractor_overrides, make_matcher
+from inspector.scores import empirical_p_values
+
+from .cohort import make_cohort
+from .data import DATA_DIR
+from .detection import ranking_metrics
+from .writers import apply_any
+
+__all__ = ["LookalikeConfig", "run", "tables", "main", "DEFAULT_CONDITIONS"]
+
+log = logging.getLogger(__name__)
+
+#: Copy conditions scored on look-alike cohorts (the protocol's, the harder ones, and writer conventions).
+DEFAULT_CONDITIONS: tuple[str, ...] = (
+    "none",
+    "noise_0.02",
+    "rotate_5",
+    "hflip",
+    "rotate_10",
+    "shift_8pct",
+    "crop_85_95",
+    "combo",
+    "orient_transpose",
+    "orient_rot90",
+    "fov_0.6_0.8",
+    "bit8",
+)
+
+
+@dataclass
+class LookalikeConfig:
+    """Settings of a look-alike benchmark run.
+
+    Attributes
+    ----------
+    sizes : sequence of int
+        Training subjects per cohort.
+    seeds : sequence of int
+    conditions : sequence of str
+    n_holdout, n_novel, n_copied : int
+        Unseen holdout subjects, unseen novel subjects, copied training subjects.
+    methods : dict of str to dict
+        Method name -> AuditConfig overrides (``{}`` = the audit's defaults).
+    cache_dir : Path
+    """
+
+    sizes: Sequence[int] = (8, 32, 128)
+    seeds: Sequence[int] = (0, 1)
+    conditions: Sequence[str] = DEFAULT_CONDITIONS
+    n_holdout: int = 6
+    n_novel: int = 6
+    n_copied: int = 2
+    methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})
+    cache_dir: Path = DATA_DIR / "cache"
+
+
+def _recall(candidates: np.ndarray | None, source: np.ndarray) -> float:
+    if candidates is None:
+        return float("nan")
+    return float(np.mean((candidates == source[:, None]).any(axis=1)))
+
+
+def run_one(
+    lc: LookalikeConfig, seed: int, n_train: int, method: str, overrides: dict[str, Any], say: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score one (seed, size, method); returns per-condition rows and the per-size row."""
+    co = make_cohort(max(lc.sizes), n_holdout=lc.n_holdout, n_novel=lc.n_novel, seed=seed)
+    train_subjects = np.unique(co.subject[co.rows("train")])[:n_train]
+    t_rows = np.flatnonzero(np.isin(co.subject, train_subjects))
+    h_rows, n_rows = co.rows("holdout"), co.rows("novel")
+    rng = np.random.default_rng(seed)
+    copied = rng.choice(train_subjects[: min(8, n_train)], size=lc.n_copied, replace=False)
+    src_rows = np.flatnonzero(np.isin(co.subject, copied))
+    source = np.searchsorted(t_rows, src_rows)  # training index of each copy's source
+    cfg = dataclasses.replace(AuditConfig(), seed=seed, **overrides)
+    img_t = co.images[t_rows]
+    groups = co.subject[t_rows].astype(str)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    ext = prepare_extractor(cfg.extractor, img_t, cache_dir=lc.cache_dir, **extractor_overrides(cfg))
+    timing["prepare"] = time.perf_counter() - t0
+    views = tuple(cfg.views)
+    t0 = time.perf_counter()
+    FT = extract(img_t, ext, views=("id",), use_cache=False)
+    FH = extract(co.images[h_rows], ext, views=views, use_cache=False)
+    FN = extract(co.images[n_rows], ext, views=views, use_cache=False)
+    copies = {
+        c: apply_any(co.images[src_rows], c, np.random.default_rng([seed, i])) for i, c in enumerate(lc.conditions)
+    }
+    FC = {c: extract(x, ext, views=views, use_cache=False) for c, x in copies.items()}
+    timing["extract"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scorer = make_matcher(cfg)
+    scorer.fit(FT.layers, images=img_t, groups=groups)
+    timing["fit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    null, kind = scorer.null_scores(
+        holdout_views=FH.views, holdout_images=co.images[h_rows], train_views=None, train_images=None
+    )
+    timing["null"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    rn = scorer.score_samples(FN.views, images=co.images[n_rows])
+    timing["novel"] = time.perf_counter() - t0
+    pn = empirical_p_values(rn.similarity, null)
+    rows = []
+    t0 = time.perf_counter()
+    for c in lc.conditions:
+        rc = scorer.score_samples(FC[c].views, images=copies[c])
+        y = np.r_[np.zeros(len(rn.similarity)), np.ones(len(rc.similarity))]
+        auc, ap, tpr1 = ranking_metrics(y, np.r_[rn.similarity, rc.similarity])
+        fauc = ranking_metrics(y, np.r_[rn.feature_similarity, rc.feature_similarity])[0]
+        pc = empirical_p_values(rc.similarity, null)
+        rows.append(
+            {
+                "seed": seed,
+                "size": n_train,
+                "method": method,
+                "condition": c,
+                "auc": auc,
+                "ap": ap,
+                "tpr_at_1pct": tpr1,
+                "feature_auc": fauc,
+                "recall": _recall(rc.candidates, source),
+                "top1": float(np.mean(rc.nearest == source)),
+                "flagged": float(np.mean(pc <= cfg.alpha)),
+                "n_copies": len(rc.similarity),
+            }
+        )
+    timing["copies"] = time.perf_counter() - t0
+    per_size = {
+        "seed": seed,
+        "size": n_train,
+        "method": method,
+        "n_train_slices": len(t_rows),
+        "n_holdout": len(h_rows),
+        "n_novel": len(n_rows),
+        "null_kind": kind,
+        "fpr_0.01": float(np.mean(pn <= 0.01)),
+        "fpr_0.05": float(np.mean(pn <= 0.05)),
+        "novel_recall_na": float("nan"),
+        "train_seconds": float(getattr(ext, "train_seconds", 0.0)),
+        "from_cache": bool(getattr(ext, "from_cache", False)),
+        **{f"t_{k}": v for k, v in timing.items()},
+        "ms_per_query": 1000.0
+        * (timing["null"] + timing["novel"] + timing["copies"])
+        / (len(h_rows) + len(n_rows) + sum(len(x) for x in copies.values())),
+    }
+    say(
+        f"[lookalike seed {seed} T={n_train} {method}] min AUC {min(r['auc'] for r in rows):.3f}, min recall "
+        f"{min(r['recall'] for r in rows):.3f}, FPR@0.01 {per_size['fpr_0.01']:.4f} ({sum(timing.values()):.0f}s)"
+    )
+    return rows, per_size
+
+
+def run(lc: LookalikeConfig, progress: Callable[[str], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every (seed, size, method); returns (per-condition table, per-size table)."""
+    say = progress or (lambda m: log.info(m))
+    rows, sizes = [], []
+    for seed in lc.seeds:
+        for n in lc.sizes:
+            for method, over in lc.methods.items():
+                r, s = run_one(lc, seed, n, method, over, say)
+                rows += r
+                sizes.append(s)
+    return pd.DataFrame(rows), pd.DataFrame(sizes)
+
+
+def _md(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(out)
+
+
+def tables(per_cond: pd.DataFrame, per_size: pd.DataFrame) -> str:
+    """Markdown: per (method, size) the worst condition's AUC/recall, FPRs; then per condition x size AUC."""
+    parts = []
+    g = per_cond.groupby(["method", "size", "condition"]).mean(numeric_only=True).reset_index()
+    s = per_size.groupby(["method", "size"]).mean(numeric_only=True).reset_index()
+    body = []
+    for (method, size), sub in g.groupby(["method", "size"]):
+        srow = s[(s.method == method) & (s["size"] == size)].iloc[0]
+        worst = sub.loc[sub.auc.idxmin()]
+        body.append(
+            [
+                method,
+                str(size),
+                f"{int(srow.n_train_slices)}",
+                f"{sub.auc.min():.3f} ({worst.condition})",
+                f"{sub.tpr_at_1pct.min():.3f}",
+                f"{sub.recall.min():.3f}",
+                f"{sub.feature_auc.mean():.3f}",
+                f"{sub.flagged.mean():.3f}",
+                f"{srow['fpr_0.01']:.4f}",
+                f"{srow['fpr_0.05']:.4f}",
+                f"{srow.ms_per_query:.0f}",
+                f"{srow.t_prepare:.0f}",
+            ]
+        )
+    parts.append(
+        _md(
+            [
+                "method",
+                "training subjects",
+                "training slices",
+                "worst slice ROC-AUC (condition)",
+                "worst TPR@1%FPR",
+                "worst shortlist recall",
+                "mean feature-only AUC",
+                "copies flagged at α=0.01",
+                "novel FPR α=0.01",
+                "novel FPR α=0.05",
+                "ms / query",
+                "encoder s",
+            ],
+            body,
+        )
+    )
+    for method, sub in g.groupby("method"):
+        sizes = sorted(sub["size"].unique())
+        body = []
+        for c in dict.fromkeys(per_cond.condition):
+            cells = []
+            for n in sizes:
+                r = sub[(sub.condition == c) & (sub["size"] == n)]
+                cells.append(f"{r.auc.iloc[0]:.3f} / {r.recall.iloc[0]:.2f}" if len(r) else "-")
+            body.append([c, *cells])
+        parts.append(
+            f"ROC-AUC / shortlist recall per condition, method `{method}`:\n\n"
+            + _md(["condition", *[f"T = {n} subjects" for n in sizes]], body)
+        )
+    return "\n\n".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 128])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--conditions", nargs="+", default=list(DEFAULT_CONDITIONS))
+    p.add_argument("--pixels", action="store_true", help="also score the default mode with the pixels extractor")
+    p.add_argument("--set", action="append", default=[], metavar="NAME:FIELD=VALUE", help="an extra method")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/_out"))
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    methods: dict[str, dict[str, Any]] = {"default": {}}
+    if a.pixels:
+        methods["pixels"] = {"extractor": "pixels"}
+    for spec in a.set:
+        name, _, kv = spec.partition(":")
+        key, _, val = kv.partition("=")
+        cur = getattr(AuditConfig(), key)
+        conv: Any = tuple(val.split(",")) if isinstance(cur, tuple) else type(cur)(val) if cur is not None else val
+        if isinstance(cur, bool):
+            conv = val.lower() in ("1", "true", "yes")
+        methods.setdefault(name, {})[key] = conv
+    lc = LookalikeConfig(sizes=a.sizes, seeds=a.seeds, conditions=a.conditions, methods=methods)
+    pc, ps = run(lc, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    a.out.mkdir(parents=True, exist_ok=True)
+    pc.to_csv(a.out / "lookalike_per_condition.csv", index=False)
+    ps.to_csv(a.out / "lookalike_per_size.csv", index=False)
+    print(tables(pc, ps))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
