@@ -4,8 +4,12 @@ The slices are those of the sample data (``sample_data/build_sample_data.py``): 
 :data:`SOURCES` list is read with its own :func:`candidates` (real anatomy only, background dropped, kept
 slices at least ``MIN_GAP = 3`` indices apart within a volume and axis, the left sagittal half of the
 left-right symmetric MNI152 template never used). Nothing here re-implements that listing; the module is
-imported from its file. The slices are resized to the audit's loading size (``AuditConfig().size``) and
-cached under ``benchmarks/_data/`` (git-ignored, rebuilt when the packages or the builder change).
+imported from its file. Each slice then follows the product's intensity rule: normalised on its own
+(:func:`inspector.preprocess.normalise_slice` with ``PreprocessConfig().percentiles``, as
+:func:`inspector.load_cohort` normalises every slice whatever its container), not with its volume as the
+builder's listing does; then it is resized to the audit's loading size (``AuditConfig().size``). The bank
+is cached under ``benchmarks/_data/`` (git-ignored, rebuilt when the packages, the builder or the
+intensity rule change).
 
 Two settings, both seeded (:func:`make_split`):
 
@@ -54,7 +58,7 @@ from types import ModuleType
 import numpy as np
 
 from inspector.config import AuditConfig
-from inspector.preprocess import CONDITIONS, apply_condition, resize_square
+from inspector.preprocess import CONDITIONS, PreprocessConfig, apply_condition, normalise_slice, resize_square
 
 __all__ = [
     "RATES",
@@ -116,11 +120,13 @@ def builder() -> ModuleType:
 
 @dataclass(frozen=True)
 class SliceBank:
-    """Every usable real slice, resized to the audit's loading size.
+    """Every usable real slice, normalised on its own (the product's rule) and resized to the audit's loading size.
 
     Attributes
     ----------
     images : np.ndarray, shape (n, size, size), float32 in [0, 1]
+        Each slice normalised with :func:`inspector.preprocess.normalise_slice` (its own 0.5/99.5
+        percentiles to [0, 1]), then resized.
     acquisition : np.ndarray of str, shape (n,)
         The builder's ``Source.subject`` (one acquisition = one subject here).
     axis : np.ndarray of str, shape (n,)
@@ -179,11 +185,17 @@ class SliceBank:
         return self.subset(np.sort(np.asarray(keep)))
 
 
+#: The bank's intensity rule (part of its cache key): each slice normalised on its own, as the loader does.
+_PERCENTILES: tuple[float, float] = PreprocessConfig().percentiles
+_INTENSITY_RULE = {"rule": "normalise_slice", "percentiles": list(_PERCENTILES)}
+
+
 def _bank_key(size: int, sources: Sequence[str]) -> str:
     b = builder()
     h = hashlib.blake2b(digest_size=12)
     versions = {p: b.package_version(p) for p in sorted({s.package for s in b.SOURCES})}
-    h.update(json.dumps({"size": size, "sources": list(sources), "versions": versions}).encode())
+    meta = {"size": size, "sources": list(sources), "versions": versions, "intensity": _INTENSITY_RULE}
+    h.update(json.dumps(meta).encode())
     h.update(_BUILDER.read_bytes())
     return h.hexdigest()
 
@@ -225,7 +237,8 @@ def load_bank(
         if src.subject not in chosen:
             continue
         for it in b.candidates(src):
-            rows["images"].append(resize_square(it.image, size))
+            img = normalise_slice(it.image, _PERCENTILES, name=f"{src.subject} {it.axis} {it.slice_index}")
+            rows["images"].append(resize_square(img, size))
             rows["acquisition"].append(src.subject)
             rows["axis"].append(it.axis)
             rows["slice_index"].append(it.slice_index)

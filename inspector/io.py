@@ -12,9 +12,23 @@ Conventions
   scaling, DICOM values after a non-identity modality rescale (``RescaleSlope``/``RescaleIntercept``
   or a Modality LUT; float64 then) and after ``MONOCHROME1`` inversion (negation). RGB images are
   converted to luminance first.
-* **Normalisation** is per volume (or per 2D image) with
-  :func:`inspector.preprocess.normalise_volume`, never per slice; then the background rule and the
-  square resize are applied per slice.
+* **Normalisation** is one rule for every container: **each slice's array is normalised on its
+  own** (:func:`inspector.preprocess.normalise_slice`: the slice's robust percentiles
+  :attr:`PreprocessConfig.percentiles`, 0.5 and 99.5 by default, mapped to 0 and 1, then clipped),
+  so a slice's array depends only on its own pixels, never on the volume around it: the same slice
+  stored alone (a 16-bit or 8-bit PNG, a 2D ``.npy``) or inside a NIfTI volume, a DICOM series, a
+  multi-page TIFF or a 3D array gives the same array (``tests/test_containers.py``: one real slice in
+  seven containers, within 2/255; measured 0.7/255 at most, for the 8-bit PNGs). A linear
+  window/level change of a slice (or a DICOM rescale) leaves its array unchanged unless the window
+  clips beyond the percentiles; an 8-bit quantisation changes it by at most one step of the 8-bit
+  image on the normalised scale (1/255 when the 8-bit image's range is about the slice's percentile
+  range, as for a generator's [0, 1] output saved as 8-bit). The **background rule** of a volume's
+  slices is decided, as before, on the volume-normalised intensities
+  (:func:`inspector.preprocess.normalise_volume`, the same percentiles over the whole volume), so that
+  near-empty slices at the ends of a volume (which a per-slice stretch would make look like
+  foreground) are still skipped; a lone 2D image is judged on itself. A constant slice has nothing
+  to normalise and is skipped (as a constant lone image is), also when the background rule is off.
+  Then the square resize is applied per slice.
 * **NIfTI / MGH orientation**: the image is reoriented to the closest canonical (RAS+) orientation;
   ``sagittal`` slices along voxel axis 0, ``coronal`` along axis 1, ``axial`` along axis 2. Every
   slice is shown in the radiological convention: patient right on the image left; axial and coronal
@@ -131,7 +145,14 @@ from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
-from .preprocess import ConstantImageError, PreprocessConfig, is_background, normalise_volume, resize_square
+from .preprocess import (
+    ConstantImageError,
+    PreprocessConfig,
+    is_background,
+    normalise_slice,
+    normalise_volume,
+    resize_square,
+)
 from .privacy import load_or_create_key, pseudonym
 from .types import Cohort, SkippedFile, Slice, SourceFile, raw_pixel_hash
 
@@ -2082,16 +2103,28 @@ def _unit_slices(u: _Unit, config: LoadConfig, skipped: list[SkippedFile]) -> li
     label = u.override.label if u.override is not None else None
     out = []
     for k in keep:
-        s = norm[k]
+        v = norm[k]  # volume-normalised: decides the background rule only
         idx = u.indices[k]
-        if is_background(s, pp):
-            frac = float((s > pp.foreground_threshold).mean())
-            const = "constant slice; " if float(s.max()) - float(s.min()) <= 1e-8 else ""
+        if is_background(v, pp):
+            frac = float((v > pp.foreground_threshold).mean())
+            const = "constant slice; " if float(v.max()) - float(v.min()) <= 1e-8 else ""
             reason = f"background-only slice ({const}foreground fraction {frac:.3f} < {pp.min_foreground_fraction:g})"
             skipped.append(SkippedFile(f"{u.path}#{idx}", reason))
             log.debug("skipped %s#%d: %s", u.path, idx, reason)
             continue
         raw_k = np.asarray(raw[k])
+        try:  # the array: the slice normalised on its own (NaN/Inf were logged once for the volume above)
+            # a lone 2D image: its volume normalisation is already the slice's own
+            s = (
+                norm[k]
+                if n == 1
+                else normalise_slice(vol[k], pp.percentiles, name=f"{u.path}#{idx}", log_nonfinite=False)
+            )
+        except ConstantImageError as e:
+            reason = f"constant slice: {e}"
+            skipped.append(SkippedFile(f"{u.path}#{idx}", reason))
+            log.debug("skipped %s#%d: %s", u.path, idx, reason)
+            continue
         arr = resize_square(s, pp.size) if pp.size is not None else s
         out.append(
             Slice(

@@ -1,5 +1,17 @@
 """Preprocessing (intensity normalisation, background rule, square resizing) and the augmentation family.
 
+Intensity rule (the same for every container): each slice's array is normalised on its own
+(:func:`normalise_slice`: its robust percentiles, 0.5 and 99.5 by default, mapped to 0 and 1, then
+clipped), so a slice's array depends only on its own pixels, whether it was stored alone (a 16-bit or
+8-bit PNG, a 2D ``.npy``) or inside a volume (NIfTI, a DICOM series, a multi-page TIFF, a 3D array).
+Percentiles commute with any increasing affine map, so a linear window/level change leaves the result
+unchanged (up to float rounding) unless the window clips more than the tails beyond the percentiles,
+and an 8-bit quantisation changes it by about one step of the 8-bit image on the normalised scale
+(1/255 when the 8-bit image's range is about the percentile range; measured at most 0.8 of a step on
+real slices, two steps in the worst case). Only the background rule (:func:`is_background`) of a
+volume's slices is decided on the volume-normalised intensities (:func:`normalise_volume`), so that
+the near-empty slices at the ends of a volume are still skipped; a lone 2D image is judged on itself.
+
 The augmentation family of the benchmark protocol lives here, seeded, so that the contrastive
 encoder's training views, the benchmarks' planted copies and the tests all share one implementation.
 All geometric transforms run batched in torch (``affine_grid`` + ``grid_sample``), on whatever device
@@ -23,6 +35,7 @@ __all__ = [
     "PreprocessConfig",
     "ConstantImageError",
     "normalise_volume",
+    "normalise_slice",
     "is_background",
     "resize_square",
     "Augmentation",
@@ -49,7 +62,9 @@ class PreprocessConfig:
     Attributes
     ----------
     percentiles : tuple of float
-        Lower and upper percentiles per volume (or per 2D image) mapped to 0 and 1, then clipped.
+        Lower and upper percentiles of each slice mapped to 0 and 1, then clipped
+        (:func:`normalise_slice`; the background rule of a volume's slices uses the same percentiles
+        of the whole volume, :func:`normalise_volume`).
     size : int or None
         Output square size in pixels (aspect ratio kept, zero padded). ``None`` keeps the native size.
     foreground_threshold : float
@@ -77,10 +92,12 @@ class PreprocessConfig:
 def normalise_volume(
     volume: np.ndarray, percentiles: tuple[float, float] = (0.5, 99.5), *, name: str = "image"
 ) -> np.ndarray:
-    """Robust intensity normalisation of a volume or image to ``[0, 1]``.
+    """Robust intensity normalisation of a whole volume (or image) to ``[0, 1]``, one mapping for all voxels.
 
-    NaN values become the lower percentile (background) and ±Inf are clipped to the finite range;
-    either case is logged with the count, never silently.
+    The loader uses it only for the background rule of a volume's slices; a slice's array is
+    normalised on its own (:func:`normalise_slice`). NaN values become the lowest finite value
+    (background) and ±Inf are clipped to the finite range; either case is logged with the count,
+    never silently.
 
     Parameters
     ----------
@@ -100,6 +117,57 @@ def normalise_volume(
     ConstantImageError
         If the finite values have no range (constant image) or there are no finite values.
     """
+    return _normalise(volume, percentiles, name=name, log_nonfinite=True)
+
+
+def normalise_slice(
+    image: np.ndarray,
+    percentiles: tuple[float, float] = (0.5, 99.5),
+    *,
+    name: str = "slice",
+    log_nonfinite: bool = True,
+) -> np.ndarray:
+    """Normalise one 2D slice on its own: its robust percentiles mapped to 0 and 1, then clipped.
+
+    The intensity rule of every loaded slice, whatever its container: the result depends only on
+    the slice's own pixels (never on the volume around it), so the same slice stored as a 16-bit or
+    8-bit PNG, a ``.npy`` array, inside a NIfTI volume or a DICOM series gives the same array.
+    Invariant (up to float rounding) to any increasing affine map of the intensities (a linear
+    window/level change, a rescale slope/intercept) that does not clip beyond the percentiles; an
+    8-bit quantisation changes it by about one 8-bit step on the normalised scale (at most two:
+    rounding moves each value and each percentile by half a step). When the
+    percentiles coincide (a very sparse slice) the full range is used. NaN values become the slice's
+    lowest finite value and ±Inf are clipped to its finite range.
+
+    Parameters
+    ----------
+    image : np.ndarray, shape (H, W)
+        Raw intensities of one slice.
+    percentiles : tuple of float
+        Lower and upper percentiles (in [0, 100]) mapped to 0 and 1.
+    name : str
+        Used in messages.
+    log_nonfinite : bool
+        Log a warning with the count of NaN/Inf values (the loader logs them once per volume instead).
+
+    Returns
+    -------
+    np.ndarray, shape (H, W), float32 in [0, 1]
+
+    Raises
+    ------
+    ValueError
+        If ``image`` is not 2D.
+    ConstantImageError
+        If the slice's finite values have no range (constant slice) or there are none.
+    """
+    arr = np.asarray(image)
+    if arr.ndim != 2:
+        raise ValueError(f"normalise_slice expects a 2D slice (H, W); {name} has shape {arr.shape}.")
+    return _normalise(arr, percentiles, name=name, log_nonfinite=log_nonfinite)
+
+
+def _normalise(volume: np.ndarray, percentiles: tuple[float, float], *, name: str, log_nonfinite: bool) -> np.ndarray:
     v = np.asarray(volume, dtype=np.float64)
     if v.size == 0:
         raise ConstantImageError(f"{name} is empty (shape {v.shape}).")
@@ -108,7 +176,8 @@ def normalise_volume(
         n_bad = int((~finite).sum())
         if not finite.any():
             raise ConstantImageError(f"{name} holds no finite values ({n_bad} NaN/Inf).")
-        log.warning("%s: %d NaN/Inf values replaced (NaN -> background, +-Inf -> clipped)", name, n_bad)
+        if log_nonfinite:
+            log.warning("%s: %d NaN/Inf values replaced (NaN -> background, +-Inf -> clipped)", name, n_bad)
         fmin, fmax = float(v[finite].min()), float(v[finite].max())
         v = np.where(np.isnan(v), fmin, v)
         v = np.clip(v, fmin, fmax)
@@ -499,5 +568,3 @@ def random_views(
     x = _gaussian_blur(x, u(0, max_blur))
     x = x + torch.randn(x.shape, generator=generator, device=dev, dtype=dt) * u(0, noise)[:, None, None]
     return x.clamp_(0, 1)
-
-

@@ -34,7 +34,7 @@ from inspector.io import (
     pseudonymise,
     read_labels,
 )
-from inspector.preprocess import PreprocessConfig, normalise_volume
+from inspector.preprocess import PreprocessConfig, normalise_slice, normalise_volume
 from inspector.privacy import KEY_ENV_VAR, load_or_create_key
 from inspector.types import Cohort, Slice, SourceFile, raw_pixel_hash
 
@@ -169,7 +169,6 @@ def test_nifti_axis_choice_shapes_spacing_and_content(tmp_path, axis, vox_axis, 
     c = load_cohort(tmp_path, LoadConfig(axis=axis, preprocess=PreprocessConfig(size=None)))
     assert len(c) == n
     assert [s.slice_index for s in c] == list(range(n))
-    norm = normalise_volume(data, (0.5, 99.5))
     for s in c:
         assert s.axis == axis
         assert s.subject_id == "sub-01"
@@ -178,7 +177,8 @@ def test_nifti_axis_choice_shapes_spacing_and_content(tmp_path, axis, vox_axis, 
         assert s.spacing == spacing
         raw = io_display(np.take(data, s.slice_index, axis=vox_axis))
         assert s.sha256 == raw_pixel_hash(raw)
-        assert_allclose(s.array, io_display(np.take(norm, s.slice_index, axis=vox_axis)), atol=1e-6)
+        # each slice is normalised on its own (its percentiles), not with the volume's
+        assert_allclose(s.array, normalise_slice(raw, (0.5, 99.5)), atol=1e-6)
 
 
 def test_nifti_radiological_orientation_and_canonical_reorientation(tmp_path):
@@ -303,8 +303,8 @@ def test_dicom_series_order_recovered_from_image_position(tmp_path):
     assert io_keys(c) == [f"series#{k}" for k in range(n)]
     assert [s.sha256 for s in c] == [raw_pixel_hash(v) for v in vols[::-1]]
     assert all(s.axis == "sagittal" for s in c)
-    means = [float(s.array.mean()) for s in c]
-    assert means == sorted(means, reverse=True)
+    for s, v in zip(c, vols[::-1], strict=True):  # each slice normalised on its own, in position order
+        assert_allclose(s.array, normalise_slice(v), atol=1e-6)
     assert len(c.subjects) == 1
 
 
@@ -339,8 +339,9 @@ def test_dicom_rescale_slope_intercept_applied(tmp_path):
     assert io_keys(c) == ["s#0", "s#1"]
     assert c[0].sha256 == raw_pixel_hash(stored)  # identity rescale keeps the stored values
     assert c[1].sha256 == raw_pixel_hash(stored.astype(np.float64) * 3.0 - 100.0)
-    # normalised over the whole series: the rescaled slice is brighter
-    assert float(c[1].array.mean()) > float(c[0].array.mean()) + 0.2
+    # each slice is normalised on its own: an increasing affine rescale leaves its array unchanged
+    assert_allclose(c[1].array, c[0].array, atol=1e-6)
+    assert_allclose(c[0].array, normalise_slice(stored), atol=1e-6)
 
 
 def test_dicom_monochrome1_is_inverted(tmp_path):
@@ -716,9 +717,12 @@ def test_background_and_constant_slices_of_a_volume_are_listed(tmp_path):
     r = io_reasons(c)
     assert r["v.npy#1"] == "background-only slice (constant slice; foreground fraction 0.000 < 0.05)"
     assert r["v.npy#3"] == "background-only slice (foreground fraction 0.004 < 0.05)"
-    # the rule can be switched off: the bright-pixel slice is then kept
+    # the rule can be switched off: the bright-pixel slice is then kept (stretched on its own); the
+    # constant slice has nothing to normalise and is skipped, as a constant lone image is
     c2 = load_cohort(tmp_path, LoadConfig(preprocess=PreprocessConfig(size=None, min_foreground_fraction=0)))
-    assert [s.slice_index for s in c2] == [0, 1, 2, 3, 4]
+    assert [s.slice_index for s in c2] == [0, 2, 3, 4]
+    assert io_reasons(c2)["v.npy#1"].startswith("constant slice: v.npy#1 is constant (all values 0)")
+    assert c2[2].array.max() == 1.0 and (c2[2].array > 0).sum() == 1
 
 
 def test_all_background_folder_raises_with_reasons(tmp_path):
@@ -1339,6 +1343,21 @@ def test_bad_nan_and_inf_values(tmp_path, caplog):
     r = io_reasons(c)
     assert "no finite values" in r["all_nan.npy"] and "no finite values" in r["all_inf.npy"]
     assert "NaN/Inf values replaced" in caplog.text
+
+
+def test_nan_in_a_volume_is_logged_once_and_each_slice_normalised_on_its_own(tmp_path, caplog):
+    vol = io_image((16, 16, 3), seed=342).astype(np.float32)
+    vol[0, :4, 1] = np.nan  # NaN -> the slice's lowest finite value
+    vol[:, :, 2] = np.nan  # a slice without finite values: background under the volume's mapping
+    np.save(tmp_path / "v.npy", vol)
+    with caplog.at_level(logging.WARNING, logger="inspector"):
+        c = load_cohort(tmp_path, NATIVE)
+    assert io_keys(c) == ["v.npy#0", "v.npy#1"]
+    assert caplog.text.count("NaN/Inf values replaced") == 1 and "v.npy: 260 NaN/Inf" in caplog.text
+    s1 = vol[:, :, 1].astype(np.float64)
+    s1[0, :4] = np.nanmin(s1)
+    assert_allclose(c[1].array, normalise_slice(s1), atol=1e-6)
+    assert io_reasons(c)["v.npy#2"].startswith("background-only slice (constant slice;")
 
 
 def test_bad_extreme_float_values_do_not_abort_the_load(tmp_path):

@@ -18,6 +18,7 @@ from inspector.preprocess import (
     apply_condition,
     augment,
     is_background,
+    normalise_slice,
     normalise_volume,
     random_views,
     resize_square,
@@ -56,6 +57,47 @@ def test_normalise_volume_nan_inf_handled_and_logged(caplog):
 def test_normalise_volume_constant_raises(bad):
     with pytest.raises(ConstantImageError):
         normalise_volume(bad)
+
+
+def test_normalise_slice_is_the_slice_on_its_own():
+    """Each slice's own percentiles, not its volume's: two slices at different ranges both span [0, 1]."""
+    img = _blob(48, seed=3).astype(np.float64)
+    out = normalise_slice(img)
+    lo, hi = np.percentile(img, (0.5, 99.5))
+    assert out.shape == img.shape and out.dtype == np.float32
+    assert_allclose(out, np.clip((img - lo) / (hi - lo), 0, 1), atol=1e-6)
+    assert_allclose(out, normalise_volume(img), atol=0)  # a lone image: the same mapping
+    vol = np.stack([img * 10.0, img * 1000.0 + 5.0])
+    per_volume = normalise_volume(vol)
+    assert float(per_volume[0].max()) < 0.05  # the volume rule squashes the dim slice
+    for k in range(2):
+        assert_allclose(normalise_slice(vol[k]), out, atol=1e-6)  # the slice rule does not
+    # percentiles are a parameter
+    assert_allclose(normalise_slice(img, (2.0, 98.0)), normalise_volume(img, (2.0, 98.0)), atol=0)
+
+
+def test_normalise_slice_window_level_invariance():
+    img = _blob(48, seed=4).astype(np.float64)
+    ref = normalise_slice(img)
+    assert_allclose(normalise_slice(img * 3700.0 - 250.0), ref, atol=1e-6)
+    lo, hi = np.percentile(img, (0.5, 99.5))
+    assert_allclose(normalise_slice(np.clip(img, lo - 0.01, hi + 0.01)), ref, atol=1e-6)  # clips beyond: none
+
+
+def test_normalise_slice_errors_and_nonfinite(caplog):
+    with pytest.raises(ValueError, match=r"2D slice .*shape \(2, 4, 4\)"):
+        normalise_slice(np.ones((2, 4, 4)), name="v.nii")
+    with pytest.raises(ConstantImageError, match="s.png is constant"):
+        normalise_slice(np.full((5, 5), 3.0), name="s.png")
+    v = np.linspace(0, 1, 400).reshape(20, 20)
+    v[0, 0], v[1, 1] = np.nan, np.inf
+    with caplog.at_level("WARNING"):
+        out = normalise_slice(v, name="a#3")
+    assert out[0, 0] == 0.0 and out[1, 1] == 1.0 and "2 NaN/Inf" in caplog.text and "a#3" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        normalise_slice(v, name="a#3", log_nonfinite=False)  # the loader logs once per volume instead
+    assert "NaN/Inf" not in caplog.text
 
 
 def test_sparse_image_falls_back_to_full_range():
