@@ -113,13 +113,13 @@ class Slice:
         if not np.isfinite(arr).all():
             raise ValueError(
                 f"Slice {self.path!r}[{self.slice_index}] holds NaN or Inf values; "
-                "preprocess it with inspector.preprocess.normalise_volume first."
+                "preprocess it with inspector.preprocess.normalise_slice first."
             )
         lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
             raise ValueError(
                 f"Slice {self.path!r}[{self.slice_index}] has intensities in [{lo:.4g}, {hi:.4g}], "
-                "expected [0, 1]; normalise it with inspector.preprocess.normalise_volume."
+                "expected [0, 1]; normalise it with inspector.preprocess.normalise_slice."
             )
         if self.axis not in AXES:
             raise ValueError(f"Slice axis {self.axis!r} is not one of {AXES}.")
