@@ -9,6 +9,22 @@ Training is seeded and deterministic on CPU, and the trained weights are cached 
 ``<cache_dir>/ssl/<key>.pt`` where the key hashes T's pixels, the training settings and the version,
 so the same cohort never trains twice. A corrupt cached file is removed and the model retrained.
 
+Bounded training: the run is ``min(epochs * steps_per_epoch, max_steps)`` optimisation steps
+(``steps_per_epoch = ceil(|T| / train_batch)``), and stops early after the step that passes
+``max_seconds`` of wall time. Without the bound the cost grows linearly with |T| (about 37 s per
+1,000 training slices on the development machine, an hour at 100k slices); with it the cost is
+bounded whatever |T|: about 0.06 s per step at the defaults there, so 1500 steps take about 90 s.
+Cohorts of up to ``max_steps / epochs * train_batch`` slices (2,400 at the defaults) train exactly as
+without the bound (bit-identical weights). Beyond that, minibatches still come from fresh random
+permutations (epochs) of T, the last one cut where the budget ends, so every slice is equally likely
+to be seen, and the cosine learning-rate schedule spans the steps actually planned, decaying to ~0 at
+the end. ``max_steps`` is part of the weight-cache key; ``max_seconds`` is not, since a run cut by the
+clock is not reproducible across machines (or loads): the cached file records ``steps_done`` of
+``steps_planned`` and the cap it ran under, a complete run is reused under any cap, and a run the
+clock cut short is reused only under a cap no larger than its own (``0 < max_seconds <= its cap``);
+otherwise the model is retrained, so more time buys the full run instead of the truncated weights.
+The measurement below is within the budget (150 slices: 20 epochs of 5 steps).
+
 Layers ``stage1`` … ``stage4`` are the outputs of the four stages (strides 2, 4, 8, 16), each
 pooled over space (global average, optionally concatenated with global max).
 
@@ -63,7 +79,12 @@ _TRAIN_FIELDS = (
     "temperature",
     "train_batch",
     "proj_dim",
+    "max_steps",
 )
+#: Training settings deliberately left out of the weight-cache key (see the module docstring).
+_CLOCK_FIELDS = ("max_seconds",)
+#: Wall clock of the training loop (a module attribute so that tests can substitute a fake clock).
+_clock = time.perf_counter
 
 
 @dataclass(frozen=True)
@@ -79,7 +100,21 @@ class SslConfig(ExtractorConfig):
     width : int
         Channels of the first stage; stage ``s`` has ``width * 2**(s-1)``.
     epochs : int
-        Passes over T.
+        Passes over T, as long as the budget allows: the run is
+        ``min(epochs * steps_per_epoch, max_steps)`` steps with ``steps_per_epoch = ceil(|T| / train_batch)``.
+    max_steps : int
+        Most optimisation steps of a training run, default 1500 (about 90 s on the development CPU at
+        the defaults), so that the cost does not grow with |T|. Cohorts of up to
+        ``max_steps / epochs * train_batch`` slices (2,400 at the defaults) train exactly as with no
+        bound; larger ones draw fresh permutations of T until the budget ends, and the cosine schedule
+        spans the bounded number of steps. Part of the weight-cache key.
+    max_seconds : float
+        Wall-clock cap of a training run in seconds, default 240; training stops after the step that
+        passes it, with a logged warning, and records ``steps_done``. 0 disables it. A capped run
+        depends on the machine's speed, so this is not part of the weight-cache key (nor of the
+        fingerprint, whose weight hash already tells the weights apart): cached weights record
+        ``steps_done`` and are reused when complete, or when cut short under a cap at least as large as
+        the current one; otherwise the model is retrained.
     lr, weight_decay : float
         AdamW settings (cosine decay after a short warm-up).
     temperature : float
@@ -103,6 +138,8 @@ class SslConfig(ExtractorConfig):
     train_batch: int = 32
     proj_dim: int = 64
     pool: str = "avg"
+    max_steps: int = 1500
+    max_seconds: float = 240.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -120,6 +157,20 @@ class SslConfig(ExtractorConfig):
             )
         if self.pool not in _POOLS:
             raise ValueError(f"pool {self.pool!r} is not one of {_POOLS}.")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int | np.integer) or self.max_steps < 1:
+            raise ValueError(
+                f"max_steps must be an integer >= 1 (optimisation steps of a training run); got {self.max_steps!r}. "
+                "Use e.g. max_steps=1500, or a very large value to train all epochs * steps_per_epoch steps."
+            )
+        object.__setattr__(self, "max_steps", int(self.max_steps))
+        if isinstance(self.max_seconds, bool) or not isinstance(self.max_seconds, int | float | np.number):
+            raise ValueError(f"max_seconds must be a number of seconds; got {self.max_seconds!r}.")
+        if not self.max_seconds >= 0:  # also refuses NaN
+            raise ValueError(
+                f"max_seconds must be >= 0 (a wall-clock cap on training, in seconds); got {self.max_seconds!r}. "
+                "Use e.g. max_seconds=240, or max_seconds=0 to disable the cap."
+            )
+        object.__setattr__(self, "max_seconds", float(self.max_seconds))
 
 
 def _conv_bn(cin: int, cout: int, stride: int) -> list[nn.Module]:
@@ -216,9 +267,14 @@ class SslExtractor(Extractor):
     Attributes
     ----------
     loss_history : list of float
-        Mean NT-Xent loss per epoch of the last training (from the cache file when loaded).
+        Mean NT-Xent loss per block of ``ceil(steps_planned / epochs)`` steps of the last training (one
+        epoch when the budget does not bind; the last block may be partial), from the cache file when
+        loaded.
     train_seconds : float
         Wall time of that training.
+    steps_done, steps_planned : int
+        Optimisation steps done and planned (``min(epochs * steps_per_epoch, max_steps)``); fewer done
+        when ``max_seconds`` cut the run short.
     from_cache : bool
         Whether the last :meth:`fit` loaded cached weights instead of training.
     weights_path : Path or None
@@ -235,6 +291,8 @@ class SslExtractor(Extractor):
         self.model: SslNet | None = None
         self.loss_history: list[float] = []
         self.train_seconds = 0.0
+        self.steps_done = 0
+        self.steps_planned = 0
         self.from_cache = False
         self.weights_path: Path | None = None
         self.train_hash: str | None = None
@@ -258,6 +316,13 @@ class SslExtractor(Extractor):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             return SslNet(cfg.width, cfg.proj_dim)
+
+    def _fingerprint_config(self) -> dict[str, Any]:
+        # the wall-clock cap changes the output only through the weights, which the fingerprint hashes
+        cfg = self.config.to_dict()
+        for k in _CLOCK_FIELDS:
+            cfg.pop(k, None)
+        return cfg
 
     def weights_key(self, images: np.ndarray) -> str:
         """Cache key of the weights trained on ``images`` under this config (64 hex characters)."""
@@ -289,7 +354,9 @@ class SslExtractor(Extractor):
         cache_dir : path, optional
             Cache root; weights go to ``cache_dir/ssl/<key>.pt``. None disables weight caching.
         progress : callable, optional
-            ``progress("training", step, total_steps)``.
+            ``progress("training", step, total_steps)`` with the bounded ``total_steps``
+            (``min(epochs * steps_per_epoch, max_steps)``); a run cut by ``max_seconds`` ends with
+            ``(total_steps, total_steps)`` after its last step.
 
         Returns
         -------
@@ -310,23 +377,29 @@ class SslExtractor(Extractor):
         path = Path(cache_dir).expanduser() / "ssl" / f"{key}.pt" if cache_dir is not None else None
         self.weights_path = path
         self.train_hash = key
-        if path is not None and path.exists() and self._load_cached(path, key):
+        total = self._total_steps(len(x))
+        if path is not None and path.exists() and self._load_cached(path, key, total):
             self.from_cache = True
             if progress:
-                total = self._total_steps(len(x))
                 progress("training", total, total)
             return self
-        t0 = time.perf_counter()
-        model, losses = self._train(x, progress)
-        self.train_seconds = time.perf_counter() - t0
+        t0 = _clock()
+        model, losses, steps_done = self._train(x, progress)
+        self.train_seconds = _clock() - t0
         self._set_model(model)
         self.loss_history = losses
+        self.steps_done = steps_done
+        self.steps_planned = total
         self.from_cache = False
         log.info(
-            "ssl trained on %d slices in %.1fs (%d epochs, loss %.3f -> %.3f)",
+            "ssl trained on %d slices: %d / %d steps (%d epochs of %d steps, max_steps %d) in %.1fs, loss %.3f -> %.3f",
             len(x),
-            self.train_seconds,
+            steps_done,
+            total,
             self.config.epochs,
+            self._steps_per_epoch(len(x)),
+            self.config.max_steps,
+            self.train_seconds,
             losses[0],
             losses[-1],
         )
@@ -335,13 +408,15 @@ class SslExtractor(Extractor):
         return self
 
     def _total_steps(self, n: int) -> int:
-        return self.config.epochs * self._steps_per_epoch(n)
+        """Planned optimisation steps on ``n`` slices: ``min(epochs * steps_per_epoch, max_steps)``."""
+        return min(self.config.epochs * self._steps_per_epoch(n), self.config.max_steps)
 
     def _steps_per_epoch(self, n: int) -> int:
         # ceil(n / train_batch) batches of near-equal size, each of at least 2 slices (nothing dropped)
         return max(1, min(math.ceil(n / self.config.train_batch), n // 2))
 
-    def _train(self, images: np.ndarray, progress: ProgressFn | None) -> tuple[SslNet, list[float]]:
+    def _train(self, images: np.ndarray, progress: ProgressFn | None) -> tuple[SslNet, list[float], int]:
+        """Train a fresh model; returns it, the block losses (see ``loss_history``) and the steps done."""
         from ..preprocess import random_views
 
         cfg = self.config
@@ -363,12 +438,17 @@ class SslExtractor(Extractor):
             t = (step - warm) / max(1, total - warm)
             return cfg.lr * 0.5 * (1 + math.cos(math.pi * t))
 
+        # loss logged per block of ``block`` steps: one epoch when the budget does not bind
+        block = steps_per_epoch if total == cfg.epochs * steps_per_epoch else math.ceil(total / cfg.epochs)
         losses: list[float] = []
+        block_loss, block_steps = 0.0, 0
         step = 0
+        capped = False
+        t0 = _clock()
         model.train()
-        for _ in range(cfg.epochs):
+        while step < total and not capped:
+            # a fresh permutation of T per epoch, as without the budget; the last one is cut at the budget
             perm = torch.randperm(n, generator=cpu_gen).to(dev)
-            epoch_loss = 0.0
             for idx in torch.tensor_split(perm, steps_per_epoch):
                 batch = x_all[idx]
                 views = torch.cat([random_views(batch, gen), random_views(batch, gen)])
@@ -379,13 +459,35 @@ class SslExtractor(Extractor):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                epoch_loss += float(loss.detach())
+                block_loss += float(loss.detach())
+                block_steps += 1
                 step += 1
                 if progress:
                     progress("training", step, total)
-            losses.append(epoch_loss / steps_per_epoch)
+                if block_steps == block:
+                    losses.append(block_loss / block_steps)
+                    block_loss, block_steps = 0.0, 0
+                if step >= total:
+                    break
+                if cfg.max_seconds > 0 and _clock() - t0 >= cfg.max_seconds:
+                    capped = True
+                    break
+        if block_steps:
+            losses.append(block_loss / block_steps)
+        if capped:
+            log.warning(
+                "ssl training hit max_seconds=%g after %d of %d steps (%.1fs); the weights are under-trained "
+                "and depend on this machine's speed (raise max_seconds, or set 0 to disable the cap, for the "
+                "full reproducible run)",
+                cfg.max_seconds,
+                step,
+                total,
+                _clock() - t0,
+            )
+            if progress:  # the stage is over: close it at its total, as a cache hit does
+                progress("training", total, total)
         model.eval()
-        return model, losses
+        return model, losses, step
 
     def _set_model(self, model: SslNet) -> None:
         self.model = model.to(self.device, memory_format=torch.channels_last).eval().requires_grad_(False)
@@ -402,6 +504,9 @@ class SslExtractor(Extractor):
             "n_images": n,
             "losses": list(self.loss_history),
             "seconds": self.train_seconds,
+            "steps_done": int(self.steps_done),
+            "steps_planned": int(self.steps_planned),
+            "max_seconds": float(self.config.max_seconds),
             "state_dict": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
         }
         buf = io.BytesIO()
@@ -411,13 +516,16 @@ class SslExtractor(Extractor):
         except OSError as e:
             warnings.warn(f"Could not cache the trained ssl weights at {path} ({e}); continuing.", stacklevel=3)
 
-    def _load_cached(self, path: Path, key: str) -> bool:
+    def _load_cached(self, path: Path, key: str, planned: int) -> bool:
+        """Load the weights cached at ``path``; False (retrain) when unreadable or cut short under a smaller cap."""
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(payload, dict) or payload.get("format") != "inspector-ssl":
                 raise ValueError("not an inspector ssl weights file")
             if payload.get("key") != key or payload.get("ssl_version") != SSL_VERSION:
                 raise ValueError("key or version mismatch")
+            done = int(payload.get("steps_done", planned))
+            file_cap = float(payload.get("max_seconds", 0.0))
             model = self._new_model()
             model.load_state_dict(payload["state_dict"], strict=True)
             if not all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point()):
@@ -429,10 +537,35 @@ class SslExtractor(Extractor):
             )
             path.unlink(missing_ok=True)
             return False
+        cap = self.config.max_seconds
+        if done < planned:
+            if cap == 0 or cap > file_cap:
+                # more time is allowed now than the truncated run had: retrain (the file is overwritten)
+                log.info(
+                    "cached ssl weights %s stopped at %d of %d steps under max_seconds=%g; retraining under "
+                    "max_seconds=%g",
+                    path,
+                    done,
+                    planned,
+                    file_cap,
+                    cap,
+                )
+                return False
+            log.warning(
+                "cached ssl weights %s were cut at %d of %d steps by max_seconds=%g (>= the current %g); "
+                "reusing them (set max_seconds=0, or a larger cap, to retrain with more time)",
+                path,
+                done,
+                planned,
+                file_cap,
+                cap,
+            )
         self._set_model(model)
         self.loss_history = [float(v) for v in payload.get("losses", [])]
         self.train_seconds = float(payload.get("seconds", 0.0))
-        log.info("ssl weights loaded from cache %s", path)
+        self.steps_done = done
+        self.steps_planned = planned
+        log.info("ssl weights loaded from cache %s (%d / %d steps)", path, done, planned)
         return True
 
     # -- extraction -----------------------------------------------------------------------------
