@@ -261,14 +261,14 @@ def _grid(p: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tens
     The mask is 1 where all four bilinear neighbours lie inside the moving image (no zero padding mixed in).
     """
     n, r = p.shape[0], X.shape[-1]
-    c = (p[:, 0] + 1.0)[:, None, None]
-    s = p[:, 1][:, None, None]
-    grid = torch.empty((n, r, r, 2), device=p.device, dtype=p.dtype)
-    xm, ym = grid[..., 0], grid[..., 1]
-    xm.copy_(X * c - Y * s + p[:, 2, None, None])
-    ym.copy_(X * s + Y * c + p[:, 3, None, None])
+    c = p[:, 0] + 1.0
+    s = p[:, 1]
+    # one batched matmul writes the grid in grid_sample's layout: [x y 1] @ [[c, s], [-s, c], [tx, ty]]
+    A = torch.stack([torch.stack([c, s], -1), torch.stack([-s, c], -1), p[:, 2:4]], dim=1)  # (n, 3, 2)
+    base = torch.stack([X.reshape(-1), Y.reshape(-1), torch.ones_like(X).reshape(-1)], -1)  # (P, 3)
+    grid = torch.matmul(base, A).view(n, r, r, 2)
     lim = 1.0 - 1.0 / r + 1e-5
-    mask = ((xm.abs() <= lim) & (ym.abs() <= lim)).to(p.dtype)
+    mask = (grid.abs().amax(-1) <= lim).to(p.dtype)
     return grid, mask
 
 

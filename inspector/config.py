@@ -80,6 +80,9 @@ class AuditConfig:
         training set, searched over every view), registered beside the encoder's shortlist: an encoder
         trained for invariance stops separating look-alike subjects of one protocol as the cohort grows
         (benchmarks/RESULTS.md, look-alike cohorts); 0 turns it off.
+    verify_top : int
+        Pruned verification: every candidate is registered coarsely (32 px) under every orientation, and the
+        best verify_top per synthetic slice are registered at align_size and scored; 0 verifies all in full.
     top_k : int
         Neighbours kept per layer for display and attribution.
     axis : str
@@ -123,6 +126,7 @@ class AuditConfig:
     shortlist: int = _opt(10, "matching", minimum=1, maximum=10_000)
     align_flips: str = _opt("all", "matching", choices=("all", "matched"))
     descriptor_shortlist: int = _opt(5, "matching", minimum=0, maximum=10_000)
+    verify_top: int = _opt(3, "matching", minimum=0, maximum=10_000)
     top_k: int = _opt(5, "matching", minimum=1, maximum=1_000)
     axis: str = _opt("axial", "input", choices=("axial", "coronal", "sagittal"))
     size: int = _opt(128, "input", minimum=16, maximum=1024)

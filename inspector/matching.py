@@ -146,6 +146,10 @@ class MemorizationScorer:
         to the ``shortlist`` of the encoder's features before registration. An encoder trained for invariance
         stops telling look-alike subjects of one protocol apart as the cohort grows; the descriptor does not
         (benchmarks/RESULTS.md, look-alike cohorts). ``0`` turns it off.
+    verify_top : int
+        Pruned verification: every candidate is first registered under every orientation at 32 px only (a
+        coarse ECC), and only the ``verify_top`` best per query are registered at ``align_size`` and scored;
+        ``0`` registers every candidate in full.
     device : str
         ``auto``, ``cpu`` or ``cuda`` for the search and the registration.
     chunk : int
@@ -163,6 +167,7 @@ class MemorizationScorer:
         align_flips: str = "all",
         margin_k: int = 32,
         descriptor_shortlist: int = 5,
+        verify_top: int = 3,
         device: str = "auto",
         chunk: int = 256,
     ) -> None:
@@ -174,6 +179,7 @@ class MemorizationScorer:
         self.align_flips = align_flips
         self.margin_k = margin_k
         self.descriptor_shortlist = descriptor_shortlist
+        self.verify_top = verify_top
         self.device = device
         self.chunk = chunk
 
@@ -226,6 +232,8 @@ class MemorizationScorer:
             if images.ndim != 3 or images.shape[0] != self.n_:
                 raise ValueError(f"images must have shape ({self.n_}, H, W); got {images.shape}.")
         self.images_ = images
+        if self.verify_top < 0:
+            raise ValueError(f"verify_top must be >= 0 (0 = verify every candidate); got {self.verify_top}.")
         if self.descriptor_shortlist < 0:
             raise ValueError(f"descriptor_shortlist must be >= 0; got {self.descriptor_shortlist}.")
         self.desc_whiteners_: dict[str, Whitener] = {}
@@ -467,13 +475,42 @@ class MemorizationScorer:
         for start in range(0, m, self.chunk):
             rows = np.arange(start, min(m, start + self.chunk))
             r, c = np.nonzero(cand[rows] >= 0)
+            given = None
+            if r.size and 0 < self.verify_top < kk:
+                # pruning: every candidate under every orientation at the coarse level only; the best
+                # `verify_top` per query (those that can still win) are then verified at full resolution
+                # under the orientation found here
+                q = rows[r]
+                pre = register_pairs(
+                    images[q],
+                    self.images_[cand[q, c]],
+                    flips=None if self.align_flips == "all" else flip_names[cand_view[q, c]],
+                    orientations=orientations,
+                    size=min(32, self.align_size),
+                    coarse_size=min(32, self.align_size),
+                    iterations=(8, 0),
+                    flip_candidates=1,
+                    device=self.device,
+                )
+                pre_s = np.full((len(rows), kk), -np.inf, np.float32)
+                pre_s[r, c] = np.nan_to_num(pre.ncc, nan=-1.0)
+                pre_o = np.full((len(rows), kk), View.ID.value, dtype=object)
+                pre_o[r, c] = pre.flip
+                top = np.argsort(-pre_s, axis=1, kind="stable")[:, : self.verify_top]
+                keep = np.zeros((len(rows), kk), bool)
+                np.put_along_axis(keep, top, True, axis=1)
+                keep &= np.isfinite(pre_s)
+                r, c = np.nonzero(keep)
+                given = pre_o[r, c]
             if r.size:
                 q = rows[r]
                 t = cand[q, c]
+                if given is None:
+                    given = None if self.align_flips == "all" else flip_names[cand_view[q, c]]
                 al = register_pairs(
                     images[q],
                     self.images_[t],
-                    flips=None if self.align_flips == "all" else flip_names[cand_view[q, c]],
+                    flips=given,
                     orientations=orientations,
                     size=self.align_size,
                     device=self.device,

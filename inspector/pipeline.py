@@ -332,6 +332,7 @@ def make_matcher(cfg: AuditConfig, *, paper: PaperScorer | None = None) -> Match
         align_size=cfg.align_size,
         align_flips=cfg.align_flips,
         descriptor_shortlist=cfg.descriptor_shortlist,
+        verify_top=cfg.verify_top,
         device=cfg.device,
     )
 
