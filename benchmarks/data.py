@@ -58,7 +58,7 @@ from types import ModuleType
 import numpy as np
 
 from inspector.config import AuditConfig
-from inspector.preprocess import CONDITIONS, PreprocessConfig, apply_condition, normalise_slice, resize_square
+from inspector.preprocess import CONDITIONS, PreprocessConfig, normalise_slice, resize_square
 
 __all__ = [
     "RATES",
@@ -508,8 +508,13 @@ def copy_eligible(bank: SliceBank, split: Split, condition: str) -> np.ndarray:
     A mirror-symmetric slice is never the source of a condition that starts with a horizontal flip:
     the flipped copy would equal its source, so the condition would silently be ``none``.
     """
-    if condition not in CONDITIONS:
-        raise BenchmarkDataError(f"Unknown condition {condition!r}; valid: {sorted(CONDITIONS)}.")
+    from .writers import WRITER_CONDITIONS
+
+    if condition not in CONDITIONS and condition not in WRITER_CONDITIONS:
+        raise BenchmarkDataError(
+            f"Unknown condition {condition!r}; valid: {sorted(CONDITIONS)} and the writer conditions "
+            f"{list(WRITER_CONDITIONS)}."
+        )
     t = split.train
     if condition in builder()._MIRROR_CONDITIONS:
         t = t[~bank.mirror[t]]
@@ -527,8 +532,10 @@ def make_copies(bank: SliceBank, split: Split, condition: str, n: int, seed: int
     src = np.array([i for i in order if int(i) in ok][:n], dtype=np.int64)
     if len(src) < n:
         raise BenchmarkDataError(f"Only {len(src)} training slices are eligible for {condition!r}; {n} requested.")
-    ci = sorted(CONDITIONS).index(condition)
-    imgs = apply_condition(bank.images[src], condition, np.random.default_rng([seed, 404, ci]))
+    from .writers import WRITER_CONDITIONS, apply_any
+
+    ci = sorted(CONDITIONS).index(condition) if condition in CONDITIONS else 100 + WRITER_CONDITIONS.index(condition)
+    imgs = apply_any(bank.images[src], condition, np.random.default_rng([seed, 404, ci]))
     return CopySet(condition, np.ascontiguousarray(imgs, dtype=np.float32), src)
 
 

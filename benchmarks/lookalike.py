@@ -45,6 +45,13 @@ __all__ = ["LookalikeConfig", "run", "tables", "main", "DEFAULT_CONDITIONS"]
 
 log = logging.getLogger(__name__)
 
+#: The matching settings before issue 16 (four flips, encoder shortlist only, every candidate verified in full).
+PREVIOUS: dict[str, Any] = {
+    "views": ("id", "hflip", "vflip", "hvflip"),
+    "descriptor_shortlist": 0,
+    "verify_top": 0,
+}
+
 #: Copy conditions scored on look-alike cohorts (the protocol's, the harder ones, and writer conventions).
 DEFAULT_CONDITIONS: tuple[str, ...] = (
     "none",
@@ -76,16 +83,19 @@ class LookalikeConfig:
         Unseen holdout subjects, unseen novel subjects, copied training subjects.
     methods : dict of str to dict
         Method name -> AuditConfig overrides (``{}`` = the audit's defaults).
+    method_seeds : dict of str to sequence of int
+        Seeds of a method when not all of ``seeds`` (a costly comparison run on fewer seeds).
     cache_dir : Path
     """
 
     sizes: Sequence[int] = (8, 32, 128)
     seeds: Sequence[int] = (0, 1)
     conditions: Sequence[str] = DEFAULT_CONDITIONS
-    n_holdout: int = 6
-    n_novel: int = 6
+    n_holdout: int = 10
+    n_novel: int = 10
     n_copied: int = 2
     methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})
+    method_seeds: dict[str, Sequence[int]] = field(default_factory=dict)
     cache_dir: Path = DATA_DIR / "cache"
 
 
@@ -194,6 +204,8 @@ def run(lc: LookalikeConfig, progress: Callable[[str], None] | None = None) -> t
     for seed in lc.seeds:
         for n in lc.sizes:
             for method, over in lc.methods.items():
+                if seed not in lc.method_seeds.get(method, lc.seeds):
+                    continue
                 r, s = run_one(lc, seed, n, method, over, say)
                 rows += r
                 sizes.append(s)
@@ -272,6 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--conditions", nargs="+", default=list(DEFAULT_CONDITIONS))
     p.add_argument("--pixels", action="store_true", help="also score the default mode with the pixels extractor")
+    p.add_argument("--previous-seeds", type=int, nargs="*", default=[], help="seeds of the previous settings")
     p.add_argument("--set", action="append", default=[], metavar="NAME:FIELD=VALUE", help="an extra method")
     p.add_argument("--out", type=Path, default=Path("benchmarks/_out"))
     a = p.parse_args(argv)
@@ -287,7 +300,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(cur, bool):
             conv = val.lower() in ("1", "true", "yes")
         methods.setdefault(name, {})[key] = conv
-    lc = LookalikeConfig(sizes=a.sizes, seeds=a.seeds, conditions=a.conditions, methods=methods)
+    seeds_of: dict[str, Sequence[int]] = {}
+    if a.previous_seeds:
+        methods["previous"] = dict(PREVIOUS)
+        seeds_of["previous"] = a.previous_seeds
+    lc = LookalikeConfig(
+        sizes=a.sizes, seeds=sorted({*a.seeds, *a.previous_seeds}), conditions=a.conditions, methods=methods
+    )
+    lc.method_seeds = {"default": a.seeds, **seeds_of}
     pc, ps = run(lc, progress=lambda m: print(m, file=sys.stderr, flush=True))
     a.out.mkdir(parents=True, exist_ok=True)
     pc.to_csv(a.out / "lookalike_per_condition.csv", index=False)
@@ -298,3 +318,76 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+#: Targets of issue 16 on look-alike cohorts.
+TARGET_AUC = 0.99
+TARGET_RECALL = 0.99
+
+
+def _cohort_text(per_size: pd.DataFrame) -> str:
+    s = per_size[per_size.method == "default"]
+    seeds = sorted(set(s.seed))
+    sizes = sorted(set(s["size"]))
+    row = s.iloc[0]
+    return (
+        f"Cohorts of {', '.join(map(str, sizes))} training subjects (seeds {', '.join(map(str, seeds))}), each a "
+        f"distinct subject generated from the MNI152 template (`benchmarks/cohort.py`: smooth deformation, affine "
+        f"jitter, bias field, contrast, Rician noise; 1.5 mm, axial slices 4.5 mm apart), split by subject; the "
+        f"holdout is {int(row.n_holdout)} slices of unseen subjects, the novel slices of G are {int(row.n_novel)} "
+        f"slices of other unseen subjects, the copies every slice of 2 training subjects under each condition."
+    )
+
+
+def targets(per_cond: pd.DataFrame, per_size: pd.DataFrame, alpha: float = 0.01) -> str:
+    """Issue 16's look-alike targets for the default mode: a markdown table of (target, measured, met)."""
+    d = per_cond[per_cond.method == "default"]
+    s = per_size[per_size.method == "default"]
+    if d.empty:
+        return "_no default-mode rows_"
+    g = d.groupby(["size", "condition"]).mean(numeric_only=True).reset_index()
+    rows = []
+    w = g.loc[g.auc.idxmin()]
+    rows.append(
+        [
+            f"slice ROC-AUC >= {TARGET_AUC} at every size and condition",
+            f"worst {w.auc:.4f} ({w.condition}, T = {int(w['size'])})",
+            "yes" if g.auc.min() >= TARGET_AUC else "**no**",
+        ]
+    )
+    w = g.loc[g.recall.idxmin()]
+    rows.append(
+        [
+            f"shortlist recall >= {TARGET_RECALL} at every size and condition",
+            f"worst {w.recall:.4f} ({w.condition}, T = {int(w['size'])})",
+            "yes" if g.recall.min() >= TARGET_RECALL else "**no**",
+        ]
+    )
+    for a in (0.01, 0.05):
+        col = f"fpr_{a}"
+        n_nov = s.n_novel.to_numpy()
+        k = float((s[col] * n_nov).sum())
+        f = k / float(n_nov.sum())
+        ok = 0.5 * a <= f <= 2 * a
+        per = ", ".join(f"T={int(n)}: {v:.4f}" for n, v in s.groupby("size")[col].mean().items())
+        rows.append(
+            [
+                f"novel-slice FPR at alpha = {a} in [{0.5 * a:g}, {2 * a:g}] (pooled over sizes and seeds)",
+                f"{int(round(k))}/{int(n_nov.sum())} = {f:.4f} ({per})",
+                "yes" if ok else "**no**",
+            ]
+        )
+    return _md(["target", "measured", "met"], rows)
+
+
+def section(per_cond: pd.DataFrame, per_size: pd.DataFrame) -> str:
+    """The look-alike section of RESULTS.md, every number from the run."""
+    parts = ["## Look-alike cohorts: detection as the cohort grows\n", _cohort_text(per_size) + "\n"]
+    parts.append("### Targets (issue 16)\n")
+    parts.append(targets(per_cond, per_size) + "\n")
+    parts.append(
+        "### Per method and cohort size\n\n`previous` = the matching settings before issue 16 (four flips, the "
+        "encoder's shortlist only, every candidate verified in full), on fewer seeds.\n"
+    )
+    parts.append(tables(per_cond, per_size) + "\n")
+    return "\n".join(parts)

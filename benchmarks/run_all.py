@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from . import detection as det
+from . import lookalike as la
 
 log = logging.getLogger("benchmarks.run_all")
 
@@ -237,6 +238,7 @@ def render(
     seconds: dict[str, float],
     mri_core: str | None,
     calibration: dict | None = None,
+    lookalike: tuple | None = None,
 ) -> str:
     """The whole RESULTS.md."""
     parts = ["# Benchmark results\n"]
@@ -255,6 +257,9 @@ def render(
     )
     if out is not None:
         parts.append(det.headline_section(out, mri_core))
+    if lookalike is not None:
+        parts.append(la.section(*lookalike))
+    if out is not None:
         parts.append("## Detection: full tables\n")
         parts.append(det.summarise(out))
         parts.append("### Runtime of the detection benchmark per split and seed\n")
@@ -279,6 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--mri-core-checkpoint", default=None, help="real MRI-CORE weights (adds the mri-core backbone)")
     ap.add_argument("--speed-timeout", type=float, default=1800.0, help="seconds per speed benchmark")
     ap.add_argument("--out", type=Path, default=None, help="report file (default RESULTS.md; quick: _out/...)")
+    ap.add_argument("--skip-lookalike", action="store_true", help="no look-alike cohort benchmark")
+    ap.add_argument(
+        "--reuse-lookalike",
+        type=Path,
+        default=None,
+        help="re-render the look-alike section from its CSVs in this folder (benchmarks/_out)",
+    )
     ap.add_argument(
         "--reuse-detection",
         type=Path,
@@ -322,6 +334,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds["detection"] = time.perf_counter() - t0
         det.save(out, HERE / "_out")
         print(det.headline_section(out, args.mri_core_checkpoint))
+    lookalike = None
+    if args.reuse_lookalike is not None:
+        import pandas as pd
+
+        lookalike = (
+            pd.read_csv(args.reuse_lookalike / "lookalike_per_condition.csv"),
+            pd.read_csv(args.reuse_lookalike / "lookalike_per_size.csv"),
+        )
+    elif not args.skip_lookalike:
+        t0 = time.perf_counter()
+        lc = la.LookalikeConfig(sizes=(8, 32), seeds=(0,)) if args.quick else la.LookalikeConfig(seeds=(0, 1, 2))
+        if not args.quick:
+            lc.methods["previous"] = dict(la.PREVIOUS)
+            lc.method_seeds = {"default": (0, 1, 2), "previous": (0,)}
+        lookalike = la.run(lc, progress=lambda m: log.info(m))
+        (HERE / "_out").mkdir(exist_ok=True)
+        lookalike[0].to_csv(HERE / "_out" / "lookalike_per_condition.csv", index=False)
+        lookalike[1].to_csv(HERE / "_out" / "lookalike_per_size.csv", index=False)
+        seconds["look-alike"] = time.perf_counter() - t0
     calibration = None
     if not args.skip_calibration:
         t0 = time.perf_counter()
@@ -347,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds=seconds,
         mri_core=args.mri_core_checkpoint,
         calibration=calibration,
+        lookalike=lookalike,
     )
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text, encoding="utf-8")

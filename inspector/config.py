@@ -65,8 +65,10 @@ class AuditConfig:
         Control the false discovery rate across the synthetic set (Benjamini-Hochberg at level alpha)
         instead of a per-slice alpha.
     views : tuple of str
-        Views of each synthetic slice matched against the training set (default mode; see inspector.views).
-        Paper mode uses the identity only.
+        Views of each synthetic slice matched against the training set (default mode; see inspector.views):
+        all eight orientations by default (the flips, the 90-degree rotations, transpose and anti-transpose, a
+        generator's output may come back in any of them); the registration searches the same orientations and
+        the null is scored under exactly the same views. Paper mode uses the identity only.
     rerank : bool
         Alignment-verified re-ranking of the feature shortlist (default mode).
     shortlist : int
@@ -121,7 +123,9 @@ class AuditConfig:
     layers: tuple[str, ...] = _opt((), "method", metavar="NAMES")
     alpha: float = _opt(0.01, "decision")
     fdr: bool = _opt(False, "decision")
-    views: tuple[str, ...] = _opt(("id", "hflip", "vflip", "hvflip"), "matching", metavar="NAMES")
+    views: tuple[str, ...] = _opt(
+        ("id", "hflip", "vflip", "hvflip", "rot90", "rot270", "transpose", "antitranspose"), "matching", metavar="NAMES"
+    )
     rerank: bool = _opt(True, "matching")
     shortlist: int = _opt(10, "matching", minimum=1, maximum=10_000)
     align_flips: str = _opt("all", "matching", choices=("all", "matched"))
