@@ -1,0 +1,117 @@
+"""The default mode's matcher: every orientation, the structure-descriptor shortlist, pruned verification.
+
+Real MRI: sagittal slices of nilearn's MNI152 template (one hemisphere: no flip or rotation of one slice is
+another slice, and none is a symmetry of itself).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_array_equal
+
+from inspector.matching import MemorizationScorer, _union_candidates
+from inspector.models import get_extractor
+from inspector.preprocess import affine_warp, normalise_volume, resize_square
+from inspector.views import DIHEDRAL, View
+
+SIZE = 64
+ALL_VIEWS = tuple(v.value for v in DIHEDRAL)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def train() -> np.ndarray:
+    nilearn_datasets = pytest.importorskip("nilearn.datasets")
+    vol = normalise_volume(np.asarray(nilearn_datasets.load_mni152_template(resolution=2).get_fdata()))
+    return np.stack([resize_square(vol[k], SIZE) for k in range(18, 50, 3)]).astype(np.float32)
+
+
+def _features(images: np.ndarray, views: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+    ext = get_extractor("pixels", input_size=SIZE, device="cpu")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for v in views:
+        x = np.ascontiguousarray(View.parse(v).apply(images))
+        with torch.no_grad():
+            f = ext.forward_batch(torch.from_numpy(x))
+        out[v] = {k: t.numpy().astype(np.float32) for k, t in f.items()}
+    return out
+
+
+@pytest.mark.parametrize("view", list(View))
+def test_a_copy_in_any_orientation_is_matched_to_its_source(train: np.ndarray, view: View) -> None:
+    src = np.array([1, 5, 9])
+    rng = np.random.default_rng(3)
+    q = np.clip(view.apply(train[src]) + rng.normal(0, 0.01, (3, SIZE, SIZE)), 0, 1).astype(np.float32)
+    sc = MemorizationScorer(device="cpu", shortlist=3).fit(_features(train, ("id",))["id"], images=train)
+    res = sc.score_samples(_features(q, ALL_VIEWS), images=q)
+    assert_array_equal(res.nearest, src)
+    assert res.alignment is not None
+    assert_array_equal(res.alignment.flip, [view.value] * 3)
+    assert (res.similarity > 0.97).all(), res.similarity
+    # the candidates hold the source
+    assert res.candidates is not None and (res.candidates == src[:, None]).any(1).all()
+
+
+def test_flips_only_views_miss_a_transposed_copy(train: np.ndarray) -> None:
+    src = np.array([2, 6])
+    q = np.ascontiguousarray(View.TRANSPOSE.apply(train[src]))
+    flips = ("id", "hflip", "vflip", "hvflip")
+    sc = MemorizationScorer(device="cpu", shortlist=3, descriptor_shortlist=0).fit(
+        _features(train, ("id",))["id"], images=train
+    )
+    four = sc.score_samples(_features(q, flips), images=q).similarity
+    eight = sc.score_samples(_features(q, ALL_VIEWS), images=q).similarity
+    assert (eight > 0.98).all() and (four < eight - 0.1).all(), (four, eight)
+
+
+def test_descriptor_shortlist_finds_the_source_when_the_features_cannot(train: np.ndarray) -> None:
+    # features that say nothing (random, fixed per slice): only the structure descriptor can shortlist
+    rng = np.random.default_rng(0)
+    n = len(train)
+    feats = {"noise": rng.normal(size=(n, 16)).astype(np.float32)}
+    src = np.array([0, 4, 7, 10])
+    zoom = torch.tensor([0.7, 0.8, 1.3, 1.5])
+    q = affine_warp(torch.from_numpy(train[src]), 0.0, (0.03, -0.02), zoom).numpy()
+    qf = {"id": {"noise": rng.normal(size=(len(src), 16)).astype(np.float32)}}
+    off = MemorizationScorer(device="cpu", shortlist=1, descriptor_shortlist=0).fit(feats, images=train)
+    on = MemorizationScorer(device="cpu", shortlist=1, descriptor_shortlist=2).fit(feats, images=train)
+    r_off, r_on = off.score_samples(qf, images=q), on.score_samples(qf, images=q)
+    assert (r_on.candidates == src[:, None]).any(1).all()
+    assert_array_equal(r_on.nearest, src)
+    assert (r_on.similarity > 0.97).all(), r_on.similarity
+    assert r_on.similarity.mean() > r_off.similarity.mean() + 0.1
+
+
+def test_pruned_verification_agrees_with_full_verification(train: np.ndarray) -> None:
+    src = np.array([3, 8, 10])
+    q = affine_warp(torch.from_numpy(np.ascontiguousarray(View.HFLIP.apply(train[src]))), 6.0, (0.04, 0.0), 1.1)
+    q = q.numpy()
+    f_t = _features(train, ("id",))["id"]
+    f_q = _features(q, ALL_VIEWS)
+    full = MemorizationScorer(device="cpu", verify_top=0).fit(f_t, images=train).score_samples(f_q, images=q)
+    pruned = MemorizationScorer(device="cpu", verify_top=2).fit(f_t, images=train).score_samples(f_q, images=q)
+    assert_array_equal(pruned.nearest, full.nearest)
+    assert np.abs(pruned.similarity - full.similarity).max() < 0.02
+    with pytest.raises(ValueError, match="verify_top"):
+        MemorizationScorer(verify_top=-1).fit(f_t, images=train)
+    with pytest.raises(ValueError, match="descriptor_shortlist"):
+        MemorizationScorer(descriptor_shortlist=-1).fit(f_t, images=train)
+
+
+def test_union_of_candidate_lists_reference() -> None:
+    a = np.array([[3, 1, -1], [0, 2, 5]])
+    av = np.array([[0, 1, 0], [2, 2, 2]])
+    b = np.array([[1, 7], [9, 0]])
+    bv = np.array([[4, 5], [6, 7]])
+    cand, view = _union_candidates(a, av, b, bv)
+    assert_array_equal(cand, [[3, 1, -1, 7, -1], [0, 2, 5, 9, -1]])
+    assert_array_equal(view, [[0, 1, 0, 5, 0], [2, 2, 2, 6, 0]])
