@@ -128,7 +128,8 @@ class Verdict:
     min_p_value : float
         ``1 / (1 + n_null)``.
     alpha_reachable : bool
-        Whether any slice can be flagged at ``alpha`` (``min_p_value <= alpha``).
+        Whether a copied slice can be flagged at ``(alpha, fdr)`` (:meth:`Calibration.unflaggable` is None:
+        ``min_p_value <= alpha``, and with Benjamini–Hochberg a null large enough for what is flagged).
     mann_whitney_auc, mann_whitney_p : float
         AUC of the synthetic similarities against the null (0.5 = as novel as the null) and its p-value.
     mean_oni, mean_mi_z : float
@@ -212,8 +213,14 @@ class Verdict:
         head = f"{k} of {m} synthetic slices look copied {who}; {chance}"
         if not k:
             head = f"None of {m} synthetic slices looks copied; {chance}"
+        if not k and not self.alpha_reachable:
+            rule_at = "Benjamini–Hochberg at α =" if self.fdr else "α ="
+            head = (
+                f"Nothing can be flagged at {rule_at} {a:g} with this null, so none of the {m} synthetic slices is "
+                "flagged" + ("." if self.copying else ": that says nothing about copying.")
+            )
         if self.copying:
-            tail = f" More {self.unit}s are flagged than chance explains ({self.test}: p = {self.test_p_value:.3g} <= "
+            tail = f" More {self.unit}s have p ≤ α than chance explains ({self.test}: p = {self.test_p_value:.3g} <= "
             tail += f"{self.test_level:g}): the model likely memorised training data."
         elif k:
             tail = " The flagged count is within what chance explains; review the flagged pairs."
@@ -358,6 +365,55 @@ class Calibration:
         a, _ = self._setting(alpha, None)
         return not null_too_small(self.n_null, a)
 
+    def min_flaggable(self, alpha: float | None = None, fdr: bool | None = None) -> int:
+        """The fewest synthetic slices the null's resolution lets ``(alpha, fdr)`` flag at once.
+
+        Every p-value is at least :attr:`min_p_value`. Per slice (``fdr`` off) one slice can be flagged when
+        ``min_p_value <= alpha``. Benjamini–Hochberg rejects the ``k`` smallest p-values only when
+        ``p_(k) <= k alpha / m``, so it flags nothing unless at least ``ceil(m min_p_value / alpha)`` slices are
+        flagged together. Decidability (a calibrated null) is asked of :attr:`decidable`, not here.
+
+        Returns
+        -------
+        int
+            ``len(self) + 1`` when nothing can be flagged at all (``min_p_value > alpha``, or no synthetic slice).
+        """
+        a, f = self._setting(alpha, fdr)
+        m = len(self)
+        if m == 0 or not self.reachable(a):
+            return m + 1
+        if not f:
+            return 1
+        return max(1, math.ceil(m * self.min_p_value / a - 1e-9))
+
+    def unflaggable(self, alpha: float | None = None, fdr: bool | None = None) -> str | None:
+        """Why ``(alpha, fdr)`` cannot flag a copied slice, in plain words; ``None`` when it can.
+
+        True when ``min_p_value > alpha`` (nothing can ever be flagged), or with Benjamini–Hochberg when nothing is
+        flagged although fewer than :meth:`min_flaggable` slices could never be (the null is too small for BH
+        at this alpha): "none flagged" then says nothing about copying. Every screen, file and sign-off reads
+        this one answer (through :meth:`verdict`'s ``warning`` and ``alpha_reachable``).
+        """
+        a, f = self._setting(alpha, fdr)
+        n, p0, m = self.n_null, self.min_p_value, len(self)
+        if not self.reachable(a):
+            return (
+                f"The null has only {n} slices, so the smallest possible p-value is {p0:.3g} > alpha = {a:g}: no "
+                f"slice can be flagged. Give a larger holdout (at least {min_null_size(a)} slices) or a larger alpha."
+            )
+        k = self.min_flaggable(a, f)
+        if not f or k <= 1 or not self.decidable or self.flags(a, f).any():
+            return None
+        at_floor = int((self.p_values <= p0 * (1 + 1e-9)).sum())
+        need = min_null_size(min(a / max(m, 1), 0.5))
+        return (
+            f"Nothing can be flagged at this setting: with Benjamini–Hochberg at alpha = {a:g} and a null of {n} "
+            f"slices (smallest possible p-value {p0:.3g}), BH flags only when at least {k} of the {m} synthetic slices "
+            f"are each more similar than the whole null ({at_floor} are), so fewer copies are never flagged. Turn "
+            f"Benjamini–Hochberg off, raise alpha, or give a larger holdout (at least {need} slices lets BH flag a "
+            "single copy)."
+        )
+
     def at(self, alpha: float | None = None, fdr: bool | None = None) -> Calibration:
         """The same calibration with another default ``(alpha, fdr)`` (nothing is recomputed)."""
         a, f = self._setting(alpha, fdr)
@@ -492,12 +548,8 @@ class Calibration:
                 f"without a holdout the {self.null_kind} null is not exchangeable with the synthetic slices "
                 "(measured: it flags about a quarter of novel slices), so nothing is flagged and no verdict is given."
             )
-        elif not self.reachable(a):
-            warning = (
-                f"The null has only {self.n_null} slices, so the smallest possible p-value is {self.min_p_value:.3g} "
-                f"> alpha = {a:g}: no slice can be flagged. Give a larger holdout (at least {min_null_size(a)} "
-                "slices) or a larger alpha."
-            )
+        else:
+            warning = self.unflaggable(a, f)
         unit, test, n_units, k_units, p_test, assumption = self._dataset_test(a)
         copying = self.decidable and self.reachable(a) and p_test <= self.level
         if not self.decidable:
@@ -522,7 +574,7 @@ class Calibration:
             null_kind=self.null_kind,
             n_null=self.n_null,
             min_p_value=self.min_p_value,
-            alpha_reachable=self.reachable(a),
+            alpha_reachable=self.unflaggable(a, f) is None,
             mann_whitney_auc=float(self._auc[0]),
             mann_whitney_p=float(self._auc[1]),
             mean_oni=mean_oni,

@@ -278,6 +278,25 @@ def test_verdict_warns_when_the_null_is_too_small():
     assert Calibration(sim, np.linspace(0, 0.5, 98), null_kind="holdout").verdict().warning is not None
 
 
+def test_bh_with_a_null_too_small_warns_and_is_not_reachable():
+    # the case: BH at 0.01 on a 109-slice holdout flags nothing although 18 copies beat the whole null
+    rng = np.random.default_rng(0)
+    sim, null = np.r_[rng.normal(size=60), np.full(18, 10.0)], rng.normal(size=109)
+    cal = Calibration(sim, null, null_kind="holdout", alpha=0.01, fdr=True)
+    assert cal.reachable() and cal.min_flaggable() == 71 and cal.min_flaggable(fdr=False) == 1
+    v = cal.verdict()
+    assert v.n_flagged == 0 and v.alpha_reachable is False and v.fdr
+    assert "at least 71 of the 78" in v.warning and "(18 are)" in v.warning and "Turn Benjamini" in v.warning
+    assert v.text.startswith("Nothing can be flagged at Benjamini–Hochberg at α = 0.01")
+    assert cal.unflaggable() == v.warning
+    # per slice, or BH at 0.05 (15 together suffice, 18 are there): flaggable, no warning
+    assert cal.unflaggable(fdr=False) is None and cal.verdict(fdr=False).n_flagged == 18
+    v5 = cal.verdict(0.05)
+    assert v5.alpha_reachable and v5.warning is None and v5.n_flagged == 18
+    # min_p > alpha: nothing at all, either way
+    assert cal.min_flaggable(0.005) == 79 and "only 109 slices" in cal.unflaggable(0.005, False)
+
+
 def test_verdict_of_an_empty_synthetic_set():
     cal = Calibration([], np.arange(200.0), null_kind="holdout")
     v = cal.verdict()
@@ -380,7 +399,7 @@ def test_verdict_to_dict_from_dict_round_trip():
         sim, null, null_kind="holdout", nearest_subject=subjects, mi_z=np.linspace(0, 2, 120), oni=np.zeros(120)
     )
     with_warning = cal.verdict(0.01)  # 50 null scores: a warning
-    plain = cal.verdict(0.05, True)
+    plain = cal.verdict(0.05)  # (with BH the 50-score null could flag only 48 slices together: a warning)
     no_oni = Calibration(sim, null, null_kind="holdout").verdict(0.05)  # NaN means
     assert with_warning.warning and plain.warning is None
     for v in (with_warning, plain, no_oni):
