@@ -155,13 +155,31 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write one self-contained HTML file (images embedded, opens offline) for a privacy officer.",
     )
     r.add_argument("--audit", required=True, metavar="DIR", help="a folder written by 'inspector scan'")
-    r.add_argument("--reviews", metavar="DB", help="review database (default: DIR/reviews.sqlite3 if present)")
+    r.add_argument(
+        "--reviews",
+        metavar="DB",
+        help="review database (default: DIR/reviews.sqlite3, the one the app records decisions in for this audit)",
+    )
     r.add_argument(
         "--out",
         required=True,
         metavar="FILE",
-        help="the HTML file to write; summary.json (validated against inspector/schemas/summary.schema.json) is "
-        "written beside it",
+        help="the HTML file to write; its summary NAME.summary.json (validated against "
+        "inspector/schemas/summary.schema.json) is written beside it",
+    )
+    r.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        metavar="A",
+        help="the per-slice false-positive rate every flag, count and verdict of the report is taken at "
+        "(default: the audit's own); stated in the report",
+    )
+    r.add_argument(
+        "--fdr",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Benjamini-Hochberg control at --alpha (default: the audit's own setting); stated in the report",
     )
     sg = r.add_argument_group(
         "sign-off",
@@ -178,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument(
         "--reason",
         metavar="TEXT",
-        help="why; required when flagged pairs have no reviewer decision (the sign-off is refused otherwise)",
+        help="why; required when flagged pairs have no reviewer decision, and for a release when the setting "
+        "cannot flag a copy, the verdict says memorised or reviewers judged pairs copies (refused otherwise)",
     )
     sg.add_argument("--date", metavar="YYYY-MM-DD", help="date of the decision (default: today, UTC)")
     return p
@@ -267,15 +286,23 @@ def _report(args: argparse.Namespace) -> int:
                 f"a sign-off needs --signer, --role and --decision together; missing {', '.join(missing)}."
             )
         signoff = SignOff(args.signer, args.role, args.decision, date=args.date or "", reason=args.reason or "")
-    path = write_report(args.audit, args.out, reviews=args.reviews, signoff=signoff)
-    spath = summary_path_for(path, args.audit)
+    if args.alpha is not None and not 0 < args.alpha < 1:
+        raise ValueError(f"bad option --alpha: must lie in (0, 1); got {args.alpha}.")
+    path = write_report(args.audit, args.out, reviews=args.reviews, signoff=signoff, alpha=args.alpha, fdr=args.fdr)
+    spath = summary_path_for(path)
     summary = json.loads(spath.read_text(encoding="utf-8"))
-    rv = summary["reviews"]
-    print(f"wrote {path} (sha256 {summary['report']['sha256']}) and {spath}", file=sys.stderr)
-    print(f"{rv['n_reviewed']} of {rv['n_flagged']} flagged pairs reviewed", file=sys.stderr)
+    rv, v = summary["reviews"], summary["verdict"]
+    rule = "Benjamini-Hochberg at alpha" if v.get("fdr") else "alpha"
+    print(summary["verdict_text"])
+    print(f"setting: {rule} = {v['alpha']:g}; null: {v['null_kind']} of {v['n_null']} slices")
+    print(f"{rv['n_reviewed']} of {rv['n_flagged']} flagged pairs reviewed")
+    for c in summary.get("checklist", []):
+        if not c["ok"]:
+            print(f"not met: {c['name']}: {c['detail']}")
     if summary.get("signoff"):
         so = summary["signoff"]
-        print(f"signed off: {so['decision']} by {so['signer']} ({so['role']}) on {so['date']}", file=sys.stderr)
+        print(f"signed off: {so['decision']} by {so['signer']} ({so['role']}) on {so['date']}")
+    print(f"wrote {path} (sha256 {summary['report']['sha256']}) and {spath}")
     return EXIT_OK
 
 

@@ -56,6 +56,11 @@ __all__ = [
     "N_CONTEXT_PAIRS",
     "AuditFolder",
     "AuditFolderError",
+    "ChecklistItem",
+    "RELEASE_DECISIONS",
+    "folder_checklist",
+    "release_blockers",
+    "release_checklist",
     "Evidence",
     "MixedAuditFolderError",
     "OutputFolderError",
@@ -120,7 +125,6 @@ _TEXT_COLUMNS = frozenset(
         "audit_id",
     }
 )
-
 
 
 class AuditFolderError(FileNotFoundError):
@@ -760,6 +764,118 @@ def review_state(
     return latest, state
 
 
+#: Sign-off decisions that release synthetic data (the checklist's blockers apply to them).
+RELEASE_DECISIONS: tuple[str, ...] = ("release", "release after removing the flagged slices")
+
+
+@dataclass(frozen=True)
+class ChecklistItem:
+    """One line of the release checklist (the app's Export page, the report's summary, ``inspector report``).
+
+    Attributes
+    ----------
+    name : str
+        What is checked, e.g. "every flagged pair reviewed".
+    ok : bool
+    detail : str
+        The state in words (why it fails, when it does).
+    blocks : tuple of str
+        The sign-off decisions this item, failing, refuses without an explicit reason.
+    """
+
+    name: str
+    ok: bool
+    detail: str
+    blocks: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail, "blocks": list(self.blocks)}
+
+
+def release_checklist(
+    verdict: Verdict, *, n_flagged: int, n_reviewed: int, n_copies: int = 0, evidence_note: str = ""
+) -> list[ChecklistItem]:
+    """What must hold before synthetic data is released, at the verdict's ``(alpha, fdr)``.
+
+    Every screen and file asks this one function, so the app's Export page, the report and
+    :func:`sign_off` cannot disagree.
+
+    Parameters
+    ----------
+    verdict : Verdict
+        From :meth:`Calibration.verdict` at the setting on screen.
+    n_flagged, n_reviewed : int
+        Flagged pairs at that setting, and how many have a reviewer decision.
+    n_copies : int
+        Flagged pairs whose latest decision is ``copy`` or ``near copy``.
+    evidence_note : str
+        The audit's missing-evidence sentence ('' when nothing was skipped).
+
+    Returns
+    -------
+    list of ChecklistItem
+    """
+    rel, release = RELEASE_DECISIONS, ("release",)
+    everything = (*RELEASE_DECISIONS, "do not release")
+    rule = "Benjamini–Hochberg at α =" if verdict.fdr else "α ="
+    items = [
+        ChecklistItem(
+            "a calibrated null (a holdout of unseen real scans)",
+            verdict.decidable,
+            f"{verdict.null_kind} null of {verdict.n_null} slices"
+            + ("" if verdict.decidable else ": not calibrated, so nothing is flagged and nothing is decided"),
+            rel,
+        ),
+        ChecklistItem(
+            f"the setting can flag a copy ({rule} {verdict.alpha:g})",
+            verdict.alpha_reachable,
+            verdict.warning
+            if (verdict.warning and not verdict.alpha_reachable)
+            else f"smallest possible p-value {verdict.min_p_value:.3g}",
+            rel,
+        ),
+        ChecklistItem(
+            "the dataset verdict does not say memorised",
+            not verdict.copying,
+            verdict.copying_reason,
+            release,
+        ),
+        ChecklistItem(
+            "every flagged pair has a reviewer decision",
+            n_reviewed >= n_flagged,
+            f"{n_reviewed} of {n_flagged} flagged pairs reviewed",
+            everything,
+        ),
+        ChecklistItem(
+            "no reviewed pair judged a copy",
+            n_copies == 0,
+            f"{n_copies} flagged pair(s) judged copy or near copy",
+            release,
+        ),
+    ]
+    if evidence_note:
+        items.append(ChecklistItem("every input file was read", False, evidence_note, rel))
+    return items
+
+
+def release_blockers(checklist: list[ChecklistItem], decision: str) -> list[str]:
+    """The failing checklist items that refuse ``decision`` without an explicit reason, in words."""
+    return [f"{c.name}: {c.detail}" for c in checklist if not c.ok and decision in c.blocks]
+
+
+def folder_checklist(folder: AuditFolder, state: dict[str, Any]) -> list[ChecklistItem]:
+    """:func:`release_checklist` of an audit folder at its calibration's setting, with :func:`review_state`'s
+    counts."""
+    copies = int(state["decisions"].get("copy", 0)) + int(state["decisions"].get("near copy", 0))
+    return release_checklist(
+        folder.verdict,
+        n_flagged=state["n_flagged"],
+        n_reviewed=state["n_reviewed"],
+        n_copies=copies,
+        evidence_note=folder.evidence_note,
+    )
+
+
 def sign_off(
     audit_dir: str | Path | AuditFolder, signoff: SignOff, *, reviews: str | Path | None = None
 ) -> RecordedSignOff:
@@ -792,6 +908,13 @@ def sign_off(
         raise SignOffError(
             f"{state['n_unreviewed']} of {state['n_flagged']} flagged pairs have no reviewer decision in {db}; "
             "review them first, or state why you sign off without (SignOff.reason / --reason)."
+        )
+    blockers = release_blockers(folder_checklist(folder, state), signoff.decision)
+    if blockers and not signoff.reason:
+        raise SignOffError(
+            f"'{signoff.decision}' is refused without a reason: "
+            + "; ".join(blockers)
+            + ". State why you release anyway (SignOff.reason / --reason), or decide otherwise."
         )
     rec = ReviewStore(db).record_signoff(
         folder.audit_id, signoff, n_flagged=state["n_flagged"], n_reviewed=state["n_reviewed"]
@@ -959,6 +1082,7 @@ def drop_audit_outputs(cohort: Cohort) -> Cohort:
     inspector.io.NoImagesError
         When nothing else is left.
     """
+
     def files_of(sl: Any) -> set[str]:
         return set(sl.sources) if sl.sources else {sl.path.split(":", 1)[0]}
 

@@ -10,8 +10,9 @@ and verdict is asked of the folder's :class:`~inspector.calibration.Calibration`
 1. :func:`inspector.folder.save_audit` (the end of ``inspector scan``) writes the folder.
 2. :func:`write_report` reads the audit folder (never the cohorts), the reviewer decisions
    (:class:`~inspector.review.ReviewStore`) and the sign-offs, and writes one HTML file that opens
-   offline (images as base64 PNG, inline CSS and SVG, no script, no external link) plus
-   ``summary.json`` beside it, validated against ``inspector/schemas/summary.schema.json``.
+   offline (images as base64 PNG, inline CSS and SVG, no script, no external link), starting with a one-page
+   summary (verdict, alpha, BH, null, test, counts, reviews, checklist, sign-off), plus
+   ``<name>.summary.json`` beside it, validated against ``inspector/schemas/summary.schema.json``.
 3. :func:`inspector.folder.sign_off` records a :class:`~inspector.review.SignOff` in an append-only
    ``signoffs`` table of the review
    database, only when every flagged pair has a reviewer decision or the signer states why not.
@@ -48,6 +49,7 @@ from .folder import (
     MAX_EVIDENCE_PAIRS,
     AuditFolder,
     _now,
+    folder_checklist,
     load_audit_folder,
     report_summary,
     review_state,
@@ -253,7 +255,14 @@ figure.small{max-width:124px}figure.small img{width:116px;height:116px}
 details{margin:6px 0}summary{cursor:pointer;font-weight:600}
 .signoff{border:2px solid #333;border-radius:6px;padding:12px 18px;margin:12px 0}
 .sigline{margin-top:28px;border-top:1px solid #333;width:320px;font-size:.85em;color:#555}
-@media print{details{display:block}.pair{page-break-inside:avoid}}
+table{table-layout:fixed;max-width:100%;word-break:break-word;overflow-wrap:anywhere}
+table.kv th{width:28%}table.checklist td.mark{width:2em;text-align:center}table.checklist th{width:32%}
+.onepage{page-break-after:always;break-after:page}
+@page{size:A4;margin:14mm 12mm}
+@media print{body{max-width:none;padding:0;font-size:10pt}details{display:block}details>summary{display:block}
+.pair{page-break-inside:avoid;break-inside:avoid}table{width:100%;font-size:8.5pt}th,td{padding:2px 4px}
+code,.hash{word-break:break-all}figure img{width:140px;height:140px}figure.small img{width:100px;height:100px}
+.imgs{gap:6px}a{color:inherit;text-decoration:none}}
 """
 
 
@@ -411,7 +420,81 @@ def _pair_html(folder: AuditFolder, row: int, rank: int, rev: Review | None, *, 
 def _verdict_class(v: dict[str, Any]) -> str:
     if v.get("copying"):
         return "fail"
-    return "review" if int(v.get("n_flagged", 0)) else "pass"
+    if int(v.get("n_flagged", 0)) or not v.get("decidable", True) or not v.get("alpha_reachable", True):
+        return "review"  # never green when the setting could not have flagged a copy
+    return "pass"
+
+
+def _setting_words(v: dict[str, Any]) -> str:
+    """The (alpha, BH) setting and the null, in words (the report states both on its first page)."""
+    rule = (
+        "with Benjamini–Hochberg false-discovery-rate control"
+        if v.get("fdr")
+        else "per slice, without Benjamini–Hochberg"
+    )
+    return (
+        f"α = {_num(v.get('alpha'))} {rule}; null: {v.get('null_kind')} of {v.get('n_null')} slices "
+        f"(smallest possible p-value {_num(v.get('min_p_value'), '.3g')})"
+    )
+
+
+def _summary_html(
+    folder: AuditFolder, state: dict[str, Any], records: Sequence[RecordedSignOff], checklist: Sequence[Any]
+) -> str:
+    """The one-page summary a privacy officer signs: verdict, setting, test, counts, reviews, checklist, sign-off."""
+    v = folder.verdict.to_dict()
+    s = folder.summary
+    cal = folder.calibration
+    out = ['<section class="onepage" id="summary"><h2>Summary</h2>']
+    out.append(f'<div class="verdict {_verdict_class(v)}">{_e(folder.verdict_text)}</div>')
+    if v.get("warning") and not v.get("alpha_reachable", True):
+        out.append(
+            f'<p class="warn"><b>This setting cannot flag a copy.</b> {_e(v["warning"])} A release needs a stated '
+            "reason.</p>"
+        )
+    dec = ", ".join(f"{k}: {n}" for k, n in state["decisions"].items() if n) or "none"
+    if records:
+        last = records[-1]
+        signed = f"{last.decision}, by {last.signer} ({last.role}) on {last.date}" + (
+            f"; reason: {last.reason}" if last.reason else ""
+        )
+    else:
+        signed = "not signed off"
+    rows = [
+        ("Setting", _setting_words(v)),
+        ("Mode, extractor", f"{v.get('mode')}, {(s.get('config') or {}).get('extractor')}"),
+        (
+            "Dataset test",
+            f"{v.get('test')}: p = {_num(v.get('test_p_value'))} at level {_num(v.get('test_level'))} → "
+            + ("copying" if v.get("copying") else "not copying" if v.get("decidable") else "not decided"),
+        ),
+        (
+            "Flagged slices",
+            f"{v.get('n_flagged')} of {v.get('n_synthetic')} "
+            f"(≈ {_num(v.get('expected_false_positives'), '.1f')} by chance)",
+        ),
+        ("Flagged volumes", f"{v.get('n_volumes_flagged')} of {len(cal.volume_ids)}"),
+        ("Training subjects the flagged slices match", f"{v.get('n_subjects_flagged')}"),
+        ("Mann–Whitney AUC", f"{_num(v.get('mann_whitney_auc'), '.3f')} (p = {_num(v.get('mann_whitney_p'))})"),
+        (
+            "Paper (mean ONI)",
+            f"{_num(v.get('mean_oni'), '.3f')}: "
+            f"{'memorised' if v.get('paper_rule_memorised') else 'not memorised'} by {v.get('paper_rule')}",
+        ),
+        ("Reviews", f"{state['n_reviewed']} of {state['n_flagged']} flagged pairs reviewed ({dec})"),
+        ("Sign-off", signed),
+    ]
+    out.append(_kv_table(rows))
+    out.append('<h3>Release checklist</h3><table class="checklist"><tbody>')
+    for c in checklist:
+        mark = '<span class="ok">✓</span>' if c.ok else '<span class="bad">✗</span>'
+        out.append(f'<tr><td class="mark">{mark}</td><th>{_e(c.name)}</th><td>{_e(c.detail)}</td></tr>')
+    out.append("</tbody></table>")
+    out.append(
+        '<p class="meta">A ✗ refuses a release sign-off unless the signer states a reason; the evidence follows on '
+        "the next pages.</p></section>"
+    )
+    return "".join(out)
 
 
 def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
@@ -483,7 +566,7 @@ def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
         ),
         (
             "ONI (paper)",
-            f"mean {_num(v.get('mean_oni'))}: the paper's rule ({_e(v.get('paper_rule'))}) says "
+            f"mean {_num(v.get('mean_oni'))}: the paper's rule ({v.get('paper_rule')}) says "
             + ("memorised" if v.get("paper_rule_memorised") else "not memorised"),
             "ONI = −tanh(MI z) in (−1, 1): −1 memorised, +1 novel. The paper proposes the universal dataset threshold "
             "mean ONI < 0.68. It is shown for comparison; the calibrated α test above is the one this verdict uses.",
@@ -702,6 +785,7 @@ def _render(
     state: dict[str, Any],
     records: Sequence[RecordedSignOff],
     generated: str,
+    checklist: Sequence[Any] = (),
 ) -> str:
     s = folder.summary
     v = folder.verdict.to_dict()
@@ -722,6 +806,7 @@ def _render(
         '<a href="#distributions">distributions</a> · <a href="#flagged">flagged pairs</a> · '
         '<a href="#unreviewed">unreviewed</a> · <a href="#subjects">subjects</a> · '
         '<a href="#provenance">provenance</a> · <a href="#signoff">sign-off</a></p>',
+        _summary_html(folder, state, records, checklist),
     ]
     # ---------------------------------------------------------------- verdict
     out.append('<h2 id="verdict">Verdict</h2>')
@@ -785,7 +870,9 @@ def _render(
                 ("synthetic", sim, "#c62828"),
                 (f"null ({v.get('null_kind', 'reference')})", folder.null_similarity, "#1565c0"),
             ],
-            markers=[(thr, f"threshold at α = {alpha:g}", "#000000")],
+            markers=[
+                (thr, f"threshold at {'Benjamini–Hochberg ' if v.get('fdr') else ''}α = {alpha:g}", "#000000")
+            ],
             xlabel="similarity to the nearest training slice (higher = more similar)",
             title="Synthetic similarities against the null",
         )
@@ -873,7 +960,7 @@ def _render(
     if len(vols) < len(folder.table):  # some synthetic volumes hold several slices
         out.append('<h2 id="volumes">Per synthetic volume</h2>')
         out.append(
-            "<p class=\"meta\">One row per synthetic volume (volumes.csv): its p-value (from its slices' p-values, "
+            '<p class="meta">One row per synthetic volume (volumes.csv): its p-value (from its slices\' p-values, '
             f"calibrated by {_e(folder.calibration.volume_calibration)}), flag, and the training volume most of its "
             "slices match, with the share of slices that match it and the median slice offset. A copied volume "
             "matches one training volume throughout, at a constant offset.</p>"
@@ -889,15 +976,15 @@ def _render(
     return "\n".join(out)
 
 
-def summary_path_for(out_html: str | Path, audit_dir: str | Path) -> Path:
-    """Where :func:`write_report` writes the report's ``summary.json``: beside the HTML, or
-    ``<name>.summary.json`` when the HTML is in the audit folder (never overwrite the audit's own)."""
+def summary_path_for(out_html: str | Path, audit_dir: str | Path | None = None) -> Path:
+    """Where :func:`write_report` writes the report's summary: ``<report name>.summary.json`` beside the HTML.
+
+    Tied to the report's name, so a second report in the same folder never overwrites the first one's, and the
+    audit folder's own ``summary.json`` (whose hash is in the manifest) is never touched. ``audit_dir`` is
+    accepted for compatibility and not needed.
+    """
     out_html = Path(out_html).expanduser()
-    p = out_html.parent / "summary.json"
-    if p.resolve() == (Path(audit_dir).expanduser() / "summary.json").resolve():
-        # never overwrite the audit's own summary.json (its hash is in the manifest)
-        return out_html.with_name(out_html.stem + ".summary.json")
-    return p
+    return out_html.with_name(out_html.stem + ".summary.json")
 
 
 def write_report(
@@ -909,7 +996,7 @@ def write_report(
     alpha: float | None = None,
     fdr: bool | None = None,
 ) -> Path:
-    """Write the self-contained HTML release report of an audit folder, and ``summary.json`` beside it.
+    """Write the self-contained HTML release report of an audit folder, and ``<name>.summary.json`` beside it.
 
     Parameters
     ----------
@@ -929,8 +1016,8 @@ def write_report(
     Returns
     -------
     Path
-        The HTML file. ``summary.json`` is written beside it (``<name>.summary.json`` when the HTML is
-        written into the audit folder, whose own ``summary.json`` is never overwritten).
+        The HTML file. Its summary is written beside it as ``<name>.summary.json``
+        (:func:`summary_path_for`): a second report never overwrites it, nor the audit folder's own.
 
     Raises
     ------
@@ -952,8 +1039,9 @@ def write_report(
         sign_off(folder, signoff, reviews=reviews)
     latest, state = review_state(folder, db)
     records = signoffs(folder, db)
+    checklist = folder_checklist(folder, state)
     generated = _now()
-    text = _render(folder, latest, state, records, generated)
+    text = _render(folder, latest, state, records, generated, checklist)
     if text.count(_HASH_MARK) != 1:
         raise RuntimeError("the report template must hold exactly one hash marker")
     data = text.encode("utf-8")
@@ -962,6 +1050,7 @@ def write_report(
     summary = report_summary(
         folder, state, records[-1] if records else None, report_file=out.name, report_sha256=digest, generated=generated
     )
+    summary["checklist"] = [c.to_dict() for c in checklist]
     validate_summary(summary)
     atomic_write_bytes(out, data)
     spath = summary_path_for(out, folder.path)

@@ -426,7 +426,7 @@ def test_reviewer_decision_and_comment_appear_in_the_report(audit_copy, tmp_path
     assert "first look" not in sec and "<b>s031</b>" not in text  # latest decision only, escaped
     unrev = re.search(r'id="unreviewed">(.*?)</h2>', text, re.S).group(1)
     assert f"({len(flagged) - 1})" in unrev
-    s = json.loads((tmp_path / "summary.json").read_text())
+    s = json.loads((tmp_path / "r.summary.json").read_text())
     assert s["reviews"]["n_reviewed"] == 1 and s["reviews"]["decisions"]["near copy"] == 1
     # an explicit --reviews database is used instead of the default one
     other = tmp_path / "other.sqlite3"
@@ -463,7 +463,7 @@ def test_signoff_accepted_with_a_reason(audit_copy, tmp_path):
     assert "Reason: copies are obvious" in block
     n = len(_flagged(audit_copy))
     assert f"At signing, 0 of {n} flagged pairs had a reviewer decision." in block
-    s = json.loads((tmp_path / "summary.json").read_text())
+    s = json.loads((tmp_path / "r.summary.json").read_text())
     assert s["signoff"]["decision"] == "do not release" and s["signoff"]["reason"] == "copies are obvious"
     # stored durably and append-only
     rows = ReviewStore(audit_copy / "reviews.sqlite3").signoffs(_audit_id(audit_copy))
@@ -483,7 +483,10 @@ def test_signoff_accepted_when_every_flagged_pair_is_reviewed(audit_copy, tmp_pa
     for sha in _flagged(audit_copy)["sha256"]:
         store.record(_audit_id(audit_copy), sha, "copy", "R", "")
     first = sign_off(audit_copy, SignOff("A", "privacy officer", "release after removing the flagged slices"))
-    second = SignOff("B", "data steward", "release", date="2026-02-01")
+    # every pair reviewed, but a plain release despite the copies (and a verdict of copying) needs a reason
+    with pytest.raises(SignOffError, match="refused without a reason: .*judged copy or near copy"):
+        sign_off(audit_copy, SignOff("B", "data steward", "release"))
+    second = SignOff("B", "data steward", "release", date="2026-02-01", reason="copies removed upstream")
     text = write_report(audit_copy, tmp_path / "r.html", signoff=second).read_text(encoding="utf-8")
     n = len(_flagged(audit_copy))
     assert first.n_reviewed == first.n_flagged == n
@@ -516,9 +519,101 @@ def test_cli_signoff(audit_copy, tmp_path, capsys):
     assert "flagged pairs have no reviewer decision" in err and "Traceback" not in err
     assert not out.exists()
     code = main([*base, "--signer", "A", "--role", "officer", "--decision", "release", "--reason", "tested offline"])
-    err = capsys.readouterr().err
-    assert code == 0 and "signed off: release by A (officer)" in err
+    printed = capsys.readouterr().out
+    assert code == 0 and "signed off: release by A (officer)" in printed
+    assert "flagged pairs reviewed" in printed and "setting: alpha = 0.05; null: holdout" in printed
     assert "tested offline" in out.read_text(encoding="utf-8")
+
+
+def _review_all(audit_dir: Path, decision: str = "not a copy", **setting) -> None:
+    store = ReviewStore(audit_dir / "reviews.sqlite3")
+    folder = load_audit_folder(audit_dir)
+    if setting:
+        folder = dataclasses.replace(folder, calibration=folder.calibration.at(**setting))
+    for r in folder.flagged_rows():
+        store.record(folder.audit_id, str(folder.table.at[int(r), "sha256"]), decision, "R", "")
+
+
+def test_an_unreachable_setting_refuses_a_release_without_a_reason(audit_copy, tmp_path, capsys):
+    # alpha below the smallest possible p-value 1/(1 + n_null): nothing can be flagged, so nothing is unreviewed
+    folder = load_audit_folder(audit_copy)
+    tiny = folder.calibration.min_p_value / 2
+    out = tmp_path / "r.html"
+    base = ["report", "--audit", str(audit_copy), "--out", str(out), "--alpha", f"{tiny:.6g}"]
+    so = ["--signer", "A", "--role", "privacy officer", "--decision", "release"]
+    assert main([*base, *so]) == 2
+    err = capsys.readouterr().err
+    assert "refused without a reason" in err and "the setting can flag a copy" in err and "no slice can be" in err
+    assert not out.exists()
+    # 'do not release' needs no reason; the report says why nothing is flagged
+    assert main([*base, "--signer", "A", "--role", "privacy officer", "--decision", "do not release"]) == 0
+    printed = capsys.readouterr().out
+    assert "Nothing can be flagged at α =" in printed and "not met: the setting can flag a copy" in printed
+    text = out.read_text(encoding="utf-8")
+    assert "This setting cannot flag a copy." in text and 'class="verdict review"' in text
+    # with a reason, a release is recorded and the reason shown
+    assert main([*base, *so, "--reason", "the holdout is too small; released for a pilot only"]) == 0
+    assert "released for a pilot only" in out.read_text(encoding="utf-8")
+    s = json.loads((tmp_path / "r.summary.json").read_text())
+    assert s["verdict"]["alpha_reachable"] is False and s["signoff"]["decision"] == "release"
+    assert any(not c["ok"] and c["name"].startswith("the setting can flag") for c in s["checklist"])
+
+
+def test_bh_with_a_null_too_small_refuses_a_release(audit_copy, tmp_path):
+    folder = load_audit_folder(audit_copy)
+    cal = folder.calibration
+    # the largest alpha at which BH needs more than one slice and more than every flagged one
+    alpha = next(a for a in (0.05, 0.02, 0.01, 0.005, 0.002) if cal.reachable(a) and cal.unflaggable(a, True))
+    v = cal.verdict(alpha, True)
+    assert v.n_flagged == 0 and not v.alpha_reachable and "Benjamini–Hochberg" in v.warning
+    with pytest.raises(SignOffError, match="the setting can flag a copy"):
+        write_report(audit_copy, tmp_path / "r.html", signoff=SignOff("A", "po", "release"), alpha=alpha, fdr=True)
+    text = write_report(audit_copy, tmp_path / "r.html", alpha=alpha, fdr=True).read_text(encoding="utf-8")
+    first = text[: text.index('id="verdict"')]  # the one-page summary
+    assert "with Benjamini–Hochberg false-discovery-rate control" in first and "This setting cannot flag" in first
+
+
+def test_the_release_checklist_names_what_refuses_a_release():
+    from inspector.calibration import Calibration
+    from inspector.folder import release_blockers, release_checklist
+
+    rng = np.random.default_rng(1)
+    sim, null = np.r_[rng.normal(size=80), np.full(20, 9.0)], rng.normal(size=400)
+    v = Calibration(sim, null, null_kind="holdout", alpha=0.01).verdict()
+    assert v.copying and v.alpha_reachable
+    items = release_checklist(v, n_flagged=v.n_flagged, n_reviewed=v.n_flagged, n_copies=0)
+    assert [c.ok for c in items] == [True, True, False, True, True]
+    # every pair reviewed as "not a copy", yet the verdict says memorised: a plain release needs a reason
+    assert release_blockers(items, "release") == [f"the dataset verdict does not say memorised: {v.copying_reason}"]
+    assert release_blockers(items, "release after removing the flagged slices") == []
+    assert release_blockers(items, "do not release") == []
+    # unreviewed pairs refuse every decision; copies judged refuse a plain release
+    items = release_checklist(v, n_flagged=20, n_reviewed=5, n_copies=3)
+    assert len(release_blockers(items, "release")) == 3 and len(release_blockers(items, "do not release")) == 1
+    # no holdout: nothing can be decided, so no release without a reason
+    loso = Calibration(sim, null, null_kind="leave-one-subject-out").verdict()
+    items = release_checklist(loso, n_flagged=0, n_reviewed=0)
+    assert release_blockers(items, "release")[0].startswith("a calibrated null")
+
+
+def test_the_report_starts_with_a_one_page_summary_and_prints_on_a4(audit_copy, tmp_path):
+    text = write_report(audit_copy, tmp_path / "r.html").read_text(encoding="utf-8")
+    summary = text[text.index('id="summary"') : text.index('id="verdict"')]
+    for needle in ("Setting", "α = 0.05 per slice, without Benjamini–Hochberg", "null: holdout of", "Dataset test",
+                   "Flagged slices", "Reviews", "Sign-off", "not signed off", "Release checklist"):  # fmt: skip
+        assert needle in summary, needle
+    assert text.index('id="summary"') < text.index('id="figures"') < text.index('id="flagged"')
+    assert "page-break-after:always" in text and "table-layout:fixed" in text and "@page{size:A4" in text
+    assert "&amp;lt;" not in text and "&amp;gt;" not in text and "ONI &lt; 0.68" in text  # escaped once
+
+
+def test_two_reports_in_one_folder_keep_their_own_summaries(audit_copy, tmp_path):
+    a = write_report(audit_copy, tmp_path / "a.html")
+    b = write_report(audit_copy, tmp_path / "b.html", alpha=0.2)
+    sa, sb = (json.loads(summary_path_for(p).read_text()) for p in (a, b))
+    assert sa["report"]["file"] == "a.html" and sb["report"]["file"] == "b.html"
+    assert sa["verdict"]["alpha"] == 0.05 and sb["verdict"]["alpha"] == 0.2
+    assert not (tmp_path / "summary.json").exists()
 
 
 def test_cli_report_bad_inputs_exit_2(audit_copy, tmp_path, capsys):
@@ -545,7 +640,7 @@ def test_cli_report_bad_inputs_exit_2(audit_copy, tmp_path, capsys):
 
 def test_summary_json_validates_and_invalid_ones_fail(audit_copy, tmp_path):
     write_report(audit_copy, tmp_path / "r.html")
-    s = json.loads((tmp_path / "summary.json").read_text())
+    s = json.loads((tmp_path / "r.summary.json").read_text())
     validate_summary(s)
     validate_summary(json.loads((audit_copy / "summary.json").read_text()))  # the audit's own too
     assert s["reviews"]["n_flagged"] == len(_flagged(audit_copy)) and s["signoff"] is None
@@ -593,7 +688,7 @@ def test_modified_audit_folder_is_reported(audit_copy, tmp_path):
         f.write("\n")
     text = write_report(audit_copy, tmp_path / "r.html").read_text(encoding="utf-8")
     assert "The audit folder was modified after the scan (scores.csv)" in text
-    s = json.loads((tmp_path / "summary.json").read_text())
+    s = json.loads((tmp_path / "r.summary.json").read_text())
     assert s["integrity"] == {"ok": False, "checked": s["integrity"]["checked"], "modified": ["scores.csv"]}
 
 
@@ -606,7 +701,7 @@ def test_report_hash_verifies_and_detects_changes(audit_copy, tmp_path):
     out = write_report(audit_copy, tmp_path / "r.html")
     assert verify_report(out)
     stated = re.search(r'id="report-sha256">([0-9a-f]{64})<', out.read_text(encoding="utf-8")).group(1)
-    assert json.loads((tmp_path / "summary.json").read_text())["report"]["sha256"] == stated
+    assert json.loads((tmp_path / "r.summary.json").read_text())["report"]["sha256"] == stated
     # the rule stated in the report, done by hand
     data = out.read_bytes().replace(stated.encode(), b"0" * 64)
     assert hashlib.sha256(data).hexdigest() == stated
