@@ -10,8 +10,12 @@ an authenticating proxy). The app calls the library only: every number comes fro
 
 Environment
 -----------
+INSPECTOR_AUDITS_DIR
+    Where audit folders are saved (default ``audits`` under the working directory). Each audit's reviews go to
+    ``<audit folder>/reviews.sqlite3``, the database ``inspector report --audit <audit folder>`` reads by
+    default: the app and the report share one audit's decisions without naming a file.
 INSPECTOR_REVIEWS_DB
-    Default reviews database (otherwise ``audits/reviews.sqlite3`` under the working directory).
+    One reviews database for every audit instead (the sidebar's field overrides both).
 INSPECTOR_CACHE_DIR
     Embedding and encoder cache of the library.
 INSPECTOR_ALLOW_REMOTE
@@ -120,7 +124,12 @@ def inputs_ui() -> dict[str, Any]:
             vals[setting.name] = ui.setting_widget(box, setting)
     with sb.expander("Reviews"):
         vals["reviews_db"] = st.text_input(
-            "Reviews database (SQLite)", str(ui.default_reviews_db()), key="in_reviews_db"
+            "Reviews database (SQLite)",
+            "",
+            key="in_reviews_db",
+            placeholder="the audit folder's reviews.sqlite3",
+            help="Empty: each audit's decisions go to reviews.sqlite3 in its audit folder, where `inspector report "
+            "--audit` finds them. Name a file to use another database.",
         )
     vals["run"] = sb.button("Run audit", type="primary", key="run", width="stretch")
     return vals
@@ -324,12 +333,18 @@ def header(entry: Entry) -> None:
 # ==============================================================================================
 
 
+def verdict_box(r: Any, v: Any) -> None:
+    """The verdict in words, red (copying), amber (flags, or a setting that cannot flag) or green."""
+    amber = v.n_flagged or not v.decidable or not v.alpha_reachable
+    box = st.error if v.copying else (st.warning if amber else st.success)
+    box(f"**Verdict.** {' '.join(t for t in (v.text, r.evidence_note) if t)}", icon=":material/policy:")
+
+
 def overview_page(entry: Entry, alpha: float, fdr: bool) -> None:
     r = entry.result
     v = r.calibration.verdict(alpha, fdr)
     lo, hi = v.fraction_ci95
-    box = st.error if v.copying else (st.warning if v.n_flagged else st.success)
-    box(f"**Verdict.** {' '.join(t for t in (v.text, r.evidence_note) if t)}", icon=":material/policy:")
+    verdict_box(r, v)
     if v.decidable:
         st.caption(
             f"Dataset test: {v.test}, p = {ui.format_p(v.test_p_value)} at level {v.test_level:g} "
@@ -445,6 +460,7 @@ def flagged_page(entry: Entry, alpha: float, fdr: bool, latest: dict[str, Any]) 
         len(r.layers),
         include_all=include_all,
         train_labels=lambda t: "{1}/{2}".format(*entry.train_position(t)),
+        show_truth=bool(st.session_state.get("show_truth")),
     )
     if search:
         frame = frame[frame["synthetic"].str.contains(search, case=False, regex=False)]
@@ -456,7 +472,9 @@ def flagged_page(entry: Entry, alpha: float, fdr: bool, latest: dict[str, Any]) 
         frame = frame[frame["decision"] != ""]
     elif status != "all":
         frame = frame[frame["decision"] == status]
-    frame = frame.sort_values("similarity", ascending=False, kind="stable")
+    # the one ranking every page follows: most significant first (the review queue's order)
+    rank = {row: k for k, row in enumerate(ui.review_order(r.table, np.ones(len(r.table), bool)))}
+    frame = frame.loc[sorted(frame.index, key=lambda i: rank[int(i)])]
     st.session_state["_flag_rows"] = [int(i) for i in frame.index]
     if frame.empty:
         st.info("No slice matches these filters at this threshold.")
@@ -498,10 +516,10 @@ def _img(container: Any, arr: np.ndarray, caption: str, view: dict[str, Any], *,
 def pair_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None, latest: dict[str, Any]) -> None:
     r = entry.result
     flags = r.flags(alpha, fdr)
-    options = [int(i) for i in np.flatnonzero(flags)]
+    options = ui.review_order(r.table, flags)  # the ranking on screen, most significant first
     current = st.session_state.get("pair_index")
     if current is not None and current not in options:
-        options = sorted([*options, int(current)])
+        options = [*options, int(current)]
     if not options:
         st.info("No slice is flagged at this threshold. Raise α, or pick any slice in the Flagged page (All slices).")
         return
@@ -554,7 +572,7 @@ def pair_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None, 
             f" · registration: flip **{t.get('flip', 'none')}**, rotation {t.get('angle', 0):+.1f}°, "
             f"scale {t.get('scale', 1):.3f}, shift ({shift}) px"
         )
-    if "label" in row and isinstance(row["label"], str) and row["label"]:
+    if st.session_state.get("show_truth") and "label" in row and isinstance(row["label"], str) and row["label"]:
         line += f" · ground truth: **{row['label']}**"
         if isinstance(row.get("augmentation"), str) and row.get("augmentation"):
             line += f" ({row['augmentation']})"
@@ -752,6 +770,139 @@ def review_form(r: Any, row: Any, store: ReviewStore | None, latest: dict[str, A
             )
 
 
+def _slice_key(row: Any) -> str:
+    return f"{row['synthetic_path']}#{int(row['slice_index'])}"
+
+
+def _record(r: Any, store: ReviewStore, row: Any, decision: str, reviewer: str, comment: str) -> Any:
+    """Save one decision; a busy database keeps it pending (with a Retry), never drops it. The saved review or None."""
+    sha = str(row["sha256"])
+    pending_key = f"pending_{sha[:16]}"
+    try:
+        saved = store.record(r.audit_id, sha, decision, reviewer, comment, slice_key=_slice_key(row))
+    except ReviewStoreBusyError as e:
+        st.session_state[pending_key] = {"decision": decision, "reviewer": reviewer, "comment": comment}
+        st.session_state["_queue_msg"] = ("error", f"Not saved yet: **{decision}**. {e}")
+        return None
+    except ReviewError as e:
+        st.session_state["_queue_msg"] = ("error", f"Not saved: {e}")
+        return None
+    st.session_state.pop(pending_key, None)
+    return saved
+
+
+def _queue_decide(r: Any, store_path: str, order: list[int], row_index: int, decision: str) -> None:
+    """Save and next (a button's callback, before the page redraws)."""
+    reviewer = str(st.session_state.get("reviewer_name") or "").strip()
+    if not reviewer:
+        st.session_state["_queue_msg"] = ("warning", "Enter the reviewer's name first; nothing was saved.")
+        return
+    row = r.table.iloc[row_index]
+    saved = _record(r, ReviewStore(store_path), row, decision, reviewer, str(st.session_state.get("rq_comment", "")))
+    if saved is None:
+        return
+    st.session_state["rq_comment"] = ""
+    pos = order.index(row_index)
+    done = pos + 1 >= len(order)
+    if not done:
+        st.session_state["review_row"] = order[pos + 1]
+    st.session_state["_queue_msg"] = (
+        "success",
+        f"Saved: **{saved.decision}** by {saved.reviewer} for pair {pos + 1} (record {saved.id})."
+        + (" That was the last flagged pair." if done else f" Now pair {pos + 2} of {len(order)}."),
+    )
+
+
+def _queue_step(order: list[int], delta: int) -> None:
+    cur = st.session_state.get("review_row")
+    pos = order.index(cur) if cur in order else 0
+    st.session_state["review_row"] = order[min(max(pos + delta, 0), len(order) - 1)]
+    st.session_state.pop("_queue_msg", None)
+
+
+def review_queue(entry: Entry, flags: np.ndarray, store: ReviewStore, latest: dict[str, Any]) -> None:
+    """One flagged pair at a time in the ranking on screen: decide with a button or a key, and move on."""
+    r = entry.result
+    order = ui.review_order(r.table, flags)
+    if not order:
+        st.info("No slice is flagged at this setting: nothing to review.")
+        return
+    cur = st.session_state.get("review_row")
+    if cur not in order:  # first visit, or the setting changed: the first undecided pair in the ranking
+        undecided = [i for i in order if str(r.table.iloc[i]["sha256"]) not in latest]
+        cur = (undecided or order)[0]
+        st.session_state["review_row"] = cur
+    pos = order.index(cur)
+    row = r.table.iloc[cur]
+    sha = str(row["sha256"])
+    dec = latest.get(sha)
+    keys = ui.REVIEW_SHORTCUTS
+    st.subheader(f"Pair {pos + 1} of {len(order)} (most significant first)")
+    facts = (
+        f"`{_slice_key(row)}` · similarity {float(row['similarity']):.4f} · p {ui.format_p(float(row['p_value']))}"
+        f" · matched subject {row['nearest_train_subject']} · decision: **{dec.decision if dec else '—'}**"
+    )
+    if st.session_state.get("show_truth") and isinstance(row.get("label"), str) and row.get("label"):
+        facts += f" · ground truth: **{row['label']}**"
+    st.markdown(facts, help="Ground truth is hidden during review; the toggle above reveals it.")
+    try:
+        ev = pair_of(entry, cur)
+    except Exception as e:  # noqa: BLE001 - shown, not raised
+        log.exception("pair evidence failed")
+        st.error(f"The evidence for this slice cannot be shown ({type(e).__name__}: {e}).")
+        ev = None
+    if ev is not None:
+        view = {"low": 0.0, "high": 1.0, "size": 512, "resample": "nearest"}
+        cols = st.columns(3)
+        _img(cols[0], ev.synthetic, "synthetic", view)
+        if ev.aligned is not None:
+            _img(cols[1], ev.aligned, "aligned training", view)
+            _img(cols[2], ev.difference, "|synthetic − aligned| ×4", {**view, "high": 0.25}, diff=True)
+        else:
+            first = next(iter(ev.layers.values()))[0]
+            _img(cols[1], first["image"], "nearest training", view)
+    c1, c2 = st.columns([1, 3])
+    c1.text_input("Reviewer name", key="reviewer_name")
+    c2.text_input("Comment (saved with the next decision)", key="rq_comment")
+    b = st.columns(6)
+    for k, d in enumerate(DECISIONS):
+        b[k].button(
+            f"{d.capitalize()} · save and next",
+            key=f"rq_{d.replace(' ', '_')}",
+            shortcut=keys[d],
+            type="primary" if dec is not None and dec.decision == d else "secondary",
+            on_click=_queue_decide,
+            args=(r, str(store.path), order, cur, d),
+            width="stretch",
+        )
+    b[4].button("◀ Previous", key="rq_prev", shortcut=keys["previous"], on_click=_queue_step, args=(order, -1),
+                disabled=pos == 0, width="stretch")  # fmt: skip
+    b[5].button("Next ▶", key="rq_next", shortcut=keys["next"], on_click=_queue_step, args=(order, 1),
+                disabled=pos + 1 >= len(order), width="stretch")  # fmt: skip
+    st.caption(
+        "Keys: " + " · ".join(f"**{keys[d]}** {d}" for d in DECISIONS)
+        + f" (each saves and moves to the next pair) · **{keys['next']}** next · **{keys['previous']}** previous."
+        " The reviewer's name is required; decisions are saved before the next pair is shown."
+    )
+    msg = st.session_state.get("_queue_msg")
+    if msg:
+        {"error": st.error, "warning": st.warning, "success": st.success}[msg[0]](msg[1])
+    pending = st.session_state.get(f"pending_{sha[:16]}")
+    if pending is not None:
+        st.error(
+            f"Not saved yet: **{pending['decision']}** by {pending['reviewer']}; kept here until the database "
+            "has it.",
+            icon=":material/lock_clock:",
+        )
+        if st.button("Retry saving the decision", key=f"rq_retry_{sha[:16]}", type="primary"):
+            if _record(r, store, row, pending["decision"], pending["reviewer"], pending["comment"]) is not None:
+                st.session_state["_queue_msg"] = ("success", f"Saved: **{pending['decision']}**.")
+                st.rerun()
+    if st.button("Open this pair in the full viewer", key="rq_open"):
+        _open_pair(cur)
+        st.rerun()
+
+
 def review_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None, latest: dict[str, Any]) -> None:
     r = entry.result
     flags = r.flags(alpha, fdr)
@@ -759,7 +910,11 @@ def review_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None
     if store is not None:
         done, total = store.progress(r.audit_id, shas)
         st.subheader(f"Review progress: {done} of {total} flagged pairs decided")
-        st.progress(done / total if total else 1.0, text=f"{done} / {total} at α = {ui.format_alpha(alpha)}")
+        bh = " with Benjamini–Hochberg" if fdr else ""
+        st.progress(done / total if total else 1.0, text=f"{done} / {total} at α = {ui.format_alpha(alpha)}{bh}")
+        review_queue(entry, flags, store, latest)
+    else:
+        st.caption("No usable reviews database; set one in the sidebar.")
     st.subheader("Per training subject")
     st.caption("The unit a privacy officer signs off: how many synthetic slices copy each training subject.")
     st.dataframe(
@@ -769,7 +924,7 @@ def review_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None
         st.subheader("All decisions of this audit")
         df = store.to_frame(r.audit_id)
         if df.empty:
-            st.caption("No decision recorded yet. Open a flagged pair to review it.")
+            st.caption("No decision recorded yet.")
         else:
             st.dataframe(
                 df[["slice_key", "decision", "comment", "reviewer", "created_at"]], hide_index=True, width="stretch"
@@ -777,10 +932,43 @@ def review_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None
         st.caption(f"Stored in {store.path}")
 
 
-def export_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None, reviews_db: str) -> None:
+def export_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None, latest: dict[str, Any]) -> None:
     r = entry.result
-    reviews = store.to_frame(r.audit_id) if store is not None else pd.DataFrame(columns=["slice_sha256"])
+    from inspector import report
+    from inspector.folder import (
+        DEFAULT_REVIEWS_FILE,
+        AuditFolderError,
+        release_blockers,
+        release_checklist,
+        save_audit,
+    )
+    from inspector.review import SIGNOFF_DECISIONS, SignOff, SignOffError
+
+    v = r.calibration.verdict(alpha, fdr)
+    flags = r.flags(alpha, fdr)
+    counts = ui.review_counts(r.table, flags, latest)
+    checklist = release_checklist(v, evidence_note=r.evidence_note, **counts)
+    st.subheader("Release decision")
+    verdict_box(r, v)
+    rule = "Benjamini–Hochberg at" if fdr else "α ="
+    st.markdown(
+        f"**Setting:** {rule} {ui.format_alpha(alpha)} · null: {v.null_kind} of {v.n_null} slices (smallest "
+        f"possible p-value {v.min_p_value:.3g}) · {counts['n_reviewed']} of {counts['n_flagged']} flagged pairs "
+        "reviewed"
+    )
+    st.markdown("**Release checklist**")
+    st.markdown(
+        "\n".join(f"- {'✅' if c.ok else '❌'} **{c.name}**: {c.detail}" for c in checklist),
+    )
+    blocking = release_blockers(checklist, "release")
+    if blocking:
+        st.warning(
+            f"A **release** is refused without a stated reason while {len(blocking)} item(s) above fail.",
+            icon=":material/gpp_maybe:",
+        )
+
     st.subheader("Scores and decisions")
+    reviews = store.to_frame(r.audit_id) if store is not None else pd.DataFrame(columns=["slice_sha256"])
     scores = ui.scores_with_decisions(r.table, reviews)
     st.download_button(
         "Download scores.csv (with decisions)",
@@ -797,31 +985,41 @@ def export_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None
         key="dl_subjects",
     )
     st.subheader("Release report")
-    from inspector import report
-    from inspector.folder import AuditFolderError, save_audit
-    from inspector.review import SIGNOFF_DECISIONS, SignOff, SignOffError
-
-    rule = "Benjamini–Hochberg at" if fdr else "α ="
-    st.caption(f"The report is written at the setting on screen: {rule} {ui.format_alpha(alpha)}.")
-    out_dir = Path(reviews_db).expanduser().parent / f"audit_{r.audit_id[:12]}"
-    st.caption(f"Saves the audit folder to {out_dir} and writes report.html into it.")
+    out_dir = ui.audit_folder_path(r.audit_id)
+    shared = store is not None and store.path.expanduser().absolute() == (out_dir / DEFAULT_REVIEWS_FILE).absolute()
+    st.caption(
+        f"The report is written at the setting on screen ({rule} {ui.format_alpha(alpha)}). Saves the audit folder "
+        f"to {out_dir} and writes report.html into it"
+        + (
+            "; its reviews.sqlite3 holds this audit's decisions, so `inspector report --audit` there reads them too."
+            if shared
+            else f"; decisions are read from {store.path if store is not None else 'nowhere'}."
+        )
+    )
     with st.form("report_form", border=True):
         sign = st.checkbox("Record a release sign-off in the report", key="so_enable")
         c1, c2, c3 = st.columns(3)
         signer = c1.text_input("Signed off by", key="so_signer")
         role = c2.text_input("Role", "privacy officer", key="so_role")
-        decision = c3.selectbox("Release decision", SIGNOFF_DECISIONS, key="so_decision")
-        reason = st.text_input("Reason (required while flagged pairs are unreviewed)", key="so_reason")
+        decision = c3.selectbox(
+            "Release decision", SIGNOFF_DECISIONS, index=None, placeholder="Choose a decision", key="so_decision"
+        )
+        reason = st.text_input(
+            "Reason (required while flagged pairs are unreviewed, and for a release while a checklist item fails)",
+            key="so_reason",
+        )
         build = st.form_submit_button("Save the audit and build the report", type="primary", key="build_report")
     if build:
         try:
+            if sign and decision is None:
+                raise SignOffError("Choose a release decision first; nothing was signed or written.")
             signoff = SignOff(signer=signer, role=role, decision=decision, reason=reason) if sign else None
             with st.spinner("Writing the audit folder and the report"):
                 save_audit(r, out_dir)
                 html = report.write_report(
                     out_dir,
                     out_dir / "report.html",
-                    reviews=store.path if store is not None else None,
+                    reviews=None if shared or store is None else store.path,
                     signoff=signoff,
                     alpha=alpha,
                     fdr=fdr,
@@ -871,9 +1069,14 @@ def main() -> None:
         return
 
     header(entry)
-    store = review_store(vals["reviews_db"])
+    # the reviewer's name survives page changes (Streamlit drops the state of widgets a page does not draw)
+    if st.session_state.get("reviewer_name"):
+        st.session_state["_reviewer"] = st.session_state["reviewer_name"]
+    elif st.session_state.get("_reviewer"):
+        st.session_state["reviewer_name"] = st.session_state["_reviewer"]
+    store = review_store(str(ui.reviews_db_for(entry.result.audit_id, vals["reviews_db"])))
     latest = _latest(store, entry.result.audit_id)
-    c1, c2, c3 = st.columns([3, 2, 1], vertical_alignment="bottom")
+    c1, c2, c3, c4 = st.columns([3, 2, 1, 1], vertical_alignment="bottom")
     page = c1.radio("Page", PAGES, key="page", horizontal=True, label_visibility="collapsed")
     if "view_alpha" not in st.session_state:
         st.session_state["view_alpha"] = entry.result.config.alpha
@@ -887,6 +1090,8 @@ def main() -> None:
     )
     # every page reads the flags at this one (alpha, fdr) from the audit's Calibration
     fdr = c3.toggle("Benjamini–Hochberg", key="view_fdr", help="Control the false discovery rate at α instead.")
+    if entry.result.has_ground_truth:  # reviews are blind by default; a researcher can reveal the labels
+        c4.toggle("Show ground truth", key="show_truth", help="labels.csv; hidden by default so reviews stay blind.")
     if page == "Overview":
         overview_page(entry, alpha, fdr)
     elif page == "Flagged":
@@ -896,7 +1101,7 @@ def main() -> None:
     elif page == "Review":
         review_page(entry, alpha, fdr, store, latest)
     else:
-        export_page(entry, alpha, fdr, store, vals["reviews_db"])
+        export_page(entry, alpha, fdr, store, latest)
 
 
 main()

@@ -81,8 +81,19 @@ SETTING_LABELS: dict[str, str] = {
     "seed": "Random seed",
 }
 
-#: Environment variable overriding the default reviews database path.
+#: Environment variable naming one reviews database for every audit (instead of each audit folder's own).
 REVIEWS_DB_ENV = "INSPECTOR_REVIEWS_DB"
+#: Environment variable naming the folder the app writes audit folders into (default ``audits`` under the cwd).
+AUDITS_DIR_ENV = "INSPECTOR_AUDITS_DIR"
+#: Keyboard shortcuts of the review queue (Streamlit reserves C and R).
+REVIEW_SHORTCUTS: dict[str, str] = {
+    "copy": "1",
+    "near copy": "2",
+    "not a copy": "3",
+    "unsure": "4",
+    "next": "J",
+    "previous": "K",
+}
 
 #: Streamlit options the app sets itself, wherever it is started from (they repeat .streamlit/config.toml):
 #: no usage statistics, no error details in the browser, bound to the loopback interface only.
@@ -332,11 +343,69 @@ def input_signature(path: str | Path) -> str:
 
 
 def default_reviews_db(cwd: Path | None = None) -> Path:
-    """The reviews database: ``$INSPECTOR_REVIEWS_DB`` if set, else ``audits/reviews.sqlite3`` under the cwd."""
+    """The one database named by ``$INSPECTOR_REVIEWS_DB``, else ``audits/reviews.sqlite3`` under the cwd (kept
+    for callers of the old default; the app uses :func:`reviews_db_for`)."""
     env = os.environ.get(REVIEWS_DB_ENV)
     if env:
         return Path(env).expanduser()
     return (cwd or Path.cwd()) / "audits" / "reviews.sqlite3"
+
+
+def audits_dir(cwd: Path | None = None) -> Path:
+    """Where the app writes audit folders: ``$INSPECTOR_AUDITS_DIR``, else ``audits`` under the cwd."""
+    env = os.environ.get(AUDITS_DIR_ENV)
+    return Path(env).expanduser() if env else (cwd or Path.cwd()) / "audits"
+
+
+def audit_folder_path(audit_id: str, cwd: Path | None = None) -> Path:
+    """The audit folder the app saves an audit into (and ``inspector report --audit`` reads)."""
+    if not audit_id:
+        raise ValueError("audit_id is required to name the audit folder.")
+    return audits_dir(cwd) / f"audit_{audit_id[:12]}"
+
+
+def reviews_db_for(audit_id: str, text: str = "", cwd: Path | None = None) -> Path:
+    """The reviews database of one audit.
+
+    ``text`` (the sidebar's field) when given; else ``$INSPECTOR_REVIEWS_DB`` when set; else the audit folder's
+    ``reviews.sqlite3``, the database ``inspector report --audit`` reads by default, so the app and the report
+    share the decisions of one audit without naming a file.
+    """
+    if text and text.strip():
+        return Path(text.strip()).expanduser()
+    env = os.environ.get(REVIEWS_DB_ENV)
+    if env:
+        return Path(env).expanduser()
+    from .folder import DEFAULT_REVIEWS_FILE
+
+    return audit_folder_path(audit_id, cwd) / DEFAULT_REVIEWS_FILE
+
+
+def review_order(table: pd.DataFrame, flags: np.ndarray) -> list[int]:
+    """The flagged rows in the ranking every page shows: most significant first (p-value, then similarity).
+
+    Returns
+    -------
+    list of int
+        Rows of ``table``.
+    """
+    from .folder import most_significant_first
+
+    rows = np.flatnonzero(np.asarray(flags, bool))
+    p = table["p_value"].to_numpy(np.float64)
+    sim = table["similarity"].to_numpy(np.float64)
+    return [int(i) for i in most_significant_first(rows, p, sim)]
+
+
+def review_counts(table: pd.DataFrame, flags: np.ndarray, latest: Mapping[str, Any]) -> dict[str, int]:
+    """``n_flagged``, ``n_reviewed`` and ``n_copies`` (judged copy or near copy) over the flagged rows."""
+    shas = table.loc[np.asarray(flags, bool), "sha256"].astype(str)
+    decided = [latest[s].decision for s in shas if s in latest]
+    return {
+        "n_flagged": int(len(shas)),
+        "n_reviewed": len(decided),
+        "n_copies": sum(d in ("copy", "near copy") for d in decided),
+    }
 
 
 def config_settings() -> tuple[Any, ...]:
@@ -771,6 +840,7 @@ def flagged_frame(
     *,
     include_all: bool = False,
     train_labels: Callable[[int], str] | None = None,
+    show_truth: bool = True,
 ) -> pd.DataFrame:
     """The flagged list: one row per flagged synthetic slice (or every slice), for display.
 
@@ -789,6 +859,8 @@ def flagged_frame(
     train_labels : callable, optional
         ``train_index -> label`` for the matched training slice (e.g. :meth:`AuditEntry.train_label`);
         default: the slice index in its source file.
+    show_truth : bool
+        Add the ground truth (``truth``) when the table has labels; the app hides it during review.
 
     Returns
     -------
@@ -818,7 +890,7 @@ def flagged_frame(
     if include_all:
         out["flagged"] = flags
     out["decision"] = [_decision_of(latest, s) for s in rows["sha256"]]
-    if "label" in rows and rows["label"].notna().any():
+    if show_truth and "label" in rows and rows["label"].notna().any():
         out["truth"] = rows["label"].fillna("").astype(str)
     return out
 

@@ -34,10 +34,11 @@ def env(tmp_path_factory):
     """A private reviews DB and embedding cache for every app run of this module."""
     d = tmp_path_factory.mktemp("app")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("INSPECTOR_REVIEWS_DB", str(d / "audits" / "reviews.sqlite3"))
+        mp.delenv("INSPECTOR_REVIEWS_DB", raising=False)  # the default: each audit folder's reviews.sqlite3
+        mp.setenv("INSPECTOR_AUDITS_DIR", str(d / "audits"))
         mp.setenv("INSPECTOR_CACHE_DIR", str(d / "cache"))
         ui.audit_store().clear()
-        yield SimpleNamespace(dir=d, db=d / "audits" / "reviews.sqlite3")
+        yield SimpleNamespace(dir=d, db=None)  # db: set once the audit (and so its folder) is known
         ui.audit_store().clear()
 
 
@@ -95,6 +96,8 @@ def ran(env):
     assert not at.error or all("Verdict." in e.value for e in at.error), [e.value for e in at.error]
     key = at.session_state["active"]
     entry = ui.audit_store()[key]
+    env.db = env.dir / "audits" / f"audit_{entry.result.audit_id[:12]}" / "reviews.sqlite3"
+    assert ui.reviews_db_for(entry.result.audit_id) == env.db
     return SimpleNamespace(at=at, key=key, entry=entry, result=entry.result, seconds=seconds, env=env)
 
 
@@ -278,14 +281,84 @@ def test_export_offers_the_scores_and_writes_the_release_report(ran):
     go(at, "Export")
     labels = [b.label for b in at.get("download_button")]
     assert labels == ["Download scores.csv (with decisions)", "Download subjects.csv"]
+    assert any("Verdict." in str(e.value) for e in (*at.error, *at.warning, *at.success))  # the verdict is shown
     at.button(key="build_report").click().run()
-    assert not at.exception and not at.error, [e.value for e in at.error]
+    errors = [e.value for e in at.error if "Verdict." not in str(e.value)]
+    assert not at.exception and not errors, errors
     html = Path(at.session_state["report_path"])
-    assert html.parent == ran.env.db.parent / f"audit_{r.audit_id[:12]}"
+    assert html.parent == ran.env.db.parent  # the audit folder holds the app's reviews: one database
+    assert "do not release" not in str(at.selectbox(key="so_decision").value)  # nothing pre-selected
+    assert at.selectbox(key="so_decision").value is None
     assert html.is_file() and verify_report(html)
     saved = pd.read_csv(html.parent / "scores.csv")
     assert len(saved) == len(r.table)
     assert "Download report.html" in [b.label for b in at.get("download_button")]
+
+
+def test_an_unreachable_setting_says_so_and_refuses_a_release_without_a_reason(ran):
+    """alpha below 1/(1 + n_null): the screen says nothing can be flagged and a release needs a reason."""
+    at, r = ran.at, ran.result
+    alpha = max(a for a in ui.ALPHAS if not r.calibration.reachable(a))
+    at.select_slider(key="view_alpha").set_value(alpha).run()
+    go(at, "Overview")
+    assert "Nothing can be flagged at α =" in verdict_of(at)
+    assert not any("Verdict." in str(s.value) for s in at.success)  # never green
+    go(at, "Export")
+    text = " ".join(str(m.value) for m in at.markdown)
+    assert "❌ **the setting can flag a copy" in text and "no slice can be flagged" in text
+    assert any("is refused without a stated reason" in w.value for w in at.warning)
+    assert at.selectbox(key="so_decision").value is None
+    at.checkbox(key="so_enable").check()
+    at.text_input(key="so_signer").input("Ada Officer")
+    at.button(key="build_report").click().run()
+    assert any("Choose a release decision first" in e.value for e in at.error)
+    at.selectbox(key="so_decision").select("release")
+    at.button(key="build_report").click().run()
+    errors = [e.value for e in at.error]
+    assert any("refused without a reason" in e and "the setting can flag a copy" in e for e in errors), errors
+    assert ReviewStore(ran.env.db).signoffs(r.audit_id) == []
+    at.text_input(key="so_reason").input("pilot release, holdout too small")
+    at.button(key="build_report").click().run()
+    assert not [e.value for e in at.error if "Verdict." not in str(e.value)]
+    html = Path(at.session_state["report_path"]).read_text(encoding="utf-8")
+    assert "This setting cannot flag a copy." in html and "pilot release, holdout too small" in html
+    assert [s.decision for s in ReviewStore(ran.env.db).signoffs(r.audit_id)] == ["release"]
+    at.checkbox(key="so_enable").uncheck()
+    at.select_slider(key="view_alpha").set_value(0.01).run()
+
+
+def test_the_review_queue_saves_and_moves_on_in_ranking_order_blind(ran):
+    at, r = ran.at, ran.result
+    at.select_slider(key="view_alpha").set_value(0.05).run()
+    order = ui.review_order(r.table, r.flags(0.05))
+    assert len(order) >= 2
+    sims = r.table["similarity"].to_numpy()[order]
+    assert (np.diff(sims) <= 0).all()  # most significant (most similar) first
+    go(at, "Review")
+    first = at.session_state["review_row"]
+    assert first in order
+    pos = order.index(first)
+    assert any(s.value.startswith(f"Pair {pos + 1} of {len(order)}") for s in at.subheader)
+    assert "ground truth" not in " ".join(str(m.value) for m in at.markdown)  # blind by default
+    at.text_input(key="reviewer_name").input("Dr Queue")
+    at.text_input(key="rq_comment").input("identical anatomy")
+    at.button(key="rq_copy").click().run()
+    assert not at.exception
+    saved = ReviewStore(ran.env.db).latest(r.audit_id)[str(r.table.loc[first, "sha256"])]
+    assert saved.decision == "copy" and saved.reviewer == "Dr Queue" and saved.comment == "identical anatomy"
+    if pos + 1 < len(order):
+        assert at.session_state["review_row"] == order[pos + 1]
+        assert any(s.value.startswith("Saved: **copy** by Dr Queue") for s in at.success)
+        at.button(key="rq_prev").click().run()
+        assert at.session_state["review_row"] == first
+    # the researcher's toggle reveals the labels on the review and flagged pages
+    at.toggle(key="show_truth").set_value(True).run()
+    assert "ground truth" in " ".join(str(m.value) for m in at.markdown)
+    go(at, "Flagged")
+    assert "truth" in frame_with(at, "similarity").columns
+    at.toggle(key="show_truth").set_value(False).run()
+    assert "truth" not in frame_with(at, "similarity").columns
+    at.select_slider(key="view_alpha").set_value(0.01).run()
 
 
 def _visible_text(at: AppTest) -> str:
