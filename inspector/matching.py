@@ -2,10 +2,13 @@
 
 :class:`MemorizationScorer` is a scikit-learn-style estimator. ``fit`` whitens the training features
 per layer with a shrunk covariance (:class:`inspector.scores.Whitener`); ``score_samples`` takes the
-features of every *view* of the query slices (identity, flips, optional small rotations), shortlists
-the training slices nearest over all views, registers each candidate onto the query with a similarity
-transform (:func:`inspector.align.register_pairs`) and scores it by normalised cross-correlation over
-the aligned overlap. Higher ``similarity`` means *more memorised*.
+features of every *view* of the query slices (by default the eight orientations of :mod:`inspector.views`),
+shortlists the training slices nearest over all views, adds the nearest under the moment-normalised structure
+descriptor (:mod:`inspector.descriptors`, which keeps separating look-alike subjects of one protocol where an
+invariance-trained encoder does not), registers every candidate coarsely under every orientation and the best
+``verify_top`` in full onto the query with a similarity transform (:func:`inspector.align.register_pairs`), and
+scores it by correlation over the aligned overlap. Higher ``similarity`` means *more memorised*. The null is
+scored through exactly this path, views included, so the calibration holds whatever the view set.
 
 The feature similarity of a (query, training) pair is the mean over layers of the whitened cosine
 similarities: every layer's whitened, L2-normalised vector is scaled by ``1/sqrt(L)`` and the layers
