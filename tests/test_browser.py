@@ -1,8 +1,9 @@
 """The app in a real browser: ``streamlit run app.py`` driven by Playwright through Debian's chromium.
 
-Run → open a flagged pair → record a decision; the decision must land in the SQLite database, and a
+Run → open a flagged pair → record a decision; the decision must land in the audit folder's SQLite database, and a
 screenshot of the pair view is saved (to ``assets/pair_view.png``, shown in the README, when
-``INSPECTOR_UPDATE_SCREENSHOT=1``).
+``INSPECTOR_UPDATE_SCREENSHOT=1``). On a 1366×768 laptop: the review queue's keyboard shortcuts save a decision
+and advance in ranking order, and a release at a setting that cannot flag anything is refused without a reason.
 
 Skipped when ``/usr/bin/chromium`` is missing on a developer machine; on CI (``CI`` set) a missing
 browser is a failure (``make test`` installs it).
@@ -61,10 +62,11 @@ def _free_port() -> int:
 def server(tmp_path):
     _need_chromium()
     port = _free_port()
-    db = tmp_path / "audits" / "reviews.sqlite3"
+    db = tmp_path / "audits"  # each audit's reviews.sqlite3 lies in its audit folder below (see _db)
     env = os.environ.copy()
+    env.pop("INSPECTOR_REVIEWS_DB", None)
     env.update(
-        INSPECTOR_REVIEWS_DB=str(db),
+        INSPECTOR_AUDITS_DIR=str(db),
         INSPECTOR_CACHE_DIR=str(tmp_path / "cache"),
         STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
     )
@@ -95,6 +97,23 @@ def server(tmp_path):
             proc.kill()
             proc.wait(timeout=5)
         log.close()
+
+
+def _db(audits: Path) -> Path:
+    """The one audit's reviews database (the app writes it into the audit's folder)."""
+    found = sorted(audits.glob("audit_*/reviews.sqlite3"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _run_pixels_audit(page, url: str) -> None:
+    page.goto(url)
+    run = page.get_by_role("button", name="Run audit")
+    run.wait_for(timeout=60_000)
+    page.get_by_test_id("stSelectbox").filter(has_text="Feature extractor").click()
+    page.get_by_role("option", name="pixels").click()
+    run.click()
+    page.get_by_text("Verdict.").wait_for(timeout=AUDIT_TIMEOUT_MS)
 
 
 def _rotated_copy() -> str:
@@ -173,10 +192,84 @@ def test_run_open_a_pair_and_record_a_decision(server, tmp_path):
     if os.environ.get("INSPECTOR_UPDATE_SCREENSHOT") == "1":
         README_SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(shot, README_SCREENSHOT)
-    con = sqlite3.connect(db)
+    con = sqlite3.connect(_db(db))
     try:
         rows = con.execute("SELECT decision, reviewer, comment, slice_key FROM reviews").fetchall()
     finally:
         con.close()
     assert rows == [("copy", "Browser Test", "rotated copy of the matched training slice", f"{name}#0")]
+    assert "Traceback" not in log.read_text()
+
+
+def _pair_facts(page) -> tuple[int, str, float]:
+    """(position, slice key, similarity) of the pair the review queue shows."""
+    head = page.get_by_text(re.compile(r"^Pair \d+ of \d+ \(most significant first\)$"))
+    pos = int(re.match(r"Pair (\d+)", head.inner_text()).group(1))
+    facts = page.get_by_text(re.compile(r"· similarity \d")).first.inner_text()
+    m = re.match(r"^(\S+) · similarity ([0-9.]+)", facts)
+    assert m, facts
+    return pos, m.group(1), float(m.group(2))
+
+
+def test_keyboard_save_and_next_in_ranking_order_and_an_unreachable_release_is_refused(server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, audits, log = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1366, "height": 768})
+            _run_pixels_audit(page, url)
+            page.get_by_test_id("stRadio").filter(has_text="Overview").get_by_text("Review", exact=True).click()
+            page.get_by_text(re.compile(r"^Pair 1 of \d+")).wait_for(timeout=60_000)
+            pos, first, sim1 = _pair_facts(page)
+            assert pos == 1
+            assert "ground truth:" not in page.get_by_test_id("stMain").inner_text()  # blind by default
+            name = page.get_by_label("Reviewer name")
+            name.fill("Key Reviewer")
+            name.press("Enter")
+            page.wait_for_timeout(800)
+            page.evaluate("() => document.activeElement && document.activeElement.blur()")
+            page.keyboard.press("1")  # copy: save and next
+            page.get_by_text("Saved: copy by Key Reviewer for pair 1").wait_for(timeout=60_000)
+            expect(page.get_by_text(re.compile(r"^Pair 2 of \d+"))).to_be_visible(timeout=30_000)
+            pos2, second, sim2 = _pair_facts(page)
+            assert pos2 == 2 and second != first and sim2 <= sim1  # the next in the ranking
+            page.keyboard.press("K")  # previous
+            expect(page.get_by_text(re.compile(r"^Pair 1 of \d+"))).to_be_visible(timeout=30_000)
+            page.keyboard.press("J")  # next
+            expect(page.get_by_text(re.compile(r"^Pair 2 of \d+"))).to_be_visible(timeout=30_000)
+            con = sqlite3.connect(_db(audits))
+            try:
+                rows = con.execute("SELECT decision, reviewer, slice_key FROM reviews").fetchall()
+            finally:
+                con.close()
+            assert rows == [("copy", "Key Reviewer", first)]
+
+            # alpha one step down (0.5 %) lies below the smallest p-value 1/(1 + 109): nothing can be flagged
+            thumb = page.get_by_test_id("stSlider").filter(has_text="Flag threshold").get_by_role("slider")
+            thumb.focus()
+            thumb.press("ArrowLeft")
+            expect(thumb).to_have_attribute("aria-valuetext", "0.5 %", timeout=30_000)
+            page.get_by_test_id("stRadio").filter(has_text="Overview").get_by_text("Export", exact=True).click()
+            page.get_by_text("Release checklist").first.wait_for(timeout=60_000)
+            main = page.get_by_test_id("stMain")
+            assert "Nothing can be flagged at α = 0.005" in main.inner_text()
+            form = page.get_by_test_id("stForm")
+            assert form.get_by_role("combobox", name="Release decision").input_value() == ""  # nothing pre-selected
+            form.get_by_text("Record a release sign-off in the report").click()
+            form.get_by_label("Signed off by").fill("Ada Officer")
+            form.get_by_test_id("stSelectbox").click()
+            page.get_by_role("option", name="release", exact=True).click()
+            form.get_by_role("button", name="Save the audit and build the report").click()
+            page.get_by_text(re.compile("refused without a reason")).wait_for(timeout=120_000)
+            assert "the setting can flag a copy" in main.inner_text()
+            assert page.get_by_test_id("stException").count() == 0
+        finally:
+            browser.close()
+    con = sqlite3.connect(_db(audits))
+    try:
+        assert con.execute("SELECT COUNT(*) FROM signoffs").fetchone() == (0,)
+    finally:
+        con.close()
     assert "Traceback" not in log.read_text()
