@@ -152,3 +152,22 @@ def test_bad_threads_exits_2(audit_cohorts, tmp_path, capsys):
     args = ["scan", "--train", str(p["train"]), "--synthetic", str(p["synthetic"]), "--threads", "0"]
     assert main([*args, "--out", str(tmp_path)]) == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_scan_says_when_the_setting_cannot_flag_anything(audit_cohorts, tmp_path, capsys):
+    p = audit_cohorts
+    out = tmp_path / "out"
+    args = ["scan", "--train", str(p["train"]), "--synthetic", str(p["synthetic"]), "--holdout", str(p["holdout"]),
+            "--extractor", "pixels", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]  # fmt: skip
+    assert main([*args, "--alpha", "0.0001"]) == 0
+    printed = capsys.readouterr().out
+    assert "Nothing can be flagged at α = 0.0001" in printed and "no slice can be flagged" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["verdict"]["alpha_reachable"] is False and summary["verdict"]["n_flagged"] == 0
+    # a release of this audit is refused without a reason; 'do not release' is not
+    report = ["report", "--audit", str(out), "--out", str(tmp_path / "r.html")]
+    sign = ["--signer", "A", "--role", "privacy officer", "--decision"]
+    assert main([*report, *sign, "release"]) == 2
+    assert "refused without a reason" in capsys.readouterr().err
+    assert main([*report, *sign, "do not release"]) == 0
+    assert "not met: the setting can flag a copy" in capsys.readouterr().out
