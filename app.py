@@ -36,8 +36,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 from streamlit import runtime
+from streamlit.components import v1 as components
 
-from inspector import ui
+from inspector import ui, viewer
 from inspector.review import DECISIONS, ReviewError, ReviewStore, ReviewStoreBusyError
 from inspector.views import View
 
@@ -579,7 +580,21 @@ def pair_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None, 
     st.markdown(line)
     st.caption("Neighbours are shown in the synthetic slice's view (a flipped match is flipped back).")
 
-    with st.container(border=True):
+    # the comparison viewer: zoom, pan, window/level, flicker and swipe run in the browser (no server round-trip)
+    other = ev.aligned
+    other_label = "aligned training"
+    if other is None:
+        other, other_label = next(iter(ev.layers.values()))[0]["image"], "nearest training (not aligned)"
+    html_doc = viewer.pair_viewer_html(
+        ev.synthetic,
+        other,
+        labels=(f"synthetic · {_slice_key(row)}", other_label, "|synthetic − training|"),
+        pane_height=ui.VIEWER_PANE_HEIGHT,
+    )
+    components.html(html_doc, height=ui.VIEWER_PANE_HEIGHT + 48)
+
+    still = st.expander("Still images: window, before/after blend, display size")
+    with still:
         k1, k2, k3, k6, k4, k5 = st.columns([2, 2, 3, 1.4, 2, 2])
         low = k1.slider("Window low", 0.0, 1.0, 0.0, 0.01, key="win_low")
         high = k2.slider("Window high", 0.0, 1.0, 1.0, 0.01, key="win_high")
@@ -608,7 +623,7 @@ def pair_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None, 
         low, high = 0.0, 1.0
     view = {"low": low, "high": high, "size": size, "resample": resample}
 
-    top = st.columns(4)
+    top = still.columns(4)
     _img(top[0], ev.synthetic, f"synthetic · {row['synthetic_path']}#{int(row['slice_index'])}", view)
     if ev.aligned is not None:
         _img(top[1], ev.aligned, f"aligned training · {entry.train_label(ev.transform['train_index'])}", view)

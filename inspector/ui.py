@@ -85,6 +85,8 @@ SETTING_LABELS: dict[str, str] = {
 REVIEWS_DB_ENV = "INSPECTOR_REVIEWS_DB"
 #: Environment variable naming the folder the app writes audit folders into (default ``audits`` under the cwd).
 AUDITS_DIR_ENV = "INSPECTOR_AUDITS_DIR"
+#: CSS pixels of each pane of the pair viewer: with the header and metrics it stays above the fold at 1366×768.
+VIEWER_PANE_HEIGHT = 400
 #: Keyboard shortcuts of the review queue (Streamlit reserves C and R).
 REVIEW_SHORTCUTS: dict[str, str] = {
     "copy": "1",

@@ -171,6 +171,9 @@ def test_run_open_a_pair_and_record_a_decision(server, tmp_path):
             opened = page.get_by_role("combobox", name=re.compile("^Flagged pair")).input_value()
             assert opened.startswith(f"{name}#0 · similarity"), opened
             assert page.get_by_test_id("stExpander").filter(has_text="History").count() == 0
+            # the client-side comparison viewer: three linked panes, drawn in the browser
+            panes = page.frame_locator("iframe").first.locator("canvas")
+            expect(panes).to_have_count(3, timeout=30_000)
 
             # record a decision; the UI confirms only after the database has it
             form = page.get_by_test_id("stForm")
