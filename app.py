@@ -933,7 +933,9 @@ def review_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None
     st.subheader("Per training subject")
     st.caption("The unit a privacy officer signs off: how many synthetic slices copy each training subject.")
     st.dataframe(
-        ui.subject_review_frame(r.subjects, r.table, flags, latest, DECISIONS), hide_index=True, width="stretch"
+        ui.subject_review_frame(ui.subjects_at(entry, alpha, fdr), r.table, flags, latest, DECISIONS),
+        hide_index=True,
+        width="stretch",
     )
     if store is not None:
         st.subheader("All decisions of this audit")
@@ -985,6 +987,10 @@ def export_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None
     st.subheader("Scores and decisions")
     reviews = store.to_frame(r.audit_id) if store is not None else pd.DataFrame(columns=["slice_sha256"])
     scores = ui.scores_with_decisions(r.table, reviews)
+    scores["flagged"] = flags.astype(int)  # at the setting on screen, like every count above
+    subjects = ui.subjects_at(entry, alpha, fdr)
+    st.caption(f"Both files at the setting on screen ({'Benjamini–Hochberg at' if fdr else 'α ='} "
+               f"{ui.format_alpha(alpha)}).")  # fmt: skip
     st.download_button(
         "Download scores.csv (with decisions)",
         scores.to_csv(index=False).encode(),
@@ -994,7 +1000,7 @@ def export_page(entry: Entry, alpha: float, fdr: bool, store: ReviewStore | None
     )
     st.download_button(
         "Download subjects.csv",
-        r.subjects.to_csv(index=False).encode(),
+        subjects.to_csv(index=False).encode(),
         file_name=f"subjects_{r.audit_id[:12]}.csv",
         mime="text/csv",
         key="dl_subjects",

@@ -28,6 +28,7 @@ __all__ = [
     "check_labels",
     "layer_consensus",
     "score_table",
+    "subjects_at",
     "subjects_table",
 ]
 
@@ -136,8 +137,9 @@ def score_table(
     return table
 
 
-def volumes_table(table: pd.DataFrame, calibration: Calibration, alpha: float | None = None,
-                  fdr: bool | None = None) -> pd.DataFrame:
+def volumes_table(
+    table: pd.DataFrame, calibration: Calibration, alpha: float | None = None, fdr: bool | None = None
+) -> pd.DataFrame:
     """One row per synthetic volume (``volumes.csv``): its calibrated p-value, flag and best training match.
 
     A synthetic volume is the slices of one source (:attr:`Calibration.volume_ids`; a 2D image is a volume of
@@ -192,30 +194,130 @@ def volumes_table(table: pd.DataFrame, calibration: Calibration, alpha: float | 
 
 
 def subjects_table(
-    table: pd.DataFrame, train: Cohort, volumes: pd.DataFrame | None = None, alpha: float = 0.01
+    table: pd.DataFrame,
+    train: Cohort,
+    volumes: pd.DataFrame | None = None,
+    alpha: float | None = 0.01,
+    *,
+    calibration: Calibration | None = None,
+    fdr: bool | None = None,
 ) -> pd.DataFrame:
     """Per training subject: its slices, the synthetic slices and volumes attributed to it, and a flag.
 
-    A subject is flagged when one of the ``k`` synthetic volumes attributed to it has a volume p-value at most
-    ``alpha / k`` (Bonferroni over its volumes), so a subject with no copy is flagged with probability at most
-    ``alpha`` however many volumes match it.
+    With ``calibration`` every flag is the calibration's at ``(alpha, fdr)`` (default: its own setting), the
+    volumes are :func:`volumes_table` at that setting and ``table["flagged"]`` is not read: this is how the
+    tables of the app, ``subjects.csv`` and the report agree with every other screen. Without it (the older
+    call) the slice flags are ``table["flagged"]`` and ``volumes`` as given. The subject rule is
+    :func:`subjects_at`'s.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The score table (:func:`score_table`).
+    train : Cohort
+        The training cohort (its subjects and their slice counts).
+    volumes : pandas.DataFrame, optional
+        :func:`volumes_table`; computed from ``calibration`` when that is given and this is None.
+    alpha : float, optional
+        The per-slice false-positive rate (``None``: the calibration's).
+    calibration : Calibration, optional
+    fdr : bool, optional
+        Benjamini–Hochberg at ``alpha`` (``None``: the calibration's; False without a calibration).
 
     Returns
     -------
     pandas.DataFrame
         Columns ``subject_id, n_train_slices, n_synthetic_matched, n_flagged, max_similarity, min_p_value,
-        flagged_synthetic`` and, with ``volumes``, ``n_volumes_matched, n_volumes_flagged, p_value, flagged``;
+        flagged_synthetic`` and, with volumes, ``n_volumes_matched, n_volumes_flagged, p_value, flagged``;
         most flagged first.
     """
-    rows = []
     counts = pd.Series([s.subject_id for s in train.slices]).value_counts()
-    for subj in train.subjects:
-        mine = table[table["nearest_train_subject"] == subj]
-        flagged = mine[mine["flagged"] == 1]
+    base = pd.DataFrame(
+        {"subject_id": list(train.subjects), "n_train_slices": [int(counts.get(s, 0)) for s in train.subjects]}
+    )
+    if calibration is not None:
+        return subjects_at(base, table, calibration, alpha, fdr, volumes=volumes)
+    a = 0.01 if alpha is None else float(alpha)
+    flags = table["flagged"].to_numpy().astype(int) == 1
+    return _subject_rows(base, table, flags, volumes, a, bool(fdr), decidable=True)
+
+
+def subjects_at(
+    subjects: pd.DataFrame,
+    table: pd.DataFrame,
+    calibration: Calibration,
+    alpha: float | None = None,
+    fdr: bool | None = None,
+    *,
+    volumes: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """``subjects.csv`` at ``(alpha, fdr)``, every flag taken from ``calibration`` (nothing else compares p with α).
+
+    The subject rule: a training subject to which ``k`` synthetic volumes are attributed has the p-value
+    ``min(1, k · min p_volume)`` (Bonferroni over its volumes, so a subject with no copy is flagged with
+    probability at most α however many volumes match it); it is flagged when that is at most α, or, with
+    Benjamini–Hochberg, by BH at α across the subjects. Nothing is flagged when the calibration is not
+    decidable (no holdout), as for slices.
+
+    Parameters
+    ----------
+    subjects : pandas.DataFrame
+        The training subjects: ``subject_id`` and ``n_train_slices`` (e.g. a ``subjects.csv`` read back; its
+        other columns are recomputed).
+    table : pandas.DataFrame
+        The score table of the same audit (``scores.csv``), in the calibration's row order.
+    calibration : Calibration
+        The audit's calibration.
+    alpha, fdr : optional
+        The setting (default: the calibration's own).
+    volumes : pandas.DataFrame, optional
+        :func:`volumes_table` at the same setting (computed when None).
+
+    Returns
+    -------
+    pandas.DataFrame
+        As :func:`subjects_table`, most flagged first.
+    """
+    if len(table) != len(calibration):
+        raise ValueError(
+            f"table has {len(table)} rows but the calibration {len(calibration)} slices; pass the score table of "
+            "the same audit."
+        )
+    cal = calibration.at(alpha, fdr)
+    if volumes is None:
+        volumes = volumes_table(table, cal)
+    base = (
+        subjects[["subject_id", "n_train_slices"]].copy()
+        if "n_train_slices" in subjects
+        else subjects[["subject_id"]].assign(n_train_slices=0)
+    )
+    return _subject_rows(base, table, cal.flags(), volumes, cal.alpha, cal.fdr, decidable=cal.decidable)
+
+
+def _subject_rows(
+    base: pd.DataFrame,
+    table: pd.DataFrame,
+    flags: np.ndarray,
+    volumes: pd.DataFrame | None,
+    alpha: float,
+    fdr: bool,
+    *,
+    decidable: bool,
+) -> pd.DataFrame:
+    """The one implementation of the per-subject table and its subject rule (see :func:`subjects_at`)."""
+    from .scores import benjamini_hochberg
+
+    flags = np.asarray(flags, bool)
+    nearest = table["nearest_train_subject"].astype(str).to_numpy()
+    rows = []
+    for subj, n_train in zip(base["subject_id"].astype(str), base["n_train_slices"], strict=True):
+        hit = nearest == subj
+        mine = table[hit]
+        flagged = table[hit & flags]
         row = {
             "subject_id": subj,
-            "n_train_slices": int(counts.get(subj, 0)),
-            "n_synthetic_matched": len(mine),
+            "n_train_slices": int(n_train),
+            "n_synthetic_matched": int(hit.sum()),
             "n_flagged": len(flagged),
             "max_similarity": float(mine["similarity"].max()) if len(mine) else np.nan,
             "min_p_value": float(mine["p_value"].min()) if len(mine) else np.nan,
@@ -224,19 +326,29 @@ def subjects_table(
             ),
         }
         if volumes is not None and not volumes.empty:
-            vs = volumes[volumes["nearest_train_subject"] == subj]
+            vs = volumes[volumes["nearest_train_subject"].astype(str) == subj]
             k = len(vs)
-            p = min(1.0, k * float(vs["p_value"].min())) if k else 1.0
             row.update(
                 {
                     "n_volumes_matched": k,
                     "n_volumes_flagged": int(vs["flagged"].sum()),
-                    "p_value": p,
-                    "flagged": int(k > 0 and p <= alpha),
+                    "p_value": min(1.0, k * float(vs["p_value"].min())) if k else 1.0,
                 }
             )
         rows.append(row)
     df = pd.DataFrame(rows)
+    if "p_value" in df:
+        p = df["p_value"].to_numpy(np.float64)
+        matched = df["n_volumes_matched"].to_numpy() > 0
+        if not decidable or not len(df):
+            subject_flags = np.zeros(len(df), bool)
+        elif fdr:
+            subject_flags = benjamini_hochberg(p, alpha) & matched
+        else:
+            subject_flags = (p <= alpha) & matched
+        df["flagged"] = subject_flags.astype(int)
+    if df.empty:
+        return df
     return df.sort_values(["n_flagged", "max_similarity"], ascending=[False, False], na_position="last").reset_index(
         drop=True
     )

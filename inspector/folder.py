@@ -489,6 +489,13 @@ class AuditFolder:
 
         return volumes_table(self.table, self.calibration, alpha, fdr)
 
+    def subjects_at(self, alpha: float | None = None, fdr: bool | None = None) -> pd.DataFrame:
+        """Per training subject at ``(alpha, fdr)`` (default: the calibration's setting), every flag from the
+        rebuilt calibration (:func:`inspector.attribution.subjects_at`): the report's per-subject table."""
+        from .attribution import subjects_at
+
+        return subjects_at(self.subjects, self.table, self.calibration, alpha, fdr)
+
     @property
     def null_similarity(self) -> np.ndarray:
         return self.calibration.null
@@ -1177,9 +1184,13 @@ def save_audit(result: AuditResult, out_dir: str | Path) -> Path:
 
 
 def _write_outputs(result: AuditResult, out: Path) -> None:
+    from .attribution import subjects_at
+
     aid = result.audit_id
     atomic_write_bytes(out / "scores.csv", result.table.assign(audit_id=aid).to_csv(index=False).encode())
-    atomic_write_bytes(out / "subjects.csv", result.subjects.assign(audit_id=aid).to_csv(index=False).encode())
+    # at the audit's own setting, every flag from its Calibration (as the report and the app compute it)
+    subjects = subjects_at(result.subjects, result.table, result.calibration)
+    atomic_write_bytes(out / "subjects.csv", subjects.assign(audit_id=aid).to_csv(index=False).encode())
     atomic_write_bytes(out / "volumes.csv", result.volumes().assign(audit_id=aid).to_csv(index=False).encode())
     atomic_write_bytes(out / "summary.json", json.dumps(jsonable(result.summary()), indent=2).encode())
     buf = io.BytesIO()

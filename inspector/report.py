@@ -954,7 +954,11 @@ def _render(
         '<p class="meta">Pseudonymous subject IDs. A subject with flagged synthetic slices is a patient whose '
         "scans the model may reproduce: the unit of the release decision.</p>"
     )
-    out.append(_df_table(folder.subjects, max_rows=1000))
+    out.append(
+        f'<p class="meta">At {_e(_setting_words(v))}: counts and flags from the same calibration as every other '
+        "number of this report.</p>"
+    )
+    out.append(_df_table(folder.subjects_at(), max_rows=1000))
     # ---------------------------------------------------------------- volumes
     vols = folder.volumes()
     if len(vols) < len(folder.table):  # some synthetic volumes hold several slices

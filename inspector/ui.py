@@ -134,12 +134,15 @@ class AuditEntry:
         Wall time of the audit call.
     pairs : dict of int to PairEvidence
         ``result.pair(i)`` already looked at.
+    derived : dict
+        Tables derived from the result at a setting (e.g. :func:`subjects_at`), computed once each.
     """
 
     result: Any
     seconds: float
     pairs: dict[int, Any] = field(default_factory=dict)
     positions: dict[str, dict[int, int]] = field(default_factory=dict)
+    derived: dict[Any, Any] = field(default_factory=dict)
 
     def train_position(self, train_index: int) -> tuple[str, int, int]:
         """``(subject, position, n)``: a training slice by its pseudonymous subject and its 1-based position
@@ -915,6 +918,21 @@ def scores_with_decisions(table: pd.DataFrame, reviews: pd.DataFrame) -> pd.Data
         else:
             out[dst] = [str(by_sha.at[s, src]) if s in by_sha.index else "" for s in out["sha256"]]
     return out
+
+
+def subjects_at(entry: AuditEntry, alpha: float, fdr: bool) -> pd.DataFrame:
+    """``subjects.csv`` at the setting on screen, from the audit's one Calibration, cached per audit and setting.
+
+    See :func:`inspector.attribution.subjects_at` (the subject rule lives there only).
+    """
+    from .attribution import subjects_at as _subjects_at
+
+    key = ("subjects", float(alpha), bool(fdr))
+    cache = entry.derived
+    if key not in cache:
+        r = entry.result
+        cache[key] = _subjects_at(r.subjects, r.table, r.calibration, alpha, fdr)
+    return cache[key]
 
 
 def subject_review_frame(

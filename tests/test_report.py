@@ -573,6 +573,25 @@ def test_bh_with_a_null_too_small_refuses_a_release(audit_copy, tmp_path):
     assert "with Benjamini–Hochberg false-discovery-rate control" in first and "This setting cannot flag" in first
 
 
+def test_per_subject_table_is_taken_at_the_reports_setting(audit_copy, tmp_path):
+    folder = load_audit_folder(audit_copy)
+    cal = folder.calibration
+    # subjects.csv as written equals the table recomputed from the calibration at the audit's own setting
+    on_disk = folder.subjects.sort_values("subject_id").reset_index(drop=True)
+    again = folder.subjects_at().sort_values("subject_id").reset_index(drop=True)
+    assert on_disk["n_flagged"].tolist() == again["n_flagged"].tolist()
+    assert on_disk["flagged"].tolist() == again["flagged"].tolist()
+    tiny = cal.min_p_value / 2  # nothing can be flagged: every subject count is 0 in the report
+    assert cal.flags().sum() > 0
+    text = write_report(audit_copy, tmp_path / "r.html", alpha=tiny).read_text(encoding="utf-8")
+    part = text[text.index('id="subjects"') : text.index("</table>", text.index('id="subjects"'))]
+    heads = re.findall(r"<th>([^<]*)</th>", part)
+    col = heads.index("n_flagged")
+    cells = [re.findall(r"<td[^>]*>([^<]*)</td>", row) for row in re.findall(r"<tr>(.*?)</tr>", part)[1:]]
+    assert cells and all(c[col] == "0" for c in cells)
+    assert f"α = {tiny:.4g}" in part
+
+
 def test_the_release_checklist_names_what_refuses_a_release():
     from inspector.calibration import Calibration
     from inspector.folder import release_blockers, release_checklist
