@@ -16,46 +16,144 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .calibration import GATES
 from .review import SIGNOFF_DECISIONS
 
-__all__ = ["main", "build_parser"]
+__all__ = ["CliProgress", "main", "build_parser"]
 
 log = logging.getLogger("inspector")
 
 EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
 
 
-class _TqdmProgress:
-    """Renders ``progress(stage, done, total)`` callbacks as one tqdm bar per stage on stderr."""
+class CliProgress:
+    """Renders ``progress(stage, done, total)`` callbacks on stderr with their counts, one stage at a time.
 
-    def __init__(self, enabled: bool = True) -> None:
+    Each stage (``"aligning:synthetic"``, labelled from :data:`inspector.types.PROGRESS_STAGES`) gets one tqdm
+    bar with its counts (``Aligning candidates (synthetic): 40/77 slices``); a finished stage's bar is closed
+    at once, so no bar sits at 100 % while the next stage works. Between two events a heartbeat (every
+    ``heartbeat`` seconds, on a terminal only) refreshes the open bar's elapsed time and, once a stage has
+    finished and the next has not reported yet, shows ``working (12 s since <stage>)``, so a long stage whose
+    first event comes late (registration reports per chunk of queries) still shows that it runs. Off a
+    terminal (CI logs) one line is written per stage when it starts and when it ends, with counts and seconds.
+
+    Parameters
+    ----------
+    enabled : bool
+        False renders nothing (``--quiet``).
+    stream : file-like, optional
+        Default ``sys.stderr``.
+    heartbeat : float
+        Seconds between two refreshes of the terminal display (0 turns the heartbeat off).
+    """
+
+    def __init__(self, enabled: bool = True, *, stream: Any = None, heartbeat: float = 1.0) -> None:
         self.enabled = enabled
-        self.bar = None
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.heartbeat = heartbeat
+        self.bar: Any = None
         self.stage: str | None = None
+        self.finished: str | None = None
+        self._t_stage = self._t_finished = time.perf_counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def label(stage: str) -> str:
+        """``"aligning:synthetic"`` -> ``"Aligning candidates (synthetic)"``."""
+        from .types import PROGRESS_STAGES
+
+        head, _, detail = stage.partition(":")
+        text = PROGRESS_STAGES.get(head, head.replace("_", " "))
+        return f"{text} ({detail})" if detail else text
+
+    @staticmethod
+    def unit(stage: str) -> str:
+        head = stage.partition(":")[0]
+        return {"searching": "views", "training": "steps", "loading": "files"}.get(head, "slices")
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         if not self.enabled:
             return
-        from tqdm import tqdm
+        with self._lock:
+            self._render(stage, int(done), int(total))
+        if self.tty and self.heartbeat > 0 and self._thread is None:
+            self._thread = threading.Thread(target=self._beat, name="inspector-progress", daemon=True)
+            self._thread.start()
 
+    def _render(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
         if stage != self.stage:
-            self.close()
-            self.stage = stage
-            self.bar = tqdm(total=max(total, 1), desc=f"{stage:<22}", file=sys.stderr, leave=True, unit="it")
+            self._close_bar()
+            self.stage, self._t_stage = stage, now
+            if self.tty:
+                from tqdm import tqdm
+
+                self.bar = tqdm(
+                    total=max(total, 1),
+                    desc=self.label(stage),
+                    unit=f" {self.unit(stage)}",
+                    file=self.stream,
+                    leave=True,
+                    dynamic_ncols=True,
+                )
+            elif done < total:
+                print(f"{self.label(stage)}: {done}/{total} {self.unit(stage)}", file=self.stream, flush=True)
         if self.bar is not None:
             self.bar.total = max(total, 1)
-            self.bar.n = done
+            self.bar.n = min(done, max(total, 1))
+            self.bar.set_postfix_str("", refresh=False)
             self.bar.refresh()
+        if total > 0 and done >= total:  # the stage is over: never leave its bar sitting at 100 %
+            if not self.tty:
+                print(
+                    f"{self.label(stage)}: {done}/{total} {self.unit(stage)} in {now - self._t_stage:.1f} s",
+                    file=self.stream,
+                    flush=True,
+                )
+            self._close_bar()
+            self.finished, self._t_finished = stage, now
+            self.stage = None
 
-    def close(self) -> None:
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat):
+            with self._lock:
+                if self.bar is not None:
+                    self.bar.refresh()
+                elif self.finished is not None:
+                    waited = time.perf_counter() - self._t_finished
+                    if waited >= self.heartbeat:
+                        self.stream.write(f"\r  working ({waited:.0f} s since {self.label(self.finished)})\x1b[K")
+                        self.stream.flush()
+
+    def _close_bar(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        elif self.tty and self.finished is not None:
+            self.stream.write("\r\x1b[K")  # clear the heartbeat line
+
+    def close(self) -> None:
+        """Stop the heartbeat and close the open bar."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        with self._lock:
+            self._close_bar()
+            self.finished = None
+
+
+#: The old name, kept for callers.
+_TqdmProgress = CliProgress
 
 
 def _parse_tuple(text: str) -> tuple[str, ...]:
@@ -147,7 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --fail-on flagged: fail when more than N slices are flagged (default: use the interval rule)",
     )
     s.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.add_argument(
+        "--quiet",
+        action="store_true",
+        help="only errors on stderr: no progress, no warnings (they stay in summary.json and the verdict); the "
+        "verdict and the written paths still go to stdout",
+    )
 
     r = sub.add_parser(
         "report",
@@ -181,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Benjamini-Hochberg control at --alpha (default: the audit's own setting); stated in the report",
     )
+    r.add_argument("--quiet", action="store_true", help="only errors on stderr; the results still go to stdout")
     sg = r.add_argument_group(
         "sign-off",
         "record a release decision (stored append-only in the review database and shown in the report); "
@@ -236,7 +340,7 @@ def _scan(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    progress = _TqdmProgress(enabled=not args.quiet)
+    progress = CliProgress(enabled=not args.quiet)
     try:
         result = audit(
             args.train,
@@ -252,7 +356,7 @@ def _scan(args: argparse.Namespace) -> int:
     save_audit(result, out)
     gaps = result.missing_evidence
     for name, files in gaps.items():
-        if not files:
+        if not files or args.quiet:  # --quiet: in summary.json and the verdict, not on stderr
             continue
         what = "not audited" if name == "synthetic" else "missing evidence (--allow-skipped)"
         hidden = "" if cfg.show_paths else " (pseudonymous labels; --show-paths shows the file names)"
@@ -310,8 +414,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``inspector`` console script. Returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    quiet = bool(getattr(args, "quiet", False))
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not quiet:
+        return _run(parser, args)
+    # --quiet: only errors on stderr (the library's warnings stay in summary.json and the verdict)
+    import warnings
+
+    lib = logging.getLogger("inspector")
+    before = lib.level
+    lib.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _run(parser, args)
+    finally:
+        lib.setLevel(before)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     try:
         if args.command == "scan":
             return _scan(args)
