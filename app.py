@@ -49,9 +49,10 @@ _BOUND_ADDRESS = ui.apply_privacy_options()
 
 log = logging.getLogger("inspector.app")
 
-PAGES: tuple[str, ...] = ("Overview", "Flagged", "Pair", "Review", "Export")
+PAGES: tuple[str, ...] = ("Overview", "Flagged", "Pair", "Review", "Research", "Export")
 _DEFAULTS = {"train": "sample_data/train", "synthetic": "sample_data/synthetic", "holdout": "sample_data/holdout"}
 _MAX_CACHED_AUDITS = 4
+_MAX_THUMBNAIL_ROWS = 300
 
 st.set_page_config(page_title="MRI Memorization Inspector", page_icon=":material/neurology:", layout="wide")
 if not ui.served_privately(_BOUND_ADDRESS, real_server=not st.get_option("global.appTest")):
@@ -402,6 +403,14 @@ def overview_page(entry: Entry, alpha: float, fdr: bool) -> None:
         disabled=not can_log,
         help="Copies pile up at similarity ≈ 1; this axis spreads them out.",
     )
+    scale = h2.radio(
+        "Scale",
+        ui.HISTOGRAM_SCALES,
+        key="hist_scale",
+        horizontal=True,
+        help="density: each set's area is 1 (flagged and not flagged share the synthetic set's); log counts: "
+        "slices per bin on a log axis.",
+    )
     st.plotly_chart(
         ui.histogram_figure(
             sims,
@@ -411,6 +420,7 @@ def overview_page(entry: Entry, alpha: float, fdr: bool) -> None:
             alpha=alpha,
             flagged=flags,
             log_gap=log_gap and can_log,
+            scale=scale,
         ),
         key="hist",
     )
@@ -443,6 +453,49 @@ def overview_page(entry: Entry, alpha: float, fdr: bool) -> None:
         )
 
 
+def research_page(entry: Entry, alpha: float, fdr: bool) -> None:
+    """Dataset-level views for researchers: per layer, the layer consensus, and the paper's method against ours."""
+    r = entry.result
+    flags = r.flags(alpha, fdr)
+    rule = "Benjamini–Hochberg at" if fdr else "α ="
+    st.subheader("Per feature layer, over the whole synthetic set")
+    st.caption(
+        f"Each layer's similarity to its nearest training slice, flagged against not flagged at {rule} "
+        f"{ui.format_alpha(alpha)}. The audit keeps only the null's final score, not its per-layer similarities, "
+        "so the layers are compared within the synthetic set"
+        + ("; the AUC column is each layer alone against labels.csv." if r.has_ground_truth else ".")
+    )
+    c1, c2 = st.columns([3, 2])
+    c1.plotly_chart(ui.layer_figure(r.table, r.layers, flags), key="layer_fig")
+    summary = ui.layer_summary(r.table, r.layers, flags)
+    if not r.has_ground_truth:
+        summary = summary.drop(columns=["auc"])
+    c2.dataframe(
+        summary,
+        hide_index=True,
+        width="stretch",
+        key="layer_table",
+        column_config={
+            "median_flagged": st.column_config.NumberColumn("median, flagged", format="%.4f"),
+            "median_not_flagged": st.column_config.NumberColumn("median, not flagged", format="%.4f"),
+            "auc": st.column_config.NumberColumn("AUC (copy vs novel)", format="%.3f"),
+        },
+    )
+    st.subheader("Layer consensus")
+    st.caption("How many layers' nearest training slice belongs to the matched subject (all = strong attribution).")
+    st.plotly_chart(ui.consensus_figure(r.table, len(r.layers), flags), key="consensus_fig")
+    st.subheader("The paper's method and ours on one ROC")
+    curves = ui.roc_curves(r.table)
+    if not curves:
+        st.caption("Needs ground truth (a labels.csv beside the synthetic set with copy and novel slices).")
+        return
+    st.plotly_chart(ui.roc_compare_figure(curves), key="roc_compare")
+    st.caption(
+        " · ".join(f"{c['name']}: AUC {c['auc']:.3f} over {c['n']} labelled slices" for c in curves)
+        + ". The paper's ONI = −tanh(MI z) ranks the slices as its MI z-score does, so it has the same curve."
+    )
+
+
 def flagged_page(entry: Entry, alpha: float, fdr: bool, latest: dict[str, Any]) -> None:
     r = entry.result
     flags = r.flags(alpha, fdr)
@@ -473,14 +526,23 @@ def flagged_page(entry: Entry, alpha: float, fdr: bool, latest: dict[str, Any]) 
         frame = frame[frame["decision"] != ""]
     elif status != "all":
         frame = frame[frame["decision"] == status]
-    # the one ranking every page follows: most significant first (the review queue's order)
-    rank = {row: k for k, row in enumerate(ui.review_order(r.table, np.ones(len(r.table), bool)))}
-    frame = frame.loc[sorted(frame.index, key=lambda i: rank[int(i)])]
-    st.session_state["_flag_rows"] = [int(i) for i in frame.index]
+    # frame is in the one ranking every page follows: most significant first (the review queue's order)
     if frame.empty:
+        st.session_state["_flag_rows"] = []
         st.info("No slice matches these filters at this threshold.")
         return
-    st.caption("Click a column header to sort; click a row (its left edge) to open the pair.")
+    shown = frame.head(_MAX_THUMBNAIL_ROWS)
+    syn_thumb, train_thumb = ui.thumbnails(entry, [int(i) for i in shown.index])
+    frame = frame.copy()
+    frame.insert(1, "synthetic_img", pd.Series(syn_thumb, index=shown.index).reindex(frame.index).fillna(""))
+    frame.insert(2, "training_img", pd.Series(train_thumb, index=shown.index).reindex(frame.index).fillna(""))
+    st.session_state["_flag_rows"] = [int(i) for i in frame.index]
+    st.caption(
+        "In the ranking (most significant first). The p-value stops at 1/(1 + n_null), so copies beyond the null "
+        "are ordered by similarity and by MI's fitted tail (−log10(1 − MI)); click a column header to sort by it, "
+        "click a row (its left edge) to open the pair."
+        + (f" Thumbnails for the first {_MAX_THUMBNAIL_ROWS} rows." if len(frame) > _MAX_THUMBNAIL_ROWS else "")
+    )
     st.dataframe(
         frame,
         key="flag_table",
@@ -488,12 +550,26 @@ def flagged_page(entry: Entry, alpha: float, fdr: bool, latest: dict[str, Any]) 
         selection_mode="single-row",
         hide_index=True,
         width="stretch",
-        height=min(600, 38 + 35 * len(frame)),
+        height=min(640, 38 + 60 * len(frame)),
+        row_height=58,
         column_config={
+            "rank": st.column_config.NumberColumn("rank", help="1 = most significant (p-value, then similarity)"),
+            "synthetic_img": st.column_config.ImageColumn("synthetic", width="small"),
+            "training_img": st.column_config.ImageColumn(
+                "matched training", width="small", help="the matched training slice in the synthetic slice's view"
+            ),
             "synthetic": st.column_config.TextColumn("synthetic slice", width="medium"),
-            "similarity": st.column_config.NumberColumn("similarity", format="%.4f"),
+            "similarity": st.column_config.NumberColumn(
+                "similarity", format="%.4f", help="the calibrated score; ranks where the p-value is at its floor"
+            ),
             "p_value": st.column_config.NumberColumn("p-value", format="%.4g"),
             "mi": st.column_config.NumberColumn("MI (null CDF)", format="%.3f"),
+            "mi_tail": st.column_config.NumberColumn(
+                "−log10(1 − MI)",
+                format="%.2f",
+                help="MI's fitted tail: the fitted chance that an unseen real scan is as similar, on a log scale "
+                f"(capped at {ui.MI_TAIL_MAX:g}); higher = more like a copy",
+            ),
             "consensus": st.column_config.TextColumn("layer consensus", help="layers whose top match is this subject"),
             "matched_subject": st.column_config.TextColumn("matched training subject"),
             "matched_slice": st.column_config.TextColumn("matched slice", help="position among the subject's slices"),
@@ -1121,6 +1197,8 @@ def main() -> None:
         pair_page(entry, alpha, fdr, store, latest)
     elif page == "Review":
         review_page(entry, alpha, fdr, store, latest)
+    elif page == "Research":
+        research_page(entry, alpha, fdr)
     else:
         export_page(entry, alpha, fdr, store, latest)
 

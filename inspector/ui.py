@@ -663,8 +663,16 @@ def histogram_figure(
     alpha: float | None = None,
     flagged: np.ndarray | None = None,
     log_gap: bool = False,
+    scale: str = "density",
+    bins: int = 40,
 ) -> Any:
-    """Overlaid histograms of the synthetic similarities and the null, with the flag threshold.
+    """Histograms of the synthetic similarities against the null, honestly scaled, with the flag threshold.
+
+    ``scale="density"``: each *set* is normalised once: the synthetic set's flagged and unflagged slices are
+    stacked bars whose areas add up to 1 together (19 flagged slices of 77 cover a quarter of the synthetic
+    area, never look like a group of their own), and the null is a step line of area 1. ``scale="log counts"``:
+    raw counts on a log axis (the null and each synthetic part as they are), so a handful of copies stays
+    visible beside a large null.
 
     Parameters
     ----------
@@ -673,16 +681,19 @@ def histogram_figure(
     null : np.ndarray, shape (n_null,)
         ``AuditResult.null_similarity``.
     threshold : float
-        ``AuditResult.threshold_for(alpha)``; not drawn when infinite.
+        ``Calibration.threshold(alpha, fdr)``; not drawn when infinite.
     null_kind : str
         How the null was built (legend text).
     alpha : float, optional
         For the threshold's label.
     flagged : np.ndarray of bool, shape (m,), optional
-        ``AuditResult.flagged_at(alpha)``; flagged synthetic slices are drawn as their own series.
+        ``AuditResult.flags(alpha, fdr)``; flagged synthetic slices are drawn as their own (stacked) part.
     log_gap : bool
         Plot ``log10(1 - similarity)`` (floored at 1e-7) with the axis reversed, so that values piled
         up near 1 spread out; copies stay on the right. For similarities that are at most 1.
+    scale : {"density", "log counts"}
+    bins : int
+        Number of bins over the range of both sets.
 
     Returns
     -------
@@ -690,6 +701,8 @@ def histogram_figure(
     """
     import plotly.graph_objects as go
 
+    if scale not in HISTOGRAM_SCALES:
+        raise ValueError(f"scale must be one of {HISTOGRAM_SCALES}; got {scale!r}.")
     syn = np.asarray(synthetic, np.float64)
     nul = np.asarray(null, np.float64)
     label = f"threshold at α = {format_alpha(alpha)}" if alpha is not None else "threshold"
@@ -705,51 +718,45 @@ def histogram_figure(
     both = np.concatenate([syn[np.isfinite(syn)], nul[np.isfinite(nul)]])
     lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
     span = hi - lo if hi > lo else 1.0
-    bins = {"start": lo - 0.01 * span, "end": hi + 0.01 * span, "size": span / 40}
+    edges = np.linspace(lo - 0.01 * span, hi + 0.01 * span, bins + 1)
+    width = float(edges[1] - edges[0])
+    centres = (edges[:-1] + edges[1:]) / 2
+    m_all = max(1, int(np.isfinite(syn).sum()))
+    n_null = max(1, int(np.isfinite(nul).sum()))
+    density = scale == "density"
+
+    def heights(x: np.ndarray, total: int) -> np.ndarray:
+        c = np.histogram(x[np.isfinite(x)], edges)[0].astype(np.float64)
+        return c / (total * width) if density else c
+
     fig = go.Figure()
-    fig.add_trace(
-        go.Histogram(
-            x=nul,
-            name=f"null ({null_kind}, n={len(nul)})",
-            xbins=bins,
-            histnorm="probability density",
-            marker_color="#8c9bab",
-            opacity=0.65,
-        )
-    )
-    if flagged is not None and np.asarray(flagged).any():
-        f = np.asarray(flagged, bool)
+    f = np.zeros(len(syn), bool) if flagged is None else np.asarray(flagged, bool)
+    parts = [(~f, "synthetic, not flagged" if f.any() else "synthetic", "#3b75af")]
+    if f.any():
+        parts.append((f, "synthetic, flagged", "#d62728"))
+    for mask, name, colour in parts:
+        y = heights(syn[mask], m_all)
         fig.add_trace(
-            go.Histogram(
-                x=syn[~f],
-                name=f"synthetic, not flagged (n={int((~f).sum())})",
-                xbins=bins,
-                histnorm="probability density",
-                marker_color="#3b75af",
-                opacity=0.65,
-            )
-        )
-        fig.add_trace(
-            go.Histogram(
-                x=syn[f],
-                name=f"synthetic, flagged (n={int(f.sum())})",
-                xbins=bins,
-                histnorm="probability density",
-                marker_color="#d62728",
+            go.Bar(
+                x=centres,
+                y=np.where(y > 0, y, np.nan) if not density else y,
+                width=width,
+                name=f"{name} (n={int(mask.sum())})",
+                marker_color=colour,
                 opacity=0.8,
             )
         )
-    else:
-        fig.add_trace(
-            go.Histogram(
-                x=syn,
-                name=f"synthetic (n={len(syn)})",
-                xbins=bins,
-                histnorm="probability density",
-                marker_color="#3b75af",
-                opacity=0.65,
-            )
+    y0 = heights(nul, n_null)
+    fig.add_trace(
+        go.Scatter(
+            x=np.r_[edges[0], centres, edges[-1]],
+            y=np.r_[0.0, y0, 0.0] if density else np.r_[np.nan, np.where(y0 > 0, y0, np.nan), np.nan],
+            mode="lines",
+            line_shape="hvh",
+            line={"color": "#4d4d4d", "width": 2},
+            name=f"null ({null_kind}, n={len(nul)})",
         )
+    )
     if math.isfinite(threshold):
         fig.add_vline(
             x=threshold,
@@ -760,14 +767,216 @@ def histogram_figure(
             annotation_position="top left",
         )
     fig.update_layout(
-        barmode="overlay",
+        barmode="stack",
+        bargap=0,
         xaxis_title=(
             "log10(1 − similarity), reversed (right = more like a copy)"
             if log_gap
             else "similarity to the nearest training slice (higher = more like a copy)"
         ),
         xaxis={"autorange": "reversed"} if log_gap else {},
-        yaxis_title="density",
+        yaxis_title=(
+            "density (each set's area = 1; flagged + not flagged share the synthetic set's)"
+            if density
+            else "slices per bin (log scale)"
+        ),
+        yaxis={"type": "log"} if not density else {},
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+        margin={"l": 10, "r": 10, "t": 60, "b": 10},
+        height=380,
+    )
+    return fig
+
+
+#: The histogram's honest scales: one normalisation per set, or counts on a log axis.
+HISTOGRAM_SCALES: tuple[str, ...] = ("density", "log counts")
+
+
+def layer_columns(table: pd.DataFrame, layers: Sequence[str]) -> list[str]:
+    """The ``sim_<layer>`` columns of the score table, in the layers' order (those present)."""
+    return [f"sim_{layer}" for layer in layers if f"sim_{layer}" in table]
+
+
+def _auc(y: np.ndarray, s: np.ndarray) -> float:
+    ok = np.isfinite(s)
+    if ok.sum() < 2 or y[ok].min() == y[ok].max():
+        return float("nan")
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y[ok], s[ok]))
+
+
+def ground_truth(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(known, is_copy)`` boolean masks from the ``label`` column, or None without both classes."""
+    if "label" not in table:
+        return None
+    lab = table["label"].fillna("").astype(str).to_numpy()
+    known = np.isin(lab, ["copy", "novel"])
+    y = lab == "copy"
+    if not known.any() or y[known].all() or not y[known].any():
+        return None
+    return known, y
+
+
+def layer_summary(table: pd.DataFrame, layers: Sequence[str], flags: np.ndarray) -> pd.DataFrame:
+    """Per feature layer, over the whole synthetic set: its similarity for flagged and unflagged slices, and the
+    AUC of that layer alone against the ground truth where ``labels.csv`` exists.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``layer``, ``median_flagged``, ``median_not_flagged``, ``auc`` (NaN without labels; 1 = the layer
+        alone separates copies from novel slices, 0.5 = chance), one row per layer, then one for the final
+        ``similarity``.
+    """
+    flags = np.asarray(flags, bool)
+    gt = ground_truth(table)
+    rows = []
+    for layer, col in [*((c[4:], c) for c in layer_columns(table, layers)), ("final (similarity)", "similarity")]:
+        v = table[col].to_numpy(np.float64)
+        auc = float("nan")
+        if gt is not None:
+            known, y = gt
+            auc = _auc(y[known].astype(int), v[known])
+        rows.append(
+            {
+                "layer": layer,
+                "median_flagged": float(np.nanmedian(v[flags])) if flags.any() else float("nan"),
+                "median_not_flagged": float(np.nanmedian(v[~flags])) if (~flags).any() else float("nan"),
+                "auc": auc,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def layer_figure(table: pd.DataFrame, layers: Sequence[str], flags: np.ndarray) -> Any:
+    """Each layer's ``sim_<layer>`` distribution over the synthetic set, flagged against unflagged (box plots).
+
+    The null's per-layer similarities are not kept by the audit (only its final score), so the comparison is
+    within the synthetic set at the setting on screen.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    import plotly.graph_objects as go
+
+    flags = np.asarray(flags, bool)
+    cols = layer_columns(table, layers)
+    fig = go.Figure()
+    for mask, name, colour in ((~flags, "not flagged", "#3b75af"), (flags, "flagged", "#d62728")):
+        if not mask.any():
+            continue
+        xs = np.concatenate([[c[4:]] * int(mask.sum()) for c in cols]) if cols else np.array([])
+        ys = np.concatenate([table[c].to_numpy(np.float64)[mask] for c in cols]) if cols else np.array([])
+        fig.add_trace(
+            go.Box(x=xs, y=ys, name=f"{name} (n={int(mask.sum())})", marker_color=colour, boxpoints="all",
+                   jitter=0.4, pointpos=0, marker_size=4)  # fmt: skip
+        )
+    fig.update_layout(
+        boxmode="group",
+        xaxis_title="feature layer (shallow → deep)",
+        yaxis_title="similarity to the nearest training slice at this layer",
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+        margin={"l": 10, "r": 10, "t": 60, "b": 10},
+        height=380,
+    )
+    return fig
+
+
+def consensus_figure(table: pd.DataFrame, n_layers: int, flags: np.ndarray) -> Any:
+    """How many layers agree on the matched training subject: counts per value, flagged against unflagged.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    import plotly.graph_objects as go
+
+    flags = np.asarray(flags, bool)
+    cons = table["layer_consensus"].to_numpy(np.int64) if "layer_consensus" in table else np.zeros(len(table), int)
+    values = np.arange(0, max(n_layers, int(cons.max(initial=0))) + 1)
+    fig = go.Figure()
+    for mask, name, colour in ((~flags, "not flagged", "#3b75af"), (flags, "flagged", "#d62728")):
+        counts = np.array([int(((cons == v) & mask).sum()) for v in values])
+        fig.add_trace(go.Bar(x=[f"{v}/{n_layers}" for v in values], y=counts, name=name, marker_color=colour))
+    fig.update_layout(
+        barmode="group",
+        xaxis_title="layers whose nearest slice belongs to the matched training subject",
+        yaxis_title="synthetic slices",
+        legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
+        margin={"l": 10, "r": 10, "t": 60, "b": 10},
+        height=300,
+    )
+    return fig
+
+
+#: The scores compared on one ROC: (column, legend, sign): sign -1 when lower means more memorised.
+ROC_SCORES: tuple[tuple[str, str, int], ...] = (
+    ("similarity", "ours: registered similarity", 1),
+    ("mi_z", "paper: MI z-score (same ranking as −ONI)", 1),
+)
+
+
+def roc_curves(table: pd.DataFrame, scores: Sequence[tuple[str, str, int]] = ROC_SCORES) -> list[dict[str, Any]]:
+    """ROC curves of several per-slice scores against the ground truth, each where it is available.
+
+    Returns
+    -------
+    list of dict
+        ``name``, ``column``, ``fpr``, ``tpr``, ``auc``, ``n`` (slices with a label and a finite score); empty
+        without ground truth.
+    """
+    gt = ground_truth(table)
+    if gt is None:
+        return []
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    known, y = gt
+    out = []
+    for col, name, sign in scores:
+        if col not in table:
+            continue
+        s = sign * table[col].to_numpy(np.float64)
+        ok = known & np.isfinite(s)
+        if ok.sum() < 2 or y[ok].all() or not y[ok].any():
+            continue
+        fpr, tpr, _ = roc_curve(y[ok].astype(int), s[ok])
+        out.append(
+            {"name": name, "column": col, "fpr": fpr, "tpr": tpr, "auc": float(roc_auc_score(y[ok], s[ok])),
+             "n": int(ok.sum())}  # fmt: skip
+        )
+    return out
+
+
+def roc_compare_figure(curves: Sequence[Mapping[str, Any]]) -> Any:
+    """The curves of :func:`roc_curves` on one ROC plot.
+
+    Returns
+    -------
+    plotly.graph_objects.Figure
+    """
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", name="chance", line={"dash": "dot", "color": "#aaa"}))
+    colours = ("#3b75af", "#ef6c00", "#2e7d32", "#6a1b9a")
+    for k, c in enumerate(curves):
+        fig.add_trace(
+            go.Scatter(
+                x=np.asarray(c["fpr"]),
+                y=np.asarray(c["tpr"]),
+                mode="lines",
+                line_shape="hv",
+                name=f"{c['name']} (AUC {c['auc']:.3f})",
+                line={"color": colours[k % len(colours)], "width": 3},
+            )
+        )
+    fig.update_layout(
+        xaxis_title="false-positive rate (novel slices)",
+        yaxis_title="true-positive rate (copies)",
+        xaxis={"range": [-0.02, 1.02]},
+        yaxis={"range": [-0.02, 1.02]},
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.02, "x": 0},
         margin={"l": 10, "r": 10, "t": 60, "b": 10},
         height=380,
@@ -870,8 +1079,9 @@ def flagged_frame(
     Returns
     -------
     pandas.DataFrame
-        Indexed by the row of ``table``; columns ``synthetic``, ``similarity``, ``p_value``, ``mi``,
-        ``consensus``, ``matched_subject``, ``matched_slice``, ``margin``, ``flagged``, ``decision``
+        Indexed by the row of ``table``, in the ranking every page follows (:func:`review_order`); columns
+        ``rank`` (1 = most significant), ``synthetic``, ``similarity``, ``p_value``, ``mi``, ``mi_tail``
+        (:func:`mi_tail`), ``consensus``, ``matched_subject``, ``matched_slice``, ``margin``, ``flagged``, ``decision``
         and ``truth`` when ground truth exists. Training file paths are left out on purpose: only
         pseudonymous subject IDs are shown.
     """
@@ -882,6 +1092,7 @@ def flagged_frame(
     out["similarity"] = rows["similarity"].astype(float)
     out["p_value"] = rows["p_value"].astype(float)
     out["mi"] = rows["mi"].astype(float)
+    out["mi_tail"] = mi_tail(rows["mi"].to_numpy(np.float64))
     cons = rows["layer_consensus"] if "layer_consensus" in rows else pd.Series(0, index=rows.index)
     out["consensus"] = [f"{int(c)}/{n_layers}" for c in cons]
     out["matched_subject"] = rows["nearest_train_subject"].astype(str)
@@ -897,7 +1108,96 @@ def flagged_frame(
     out["decision"] = [_decision_of(latest, s) for s in rows["sha256"]]
     if show_truth and "label" in rows and rows["label"].notna().any():
         out["truth"] = rows["label"].fillna("").astype(str)
-    return out
+    # the one ranking every page follows (most significant first; similarity, and MI's fitted tail with it,
+    # orders the slices whose p-values sit at the floor 1/(1 + n_null))
+    order = review_order(table, np.ones(len(table), bool))
+    rank = {row: k + 1 for k, row in enumerate(order)}
+    out.insert(0, "rank", [rank[int(i)] for i in out.index])
+    return out.sort_values("rank", kind="stable")
+
+
+#: Upper end of :func:`mi_tail`: float64 cannot hold ``1 - mi`` below about 1e-16.
+MI_TAIL_MAX: float = 16.0
+
+
+def mi_tail(mi: np.ndarray) -> np.ndarray:
+    """``−log10(1 − mi)``: MI's fitted tail on a scale that ranks, where p-values and MI itself saturate.
+
+    The p-value cannot go below ``1/(1 + n_null)``, and MI (the null's CDF with a fitted exponential tail) shows
+    as 1.000 for every copy; ``1 − mi`` is the fitted probability that an unseen real scan is at least as
+    similar, so its −log10 keeps ordering copies far beyond the null (capped at :data:`MI_TAIL_MAX`).
+
+    Parameters
+    ----------
+    mi : np.ndarray, shape (m,)
+        ``AuditResult.table["mi"]`` in [0, 1].
+
+    Returns
+    -------
+    np.ndarray of float64, shape (m,)
+        In [0, MI_TAIL_MAX]; higher = more memorised.
+    """
+    tail = np.clip(1.0 - np.asarray(mi, np.float64), 10.0**-MI_TAIL_MAX, 1.0)
+    return -np.log10(tail)
+
+
+def thumbnail_uri(arr: np.ndarray, size: int = 56) -> str:
+    """A small PNG of a float slice as a ``data:`` URI (for ``st.column_config.ImageColumn``), no file, no network.
+
+    Parameters
+    ----------
+    arr : np.ndarray, shape (H, W)
+        Float intensities in [0, 1].
+    size : int
+        Longer side in pixels.
+    """
+    import base64
+
+    png = render_png(np.asarray(arr, np.float32), size=size, resample="bilinear")
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def thumbnails(entry: AuditEntry, rows: Sequence[int], size: int = 56) -> tuple[list[str], list[str]]:
+    """Thumbnails of synthetic slices and of their matched training slices (in the matched view), cached.
+
+    Parameters
+    ----------
+    entry : AuditEntry
+    rows : sequence of int
+        Rows of ``entry.result.table``.
+    size : int
+        Longer side in pixels.
+
+    Returns
+    -------
+    (list of str, list of str)
+        ``data:`` URIs: the synthetic slice, and the matched training slice (``""`` when there is none).
+    """
+    from .views import View
+
+    r = entry.result
+    cache = entry.derived.setdefault(("thumbs", size), {})
+    t = r.table
+    has_flip = "align_flip" in t
+    syn, train = [], []
+    for row in rows:
+        row = int(row)
+        if row not in cache:
+            s_uri = thumbnail_uri(np.asarray(r.synthetic[row].array), size)
+            ti = int(t["nearest_train_index"].iat[row]) if "nearest_train_index" in t else -1
+            t_uri = ""
+            if ti >= 0:
+                arr = np.asarray(r.train[ti].array)
+                if has_flip:
+                    try:
+                        arr = View.parse(str(t["align_flip"].iat[row])).apply(arr)
+                    except ValueError:
+                        pass
+                t_uri = thumbnail_uri(arr, size)
+            cache[row] = (s_uri, t_uri)
+        syn.append(cache[row][0])
+        train.append(cache[row][1])
+    return syn, train
 
 
 def scores_with_decisions(table: pd.DataFrame, reviews: pd.DataFrame) -> pd.DataFrame:

@@ -7,6 +7,7 @@ near-instant). The display helpers of :mod:`inspector.ui` are unit-tested at the
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -385,7 +386,7 @@ def test_every_page_shows_pseudonymous_labels_not_file_names_by_default(ran):
     names = {p.name for p in SAMPLE.rglob("*") if p.parent != SAMPLE and p.name != "labels.csv"}
     names |= {Path(n).stem for n in names if "." in n}
     assert "syn_000.png" in names and "mni152-t1" in names  # the sample data's own names, planted or not
-    for page in ("Overview", "Flagged", "Pair", "Review"):
+    for page in ("Overview", "Flagged", "Pair", "Review", "Research"):
         go(at, page)
         text = _visible_text(at)
         found = sorted(n for n in names if re.search(rf"(?<![\w-]){re.escape(n)}(?![\w-])", text))
@@ -534,6 +535,20 @@ def test_progress_throttle_renders_new_stages_and_last_steps():
     assert ui.format_p(0.00001) == "< 0.0001" and ui.format_p(0.0123) == "0.0123"
 
 
+def test_ranking_columns_rank_where_the_p_value_is_at_its_floor():
+    # three copies beyond the null: the same floor p-value, MI shown as 1.000, but distinct similarities
+    t = _tiny_table().assign(p_value=[0.009, 0.009, 0.009], similarity=[0.95, 0.999, 0.97])
+    t["mi"] = 1 - np.array([1e-4, 1e-9, 1e-6])
+    f = ui.flagged_frame(t, np.ones(3, bool), {}, 3)
+    assert list(f.index) == [1, 2, 0] and list(f["rank"]) == [1, 2, 3]
+    assert f["mi_tail"].is_monotonic_decreasing and f["mi_tail"].round(6).tolist() == [9.0, 6.0, 4.0]
+    assert ui.mi_tail(np.array([1.0]))[0] == ui.MI_TAIL_MAX
+    uri = ui.thumbnail_uri(np.random.default_rng(0).random((40, 30)), size=20)
+    assert uri.startswith("data:image/png;base64,")
+    im = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert im.size == (15, 20)
+
+
 def _tiny_table() -> pd.DataFrame:
     return pd.DataFrame(
         {
@@ -567,8 +582,10 @@ def test_tables_for_the_flagged_list_export_and_subjects():
     assert list(f["consensus"]) == ["3/3", "2/3"] and list(f["decision"]) == ["", "copy"]
     assert list(f["matched_slice"]) == ["pos4", "pos5"] and list(f["truth"]) == ["copy", ""]
     assert "flagged" not in f
+    assert list(f["rank"]) == [1, 2] and f["mi_tail"].round(3).tolist() == [2.0, round(-np.log10(0.02), 3)]
     every = ui.flagged_frame(t, flags, latest, 3, include_all=True)
-    assert list(every["flagged"]) == [True, False, True] and list(every["matched_slice"]) == [4, 0, 5]
+    assert list(every["flagged"]) == [True, True, False] and list(every["matched_slice"]) == [4, 5, 0]
+    assert list(every.index) == [0, 2, 1] and list(every["rank"]) == [1, 2, 3]
 
     reviews = pd.DataFrame([vars(_review("h2", "copy")) | {"id": 1}])
     out = ui.scores_with_decisions(t, reviews)
@@ -667,3 +684,53 @@ def test_item1_skipped_training_files_are_named_in_the_app_with_the_allow_settin
     assert not at.exception and at.metric
     assert any("**Missing evidence.** 1 training file was skipped: missing evidence" in w.value for w in at.warning)
     assert "1 training file was skipped: missing evidence" in verdict_of(at)
+
+
+# ------------------------------------------------------------------------------------------------ research
+
+
+def test_histogram_normalises_each_set_once_or_counts_on_a_log_axis():
+    rng = np.random.default_rng(1)
+    syn = np.r_[rng.normal(0.5, 0.05, 58), np.full(19, 0.99)]
+    null = rng.normal(0.5, 0.05, 110)
+    flags = np.r_[np.zeros(58, bool), np.ones(19, bool)]
+    fig = ui.histogram_figure(syn, null, 0.7, flagged=flags, alpha=0.01)
+    bars = [t for t in fig.data if t.type == "bar"]
+    width = float(bars[0].width)
+    # flagged + not flagged share the synthetic set's area 1: 19 of 77 slices cover a quarter of it, not a whole
+    areas = [float(np.nansum(b.y)) * width for b in bars]
+    assert sum(areas) == pytest.approx(1.0) and areas[1] == pytest.approx(19 / 77)
+    line = next(t for t in fig.data if t.type == "scatter")
+    assert float(np.nansum(line.y)) * width == pytest.approx(1.0)
+    assert fig.layout.barmode == "stack"
+    counts = ui.histogram_figure(syn, null, 0.7, flagged=flags, scale="log counts")
+    assert counts.layout.yaxis.type == "log"
+    assert float(np.nansum([t for t in counts.data if t.type == "bar"][1].y)) == 19
+    with pytest.raises(ValueError, match="scale must be one of"):
+        ui.histogram_figure(syn, null, 0.7, scale="percent")
+
+
+def test_layer_summary_and_the_paper_against_ours_on_one_roc():
+    t = _tiny_table().assign(label=["copy", "novel", "copy"], sim_block3=[0.9, 0.2, 0.3], sim_block7=[0.8, 0.9, 0.7])
+    t["mi_z"] = [3.0, -1.0, 0.5]
+    summary = ui.layer_summary(t, ["block3", "block7"], np.array([True, False, True])).set_index("layer")
+    assert summary.at["block3", "auc"] == 1.0 and summary.at["block7", "auc"] == 0.0
+    assert summary.at["block3", "median_flagged"] == pytest.approx(0.6)
+    assert summary.at["final (similarity)", "auc"] == 1.0
+    curves = ui.roc_curves(t)
+    assert [c["column"] for c in curves] == ["similarity", "mi_z"] and all(c["n"] == 3 for c in curves)
+    fig = ui.roc_compare_figure(curves)
+    assert [d.name.split(" (AUC")[0] for d in fig.data[1:]] == [c["name"] for c in curves]
+    assert ui.roc_curves(t.drop(columns=["label"])) == []
+    assert ui.consensus_figure(t, 3, np.array([True, False, True])).data[1].y.tolist() == [0, 0, 1, 1]
+
+
+def test_research_page_shows_layers_consensus_and_one_roc(ran):
+    at = go(ran.at, "Research")
+    figs = [c for c in at.get("plotly_chart")]
+    assert len(figs) >= 2
+    layer_table = frame_with(at, "median_flagged")
+    assert len(layer_table) == len(ran.result.layers) + 1
+    if ran.result.has_ground_truth:
+        assert "auc" in layer_table.columns and len(figs) == 3
+    go(at, "Overview")
