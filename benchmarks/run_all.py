@@ -48,6 +48,7 @@ SPEED: dict[str, tuple[list[str], list[str], str]] = {
     "bench_index": ([], ["--quick", "--runs", "1"], "Nearest-neighbour search and scoring time as the sets grow"),
     "bench_align": ([], ["--seeds", "0"], "Alignment-verified re-ranking: registration accuracy and throughput"),
     "bench_app": ([], ["--repeats", "2"], "End to end on the sample data: app (cold, warm), threshold change, pair"),
+    "bench_review": ([], ["--repeats", "2"], "Review workspace: alpha / BH change and opening a pair, server time"),
     "bench_views": ([], ["--repeats", "1"], "The cost of eight orientations, the descriptor shortlist and pruning"),
 }
 

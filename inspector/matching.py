@@ -475,6 +475,8 @@ class MemorizationScorer:
         # "all": every orientation among the query views, plus the four flips (a flip-invariant encoder's
         # view says nothing about the flip)
         orientations = list(dict.fromkeys([*FLIPS, *(View.parse(v) for v in flip_names)]))
+        if progress:
+            progress(f"aligning:{stage}", 0, m)
         for start in range(0, m, self.chunk):
             rows = np.arange(start, min(m, start + self.chunk))
             r, c = np.nonzero(cand[rows] >= 0)
