@@ -356,7 +356,9 @@ def _scan(args: argparse.Namespace) -> int:
     save_audit(result, out)
     gaps = result.missing_evidence
     for name, files in gaps.items():
-        if not files or args.quiet:  # --quiet: in summary.json and the verdict, not on stderr
+        # --quiet hides the unread synthetic files (in summary.json and the verdict); missing evidence (a
+        # training or holdout file the audit ran without) is always named on stderr: it never passes silently
+        if not files or (args.quiet and name == "synthetic"):
             continue
         what = "not audited" if name == "synthetic" else "missing evidence (--allow-skipped)"
         hidden = "" if cfg.show_paths else " (pseudonymous labels; --show-paths shows the file names)"
