@@ -356,9 +356,9 @@ def _scan(args: argparse.Namespace) -> int:
     save_audit(result, out)
     gaps = result.missing_evidence
     for name, files in gaps.items():
-        # --quiet hides the unread synthetic files (in summary.json and the verdict); missing evidence (a
-        # training or holdout file the audit ran without) is always named on stderr: it never passes silently
-        if not files or (args.quiet and name == "synthetic"):
+        # named on stderr even under --quiet: a file the audit ran without (an unaudited synthetic file, or a
+        # training/holdout file under --allow-skipped) is missing evidence and never passes silently
+        if not files:
             continue
         what = "not audited" if name == "synthetic" else "missing evidence (--allow-skipped)"
         hidden = "" if cfg.show_paths else " (pseudonymous labels; --show-paths shows the file names)"
