@@ -256,16 +256,12 @@ class MemorizationScorer:
         return np.asarray(self.whiteners_[layer].transform(np.asarray(x, np.float64)), np.float32)
 
     def _concat(self, white: Mapping[str, np.ndarray]) -> np.ndarray:
-        scale = np.float32(1.0 / np.sqrt(len(self.layers_)))
-        return np.ascontiguousarray(np.concatenate([white[layer] * scale for layer in self.layers_], axis=1))
+        return _scaled_concat([white[layer] for layer in self.layers_])
 
     def _desc_concat(self, desc: Mapping[str, np.ndarray]) -> np.ndarray:
-        scale = np.float32(1.0 / np.sqrt(len(self.desc_whiteners_)))
-        parts = [
-            np.asarray(self.desc_whiteners_[k].transform(np.asarray(x, np.float64)), np.float32) * scale
-            for k, x in desc.items()
-        ]
-        return np.ascontiguousarray(np.concatenate(parts, axis=1))
+        w = self.desc_whiteners_
+        parts = [np.asarray(w[k].transform(np.asarray(x, np.float64)), np.float32) for k, x in desc.items()]
+        return _scaled_concat(parts)
 
     def _descriptor_candidates(
         self,
@@ -363,7 +359,7 @@ class MemorizationScorer:
         view_of = np.repeat(np.arange(len(views)), [a.shape[1] for a in sims_v])
         cand, cand_sim, cand_view = _merge_candidates(sims, idx, view_of, self.shortlist)
         feature_similarity = np.where(cand[:, 0] >= 0, cand_sim[:, 0], -1.0).astype(np.float32)
-        if self.rerank and self.descriptor_shortlist > 0 and hasattr(self, "desc_train_"):
+        if self.rerank and self.descriptor_shortlist > 0 and self.desc_whiteners_:
             d_s, d_i, d_v = self._descriptor_candidates(images, views, qg, tg)
             d_c, _, d_cv = _merge_candidates(d_s, d_i, d_v, self.descriptor_shortlist)
             cand, cand_view = _union_candidates(cand, cand_view, d_c, d_cv)
@@ -561,6 +557,13 @@ class MemorizationScorer:
                 best_other = s[j][valid[j]].min() if valid[j].any() else best_same
             out[j] = float(best_same - best_other) if np.isfinite(best_same) else 0.0
         return out
+
+
+def _scaled_concat(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Concatenate L whitened, L2-normalised blocks (n, C_l), each scaled by 1/sqrt(L): one inner product then
+    gives the mean of the L cosines. Returns (n, sum C_l) float32, C-contiguous."""
+    scale = np.float32(1.0 / np.sqrt(len(parts)))
+    return np.ascontiguousarray(np.concatenate([x * scale for x in parts], axis=1))
 
 
 def _union_candidates(
