@@ -99,3 +99,15 @@ def _isolated_pseudonym_key(tmp_path_factory: pytest.TempPathFactory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("INSPECTOR_PSEUDONYM_KEY_FILE", str(tmp_path_factory.mktemp("pseudonym-key") / "pseudonym.key"))
         yield
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread for the test: on a shared 2-core machine two threads spin against other jobs
+    (OpenMP barrier stalls under load). Modules opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -36,14 +36,7 @@ from inspector.models import (
 from inspector.models.mri_core import CHECKPOINT_ENV
 from inspector.preprocess import Augmentation, apply_condition
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on this shared 2-core machine, two threads spin against other jobs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------
