@@ -138,7 +138,12 @@ def score_table(
 
 
 def volumes_table(
-    table: pd.DataFrame, calibration: Calibration, alpha: float | None = None, fdr: bool | None = None
+    table: pd.DataFrame,
+    calibration: Calibration,
+    alpha: float | None = None,
+    fdr: bool | None = None,
+    *,
+    evidence: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per synthetic volume (``volumes.csv``): its calibrated p-value, flag and best training match.
 
@@ -154,7 +159,12 @@ def volumes_table(
         Columns ``volume, n_slices, slice_first, slice_last, p_value, simes (the statistic: Simes' combination of
         the slices' p-values), flagged, p_calibration, n_slices_flagged,
         max_similarity, nearest_train_volume, nearest_train_subject, match_fraction, train_slice_offset``;
-        flagged and most significant first.
+        flagged and most significant first. With the volume stage's ``evidence`` (unit ``volume``) also
+        ``volume_similarity`` (the 3D-verified score that is calibrated), ``volume_ncc``, ``coverage``,
+        ``verified_train_volume``, ``verified_train_subject``, ``slice_consistency``, ``run_first``,
+        ``run_last``, ``run_slope``, ``run_offset``, ``n_candidate_volumes`` and ``transform`` (the 3x4 matrix,
+        JSON), and ``nearest_train_volume``/``nearest_train_subject`` are the verified ones where a volume was
+        verified.
     """
     vi = calibration.volume_index()
     vflags = calibration.volume_flags(alpha, fdr)
@@ -188,9 +198,13 @@ def volumes_table(
     df = pd.DataFrame(rows)
     if df.empty:
         return df
-    return df.sort_values(["flagged", "p_value", "max_similarity"], ascending=[False, True, False]).reset_index(
-        drop=True
-    )
+    if evidence is not None and len(evidence):
+        df = df.merge(evidence, on="volume", how="left")
+        ok = df["verified_train_volume"].fillna("").astype(str) != ""
+        df.loc[ok, "nearest_train_volume"] = df.loc[ok, "verified_train_volume"]
+        df.loc[ok, "nearest_train_subject"] = df.loc[ok, "verified_train_subject"]
+    sim = "volume_similarity" if "volume_similarity" in df else "max_similarity"
+    return df.sort_values(["flagged", "p_value", sim], ascending=[False, True, False]).reset_index(drop=True)
 
 
 def subjects_table(

@@ -264,6 +264,12 @@ class Calibration:
     diagnostics : sequence of str
         Warnings about the null's exchangeability (e.g. a holdout that differs from the synthetic set),
         stated in the verdict.
+    volume_scores : mapping of str to float, optional
+        The 3D-verified volume similarity of synthetic volumes (:mod:`inspector.volumes`; keys are ``groups``
+        values, NaN = not verifiable, e.g. a 2D image). With ``volume_null`` it replaces the Simes statistic
+        as the volume's evidence.
+    volume_null : array-like, shape (n_null_volumes,), optional
+        The same similarity of holdout volumes, scored through the same path.
 
     Attributes
     ----------
@@ -289,6 +295,8 @@ class Calibration:
         null_groups: Any = None,
         level: float = VERDICT_LEVEL,
         diagnostics: Any = (),
+        volume_scores: Mapping[str, float] | None = None,
+        volume_null: Any = None,
     ) -> None:
         if null_kind not in NULL_KINDS:
             raise ValueError(f"null_kind must be one of {NULL_KINDS}; got {null_kind!r}.")
@@ -338,6 +346,59 @@ class Calibration:
             min_p = np.ones(len(self.volume_ids))
             np.minimum.at(min_p, vi, self.p_values)
             self.volume_p_values = np.minimum(1.0, np.bincount(vi, minlength=len(min_p)) * min_p)
+        self.volume_similarity = np.full(len(self.volume_ids), np.nan)
+        self.volume_null_similarity = np.zeros(0)
+        self.volume_verified = False
+        if volume_scores is not None:
+            self._verified_volumes(volume_scores, volume_null)
+
+    def _verified_volumes(self, scores: Mapping[str, float], null: Any) -> None:
+        """Calibrate 3D-verified volume similarities against the holdout volumes' (at least 3 of them).
+
+        A volume's p-value is the upper tail of the Student-t prediction distribution of the Fisher-z of the
+        holdout volumes' similarities (``n - 1`` degrees of freedom, scale ``sd * sqrt(1 + 1/n)``): exact when
+        those z-values are normal, and able to reach small p-values with the few holdout volumes a study has
+        (a rank among 10 holdout volumes cannot go below 1/11). Volumes without a verified similarity keep
+        their Simes/Bonferroni p-value.
+        """
+        from scipy.stats import shapiro
+        from scipy.stats import t as student_t
+
+        from .volumes import fisher_z
+
+        self.volume_similarity = np.asarray([float(scores.get(str(v), np.nan)) for v in self.volume_ids], np.float64)
+        vn = np.asarray([] if null is None else null, np.float64).reshape(-1)
+        vn = vn[np.isfinite(vn)]
+        self.volume_null_similarity = vn
+        ok = np.isfinite(self.volume_similarity)
+        if vn.size < 3 or not ok.any():
+            if ok.any():
+                self._diagnose(
+                    f"only {vn.size} holdout volume(s) could be verified in 3D (at least 3 are needed to calibrate "
+                    "the volume similarity); volumes are judged by their slices' p-values instead. Give more "
+                    "holdout volumes."
+                )
+            return
+        zn = fisher_z(vn)
+        n = zn.size
+        mu, sd = float(zn.mean()), float(max(zn.std(ddof=1), 1e-3))
+        tstat = (fisher_z(self.volume_similarity[ok]) - mu) / (sd * math.sqrt(1.0 + 1.0 / n))
+        p = self.volume_p_values.copy()
+        p[ok] = student_t.sf(tstat, df=n - 1)
+        self.volume_p_values = p
+        self.volume_verified = True
+        self.volume_calibration = (
+            f"3D-verified volume similarity against {n} holdout volumes (Student-t prediction on Fisher z)"
+        )
+        if n >= 8 and shapiro(zn).pvalue < 0.01:
+            self._diagnose(
+                f"the {n} holdout volumes' similarities are not normal on the Fisher-z scale (Shapiro-Wilk p < "
+                "0.01): the volume p-values rest on that assumption; check the holdout for outliers."
+            )
+
+    def _diagnose(self, text: str) -> None:
+        if text not in self.diagnostics:
+            self.diagnostics = (*self.diagnostics, text)
 
     @property
     def decidable(self) -> bool:
@@ -495,6 +556,14 @@ class Calibration:
             assumption = "novel synthetic slices and holdout slices are exchangeable and independent of each other"
             return "slice", test, len(self), k, p, assumption
         n_v = len(self.volume_ids)
+        if self.volume_verified:
+            p = min(1.0, n_v * float(self.volume_p_values.min())) if n_v else 1.0
+            test = f"Bonferroni over {n_v} volumes of their 3D-verified p-values"
+            assumption = (
+                "novel synthetic volumes and holdout volumes are exchangeable; their similarities are normal on the "
+                "Fisher-z scale"
+            )
+            return "volume", test, n_v, int((self.volume_p_values <= a).sum()), p, assumption
         h = self._holdout_volume_fractions(a)
         vi = self.volume_index()
         g_frac = np.bincount(vi, weights=(self.p_values <= a).astype(float), minlength=n_v) / np.bincount(vi)

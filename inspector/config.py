@@ -87,6 +87,14 @@ class AuditConfig:
         best verify_top per synthetic slice are registered at align_size and scored; 0 verifies all in full.
     top_k : int
         Neighbours kept per layer for display and attribution.
+    unit : str
+        What is signed off. volume: every synthetic volume (a NIfTI file, a DICOM series) is also matched as a
+        whole: the training volumes its slices match in a consistent order are verified by 3D registration,
+        and the volume is calibrated against the holdout volumes scored the same way (volumes.csv, the
+        verdict counts volumes); slice: slices only (faster). auto (default): volume when the synthetic set
+        and the training set hold multi-slice volumes, else slice.
+    volume_shortlist : int
+        Training volumes registered in 3D per synthetic volume (those of most consistent slice runs).
     axis : str
         Slicing axis for volumes.
     size : int
@@ -132,6 +140,8 @@ class AuditConfig:
     descriptor_shortlist: int = _opt(5, "matching", minimum=0, maximum=10_000)
     verify_top: int = _opt(3, "matching", minimum=0, maximum=10_000)
     top_k: int = _opt(5, "matching", minimum=1, maximum=1_000)
+    unit: str = _opt("auto", "decision", choices=("auto", "slice", "volume"))
+    volume_shortlist: int = _opt(3, "matching", minimum=1, maximum=1_000)
     axis: str = _opt("axial", "input", choices=("axial", "coronal", "sagittal"))
     size: int = _opt(128, "input", minimum=16, maximum=1024)
     allow_skipped: bool = _opt(False, "input")

@@ -84,6 +84,23 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+#: The volume stage's columns of ``volumes.csv`` (read back into the calibration's volume evidence).
+VOLUME_EVIDENCE_COLUMNS: tuple[str, ...] = (
+    "volume",
+    "volume_similarity",
+    "volume_ncc",
+    "coverage",
+    "verified_train_volume",
+    "verified_train_subject",
+    "slice_consistency",
+    "run_first",
+    "run_last",
+    "run_slope",
+    "run_offset",
+    "n_candidate_volumes",
+    "transform",
+)
+
 #: At most this many pairs get images in ``evidence.npz`` (flagged first, most significant first).
 MAX_EVIDENCE_PAIRS = 200
 #: Unflagged pairs with the highest similarity kept as context (within :data:`MAX_EVIDENCE_PAIRS`).
@@ -478,6 +495,7 @@ class AuditFolder:
     manifest: dict[str, Any] | None
     evidence: Evidence | None
     integrity: list[dict[str, Any]] = field(default_factory=list)
+    volume_evidence: pd.DataFrame | None = None
 
     @property
     def audit_id(self) -> str:
@@ -487,7 +505,7 @@ class AuditFolder:
         """Per synthetic volume at ``(alpha, fdr)`` (``volumes.csv``), from the rebuilt calibration."""
         from .attribution import volumes_table
 
-        return volumes_table(self.table, self.calibration, alpha, fdr)
+        return volumes_table(self.table, self.calibration, alpha, fdr, evidence=self.volume_evidence)
 
     def subjects_at(self, alpha: float | None = None, fdr: bool | None = None) -> pd.DataFrame:
         """Per training subject at ``(alpha, fdr)`` (default: the calibration's setting), every flag from the
@@ -585,6 +603,9 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
         null = np.asarray(z["null_similarity"], np.float64)
         null_groups = np.asarray(z["null_groups"]).astype(object) if "null_groups" in z.files else None
         level = float(z["level"]) if "level" in z.files else None
+        volume_null = (
+            np.asarray(z["volume_null_similarity"], np.float64) if "volume_null_similarity" in z.files else None
+        )
         ids["audit.npz"] = str(z["audit_id"]) if "audit_id" in z.files else None
     manifest = None
     if (folder / MANIFEST_FILE).is_file():
@@ -613,7 +634,17 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
         log.warning("%s has no %s: the report will show no pair images", folder, EVIDENCE_FILE)
     _check_one_audit(folder, ids)
     summary = _upgrade_summary(summary, manifest)
-    calibration = _calibration(summary, table, null, folder, null_groups, level)
+    volume_evidence = None
+    if volume_null is not None and (folder / "volumes.csv").is_file():
+        vt = _read_csv(folder / "volumes.csv")
+        cols = [c for c in VOLUME_EVIDENCE_COLUMNS if c in vt.columns]
+        if "volume_similarity" in cols:
+            volume_evidence = vt[cols].copy()
+            volume_evidence["volume"] = volume_evidence["volume"].astype(str)
+            for c in ("verified_train_volume", "verified_train_subject", "transform"):
+                if c in volume_evidence:
+                    volume_evidence[c] = volume_evidence[c].fillna("").astype(str)
+    calibration = _calibration(summary, table, null, folder, null_groups, level, volume_evidence, volume_null)
     integrity = []
     for name, expected in (manifest or {}).get("outputs", {}).items():
         actual = sha256_file(folder / name) if (folder / name).is_file() else None
@@ -621,7 +652,7 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
     if not all(r["ok"] for r in integrity):
         bad = [r["file"] for r in integrity if not r["ok"]]
         log.warning("audit folder %s was modified after the scan: %s", folder, ", ".join(bad))
-    return AuditFolder(folder, summary, table, subjects, calibration, manifest, evidence, integrity)
+    return AuditFolder(folder, summary, table, subjects, calibration, manifest, evidence, integrity, volume_evidence)
 
 
 def _csv_audit_id(df: pd.DataFrame, path: Path) -> str | None:
@@ -700,8 +731,16 @@ def _calibration(
     folder: Path,
     null_groups: np.ndarray | None = None,
     level: float | None = None,
+    volume_evidence: pd.DataFrame | None = None,
+    volume_null: np.ndarray | None = None,
 ) -> Calibration:
     from .calibration import VERDICT_LEVEL
+
+    scores = None
+    if volume_evidence is not None and volume_null is not None:
+        scores = dict(
+            zip(volume_evidence["volume"].astype(str), volume_evidence["volume_similarity"].astype(float), strict=True)
+        )
 
     cfg, v = summary.get("config", {}), summary.get("verdict", {})
     try:
@@ -719,6 +758,8 @@ def _calibration(
             null_groups=null_groups,
             level=VERDICT_LEVEL if level is None else level,
             diagnostics=tuple(v.get("diagnostics", ())),
+            volume_scores=scores,
+            volume_null=volume_null if scores is not None else None,
         )
     except (KeyError, ValueError) as e:
         raise AuditFolderError(
@@ -1199,6 +1240,8 @@ def _write_outputs(result: AuditResult, out: Path) -> None:
     if cal.null_groups is not None:  # the holdout volume of each null score: the volume-level calibration
         arrays["null_groups"] = cal.null_groups.astype(str)
     arrays["level"] = np.array(cal.level)
+    if getattr(cal, "volume_verified", False):  # the holdout volumes' 3D-verified similarities: the volume null
+        arrays["volume_null_similarity"] = np.asarray(cal.volume_null_similarity, np.float64)
     for layer in result.layers:
         arrays[f"neighbours__{layer}"] = result.neighbours[layer]
         arrays[f"neighbour_sims__{layer}"] = result.neighbour_sims[layer]

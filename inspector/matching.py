@@ -441,6 +441,7 @@ class MemorizationScorer:
         self._check_fitted()
         if holdout_views is not None:
             res = self.score_samples(holdout_views, images=holdout_images, progress=progress, stage="holdout")
+            self.holdout_result_ = res  # the holdout's matches, for the volume stage (same path as the synthetic)
             return res.similarity.astype(np.float64), "holdout"
         if self.groups_ is None or len(set(self.groups_)) < 2:
             raise InsufficientDataError(

@@ -247,6 +247,16 @@ class Naming:
             ]
         return out
 
+    def volume_evidence(self, df: pd.DataFrame) -> pd.DataFrame:
+        """The volume stage's table (:meth:`inspector.pipeline.VolumeEvidence.table`) with published names."""
+        if self.show_paths or df is None:
+            return df
+        out = df.copy()
+        out["volume"] = self.column("synthetic", out["volume"])
+        out["verified_train_volume"] = self.column("train", out["verified_train_volume"])
+        out["verified_train_subject"] = self.subject_column(out["verified_train_subject"])
+        return out
+
     def calibration(self, cal: Any) -> Any:
         """The calibration with published subjects and volume IDs (nothing recomputed)."""
         if self.show_paths:

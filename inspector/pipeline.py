@@ -300,6 +300,8 @@ class Matches:
     ----------
     synthetic : MatchResult
         Every synthetic slice against T.
+    holdout : MatchResult or None
+        Every holdout slice against T, when the null is the holdout's (default mode).
     null : np.ndarray, shape (n_null,)
         The same score for slices known not to be copies.
     null_kind : str
@@ -313,6 +315,7 @@ class Matches:
     null_kind: str
     paper: PaperScores
     seconds: float = 0.0
+    holdout: MatchResult | None = None
 
 
 def make_matcher(cfg: AuditConfig, *, paper: PaperScorer | None = None) -> Matcher:
@@ -371,12 +374,143 @@ def match(
         train_images=img_t,
         progress=progress,
     )
-    return Matches(res, null, kind, pg, time.perf_counter() - t0)
+    return Matches(res, null, kind, pg, time.perf_counter() - t0, getattr(matcher, "holdout_result_", None))
+
+
+# ---------------------------------------------------------------------------------------------- stage 3b
+def resolve_unit(cfg: AuditConfig, inputs: Inputs) -> str:
+    """The unit the audit signs off: ``cfg.unit``, or for ``auto`` ``volume`` when most synthetic slices and most
+    training slices come from volumes of at least :data:`MIN_VOLUME_SLICES` slices, else ``slice``."""
+    if cfg.unit != "auto":
+        return cfg.unit
+
+    def multi(c: Cohort | None) -> bool:
+        if c is None or not len(c.slices):
+            return False
+        _, inv, counts = np.unique(volume_ids(c).astype(str), return_inverse=True, return_counts=True)
+        return float((counts[inv] >= MIN_VOLUME_SLICES).mean()) > 0.5
+
+    return "volume" if multi(inputs.synthetic) and multi(inputs.train) else "slice"
+
+
+#: Fewest slices of a volume that is matched and verified in 3D (fewer: judged by its slices only).
+MIN_VOLUME_SLICES = 4
+
+
+@dataclass
+class VolumeEvidence:
+    """The volume stage's output: per synthetic volume and per holdout volume, its 3D-verified match.
+
+    Attributes
+    ----------
+    synthetic : list of VolumeMatch
+    holdout : list of VolumeMatch
+        The holdout volumes through the same path (the volume null); empty without a holdout.
+    seconds : float
+    """
+
+    synthetic: list[Any]
+    holdout: list[Any]
+    seconds: float = 0.0
+
+    def scores(self) -> dict[str, float]:
+        """Synthetic volume id -> volume similarity (NaN when not verifiable)."""
+        return {v.volume: v.similarity for v in self.synthetic}
+
+    def null(self) -> np.ndarray:
+        """The holdout volumes' similarities (finite ones), shape (n,)."""
+        s = np.asarray([v.similarity for v in self.holdout], np.float64)
+        return s[np.isfinite(s)]
+
+    def table(self) -> Any:
+        """One row per synthetic volume: the verification columns of ``volumes.csv``."""
+        import json
+
+        import pandas as pd
+
+        rows = []
+        for v in self.synthetic:
+            al, run = v.alignment, v.run
+            rows.append(
+                {
+                    "volume": v.volume,
+                    "volume_similarity": v.similarity,
+                    "volume_ncc": al.ncc if al is not None else np.nan,
+                    "coverage": al.coverage if al is not None else np.nan,
+                    "verified_train_volume": v.train_volume,
+                    "verified_train_subject": v.train_subject,
+                    "slice_consistency": v.consistency,
+                    "run_first": run.first if run is not None else -1,
+                    "run_last": run.last if run is not None else -1,
+                    "run_slope": run.slope if run is not None else np.nan,
+                    "run_offset": run.offset if run is not None else np.nan,
+                    "n_candidate_volumes": len(v.candidates),
+                    "transform": json.dumps(al.to_dict()["matrix"]) if al is not None else "",
+                }
+            )
+        return pd.DataFrame(rows)
+
+
+def verify_volumes(
+    inputs: Inputs,
+    matches: Matches,
+    config: AuditConfig | None = None,
+    *,
+    progress: ProgressFn | None = None,
+) -> VolumeEvidence | None:
+    """Match synthetic (and holdout) volumes as wholes: slice runs, a shortlist, 3D verification.
+
+    Returns None when the unit is ``slice`` (:func:`resolve_unit`) or in paper mode (the paper scores slices).
+    """
+    from .volumes import group_volumes, match_volumes, match_weights
+
+    cfg = config or AuditConfig()
+    if resolve_unit(cfg, inputs) != "volume":
+        return None
+    if cfg.mode == "paper":
+        log.info("paper mode scores slices: no volume verification")
+        return None
+    t0 = time.perf_counter()
+
+    def refs(c: Cohort) -> list[Any]:
+        return group_volumes(volume_ids(c), [s.slice_index for s in c.slices], [s.subject_id for s in c.slices])
+
+    train_refs = refs(inputs.train)
+    img_t = inputs.images("train", cfg.size)
+
+    def run(which: str, res: MatchResult) -> list[Any]:
+        c = getattr(inputs, which)
+        mt, wt = match_weights(res.similarity, res.nearest, res.candidates)
+        return match_volumes(
+            refs(c),
+            inputs.images(which, cfg.size),
+            train_refs,
+            img_t,
+            mt,
+            wt,
+            shortlist=cfg.volume_shortlist,
+            min_slices=MIN_VOLUME_SLICES,
+            size=VOLUME_GRID,
+            device=cfg.device,
+            progress=progress,
+            stage=f"volumes:{which}",
+        )
+
+    syn = run("synthetic", matches.synthetic)
+    hold = run("holdout", matches.holdout) if matches.holdout is not None and inputs.holdout is not None else []
+    return VolumeEvidence(syn, hold, time.perf_counter() - t0)
+
+
+#: Grid side (voxels) of the 3D verification.
+VOLUME_GRID = 48
 
 
 # ---------------------------------------------------------------------------------------------- stage 4
-def calibrate(matches: Matches, inputs: Inputs, config: AuditConfig | None = None) -> Calibration:
-    """The :class:`~inspector.calibration.Calibration` of the synthetic similarities against the null."""
+def calibrate(
+    matches: Matches, inputs: Inputs, config: AuditConfig | None = None, volumes: VolumeEvidence | None = None
+) -> Calibration:
+    """The :class:`~inspector.calibration.Calibration` of the synthetic similarities against the null (and of the
+    3D-verified volume similarities against the holdout volumes', when the volume stage ran)."""
     from .attribution import nearest_subjects
     from .calibration import exchangeability_diagnostics
 
@@ -395,6 +529,8 @@ def calibrate(matches: Matches, inputs: Inputs, config: AuditConfig | None = Non
         groups=volume_ids(inputs.synthetic),
         null_groups=volume_ids(inputs.holdout) if holdout_null else None,
         diagnostics=exchangeability_diagnostics(inputs.holdout, inputs.synthetic) if holdout_null else (),
+        volume_scores=volumes.scores() if volumes is not None and holdout_null else None,
+        volume_null=volumes.null() if volumes is not None and holdout_null else None,
     )
 
 
@@ -411,8 +547,11 @@ def attribute(
     matches: Matches,
     calibration: Calibration,
     config: AuditConfig | None = None,
+    volume_evidence: Any = None,
 ) -> tuple[Any, Any, dict[str, Any]]:
     """The score table, the per-subject table and the baselines' summary.
+
+    ``volume_evidence`` is :meth:`VolumeEvidence.table` (the volume stage's columns of ``volumes.csv``).
 
     Returns
     -------
@@ -438,7 +577,9 @@ def attribute(
         inputs.synthetic, inputs.train, matches.synthetic, calibration, matches.paper, features.layers, cols
     )
     table = attach_labels(table, inputs.synthetic)
-    subjects = subjects_table(table, inputs.train, volumes_table(table, calibration), cfg.alpha)
+    subjects = subjects_table(
+        table, inputs.train, volumes_table(table, calibration, evidence=volume_evidence), cfg.alpha
+    )
     return table, subjects, baselines
 
 
@@ -498,9 +639,11 @@ def audit(
     inputs = load_inputs(train, synthetic, holdout, cfg, progress)
     features = extract_features(inputs, cfg, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
     matches = match(inputs, features, cfg, progress=progress)
-    calibration = calibrate(matches, inputs, cfg)
+    vols = verify_volumes(inputs, matches, cfg, progress=progress)
+    calibration = calibrate(matches, inputs, cfg, vols)
     t4 = time.perf_counter()
-    table, subjects, baselines = attribute(inputs, features, matches, calibration, cfg)
+    evidence = vols.table() if vols is not None else None
+    table, subjects, baselines = attribute(inputs, features, matches, calibration, cfg, evidence)
     # every stage above ran on the real paths (ground truth, joins); from here on only published names
     naming = build_naming(
         {"train": inputs.train, "synthetic": inputs.synthetic, "holdout": inputs.holdout},
@@ -508,10 +651,13 @@ def audit(
         key=key,
     )
     inputs, table, subjects, calibration = publish(naming, inputs, table, subjects, calibration)
+    if evidence is not None:
+        evidence = naming.volume_evidence(evidence)
     timings = {
         "loading": inputs.seconds,
         **features.seconds,
         "scoring": matches.seconds,
+        **({"volumes": vols.seconds} if vols is not None else {}),
         "baselines": time.perf_counter() - t4,
     }
     audit_id = hash_key(
@@ -541,6 +687,7 @@ def audit(
         timings=timings,
         versions=versions(),
         extractor_fingerprint=features.fingerprint,
+        volume_evidence=evidence,
     )
     v = result.verdict
     if v.warning:

@@ -245,6 +245,10 @@ class AuditResult:
         CT-score, AuthPct, DCR and pixel correlation on the same inputs.
     timings : dict of str to float
         Seconds per stage.
+    volume_evidence : pandas.DataFrame or None
+        Per synthetic volume, its 3D-verified match (:meth:`inspector.pipeline.VolumeEvidence.table`: volume
+        similarity, NCC, coverage, the training volume, the slice run and the 3D transform) when the unit is
+        ``volume``; None otherwise.
     versions : dict of str to str
     created : str
         UTC timestamp.
@@ -267,6 +271,7 @@ class AuditResult:
     versions: dict[str, str] = field(default_factory=versions)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     extractor_fingerprint: str = ""
+    volume_evidence: pd.DataFrame | None = None
 
     # ------------------------------------------------------------------ decisions (asked of the calibration)
     @property
@@ -316,7 +321,7 @@ class AuditResult:
         """Per synthetic volume at ``(alpha, fdr)``: ``volumes.csv`` (:func:`inspector.attribution.volumes_table`)."""
         from .attribution import volumes_table
 
-        return volumes_table(self.table, self.calibration, alpha, fdr)
+        return volumes_table(self.table, self.calibration, alpha, fdr, evidence=self.volume_evidence)
 
     def flags(self, alpha: float | None = None, fdr: bool | None = None) -> np.ndarray:
         """Flags at ``(alpha, fdr)`` (default: the audit's), shape (m,) bool. See :meth:`Calibration.flags`."""
