@@ -214,6 +214,63 @@ class PairEvidence:
     transform: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class VolumePair:
+    """A synthetic volume and its verified training volume in the synthetic volume's frame (the volume viewer's).
+
+    Attributes
+    ----------
+    volume, train_volume, train_subject : str
+    synthetic : np.ndarray, shape (D, S, S)
+        The synthetic volume's slices in slice-index order, in [0, 1].
+    aligned : np.ndarray, shape (D, S, S)
+        The training volume resampled by the 3D transform onto the synthetic volume's grid (0 outside it).
+    difference : np.ndarray, shape (D, S, S)
+        ``|synthetic - aligned|``.
+    matrix : np.ndarray, shape (3, 4)
+        The transform (:class:`inspector.volumes.VolumeAlignment`).
+    rows : np.ndarray of int, shape (D,)
+        The score table's row of each synthetic slice (its slice-level evidence).
+    slice_index : np.ndarray of int, shape (D,)
+    similarity, ncc, coverage : float
+        The volume similarity (``ncc * coverage``) and its parts.
+    """
+
+    volume: str
+    train_volume: str
+    train_subject: str
+    synthetic: np.ndarray
+    aligned: np.ndarray
+    difference: np.ndarray
+    matrix: np.ndarray
+    rows: np.ndarray
+    slice_index: np.ndarray
+    similarity: float
+    ncc: float
+    coverage: float
+
+    def plane(self, which: str, index: int, image: str = "synthetic") -> np.ndarray:
+        """One plane of one stack: ``which`` in ``axial`` (the slices), ``coronal`` (rows), ``sagittal`` (columns).
+
+        ``image`` is ``synthetic``, ``aligned`` or ``difference``; ``index`` is clipped to the stack.
+
+        Returns
+        -------
+        np.ndarray, shape (S, S) for axial, (D, S) otherwise
+        """
+        vols = {"synthetic": self.synthetic, "aligned": self.aligned, "difference": self.difference}
+        if image not in vols:
+            raise ValueError(f"image must be one of {sorted(vols)}; got {image!r}.")
+        vol = vols[image]
+        if which == "axial":
+            return vol[int(np.clip(index, 0, vol.shape[0] - 1))]
+        if which == "coronal":
+            return vol[:, int(np.clip(index, 0, vol.shape[1] - 1)), :]
+        if which == "sagittal":
+            return vol[:, :, int(np.clip(index, 0, vol.shape[2] - 1))]
+        raise ValueError(f"plane must be axial, coronal or sagittal; got {which!r}.")
+
+
 @dataclass(eq=False)
 class AuditResult:
     """The outcome of :func:`inspector.audit`.
@@ -421,6 +478,71 @@ class AuditResult:
             aligned = apply_alignment_single(resize_square(self.train[transform["train_index"]].array, size), transform)
             diff = np.abs(syn - aligned)
         return PairEvidence(index, syn, layers, aligned, diff, transform)
+
+    def volume_pair(self, volume: str, *, size: int | None = None) -> VolumePair:
+        """A synthetic volume beside the training volume it was verified against, aligned by the 3D transform.
+
+        Parameters
+        ----------
+        volume : str
+            A synthetic volume (``volumes.csv``'s ``volume``).
+        size : int, optional
+            In-plane size of the stacks (default ``config.size``).
+
+        Returns
+        -------
+        VolumePair
+
+        Raises
+        ------
+        KeyError
+            ``volume`` is not a synthetic volume of this audit, or was not verified in 3D (unit ``slice``, a 2D
+            image, or no candidate training volume), with the reason.
+        """
+        import json
+
+        from .preprocess import resize_square
+        from .volumes import resample_to
+
+        ev = self.volume_evidence
+        if ev is None:
+            raise KeyError(
+                f"volume {volume!r}: this audit's unit is 'slice'; run it with --unit volume to verify volumes."
+            )
+        row = ev[ev["volume"].astype(str) == str(volume)]
+        if row.empty:
+            raise KeyError(f"{volume!r} is not a synthetic volume of this audit; see volumes.csv for the names.")
+        r = row.iloc[0]
+        train_volume = str(r["verified_train_volume"] or "")
+        if not train_volume or not str(r["transform"] or ""):
+            raise KeyError(f"volume {volume!r} was not verified in 3D (a 2D image, or no training volume matched).")
+        size = int(size or self.config.size)
+        syn_rows = sorted(
+            (i for i, s in enumerate(self.synthetic.slices) if s.path == str(volume)),
+            key=lambda i: self.synthetic.slices[i].slice_index,
+        )
+        tr_rows = sorted(
+            (i for i, s in enumerate(self.train.slices) if s.path == train_volume),
+            key=lambda i: self.train.slices[i].slice_index,
+        )
+        syn = resize_square(np.stack([self.synthetic.slices[i].array for i in syn_rows]), size)
+        tr = resize_square(np.stack([self.train.slices[i].array for i in tr_rows]), size)
+        matrix = np.asarray(json.loads(str(r["transform"])), np.float64)
+        aligned = resample_to(tr, matrix, syn.shape)
+        return VolumePair(
+            volume=str(volume),
+            train_volume=train_volume,
+            train_subject=str(r["verified_train_subject"]),
+            synthetic=syn,
+            aligned=aligned,
+            difference=np.abs(syn - aligned),
+            matrix=matrix,
+            rows=np.asarray(syn_rows, np.int64),
+            slice_index=np.asarray([self.synthetic.slices[i].slice_index for i in syn_rows], np.int64),
+            similarity=float(r["volume_similarity"]),
+            ncc=float(r["volume_ncc"]),
+            coverage=float(r["coverage"]),
+        )
 
     def subject_slices(self, subject_id: str) -> list[int]:
         """Training indices of one subject's slices, ordered by path and slice index."""
