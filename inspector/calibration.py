@@ -269,7 +269,10 @@ class Calibration:
         values, NaN = not verifiable, e.g. a 2D image). With ``volume_null`` it replaces the Simes statistic
         as the volume's evidence.
     volume_null : array-like, shape (n_null_volumes,), optional
-        The same similarity of holdout volumes, scored through the same path.
+        The same similarity of volumes known not to be copies (holdout volumes, and training volumes against the
+        other subjects), scored through the same path.
+    volume_null_description : str, optional
+        What ``volume_null`` holds, in words (stated as the volumes' calibration).
 
     Attributes
     ----------
@@ -297,6 +300,7 @@ class Calibration:
         diagnostics: Any = (),
         volume_scores: Mapping[str, float] | None = None,
         volume_null: Any = None,
+        volume_null_description: str | None = None,
     ) -> None:
         if null_kind not in NULL_KINDS:
             raise ValueError(f"null_kind must be one of {NULL_KINDS}; got {null_kind!r}.")
@@ -348,11 +352,12 @@ class Calibration:
             self.volume_p_values = np.minimum(1.0, np.bincount(vi, minlength=len(min_p)) * min_p)
         self.volume_similarity = np.full(len(self.volume_ids), np.nan)
         self.volume_null_similarity = np.zeros(0)
+        self.volume_null_description: str | None = None
         self.volume_verified = False
         if volume_scores is not None:
-            self._verified_volumes(volume_scores, volume_null)
+            self._verified_volumes(volume_scores, volume_null, volume_null_description)
 
-    def _verified_volumes(self, scores: Mapping[str, float], null: Any) -> None:
+    def _verified_volumes(self, scores: Mapping[str, float], null: Any, description: str | None = None) -> None:
         """Calibrate 3D-verified volume similarities against the holdout volumes' (at least 3 of them).
 
         A volume's p-value is the upper tail of the Student-t prediction distribution of the Fisher-z of the
@@ -370,11 +375,12 @@ class Calibration:
         vn = np.asarray([] if null is None else null, np.float64).reshape(-1)
         vn = vn[np.isfinite(vn)]
         self.volume_null_similarity = vn
+        self.volume_null_description = description
         ok = np.isfinite(self.volume_similarity)
         if vn.size < 3 or not ok.any():
             if ok.any():
                 self._diagnose(
-                    f"only {vn.size} holdout volume(s) could be verified in 3D (at least 3 are needed to calibrate "
+                    f"only {vn.size} null volume(s) could be verified in 3D (at least 3 are needed to calibrate "
                     "the volume similarity); volumes are judged by their slices' p-values instead. Give more "
                     "holdout volumes."
                 )
@@ -388,7 +394,8 @@ class Calibration:
         self.volume_p_values = p
         self.volume_verified = True
         self.volume_calibration = (
-            f"3D-verified volume similarity against {n} holdout volumes (Student-t prediction on Fisher z)"
+            f"3D-verified volume similarity against {description or f'{n} null volumes'} "
+            "(Student-t prediction on Fisher z)"
         )
         if n >= 8 and shapiro(zn).pvalue < 0.01:
             self._diagnose(

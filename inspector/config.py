@@ -95,6 +95,11 @@ class AuditConfig:
         and the training set hold multi-slice volumes, else slice.
     volume_shortlist : int
         Training volumes registered in 3D per synthetic volume (those of most consistent slice runs).
+    volume_null_train : int
+        Training volumes (at most, seeded sample) scored like synthetic ones but against the other training
+        subjects only (leave one subject out) and added to the holdout volumes as the volume null: the volume
+        similarity is a 3D NCC with nothing fitted on T, so these are as unseen as holdout volumes, and a
+        study's few holdout volumes alone estimate the null's tail poorly; 0: holdout volumes only.
     axis : str
         Slicing axis for volumes.
     size : int
@@ -142,6 +147,7 @@ class AuditConfig:
     top_k: int = _opt(5, "matching", minimum=1, maximum=1_000)
     unit: str = _opt("auto", "decision", choices=("auto", "slice", "volume"))
     volume_shortlist: int = _opt(3, "matching", minimum=1, maximum=1_000)
+    volume_null_train: int = _opt(64, "decision", minimum=0, maximum=100_000)
     axis: str = _opt("axial", "input", choices=("axial", "coronal", "sagittal"))
     size: int = _opt(128, "input", minimum=16, maximum=1024)
     allow_skipped: bool = _opt(False, "input")

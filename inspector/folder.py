@@ -606,6 +606,7 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
         volume_null = (
             np.asarray(z["volume_null_similarity"], np.float64) if "volume_null_similarity" in z.files else None
         )
+        volume_null_text = str(z["volume_null_description"]) if "volume_null_description" in z.files else None
         ids["audit.npz"] = str(z["audit_id"]) if "audit_id" in z.files else None
     manifest = None
     if (folder / MANIFEST_FILE).is_file():
@@ -644,7 +645,9 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
             for c in ("verified_train_volume", "verified_train_subject", "transform"):
                 if c in volume_evidence:
                     volume_evidence[c] = volume_evidence[c].fillna("").astype(str)
-    calibration = _calibration(summary, table, null, folder, null_groups, level, volume_evidence, volume_null)
+    calibration = _calibration(
+        summary, table, null, folder, null_groups, level, volume_evidence, volume_null, volume_null_text or None
+    )
     integrity = []
     for name, expected in (manifest or {}).get("outputs", {}).items():
         actual = sha256_file(folder / name) if (folder / name).is_file() else None
@@ -733,6 +736,7 @@ def _calibration(
     level: float | None = None,
     volume_evidence: pd.DataFrame | None = None,
     volume_null: np.ndarray | None = None,
+    volume_null_description: str | None = None,
 ) -> Calibration:
     from .calibration import VERDICT_LEVEL
 
@@ -760,6 +764,7 @@ def _calibration(
             diagnostics=tuple(v.get("diagnostics", ())),
             volume_scores=scores,
             volume_null=volume_null if scores is not None else None,
+            volume_null_description=volume_null_description,
         )
     except (KeyError, ValueError) as e:
         raise AuditFolderError(
@@ -1242,6 +1247,7 @@ def _write_outputs(result: AuditResult, out: Path) -> None:
     arrays["level"] = np.array(cal.level)
     if getattr(cal, "volume_verified", False):  # the holdout volumes' 3D-verified similarities: the volume null
         arrays["volume_null_similarity"] = np.asarray(cal.volume_null_similarity, np.float64)
+        arrays["volume_null_description"] = np.array(cal.volume_null_description or "")
     for layer in result.layers:
         arrays[f"neighbours__{layer}"] = result.neighbours[layer]
         arrays[f"neighbour_sims__{layer}"] = result.neighbour_sims[layer]

@@ -302,6 +302,9 @@ class Matches:
         Every synthetic slice against T.
     holdout : MatchResult or None
         Every holdout slice against T, when the null is the holdout's (default mode).
+    train_loso, train_loso_rows : MatchResult and np.ndarray of int, or None
+        For the volume null (unit ``volume``, :attr:`AuditConfig.volume_null_train`): the slices of a sample of
+        training volumes (their rows in T) against the training slices of the other subjects.
     null : np.ndarray, shape (n_null,)
         The same score for slices known not to be copies.
     null_kind : str
@@ -316,6 +319,8 @@ class Matches:
     paper: PaperScores
     seconds: float = 0.0
     holdout: MatchResult | None = None
+    train_loso: MatchResult | None = None
+    train_loso_rows: np.ndarray | None = None
 
 
 def make_matcher(cfg: AuditConfig, *, paper: PaperScorer | None = None) -> Matcher:
@@ -374,7 +379,31 @@ def match(
         train_images=img_t,
         progress=progress,
     )
-    return Matches(res, null, kind, pg, time.perf_counter() - t0, getattr(matcher, "holdout_result_", None))
+    out = Matches(res, null, kind, pg, time.perf_counter() - t0, getattr(matcher, "holdout_result_", None))
+    if out.holdout is not None and cfg.volume_null_train > 0 and resolve_unit(cfg, inputs) == "volume":
+        rows = loso_volume_rows(inputs.train, cfg.volume_null_train, cfg.seed)
+        if rows.size:
+            views = {"id": {layer: np.asarray(f)[rows] for layer, f in features.train.layers.items()}}
+            out.train_loso = matcher.score_samples(
+                views, images=img_t[rows], groups=groups[rows], progress=progress, stage="volume null"
+            )
+            out.train_loso_rows = rows
+        out.seconds = time.perf_counter() - t0
+    return out
+
+
+def loso_volume_rows(train: Cohort, limit: int, seed: int) -> np.ndarray:
+    """Rows of up to ``limit`` training volumes (seeded sample, volumes of at least :data:`MIN_VOLUME_SLICES`
+    slices whose subject is not the only one) for the volume null's leave-one-subject-out part, shape (n,)."""
+    vids = volume_ids(train).astype(str)
+    subj = np.asarray([s.subject_id for s in train.slices], dtype=object)
+    if len(set(subj)) < 2:
+        return np.zeros(0, np.int64)
+    names, inv, counts = np.unique(vids, return_inverse=True, return_counts=True)
+    ok = np.flatnonzero(counts >= MIN_VOLUME_SLICES)
+    rng = np.random.default_rng(seed)
+    pick = np.sort(rng.choice(ok, min(limit, ok.size), replace=False)) if ok.size else ok
+    return np.flatnonzero(np.isin(inv, pick)).astype(np.int64)
 
 
 # ---------------------------------------------------------------------------------------------- stage 3b
@@ -407,20 +436,31 @@ class VolumeEvidence:
     holdout : list of VolumeMatch
         The holdout volumes through the same path (the volume null); empty without a holdout.
     seconds : float
+    train_null : list of VolumeMatch
+        Training volumes through the same path against the other subjects' volumes (the volume null's
+        leave-one-subject-out part).
     """
 
     synthetic: list[Any]
     holdout: list[Any]
     seconds: float = 0.0
+    train_null: list[Any] = field(default_factory=list)
 
     def scores(self) -> dict[str, float]:
         """Synthetic volume id -> volume similarity (NaN when not verifiable)."""
         return {v.volume: v.similarity for v in self.synthetic}
 
     def null(self) -> np.ndarray:
-        """The holdout volumes' similarities (finite ones), shape (n,)."""
-        s = np.asarray([v.similarity for v in self.holdout], np.float64)
+        """The volume null: the holdout volumes' and the leave-one-subject-out training volumes' similarities
+        (finite ones), shape (n,)."""
+        s = np.asarray([v.similarity for v in [*self.holdout, *self.train_null]], np.float64)
         return s[np.isfinite(s)]
+
+    def null_description(self) -> str:
+        """How many volumes of each kind the volume null holds, in words."""
+        h = int(np.isfinite([v.similarity for v in self.holdout]).sum()) if self.holdout else 0
+        t = int(np.isfinite([v.similarity for v in self.train_null]).sum()) if self.train_null else 0
+        return f"{h} holdout volumes" + (f" and {t} training volumes (leave one subject out)" if t else "")
 
     def table(self) -> Any:
         """One row per synthetic volume: the verification columns of ``volumes.csv``."""
@@ -498,7 +538,30 @@ def verify_volumes(
 
     syn = run("synthetic", matches.synthetic)
     hold = run("holdout", matches.holdout) if matches.holdout is not None and inputs.holdout is not None else []
-    return VolumeEvidence(syn, hold, time.perf_counter() - t0)
+    loso: list[Any] = []
+    if matches.train_loso is not None and matches.train_loso_rows is not None:
+        rows = matches.train_loso_rows
+        res = matches.train_loso
+        sub = [inputs.train.slices[int(i)] for i in rows]
+        q_refs = group_volumes(
+            volume_ids(inputs.train)[rows], [s.slice_index for s in sub], [s.subject_id for s in sub]
+        )
+        mt, wt = match_weights(res.similarity, res.nearest, res.candidates)
+        loso = match_volumes(
+            q_refs,
+            img_t[rows],
+            train_refs,
+            img_t,
+            mt,
+            wt,
+            shortlist=cfg.volume_shortlist,
+            min_slices=MIN_VOLUME_SLICES,
+            size=VOLUME_GRID,
+            device=cfg.device,
+            progress=progress,
+            stage="volumes:null",
+        )
+    return VolumeEvidence(syn, hold, time.perf_counter() - t0, loso)
 
 
 #: Grid side (voxels) of the 3D verification.
@@ -531,6 +594,7 @@ def calibrate(
         diagnostics=exchangeability_diagnostics(inputs.holdout, inputs.synthetic) if holdout_null else (),
         volume_scores=volumes.scores() if volumes is not None and holdout_null else None,
         volume_null=volumes.null() if volumes is not None and holdout_null else None,
+        volume_null_description=volumes.null_description() if volumes is not None and holdout_null else None,
     )
 
 

@@ -53,6 +53,19 @@ __all__ = [
     "stage_label",
     "subject_review_frame",
     "window_to_uint8",
+    "VOLUME_PLANES",
+    "axial_slice_evidence",
+    "copied_subjects",
+    "open_volume",
+    "plane_caption",
+    "plane_length",
+    "through_plane_stretch",
+    "volume_facts",
+    "volume_pair_of",
+    "volume_plane",
+    "volume_review_frame",
+    "volume_truth",
+    "volume_unit_note",
 ]
 
 #: Log-spaced per-slice false-positive rates offered by the threshold controls.
@@ -1277,3 +1290,361 @@ def subject_review_frame(
     keep += [c for c in ("max_similarity", "min_p_value") if c in out]
     out = out[[c for c in keep if c in out]]
     return out.sort_values(["flagged_now", "reviewed"], ascending=False, kind="stable").reset_index(drop=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Volumes: the synthetic volume beside its 3D-verified training volume
+# ----------------------------------------------------------------------------------------------
+
+#: The three orthogonal planes of the volume viewer (:meth:`inspector.result.VolumePair.plane`'s names):
+#: axial is the audit's slices (along the slicing axis), coronal and sagittal cut across them.
+VOLUME_PLANES: tuple[str, ...] = ("axial", "coronal", "sagittal")
+#: The panes of each plane: the :class:`~inspector.result.VolumePair` stack and its caption.
+VOLUME_PANES: tuple[tuple[str, str], ...] = (
+    ("synthetic", "Synthetic"),
+    ("aligned", "Training (aligned)"),
+    ("difference", "Difference"),
+)
+#: VolumePairs kept per audit (each holds three float32 stacks of (D, S, S)).
+VOLUME_PAIRS_KEPT = 6
+
+
+def volume_unit_note(result: Any) -> str | None:
+    """Why the audit has no volume review, in words; None when its volumes were verified in 3D (unit volume).
+
+    Parameters
+    ----------
+    result : AuditResult
+
+    Returns
+    -------
+    str or None
+    """
+    if getattr(result, "volume_evidence", None) is not None:
+        return None
+    how = (
+        "To review whole synthetic volumes beside the training volumes they copy, aligned in 3D, set **Unit** "
+        "(sidebar, Decision) to *volume* and run the audit again, or run `inspector scan --unit volume`."
+    )
+    cfg = result.config
+    if cfg.mode == "paper":
+        return (
+            "This audit ran in paper mode, which scores slices only: no synthetic volume was matched or verified "
+            f"in 3D. {how.replace('set **Unit**', 'choose the default mode, set **Unit**')}"
+        )
+    why = ""
+    if cfg.unit == "auto":
+        why = (
+            " (the Unit setting *auto* chose slices: the synthetic set or the training set holds no volumes of "
+            "several slices, e.g. 2D images)"
+        )
+    return (
+        f"This audit scored slices only{why}: no synthetic volume was matched or verified in 3D. {how} "
+        "The Overview page lists the per-volume combination of the slice scores."
+    )
+
+
+def _run_text(first: Any, last: Any) -> str:
+    try:
+        a, b = float(first), float(last)
+    except (TypeError, ValueError):
+        return ""
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return ""
+    return f"{int(a)}–{int(b)}"
+
+
+def volume_truth(result: Any) -> dict[str, str]:
+    """Ground truth per synthetic volume (``labels.csv`` of its slices: ``copy (rot5)``, ``novel``); {} without it.
+
+    Returns
+    -------
+    dict of str to str
+        Volume name (``volumes.csv``'s ``volume``) -> its slices' label(s) and augmentation(s).
+    """
+    t = result.table
+    if "label" not in t or not t["label"].notna().any():
+        return {}
+    cal = result.calibration
+    vi = np.asarray(cal.volume_index())
+    out: dict[str, str] = {}
+    for v, vid in enumerate(cal.volume_ids):
+        mine = t.iloc[np.flatnonzero(vi == v)]
+        labels = sorted({str(x) for x in mine["label"].dropna() if str(x)})
+        augs = sorted({str(x) for x in mine.get("augmentation", pd.Series(dtype=str)).dropna()
+                       if str(x) and str(x) != "none"})  # fmt: skip
+        text = "/".join(labels)
+        if augs and text:
+            text += f" ({'/'.join(augs)})"
+        out[str(vid)] = text
+    return out
+
+
+def volume_review_frame(volumes: pd.DataFrame, *, truth: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The Volumes page's table: one row per synthetic volume of ``AuditResult.volumes(alpha, fdr)``, flagged first.
+
+    Nothing is recomputed: every number and the flag are the volumes table's (the audit's one Calibration).
+
+    Parameters
+    ----------
+    volumes : pandas.DataFrame
+        ``AuditResult.volumes(alpha, fdr)`` (with the volume evidence columns when the unit is volume).
+    truth : mapping of str to str, optional
+        :func:`volume_truth`; adds a ``truth`` column (the app shows it only when ground truth is revealed).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``volume, n_slices, volume_similarity, p_value, flagged`` (bool), ``slices_flagged`` (``k/n``),
+        ``training_volume, training_subject`` (the verified match, else the slices' majority match),
+        ``coverage, slice_run`` (``first–last`` synthetic slice of the slice-order-consistent run),
+        ``slice_consistency`` and ``truth`` when given; in the table's order (flagged, most significant first),
+        index 0..n-1.
+    """
+    v = volumes.reset_index(drop=True)
+    n = len(v)
+
+    def col(name: str, default: Any = np.nan) -> pd.Series:
+        return v[name] if name in v else pd.Series([default] * n, index=v.index)
+
+    out = pd.DataFrame(index=v.index)
+    out["volume"] = v["volume"].astype(str)
+    out["n_slices"] = v["n_slices"].astype(int)
+    out["volume_similarity"] = col("volume_similarity").astype(float)
+    out["p_value"] = v["p_value"].astype(float)
+    out["flagged"] = v["flagged"].astype(bool)
+    out["slices_flagged"] = [f"{int(k)}/{int(m)}" for k, m in zip(col("n_slices_flagged", 0), v["n_slices"],
+                                                                      strict=True)]  # fmt: skip
+    verified = col("verified_train_volume", "").fillna("").astype(str)
+    out["training_volume"] = verified.where(verified != "", v["nearest_train_volume"].astype(str))
+    vsubj = col("verified_train_subject", "").fillna("").astype(str)
+    out["training_subject"] = vsubj.where(vsubj != "", v["nearest_train_subject"].astype(str))
+    out["coverage"] = col("coverage").astype(float)
+    out["slice_run"] = [_run_text(a, b) for a, b in zip(col("run_first"), col("run_last"), strict=True)]
+    out["slice_consistency"] = col("slice_consistency").astype(float)
+    if truth is not None:
+        out["truth"] = [truth.get(name, "") for name in out["volume"]]
+    # the volumes table is flagged and most significant first already; a stable sort keeps that and guarantees it
+    return out.sort_values("flagged", ascending=False, kind="stable").reset_index(drop=True)
+
+
+def copied_subjects(volumes: pd.DataFrame) -> dict[str, list[str]]:
+    """Training subjects copied by at least one flagged synthetic volume, and those volumes.
+
+    Parameters
+    ----------
+    volumes : pandas.DataFrame
+        ``AuditResult.volumes(alpha, fdr)``: its ``flagged`` and ``nearest_train_subject`` (the 3D-verified
+        subject where a volume was verified).
+
+    Returns
+    -------
+    dict of str to list of str
+        Subject -> its flagged synthetic volumes in the table's order (most significant first); subjects with
+        the most flagged volumes first (ties: the most significant volume first).
+    """
+    if volumes.empty:
+        return {}
+    flagged = volumes[volumes["flagged"].astype(bool)]
+    index: dict[str, list[str]] = {}
+    for subj, vol in zip(flagged["nearest_train_subject"].fillna("").astype(str), flagged["volume"].astype(str),
+                         strict=True):  # fmt: skip
+        if subj:
+            index.setdefault(subj, []).append(vol)
+    order = sorted(index, key=lambda s: -len(index[s]))  # stable: ties keep the first-seen (most significant) order
+    return {s: index[s] for s in order}
+
+
+def volume_pair_of(entry: AuditEntry, volume: str) -> Any:
+    """``entry.result.volume_pair(volume)``, computed once per audit and volume (the last few are kept).
+
+    Slider moves redraw planes of the cached stacks only; nothing of the audit is recomputed.
+
+    Raises
+    ------
+    KeyError
+        From :meth:`inspector.result.AuditResult.volume_pair`, with the reason (see :func:`open_volume`).
+    """
+    cache: dict[str, Any] = entry.derived.setdefault("volume_pairs", {})
+    key = str(volume)
+    if key in cache:
+        cache[key] = cache.pop(key)  # most recently used last
+        return cache[key]
+    pair = entry.result.volume_pair(key)
+    cache[key] = pair
+    while len(cache) > VOLUME_PAIRS_KEPT:
+        cache.pop(next(iter(cache)))
+    return pair
+
+
+def open_volume(entry: AuditEntry, volume: str) -> tuple[Any, str]:
+    """The :class:`~inspector.result.VolumePair` of ``volume`` and ``""``, or ``None`` and why it has none (words).
+
+    Never raises for a volume that cannot be shown (a slice-unit audit, a 2D image, a volume no training volume
+    was verified against, an unknown name): the reason is returned for the page to show.
+    """
+    note = volume_unit_note(entry.result)
+    if note is not None:
+        return None, note
+    try:
+        return volume_pair_of(entry, volume), ""
+    except KeyError as e:
+        reason = str(e.args[0]) if e.args else str(e)
+        reason = reason[:1].upper() + reason[1:]
+        if "not verified" in reason:
+            reason += " Its slices are still scored one by one: see the Flagged and Pair pages."
+        return None, reason
+
+
+def plane_length(pair: Any, which: str) -> int:
+    """Positions of a plane's slider: the slices (axial), the rows (coronal) or the columns (sagittal)."""
+    d, h, w = np.asarray(pair.synthetic).shape
+    lengths = {"axial": d, "coronal": h, "sagittal": w}
+    if which not in lengths:
+        raise ValueError(f"plane must be one of {VOLUME_PLANES}; got {which!r}.")
+    return int(lengths[which])
+
+
+def through_plane_stretch(depth: int, size: int) -> int:
+    """A display stretch of the slice axis in the coronal and sagittal planes, 1 to 4.
+
+    The stacks keep one row per slice and the slices are resampled to ``size`` pixels in plane, so a volume
+    of few thick slices looks flat; the through-plane spacing is not kept, so this is a display default only.
+    """
+    if depth <= 0 or size <= 0:
+        return 1
+    return int(min(4, max(1, size // depth)))
+
+
+def volume_plane(pair: Any, which: str, position: int, image: str = "synthetic", *, stretch: int = 1) -> np.ndarray:
+    """One plane of a :class:`~inspector.result.VolumePair` as it is drawn.
+
+    Parameters
+    ----------
+    pair : VolumePair
+    which : str
+        ``axial`` (slice ``position``), ``coronal`` (row ``position``) or ``sagittal`` (column ``position``).
+    position : int
+        0-based, clipped to the stack.
+    image : str
+        ``synthetic``, ``aligned`` (the training volume resampled by the 3D transform) or ``difference``.
+    stretch : int
+        Rows per slice in the coronal and sagittal planes (:func:`through_plane_stretch`).
+
+    Returns
+    -------
+    np.ndarray, shape (S, S) for axial, (D * stretch, S) otherwise
+        The coronal and sagittal planes have the last slice at the top (the slice axis pointing up).
+    """
+    if which not in VOLUME_PLANES:
+        raise ValueError(f"plane must be one of {VOLUME_PLANES}; got {which!r}.")
+    if int(stretch) < 1:
+        raise ValueError(f"stretch must be >= 1; got {stretch}.")
+    plane = np.asarray(pair.plane(which, int(position), image))
+    if which == "axial":
+        return plane
+    return np.repeat(plane[::-1], int(stretch), axis=0)
+
+
+def plane_caption(label: str, which: str, position: int, n: int) -> str:
+    """A pane's caption: ``"Synthetic · axial 13/38"`` (``position`` 0-based, shown 1-based)."""
+    return f"{label} · {which} {int(position) + 1}/{int(n)}"
+
+
+def axial_slice_evidence(result: Any, pair: Any, position: int, flags: np.ndarray) -> dict[str, Any]:
+    """The slice-level evidence of the axial slice ``position`` of ``pair``: its row of the score table.
+
+    Parameters
+    ----------
+    result : AuditResult
+    pair : VolumePair
+    position : int
+        0-based axial position in the pair's stacks.
+    flags : np.ndarray of bool, shape (m,)
+        ``result.flags(alpha, fdr)`` at the setting on screen (the flag is never recomputed here).
+
+    Returns
+    -------
+    dict
+        ``row`` (of ``result.table``), ``slice`` (``<volume>#<slice index>``), ``slice_index``, ``similarity``,
+        ``p_value``, ``flagged``, ``nearest_training`` (``<training volume> · slice <k>``),
+        ``nearest_subject`` and ``on_verified_volume`` (the nearest training slice lies in the verified
+        training volume).
+    """
+    rows = np.asarray(pair.rows)
+    pos = int(np.clip(position, 0, len(rows) - 1))
+    row = int(rows[pos])
+    t = result.table.iloc[row]
+    near_path = str(t.get("nearest_train_path", ""))
+    near_slice = t.get("nearest_train_slice", None)
+    near = near_path + (f" · slice {int(near_slice)}" if near_slice is not None and near_path else "")
+    return {
+        "row": row,
+        "slice": f"{t['synthetic_path']}#{int(t['slice_index'])}",
+        "slice_index": int(t["slice_index"]),
+        "similarity": float(t["similarity"]),
+        "p_value": float(t["p_value"]),
+        "flagged": bool(np.asarray(flags, bool)[row]),
+        "nearest_training": near,
+        "nearest_subject": str(t.get("nearest_train_subject", "")),
+        "on_verified_volume": bool(near_path) and near_path == str(pair.train_volume),
+    }
+
+
+def volume_facts(volumes: pd.DataFrame, volume: str) -> dict[str, Any]:
+    """The volume-level numbers of one row of ``AuditResult.volumes(alpha, fdr)``, as plain values.
+
+    Returns
+    -------
+    dict
+        ``volume, n_slices, n_slices_flagged, p_value, flagged`` (bool), ``p_calibration``,
+        ``volume_similarity, volume_ncc, coverage, slice_consistency`` (NaN when not verified),
+        ``training_volume, training_subject, slice_run, run_slope, run_offset, n_candidate_volumes``.
+
+    Raises
+    ------
+    KeyError
+        ``volume`` is not in the table.
+    """
+    hit = volumes[volumes["volume"].astype(str) == str(volume)]
+    if hit.empty:
+        raise KeyError(f"{volume!r} is not a synthetic volume of this audit.")
+    r = hit.iloc[0]
+
+    def num(name: str) -> float:
+        try:
+            return float(r[name]) if name in r and r[name] is not None else float("nan")
+        except (TypeError, ValueError):
+            return float("nan")
+
+    verified = str(r.get("verified_train_volume", "") or "")
+    vsubj = str(r.get("verified_train_subject", "") or "")
+    n_cand = num("n_candidate_volumes")
+    return {
+        "volume": str(r["volume"]),
+        "n_slices": int(r["n_slices"]),
+        "n_slices_flagged": int(r.get("n_slices_flagged", 0)),
+        "p_value": float(r["p_value"]),
+        "flagged": bool(r["flagged"]),
+        "p_calibration": str(r.get("p_calibration", "")),
+        "volume_similarity": num("volume_similarity"),
+        "volume_ncc": num("volume_ncc"),
+        "coverage": num("coverage"),
+        "slice_consistency": num("slice_consistency"),
+        "training_volume": verified or str(r.get("nearest_train_volume", "")),
+        "training_subject": vsubj or str(r.get("nearest_train_subject", "")),
+        "verified": bool(verified),
+        "slice_run": _run_text(r.get("run_first"), r.get("run_last")),
+        "run_slope": num("run_slope"),
+        "run_offset": num("run_offset"),
+        "n_candidate_volumes": int(n_cand) if math.isfinite(n_cand) else 0,
+    }
+
+
+def format_number(x: float, digits: int = 4) -> str:
+    """``x`` with ``digits`` decimals, ``"n/a"`` when it is missing or not finite."""
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "n/a"
+    return f"{x:.{digits}f}" if math.isfinite(x) else "n/a"

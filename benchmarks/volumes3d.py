@@ -1,0 +1,292 @@
+"""The 3D benchmark (issue 15): volumes copied in 3D, found and verified per volume.
+
+Cohorts come from :mod:`benchmarks.volumes3d_data` (look-alike subjects of one protocol, NIfTI, split by subject;
+copies of training volumes made in 3D under eleven conditions; novel volumes from unseen subjects; holdout
+volumes for calibration). Each seed's cohort is audited by the product (``inspector.audit`` with ``unit="volume"``,
+the default settings otherwise), and three per-volume scores are compared on the same volumes:
+
+* **ours**: the 3D-verified volume similarity (:mod:`inspector.volumes`), flagged at ``p <= alpha`` against the
+  holdout volumes;
+* **slice max**: the best slice-level aggregate, the maximum slice similarity over the volume's slices
+  (flagged when any slice is flagged at the same alpha);
+* **Dar et al. 3D**: :class:`inspector.dar3d.Dar3D` trained on the training volumes, max Pearson correlation of the
+  embeddings, flagged below their 5th-percentile threshold of the holdout's nearest distances.
+
+Per condition: ROC-AUC of the copies against every novel volume, TPR at 1 % FPR, and the TPR at each method's flag;
+over the novel volumes: the FPR at the flag. Seeds are pooled for the FPR (with a Wilson interval).
+
+Run::
+
+    python -m benchmarks.volumes3d --train 16 --seeds 0 1 2 --write-results
+
+``--write-results`` replaces the 3D section of ``benchmarks/RESULTS.md`` (between its markers) with this run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from inspector.calibration import wilson_interval
+
+from .data import DATA_DIR
+from .detection import ranking_metrics
+from .volumes3d_data import CONDITIONS_3D, make_volume_cohort
+
+log = logging.getLogger(__name__)
+
+OUT_DIR = Path(__file__).resolve().parent / "_out"
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+START, END = "<!-- volumes3d:start -->", "<!-- volumes3d:end -->"
+METHODS = ("ours", "slice max", "Dar et al. 3D")
+#: Issue 15's targets.
+TARGET_AUC, TARGET_TPR = 0.99, 0.95
+
+
+def _volume_labels(result) -> pd.DataFrame:
+    """Per synthetic volume (published name): label and condition, from the score table's ground truth."""
+    t = result.table
+    g = t.groupby("synthetic_path", sort=False).agg(label=("label", "first"), augmentation=("augmentation", "first"))
+    g = g.reset_index().rename(columns={"synthetic_path": "volume"})
+    g["augmentation"] = g["augmentation"].fillna("").astype(str)
+    return g
+
+
+def _dar_scores(info, cfg_steps: int, seed: int) -> tuple[pd.DataFrame, float, dict]:
+    """Dar et al.'s 3D method on the cohort's files: per synthetic file its score and flag; the threshold."""
+    import nibabel as nib
+
+    from inspector.dar3d import Dar3D, Dar3DConfig, prepare_volume
+
+    def read(folder: Path) -> tuple[list[str], list[np.ndarray]]:
+        files = sorted(p for p in folder.glob("*.nii.gz"))
+        vols = [prepare_volume(np.asarray(nib.load(str(p)).get_fdata(dtype=np.float32))) for p in files]
+        return [p.name for p in files], vols
+
+    t0 = time.perf_counter()
+    _, train = read(info.train_dir)
+    _, hold = read(info.holdout_dir)
+    names, syn = read(info.synthetic_dir)
+    model = Dar3D(config=Dar3DConfig(steps=cfg_steps, seed=seed)).fit(train)
+    thr = model.threshold(hold)
+    score = model.score_samples(syn)
+    flag = model.is_copy(syn, thr)
+    meta = {"steps": int(model.steps_run_), "seconds": time.perf_counter() - t0, "threshold": float(thr)}
+    return pd.DataFrame({"file": names, "score": score, "flagged": flag.astype(bool)}), float(thr), meta
+
+
+def run_seed(n_train: int, seed: int, *, n_holdout: int, n_novel: int, copies: int, dar_steps: int, extractor: str):
+    """One seed: the cohort, the audit, the three methods. Returns (per-volume frame, timings dict)."""
+    import inspector
+    from inspector.config import AuditConfig
+
+    root = DATA_DIR / f"vol3d-t{n_train}-h{n_holdout}-n{n_novel}-c{copies}-s{seed}"
+    info = make_volume_cohort(
+        root, n_train, n_holdout=n_holdout, n_novel=n_novel, copies_per_condition=copies, seed=seed
+    )
+    cfg = AuditConfig(unit="volume", extractor=extractor, seed=seed, show_paths=True)
+    t0 = time.perf_counter()
+    res = inspector.audit(info.train_dir, info.synthetic_dir, info.holdout_dir, cfg, cache_dir=DATA_DIR / "cache")
+    audit_s = time.perf_counter() - t0
+    vt = res.volumes().merge(_volume_labels(res), on="volume", how="left")
+    vt["file"] = [Path(v).name for v in vt["volume"]]
+    dar, thr, dmeta = _dar_scores(info, dar_steps, seed)
+    vt = vt.merge(dar.rename(columns={"score": "dar_score", "flagged": "dar_flagged"}), on="file", how="left")
+    vt["seed"] = seed
+    vt["n_train"] = n_train
+    vt["any_slice_flagged"] = vt["n_slices_flagged"] > 0
+    timings = {"seed": seed, "audit_s": audit_s, **{f"t_{k}": v for k, v in res.timings.items()}, **dmeta}
+    timings["volume_calibration"] = res.calibration.volume_calibration
+    timings["n_null_volumes"] = int(res.calibration.volume_null_similarity.size)
+    return vt, timings
+
+
+def metrics(vt: pd.DataFrame) -> pd.DataFrame:
+    """Per seed, condition and method: AUC, TPR at 1 % FPR, TPR at the flag; the novel FPR at the flag."""
+    rows = []
+    for seed, d in vt.groupby("seed"):
+        novel = d[d.label == "novel"]
+        for method, score, flag in (
+            ("ours", "volume_similarity", "flagged"),
+            ("slice max", "max_similarity", "any_slice_flagged"),
+            ("Dar et al. 3D", "dar_score", "dar_flagged"),
+        ):
+            for cond, c in d[d.label == "copy"].groupby("augmentation"):
+                y = np.r_[np.ones(len(c)), np.zeros(len(novel))]
+                s = np.nan_to_num(np.r_[c[score].to_numpy(float), novel[score].to_numpy(float)], nan=-1.0)
+                auc, _, tpr1 = ranking_metrics(y, s, 0.01)
+                rows.append(
+                    {
+                        "seed": seed,
+                        "method": method,
+                        "condition": cond,
+                        "auc": auc,
+                        "tpr_at_1pct_fpr": tpr1,
+                        "tpr_at_flag": float(c[flag].astype(bool).mean()),
+                        "n_copies": len(c),
+                        "n_novel": len(novel),
+                        "novel_flagged": int(novel[flag].astype(bool).sum()),
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def section(per: pd.DataFrame, vt: pd.DataFrame, timings: pd.DataFrame, args: argparse.Namespace) -> str:
+    """The markdown section, every number from this run."""
+    seeds = sorted(per.seed.unique())
+    g = per.groupby(["method", "condition"]).mean(numeric_only=True).reset_index()
+    conds = [c for c in CONDITIONS_3D if c in set(g.condition)]
+    lines = [START, "## 3D: volumes copied in 3D, per volume (issue 15)\n"]
+    novel = vt[vt.label == "novel"]
+    n_nov = len(novel)
+    lines.append(
+        f"Machine: {platform.node() or 'unknown'} ({platform.machine()}, {platform.processor() or 'cpu'}), CPU only. "
+        f"Look-alike NIfTI cohorts from `benchmarks/volumes3d_data.py`: {args.train} training subjects, "
+        f"{args.holdout} holdout and {args.novel} novel subjects per seed, {args.copies} copies per condition, "
+        f"seeds {', '.join(map(str, seeds))}; 1.5 x 1.5 x 3 mm, about 36 axial slices per volume. The audit is the "
+        f"product's (`unit=volume`, extractor `{args.extractor}`, everything else default). AUC and TPR are means over "
+        "seeds of per-seed values (copies of one condition against every novel volume of the seed); the FPR pools "
+        "the seeds.\n"
+    )
+    lines.append("### Targets\n")
+    ours = g[g.method == "ours"]
+    w = ours.loc[ours.auc.idxmin()]
+    wt = ours.loc[ours.tpr_at_1pct_fpr.idxmin()]
+    rows = [
+        (
+            f"per-volume ROC-AUC >= {TARGET_AUC} in every condition",
+            f"worst {_fmt(w.auc)} ({w.condition})",
+            w.auc >= TARGET_AUC,
+        ),
+        (
+            f"TPR >= {TARGET_TPR} at 1 % FPR in every condition",
+            f"worst {_fmt(wt.tpr_at_1pct_fpr)} ({wt.condition})",
+            wt.tpr_at_1pct_fpr >= TARGET_TPR,
+        ),
+    ]
+    for alpha in (0.01, 0.05):
+        k = int((novel["p_value"] <= alpha).sum())
+        lo, hi = wilson_interval(k, n_nov)
+        met = 0.5 * alpha <= k / max(n_nov, 1) <= 2 * alpha
+        rows.append(
+            (
+                f"volume FPR at alpha = {alpha:g} within [{0.5 * alpha:g}, {2 * alpha:g}]",
+                f"{k}/{n_nov} = {k / max(n_nov, 1):.4f} (95 % CI {lo:.3f}-{hi:.3f})",
+                met,
+            )
+        )
+    ahead = []
+    for c in conds:
+        a = g[(g.condition == c) & (g.method == "ours")].auc.iloc[0]
+        b = g[(g.condition == c) & (g.method == "Dar et al. 3D")].auc.iloc[0]
+        ahead.append(a >= b)
+    rows.append(
+        (
+            "ahead of Dar et al.'s 3D method on every condition (AUC)",
+            f"{sum(ahead)}/{len(conds)} conditions",
+            all(ahead),
+        )
+    )
+    lines.append("| target | measured | met |\n|---|---|---|")
+    lines += [f"| {t} | {m} | {'yes' if ok else '**no**'} |" for t, m, ok in rows]
+    lines.append("")
+    lines.append("### Per condition (mean over seeds)\n")
+    head = "| condition | " + " | ".join(f"{m} AUC | {m} TPR@1%FPR | {m} TPR at flag" for m in METHODS) + " |"
+    lines.append(head)
+    lines.append("|---|" + "---|" * (3 * len(METHODS)))
+    for c in conds:
+        cells = []
+        for m in METHODS:
+            r = g[(g.condition == c) & (g.method == m)].iloc[0]
+            cells += [_fmt(r.auc), _fmt(r.tpr_at_1pct_fpr), _fmt(r.tpr_at_flag)]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("### False positives on novel volumes (seeds pooled)\n")
+    lines.append("| method | flag | novel volumes flagged | FPR |\n|---|---|---|---|")
+    for m, col, rule in (
+        ("ours", "flagged", f"p <= alpha = {vt['alpha'].iloc[0]:g} (Student-t on the holdout volumes)"),
+        ("slice max", "any_slice_flagged", "any slice flagged at the same alpha"),
+        ("Dar et al. 3D", "dar_flagged", "nearest distance below the holdout's 5th percentile"),
+    ):
+        k = int(novel[col].astype(bool).sum())
+        lines.append(f"| {m} | {rule} | {k}/{n_nov} | {k / max(n_nov, 1):.3f} |")
+    lines.append("")
+    t = timings.mean(numeric_only=True)
+    vol_s = t.get("t_volumes", float("nan"))
+    lines.append(
+        f"Time per seed (mean): audit {t.audit_s:.0f} s, of which the volume stage {vol_s:.0f} s; "
+        f"Dar et al. 3D {t.seconds:.0f} s ({t.steps:.0f} training steps). Volume calibration: "
+        f"{timings.volume_calibration.iloc[0]}.\n"
+    )
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_results(text: str, path: Path = RESULTS) -> None:
+    """Replace the 3D section of RESULTS.md (between the markers), or append it."""
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    if START in old and END in old:
+        new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    path.write_text(new, encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train", type=int, default=16)
+    ap.add_argument("--holdout", type=int, default=12)
+    ap.add_argument("--novel", type=int, default=30)
+    ap.add_argument("--copies", type=int, default=2)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--extractor", default="ssl")
+    ap.add_argument("--dar-steps", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=OUT_DIR)
+    ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--reuse", action="store_true", help="render from the saved per-volume table of a previous run")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    vt_path, tm_path = args.out / "volumes3d_per_volume.csv", args.out / "volumes3d_timings.csv"
+    if args.reuse:
+        vt, timings = pd.read_csv(vt_path), pd.read_csv(tm_path)
+    else:
+        frames, tms = [], []
+        for seed in args.seeds:
+            v, tm = run_seed(
+                args.train,
+                seed,
+                n_holdout=args.holdout,
+                n_novel=args.novel,
+                copies=args.copies,
+                dar_steps=args.dar_steps,
+                extractor=args.extractor,
+            )
+            frames.append(v)
+            tms.append(tm)
+            pd.concat(frames).to_csv(vt_path, index=False)
+            pd.DataFrame(tms).to_csv(tm_path, index=False)
+            log.info("seed %d done: %s", seed, tm)
+        vt, timings = pd.concat(frames), pd.DataFrame(tms)
+    vt["alpha"] = 0.01
+    per = metrics(vt)
+    per.to_csv(args.out / "volumes3d_per_condition.csv", index=False)
+    text = section(per, vt, timings, args)
+    print(text)
+    if args.write_results:
+        write_results(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,263 @@
+"""Volumes as a unit: slice runs, 3D registration, volume calibration, the volume stage end to end."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from numpy.testing import assert_allclose
+
+from inspector.calibration import Calibration
+from inspector.volumes import (
+    VolumeRef,
+    fisher_z,
+    group_volumes,
+    match_weights,
+    register_volumes,
+    resample_to,
+    run_z_map,
+    slice_runs,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+def blob_volume(seed: int, shape: tuple[int, int, int] = (28, 48, 48)) -> np.ndarray:
+    """A head-like volume: an ellipsoid of smooth random texture on a zero background, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand((1, 1, 6, 10, 10), generator=g)
+    tex = F.interpolate(noise, size=shape, mode="trilinear", align_corners=False)[0, 0].numpy()
+    d, h, w = shape
+    z, y, x = np.meshgrid(
+        (np.arange(d) + 0.5) / d * 2 - 1,
+        (np.arange(h) + 0.5) / h * 2 - 1,
+        (np.arange(w) + 0.5) / w * 2 - 1,
+        indexing="ij",
+    )
+    inside = (x / 0.8) ** 2 + (y / 0.9) ** 2 + (z / 0.95) ** 2 <= 1.0
+    vol = np.where(inside, 0.25 + 0.75 * tex, 0.0).astype(np.float32)
+    return vol
+
+
+def rotate(vol: np.ndarray, deg: float, axes: tuple[int, int] = (0, 1)) -> np.ndarray:
+    """Rotate about the volume centre in normalised (x, y, z) coordinates, trilinear."""
+    a = math.radians(deg)
+    m = torch.eye(3)
+    i, j = axes
+    m[i, i], m[j, j], m[i, j], m[j, i] = math.cos(a), math.cos(a), -math.sin(a), math.sin(a)
+    theta = torch.cat([m, torch.zeros(3, 1)], 1)[None]
+    t = torch.from_numpy(vol)[None, None]
+    grid = F.affine_grid(theta, list(t.shape), align_corners=False)
+    return F.grid_sample(t, grid, align_corners=False)[0, 0].numpy()
+
+
+# ---------------------------------------------------------------------------------------------- grouping and runs
+def test_group_volumes_orders_slices_by_index():
+    refs = group_volumes(["a", "b", "a", "a", "b"], [5, 1, 3, 4, 0], ["s1", "s2", "s1", "s1", "s2"])
+    assert [r.volume for r in refs] == ["a", "b"]
+    assert refs[0].rows.tolist() == [2, 3, 0] and refs[0].slice_index.tolist() == [3, 4, 5]
+    assert refs[1].rows.tolist() == [4, 1] and refs[1].subject_id == "s2"
+    with pytest.raises(ValueError, match="one length"):
+        group_volumes(["a"], [1, 2], ["s"])
+
+
+def _train_index(n_vols: int, n_slices: int) -> tuple[list[VolumeRef], np.ndarray, np.ndarray]:
+    refs, vol_of, sidx = [], [], []
+    for v in range(n_vols):
+        rows = np.arange(v * n_slices, (v + 1) * n_slices)
+        refs.append(VolumeRef(f"t{v}", rows, np.arange(n_slices), f"s{v}"))
+        vol_of += [v] * n_slices
+        sidx += list(range(n_slices))
+    return refs, np.asarray(vol_of), np.asarray(sidx)
+
+
+@pytest.mark.parametrize("slope,offset", [(1.0, 0.0), (1.0, 7.0), (-1.0, 29.0), (2.0, 1.0), (0.5, 3.0)])
+def test_slice_runs_find_the_copied_volume_and_its_line(slope, offset):
+    rng = np.random.default_rng(0)
+    train, vol_of, sidx = _train_index(5, 40)
+    n = 16
+    query = VolumeRef("q", np.arange(n), np.arange(n), "sq")
+    true_idx = np.clip(np.round(slope * np.arange(n) + offset), 0, 39).astype(int)
+    matches = np.stack([2 * 40 + true_idx, rng.integers(0, 200, n), rng.integers(0, 200, n)], 1)
+    # a fifth of the slices matched elsewhere (a wrong final match)
+    wrong = rng.choice(n, n // 5, replace=False)
+    matches[wrong, 0] = rng.integers(0, 80, wrong.size)
+    weights = np.tile([0.95, 0.4, 0.4], (n, 1))
+    runs = slice_runs(query, train, vol_of, sidx, matches, weights)
+    best = runs[0]
+    assert best.train_volume == 2
+    assert best.slope == pytest.approx(slope, abs=0.15)
+    assert best.n_inliers >= n - wrong.size - 1
+    assert best.consistency > 0.6
+    assert all(r.consistency <= best.consistency for r in runs)
+
+
+def test_slice_runs_of_a_novel_volume_are_inconsistent():
+    rng = np.random.default_rng(1)
+    train, vol_of, sidx = _train_index(6, 30)
+    n = 20
+    query = VolumeRef("q", np.arange(n), np.arange(n), "sq")
+    matches = rng.integers(0, 180, (n, 3))
+    weights = np.full((n, 3), 0.8)
+    runs = slice_runs(query, train, vol_of, sidx, matches, weights)
+    assert runs[0].consistency < 0.45
+
+
+def test_slice_runs_checks_shapes():
+    train, vol_of, sidx = _train_index(2, 5)
+    q = VolumeRef("q", np.arange(4), np.arange(4), "s")
+    with pytest.raises(ValueError, match="shape"):
+        slice_runs(q, train, vol_of, sidx, np.zeros((3, 2), int), np.zeros((3, 2)))
+
+
+def test_run_z_map_maps_the_slab_onto_its_place():
+    train = VolumeRef("t", np.arange(40), np.arange(40), "s")
+    query = VolumeRef("q", np.arange(20), np.arange(20), "s")
+    from inspector.volumes import SliceRun, _z_normalised
+
+    run = SliceRun(0, 1.0, 10.0, 20, 1.0, 0, 19)
+    a, t = run_z_map(run, query, train)
+    zq = _z_normalised(np.array([0.0, 19.0]), query.slice_index)
+    zt = _z_normalised(np.array([10.0, 29.0]), train.slice_index)
+    assert_allclose(a * zq + t, zt, atol=1e-9)
+    assert a == pytest.approx(0.5)
+
+
+def test_match_weights_puts_the_final_match_first():
+    m, w = match_weights(np.array([0.9, 1.2]), np.array([3, 4]), np.array([[3, 5], [6, 4]]))
+    assert m.tolist() == [[3, -1, 5], [4, 6, -1]]
+    assert_allclose(w, [[0.9, 0.45, 0.45], [1.0, 0.5, 0.5]])
+    m, w = match_weights(np.array([0.5]), np.array([2]), None)
+    assert m.tolist() == [[2]] and w.tolist() == [[0.5]]
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def test_resample_to_with_the_identity_returns_the_volume():
+    v = blob_volume(0)
+    eye = np.c_[np.eye(3), np.zeros(3)]
+    assert_allclose(resample_to(v, eye, v.shape), v, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(3, 4\)"):
+        resample_to(v, np.eye(3), v.shape)
+
+
+@pytest.mark.parametrize(
+    "name,make",
+    [
+        ("exact", lambda v: v.copy()),
+        ("lr flip", lambda v: v[:, :, ::-1].copy()),
+        ("transpose", lambda v: np.ascontiguousarray(v.transpose(0, 2, 1))),
+        ("reversed slices", lambda v: v[::-1].copy()),
+        ("in-plane rotation 8 deg", lambda v: rotate(v, 8.0, (0, 1))),
+        ("tilt 6 deg", lambda v: rotate(v, 6.0, (1, 2))),
+        ("intensity", lambda v: np.clip(0.8 * v + 0.05 * (v > 0), 0, 1)),
+    ],
+)
+def test_register_volumes_verifies_3d_copies_and_not_other_volumes(name, make):
+    src = blob_volume(1)
+    other = blob_volume(2)
+    q = make(src).astype(np.float32)
+    al = register_volumes(q, [src, other], device="cpu")
+    assert al[0].score > 0.95, (name, al[0])
+    assert al[0].score > al[1].score + 0.1, (name, al[0].score, al[1].score)
+    assert al[0].matrix.shape == (3, 4)
+    # the transform brings the training volume onto the query
+    back = resample_to(src, al[0].matrix, q.shape)
+    head = q > 0.06
+    assert np.corrcoef(back[head], q[head])[0, 1] > 0.9
+
+
+def test_register_volumes_finds_a_slab_from_its_slice_run():
+    src = blob_volume(3, (36, 40, 40))
+    slab = src[12:24].copy()
+    train = VolumeRef("t", np.arange(36), np.arange(36), "s")
+    query = VolumeRef("q", np.arange(12), np.arange(12), "s")
+    from inspector.volumes import SliceRun
+
+    zmap = run_z_map(SliceRun(0, 1.0, 12.0, 12, 1.0, 0, 11), query, train)
+    al = register_volumes(slab, [src, blob_volume(4, (36, 40, 40))], z_maps=[zmap, None], device="cpu")
+    assert al[0].score > 0.95 and al[0].coverage > 0.95
+    assert al[0].score > al[1].score + 0.1
+
+
+def test_register_volumes_checks_its_inputs():
+    with pytest.raises(ValueError, match="volume"):
+        register_volumes(np.zeros((4, 4)), [np.zeros((4, 4, 4))])
+    assert register_volumes(blob_volume(0), []) == []
+    with pytest.raises(ValueError, match="z_maps"):
+        register_volumes(blob_volume(0), [blob_volume(1)], z_maps=[None, None])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_register_volumes_on_cuda_agrees_with_cpu():
+    src = blob_volume(1)
+    q = rotate(src, 5.0)
+    cpu = register_volumes(q, [src], device="cpu")[0]
+    gpu = register_volumes(q, [src], device="cuda")[0]
+    assert gpu.score == pytest.approx(cpu.score, abs=5e-3)
+
+
+# ---------------------------------------------------------------------------------------------- calibration
+def _calibration(vol_scores: dict[str, float], vol_null: np.ndarray, groups: np.ndarray) -> Calibration:
+    rng = np.random.default_rng(0)
+    m = groups.size
+    return Calibration(
+        rng.uniform(0.3, 0.6, m),
+        rng.uniform(0.3, 0.6, 200),
+        null_kind="holdout",
+        groups=groups,
+        null_groups=np.repeat(np.arange(10).astype(str), 20),
+        volume_scores=vol_scores,
+        volume_null=vol_null,
+    )
+
+
+def test_volume_p_values_are_the_student_t_prediction_on_fisher_z():
+    from scipy.stats import t as student_t
+
+    groups = np.repeat(["a", "b", "c"], 4)
+    null = np.array([0.85, 0.87, 0.88, 0.9, 0.86, 0.84, 0.89])
+    cal = _calibration({"a": 0.99, "b": 0.86, "c": float("nan")}, null, groups)
+    z = np.arctanh(null)
+    n = z.size
+    ref = student_t.sf((np.arctanh([0.99, 0.86]) - z.mean()) / (z.std(ddof=1) * math.sqrt(1 + 1 / n)), n - 1)
+    order = {v: i for i, v in enumerate(cal.volume_ids)}
+    assert cal.volume_verified
+    assert_allclose([cal.volume_p_values[order["a"]], cal.volume_p_values[order["b"]]], ref, rtol=1e-10)
+    assert "Student-t" in cal.volume_calibration
+    # an unverifiable volume keeps its slices' (Bonferroni) p-value
+    assert 0 < cal.volume_p_values[order["c"]] <= 1
+    flags = cal.volume_flags(0.01)
+    assert flags[order["a"]] and not flags[order["b"]]
+    v = cal.verdict()
+    assert v.unit == "volume" and "3D-verified" in v.test and v.copying
+
+
+def test_too_few_holdout_volumes_fall_back_with_words():
+    groups = np.repeat(["a", "b"], 3)
+    cal = _calibration({"a": 0.99, "b": 0.8}, np.array([0.85, 0.86]), groups)
+    assert not cal.volume_verified
+    assert any("at least 3" in d for d in cal.diagnostics)
+
+
+def test_volume_flags_hold_their_false_alarm_rate_under_the_null():
+    """Novel and holdout volume similarities from one distribution: P(p <= alpha) within 3 s.e. of alpha."""
+    rng = np.random.default_rng(42)
+    alpha, trials, hits = 0.05, 4000, 0
+    for _ in range(trials // 40):
+        null = np.tanh(rng.normal(1.4, 0.15, 10))
+        novel = np.tanh(rng.normal(1.4, 0.15, 40))
+        groups = np.repeat(np.arange(40).astype(str), 2)
+        cal = _calibration({str(i): float(s) for i, s in enumerate(novel)}, null, groups)
+        hits += int((cal.volume_p_values <= alpha).sum())
+    rate = hits / trials
+    se = math.sqrt(alpha * (1 - alpha) / trials)
+    assert abs(rate - alpha) < 3 * se + 0.01, rate
+
+
+def test_fisher_z_clips():
+    assert np.isfinite(fisher_z([1.0, -1.0, 0.5])).all()
+    assert fisher_z([0.0])[0] == 0.0
