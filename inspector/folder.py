@@ -288,6 +288,41 @@ def most_significant_first(rows: np.ndarray, p: np.ndarray | None, s: np.ndarray
     return rows[np.lexsort(keys)]
 
 
+#: Flagged volumes whose aligned slices go into ``evidence.npz`` (most significant first), and slices per volume.
+MAX_EVIDENCE_VOLUMES, VOLUME_EVIDENCE_SLICES = 20, 3
+
+
+def _volume_evidence_images(result: AuditResult, size: int) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """Representative aligned slices of the flagged, 3D-verified volumes: (n, VOLUME_EVIDENCE_SLICES, 2, S, S)
+    float16 (synthetic, aligned training) and per volume its name, training volume and the slice indices."""
+    empty = np.zeros((0, VOLUME_EVIDENCE_SLICES, 2, size, size), np.float16)
+    if result.volume_evidence is None:
+        return empty, []
+    vt = result.volumes()
+    vt = vt[(vt["flagged"] == 1) & (vt["verified_train_volume"].fillna("").astype(str) != "")]
+    images, meta = [], []
+    for vol in vt["volume"].astype(str).head(MAX_EVIDENCE_VOLUMES):
+        try:
+            pair = result.volume_pair(vol, size=size)
+        except KeyError as e:
+            log.warning("no aligned slices for volume %s: %s", vol, e)
+            continue
+        d = pair.synthetic.shape[0]
+        picks = sorted({int(round(q * (d - 1))) for q in np.linspace(0.25, 0.75, VOLUME_EVIDENCE_SLICES)})
+        picks = (picks * VOLUME_EVIDENCE_SLICES)[:VOLUME_EVIDENCE_SLICES]
+        images.append(np.stack([np.stack([pair.synthetic[p], pair.aligned[p]]) for p in picks]).astype(np.float16))
+        meta.append(
+            {
+                "volume": vol,
+                "train_volume": pair.train_volume,
+                "train_subject": pair.train_subject,
+                "slice_index": [int(pair.slice_index[p]) for p in picks],
+                "similarity": float(pair.similarity),
+            }
+        )
+    return (np.stack(images) if images else empty), meta
+
+
 def write_evidence(
     result: AuditResult,
     out_dir: str | Path,
@@ -311,7 +346,11 @@ def write_evidence(
       (-1 = none);
     - ``pairs_json``: JSON list, per pair: row, key, sha256, transform and per layer the neighbours'
       ``train_index``, ``similarity``, ``path``, ``slice_index``, ``subject_id``;
-    - ``layers_json``: JSON list of the L layer names.
+    - ``layers_json``: JSON list of the L layer names;
+    - ``volume_images`` (v, 3, 2, S, S): for up to :data:`MAX_EVIDENCE_VOLUMES` flagged, 3D-verified volumes,
+      three axial slices (a quarter, half and three quarters through) of the synthetic volume and of its
+      training volume aligned by the 3D transform; ``volume_json``: per volume its name, training volume and
+      subject, slice indices and volume similarity.
 
     ``manifest.json``: every input file's sha256 (paths relative to the cohort root; each file of a
     DICOM series folder), counts per cohort, skipped files with reasons, the extractor (name,
@@ -383,9 +422,12 @@ def write_evidence(
             }
         )
     nb_arr = np.stack(nb_images) if nb_images else np.zeros((0, size, size), np.float16)
+    vol_images, vol_meta = _volume_evidence_images(result, size)
     buf = io.BytesIO()
     np.savez_compressed(
         buf,
+        volume_images=vol_images,
+        volume_json=np.array(json.dumps(vol_meta)),
         rows=rows,
         synthetic=synthetic,
         aligned=aligned,
@@ -457,6 +499,8 @@ class Evidence:
     neighbour_ref: np.ndarray
     pairs: list[dict[str, Any]]
     layers: list[str]
+    volume_images: np.ndarray | None = None
+    volumes: list[dict[str, Any]] = field(default_factory=list)
 
     def position(self, row: int) -> int | None:
         """Index into the arrays of the pair of score-table row ``row``, or None when not stored."""
@@ -630,6 +674,8 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
                 neighbour_ref=np.asarray(z["neighbour_ref"], np.int64),
                 pairs=json.loads(str(z["pairs_json"])),
                 layers=json.loads(str(z["layers_json"])),
+                volume_images=np.asarray(z["volume_images"], np.float32) if "volume_images" in z.files else None,
+                volumes=json.loads(str(z["volume_json"])) if "volume_json" in z.files else [],
             )
     else:
         log.warning("%s has no %s: the report will show no pair images", folder, EVIDENCE_FILE)

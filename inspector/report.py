@@ -530,9 +530,17 @@ def _figures_rows(folder: AuditFolder) -> list[tuple[str, str, str]]:
             "Volumes flagged",
             f"{v.get('n_volumes_flagged')} of {len(folder.calibration.volume_ids)} synthetic volumes "
             f"(p-values calibrated by {folder.calibration.volume_calibration})",
-            "A volume is the slices of one source file or series (a 2D image is a volume of one slice); its p-value "
-            "combines its slices' (Simes), ranked among the holdout's volumes scored the same way when the holdout "
-            "has volumes (Bonferroni within the volume otherwise). The per-volume table is volumes.csv.",
+            (
+                "A volume is the slices of one source file or series. Its evidence is 3D: the training volumes its "
+                "slices match in a consistent order are registered onto it in 3D (affine), and its volume similarity "
+                "(the masked NCC over the overlap times the share of its head that overlaps) is ranked against "
+                "volumes known not to be copies, scored the same way. The per-volume table is volumes.csv."
+                if folder.calibration.volume_verified
+                else "A volume is the slices of one source file or series (a 2D image is a volume of one slice); its "
+                "p-value combines its slices' (Simes), ranked among the holdout's volumes scored the same way when "
+                "the holdout has volumes (Bonferroni within the volume otherwise). The per-volume table is "
+                "volumes.csv."
+            ),
         ),
         (
             "α (alpha)",
@@ -970,6 +978,7 @@ def _render(
             "matches one training volume throughout, at a constant offset.</p>"
         )
         out.append(_df_table(vols, max_rows=200))
+        out.append(_volume_figures_html(folder))
     out.append(_provenance_html(folder, generated))
     out.append(_signoff_html(records, state, folder.path))
     out.append(
@@ -978,6 +987,35 @@ def _render(
         "from the network.</p></body></html>\n"
     )
     return "\n".join(out)
+
+
+def _volume_figures_html(folder: AuditFolder) -> str:
+    """Per flagged, 3D-verified volume: three axial slices beside the training volume aligned by the 3D transform."""
+    ev = folder.evidence
+    if ev is None or ev.volume_images is None or not len(ev.volumes):
+        return ""
+    parts = [
+        '<h3 id="volume-figures">Flagged volumes, aligned in 3D</h3>',
+        '<p class="meta">For each flagged volume (most significant first), three axial slices of the synthetic volume '
+        "(top) above the same planes of the training volume it copies, resampled by the 3D transform.</p>",
+    ]
+    for meta, imgs in zip(ev.volumes, ev.volume_images, strict=False):
+        cells = []
+        for j, z in enumerate(meta.get("slice_index", [])):
+            syn = _png_uri(imgs[j, 0], window=(0.0, 1.0))
+            tr = _png_uri(imgs[j, 1], window=(0.0, 1.0))
+            cells.append(
+                '<td style="text-align:center">'
+                f'<img alt="synthetic slice {int(z)}" style="width:150px" src="{syn}"><br>'
+                f'<img alt="aligned training" style="width:150px" src="{tr}"><br>'
+                f'<span class="meta">slice {int(z)}</span></td>'
+            )
+        parts.append(
+            f"<p><b>{_e(meta.get('volume', ''))}</b> &rarr; {_e(meta.get('train_volume', ''))} "
+            f"(subject {_e(meta.get('train_subject', ''))}), volume similarity "
+            f"{_num(meta.get('similarity'))}</p><table><tr>{''.join(cells)}</tr></table>"
+        )
+    return "\n".join(parts)
 
 
 def summary_path_for(out_html: str | Path, audit_dir: str | Path | None = None) -> Path:
