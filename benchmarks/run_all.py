@@ -36,6 +36,7 @@ import numpy as np
 
 from . import detection as det
 from . import lookalike as la
+from . import volumes3d as v3
 
 log = logging.getLogger("benchmarks.run_all")
 
@@ -241,6 +242,7 @@ def render(
     mri_core: str | None,
     calibration: dict | None = None,
     lookalike: tuple | None = None,
+    volumes3d: str | None = None,
 ) -> str:
     """The whole RESULTS.md."""
     parts = ["# Benchmark results\n"]
@@ -261,6 +263,8 @@ def render(
         parts.append(det.headline_section(out, mri_core))
     if lookalike is not None:
         parts.append(la.section(*lookalike))
+    if volumes3d:
+        parts.append(volumes3d + "\n")
     if out is not None:
         parts.append("## Detection: full tables\n")
         parts.append(det.summarise(out))
@@ -287,6 +291,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--speed-timeout", type=float, default=1800.0, help="seconds per speed benchmark")
     ap.add_argument("--out", type=Path, default=None, help="report file (default RESULTS.md; quick: _out/...)")
     ap.add_argument("--skip-lookalike", action="store_true", help="no look-alike cohort benchmark")
+    ap.add_argument("--skip-volumes3d", action="store_true", help="no 3D (per-volume) benchmark")
+    ap.add_argument(
+        "--reuse-volumes3d",
+        type=Path,
+        default=None,
+        help="re-render the 3D section from its CSVs in this folder (benchmarks/_out)",
+    )
     ap.add_argument(
         "--reuse-lookalike",
         type=Path,
@@ -355,6 +366,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         lookalike[0].to_csv(HERE / "_out" / "lookalike_per_condition.csv", index=False)
         lookalike[1].to_csv(HERE / "_out" / "lookalike_per_size.csv", index=False)
         seconds["look-alike"] = time.perf_counter() - t0
+    volumes3d = None
+    if args.reuse_volumes3d is not None:
+        volumes3d = v3.report(["--reuse", "--out", str(args.reuse_volumes3d)])
+    elif not args.skip_volumes3d:
+        t0 = time.perf_counter()
+        quick3d = ["--train", "8", "--holdout", "8", "--novel", "10", "--seeds", "0"] if args.quick else []
+        volumes3d = v3.report([*quick3d, "--out", str(HERE / "_out")])
+        seconds["3D"] = time.perf_counter() - t0
     calibration = None
     if not args.skip_calibration:
         t0 = time.perf_counter()
@@ -381,6 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mri_core=args.mri_core_checkpoint,
         calibration=calibration,
         lookalike=lookalike,
+        volumes3d=volumes3d,
     )
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(text, encoding="utf-8")

@@ -242,7 +242,9 @@ def write_results(text: str, path: Path = RESULTS) -> None:
     path.write_text(new, encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
+def report(argv: list[str] | None = None) -> str:
+    """Run (or with ``--reuse`` re-render) the benchmark; return its RESULTS.md section (written with
+    ``--write-results``)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train", type=int, default=16)
     ap.add_argument("--holdout", type=int, default=12)
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--reuse", action="store_true", help="render from the saved per-volume table of a previous run")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     vt_path, tm_path = args.out / "volumes3d_per_volume.csv", args.out / "volumes3d_timings.csv"
     if args.reuse:
@@ -282,9 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     per = metrics(vt)
     per.to_csv(args.out / "volumes3d_per_condition.csv", index=False)
     text = section(per, vt, timings, args)
-    print(text)
     if args.write_results:
         write_results(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    print(report(argv))
     return 0
 
 
