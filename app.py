@@ -49,7 +49,7 @@ _BOUND_ADDRESS = ui.apply_privacy_options()
 
 log = logging.getLogger("inspector.app")
 
-PAGES: tuple[str, ...] = ("Overview", "Flagged", "Pair", "Review", "Research", "Export")
+PAGES: tuple[str, ...] = ("Overview", "Flagged", "Pair", "Volumes", "Review", "Research", "Export")
 _DEFAULTS = {"train": "sample_data/train", "synthetic": "sample_data/synthetic", "holdout": "sample_data/holdout"}
 _MAX_CACHED_AUDITS = 4
 _MAX_THUMBNAIL_ROWS = 300
@@ -788,6 +788,236 @@ def subject_scroll(entry: Entry, row: Any, ev: Any, view: dict[str, Any]) -> Non
         _img(c, arr, f"slice {p + 1}/{len(idx)}" + (f" ({', '.join(tags)})" if tags else ""), view)
 
 
+# ----------------------------------------------------------------------------------------------
+# Volumes: a synthetic volume beside its 3D-verified training volume, in three planes
+# ----------------------------------------------------------------------------------------------
+
+
+def _open_volume(volume: str) -> None:
+    st.session_state["vol_open"] = str(volume)
+    st.session_state["vol_pick"] = str(volume)
+    st.session_state["page"] = "Volumes"
+
+
+def _on_volume_table_select() -> None:
+    state = st.session_state.get("vol_table")
+    rows = list(getattr(getattr(state, "selection", None), "rows", []) or [])
+    order = st.session_state.get("_vol_rows", [])
+    if rows and rows[0] < len(order):
+        _open_volume(order[rows[0]])
+
+
+def _on_volume_jump() -> None:
+    volume = st.session_state.get("vol_jump")
+    if volume:
+        _open_volume(volume)
+    st.session_state["vol_jump"] = None
+
+
+def _volume_label(frame: pd.DataFrame, volume: str) -> str:
+    row = frame[frame["volume"] == volume].iloc[0]
+    flag = "flagged" if bool(row["flagged"]) else "not flagged"
+    return (
+        f"{volume} · {flag} · volume similarity {ui.format_number(row['volume_similarity'])} · "
+        f"p {ui.format_p(float(row['p_value']))} · training {row['training_subject']}"
+    )
+
+
+def volumes_page(entry: Entry, alpha: float, fdr: bool) -> None:
+    """Synthetic volumes (flagged first), and one of them beside its training volume aligned by the 3D transform."""
+    r = entry.result
+    note = ui.volume_unit_note(r)
+    if note is not None:
+        st.info(note, icon=":material/view_in_ar:")
+        return
+    vols = r.volumes(alpha, fdr)  # the one source of every count and flag on this page
+    if vols.empty:
+        st.info("This audit has no synthetic volume.")
+        return
+    rule = "Benjamini–Hochberg at" if fdr else "α ="
+    truth = ui.volume_truth(r) if st.session_state.get("show_truth") else None
+    frame = ui.volume_review_frame(vols, truth=truth)
+    n_flagged = int(frame["flagged"].sum())
+    st.subheader(f"{n_flagged} of {len(frame)} synthetic volumes flagged at {rule} {ui.format_alpha(alpha)}")
+    st.caption(
+        f"p-values: {r.calibration.volume_calibration}. Flagged first, most significant first; click a row (its "
+        "left edge) to open the volume. Training volume and subject: the match verified by 3D registration."
+    )
+    st.session_state["_vol_rows"] = frame["volume"].tolist()
+    st.dataframe(
+        frame,
+        key="vol_table",
+        on_select=_on_volume_table_select,
+        selection_mode="single-row",
+        hide_index=True,
+        width="stretch",
+        height=min(420, 38 + 35 * len(frame)),
+        column_config={
+            "volume": st.column_config.TextColumn("synthetic volume", width="medium"),
+            "n_slices": st.column_config.NumberColumn("slices"),
+            "volume_similarity": st.column_config.NumberColumn(
+                "volume similarity", format="%.4f", help="3D-verified: NCC × coverage after 3D registration"
+            ),
+            "p_value": st.column_config.NumberColumn("p-value", format="%.4g"),
+            "flagged": st.column_config.CheckboxColumn("flagged"),
+            "slices_flagged": st.column_config.TextColumn("slices flagged"),
+            "training_volume": st.column_config.TextColumn("training volume"),
+            "training_subject": st.column_config.TextColumn("training subject"),
+            "coverage": st.column_config.NumberColumn("coverage", format="%.3f"),
+            "slice_run": st.column_config.TextColumn(
+                "slice run", help="synthetic slices whose matches run through the training volume in order"
+            ),
+            "slice_consistency": st.column_config.NumberColumn("slice consistency", format="%.3f"),
+            "truth": st.column_config.TextColumn("ground truth"),
+        },
+    )
+
+    index = ui.copied_subjects(vols)
+    j1, j2 = st.columns(2)
+    if index:
+        subj = j1.selectbox(
+            f"Jump from a training subject ({len(index)} copied by a flagged volume)",
+            list(index),
+            index=None,
+            placeholder="Choose a training subject",
+            format_func=lambda s: f"{s} · {len(index[s])} flagged synthetic volume(s)",
+            key="vol_subject",
+        )
+        j2.selectbox(
+            f"Synthetic volumes that copy {subj}" if subj else "Synthetic volumes that copy it",
+            index.get(subj, []) if subj else [],
+            index=None,
+            placeholder="Choose one to open it" if subj else "Choose a training subject first",
+            key="vol_jump",
+            on_change=_on_volume_jump,
+            disabled=subj is None,
+        )
+    else:
+        j1.caption("No synthetic volume is flagged at this setting: no training subject to jump from.")
+
+    names = frame["volume"].tolist()
+    current = st.session_state.get("vol_open")
+    if current not in names:
+        current = names[0]
+    st.session_state["vol_open"] = current
+    st.session_state["vol_pick"] = current
+
+    def step(delta: int) -> None:
+        pos = names.index(st.session_state.get("vol_open", names[0]))
+        _open_volume(names[(pos + delta) % len(names)])
+
+    c0, c1, c2 = st.columns([8, 1, 1], vertical_alignment="bottom")
+    c0.selectbox(
+        f"Open volume ({names.index(current) + 1} of {len(names)})",
+        names,
+        format_func=lambda v: _volume_label(frame, v),
+        key="vol_pick",
+        on_change=lambda: _open_volume(st.session_state["vol_pick"]),
+    )
+    c1.button("◀ Previous", key="vol_prev", on_click=step, args=(-1,), width="stretch")
+    c2.button("Next ▶", key="vol_next", on_click=step, args=(1,), width="stretch")
+
+    facts = ui.volume_facts(vols, current)
+    m = st.columns(6)
+    m[0].metric("Volume similarity", ui.format_number(facts["volume_similarity"]))
+    m[1].metric("NCC", ui.format_number(facts["volume_ncc"]))
+    m[2].metric("Coverage", ui.format_number(facts["coverage"], 3))
+    m[3].metric("Volume p-value", ui.format_p(facts["p_value"]))
+    m[4].metric(f"Flagged at {rule} {ui.format_alpha(alpha)}", "yes" if facts["flagged"] else "no")
+    m[5].metric("Slices flagged", f"{facts['n_slices_flagged']} / {facts['n_slices']}")
+    line = (
+        f"Training volume **{facts['training_volume'] or '—'}** of subject **{facts['training_subject'] or '—'}**"
+        + (" (verified by 3D registration)" if facts["verified"] else " (not verified in 3D)")
+    )
+    if facts["slice_run"]:
+        line += (
+            f" · slice run {facts['slice_run']} (training slice ≈ {ui.format_number(facts['run_slope'], 2)} × "
+            f"synthetic slice {round(facts['run_offset'], 1) + 0.0:+.1f}), slice consistency "
+            f"{ui.format_number(facts['slice_consistency'], 3)}, {facts['n_candidate_volumes']} candidate volume(s)"
+        )
+    if truth is not None and truth.get(current):
+        line += f" · ground truth: **{truth[current]}**"
+    st.markdown(line)
+    st.caption(f"p-value calibration: {facts['p_calibration']}")
+    volume_viewer(entry, current, r.flags(alpha, fdr), rule, alpha)
+
+
+@st.fragment
+def volume_viewer(entry: Entry, volume: str, flags: np.ndarray, rule: str, alpha: float) -> None:
+    """Three orthogonal planes of the synthetic volume and of its aligned training volume; one slider per plane
+    moves both panes (and the difference). A fragment: moving a slider redraws this viewer only."""
+    r = entry.result
+    pair, reason = ui.open_volume(entry, volume)
+    if pair is None:
+        st.info(reason, icon=":material/view_in_ar:")
+        return
+    lengths = {plane: ui.plane_length(pair, plane) for plane in ui.VOLUME_PLANES}
+    # a new volume starts at its middle; a slider whose state was dropped (another page) too
+    fresh = st.session_state.get("_vol_sliders_for") != volume
+    for plane, n in lengths.items():
+        key = f"vol_{plane}"
+        if fresh or key not in st.session_state or not 1 <= int(st.session_state[key]) <= n:
+            st.session_state[key] = n // 2 + 1
+    st.session_state["_vol_sliders_for"] = volume
+
+    k1, k2, k3, k4, k5 = st.columns(5)
+    low = k1.slider("Window low", 0.0, 1.0, 0.0, 0.01, key="vol_win_low")
+    high = k2.slider("Window high", 0.0, 1.0, 1.0, 0.01, key="vol_win_high")
+    gain = k3.selectbox("Difference gain", (1, 2, 4, 8), index=2, key="vol_gain", format_func=lambda g: f"×{g}",
+                        help="Magnifies the difference map: yellow = a difference of window width / gain.")  # fmt: skip
+    size = k4.select_slider("Display size", (128, 192, 256, 320, 384, 512), 256, key="vol_size")
+    stretch = k5.select_slider(
+        "Through-plane stretch",
+        (1, 2, 3, 4),
+        ui.through_plane_stretch(lengths["axial"], lengths["coronal"]),
+        key="vol_stretch",
+        format_func=lambda s: f"×{s}",
+        help="Rows per slice in the coronal and sagittal planes (the slice spacing is not kept: display only).",
+    )
+    if high <= low:
+        st.warning(f"The window needs high > low (now {low:.2f}–{high:.2f}); showing 0–1.")
+        low, high = 0.0, 1.0
+    view = {"low": low, "high": high, "size": size, "resample": "nearest"}
+    diff_view = {**view, "high": low + (high - low) / gain}
+    st.caption(
+        f"Synthetic: {volume} · Training (aligned): {pair.train_volume}, resampled onto the synthetic volume's grid "
+        "by the 3D transform · Difference: |synthetic − aligned| "
+        f"(black = identical, yellow ≥ {(high - low) / gain:.3g}). Axial = the audit's slices "
+        f"({r.config.axis} axis); coronal and sagittal cut across them, last slice at the top."
+    )
+    for plane in ui.VOLUME_PLANES:
+        n = lengths[plane]
+        with st.container(key=f"vol_{plane}_row", border=True):
+            cols = st.columns([1.5, 2, 2, 2], vertical_alignment="top")
+            pos = int(cols[0].slider(
+                f"{plane.capitalize()} slice (moves both volumes)", 1, n, key=f"vol_{plane}", help=f"1 to {n}"
+            )) - 1  # fmt: skip
+            for col, (image, label) in zip(cols[1:], ui.VOLUME_PANES, strict=True):
+                arr = ui.volume_plane(pair, plane, pos, image, stretch=stretch)
+                caption = ui.plane_caption(f"{label} ×{gain}" if image == "difference" else label, plane, pos, n)
+                diff = image == "difference"
+                w = diff_view if diff else view
+                png = ui.render_png(arr, low=w["low"], high=w["high"], size=size, colour_difference=diff)
+                col.image(png, caption=caption, width=size, output_format="PNG")
+            if plane == "axial":
+                ev = ui.axial_slice_evidence(r, pair, pos, flags)
+                with cols[0].container(key="vol_slice_evidence"):
+                    st.markdown(
+                        f"**Axial slice {pos + 1}/{n}** (slice index {ev['slice_index']})  \n"
+                        f"similarity {ev['similarity']:.4f}  \np {ui.format_p(ev['p_value'])} · "
+                        + (f"**flagged** at {rule} {ui.format_alpha(alpha)}" if ev["flagged"] else "not flagged")
+                        + f"  \nnearest training slice: {ev['nearest_training'] or '—'}"
+                        + ("" if ev["on_verified_volume"] else "  \n:orange[not in the verified training volume]")
+                    )
+    with st.expander("3D transform (training volume → synthetic grid)"):
+        st.dataframe(
+            pd.DataFrame(np.round(pair.matrix, 4), index=["slice", "row", "column"],
+                         columns=["slice", "row", "column", "shift"]),
+            width="content",
+        )  # fmt: skip
+        st.caption("A 3×4 affine matrix in the stacks' voxel coordinates (slice, row, column); see inspector.volumes.")
+
+
 def review_form(r: Any, row: Any, store: ReviewStore | None, latest: dict[str, Any]) -> None:
     """Record a decision for the pair; confirm only after the database has committed it."""
     sha = str(row["sha256"])
@@ -1195,6 +1425,8 @@ def main() -> None:
         flagged_page(entry, alpha, fdr, latest)
     elif page == "Pair":
         pair_page(entry, alpha, fdr, store, latest)
+    elif page == "Volumes":
+        volumes_page(entry, alpha, fdr)
     elif page == "Review":
         review_page(entry, alpha, fdr, store, latest)
     elif page == "Research":
