@@ -1305,8 +1305,8 @@ VOLUME_PANES: tuple[tuple[str, str], ...] = (
     ("aligned", "Training (aligned)"),
     ("difference", "Difference"),
 )
-#: VolumePairs kept per audit (each holds three float32 stacks of (D, S, S)).
-VOLUME_PAIRS_KEPT = 6
+#: VolumePairs kept per audit (each holds three float32 stacks of (D, S, S): 35 MB for 180 slices of 128²).
+VOLUME_PAIRS_KEPT = 4
 
 
 def volume_unit_note(result: Any) -> str | None:
