@@ -394,8 +394,8 @@ class Calibration:
         self.volume_p_values = p
         self.volume_verified = True
         self.volume_calibration = (
-            f"3D-verified volume similarity against {description or f'{n} null volumes'} "
-            "(Student-t prediction on Fisher z)"
+            f"3D-verified volume similarity against {description or f'{n} null volumes'}; "
+            "Student-t prediction on Fisher z"
         )
         if n >= 8 and shapiro(zn).pvalue < 0.01:
             self._diagnose(

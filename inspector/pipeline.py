@@ -460,7 +460,7 @@ class VolumeEvidence:
         """How many volumes of each kind the volume null holds, in words."""
         h = int(np.isfinite([v.similarity for v in self.holdout]).sum()) if self.holdout else 0
         t = int(np.isfinite([v.similarity for v in self.train_null]).sum()) if self.train_null else 0
-        return f"{h} holdout volumes" + (f" and {t} training volumes (leave one subject out)" if t else "")
+        return f"{h} holdout volumes" + (f" and {t} training volumes scored against the other subjects" if t else "")
 
     def table(self) -> Any:
         """One row per synthetic volume: the verification columns of ``volumes.csv``."""

@@ -61,7 +61,7 @@ def test_copied_volumes_are_verified_and_flagged_and_novel_ones_are_not(cohort, 
     assert result.calibration.volume_verified
     v = result.verdict
     assert v.unit == "volume" and v.n_units == 6 and v.n_units_flagged == int(vt.flagged.sum()) and v.copying
-    assert "training volumes (leave one subject out)" in result.calibration.volume_calibration
+    assert "training volumes scored against the other subjects" in result.calibration.volume_calibration
     assert "volumes" in result.timings
 
 
