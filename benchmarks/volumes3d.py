@@ -37,13 +37,22 @@ from inspector.calibration import wilson_interval
 
 from .data import DATA_DIR
 from .detection import ranking_metrics
-from .volumes3d_data import CONDITIONS_3D, make_volume_cohort
+from .volumes3d_data import CONDITIONS_3D, FAMILIES, make_volume_cohort
 
 log = logging.getLogger(__name__)
 
 OUT_DIR = Path(__file__).resolve().parent / "_out"
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-START, END = "<!-- volumes3d:start -->", "<!-- volumes3d:end -->"
+FAMILY_TEXT = {
+    "mni152": "the MNI152 T1w template (1 mm)",
+    "epi-tlrc": "a whole-brain EPI-contrast volume (nibabel's AFNI scaled+tlrc, 3 mm): a second data family",
+}
+
+
+def markers(family: str) -> tuple[str, str]:
+    """The RESULTS.md markers of one family's section."""
+    tag = "volumes3d" if family == "mni152" else f"volumes3d:{family}"
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
 METHODS = ("ours", "slice max", "Dar et al. 3D")
 #: Issue 15's targets.
 TARGET_AUC, TARGET_TPR = 0.99, 0.95
@@ -81,7 +90,17 @@ def _dar_scores(info, cfg_steps: int, seed: int) -> tuple[pd.DataFrame, float, d
     return pd.DataFrame({"file": names, "score": score, "flagged": flag.astype(bool)}), float(thr), meta
 
 
-def run_seed(n_train: int, seed: int, *, n_holdout: int, n_novel: int, copies: int, dar_steps: int, extractor: str):
+def run_seed(
+    n_train: int,
+    seed: int,
+    *,
+    n_holdout: int,
+    n_novel: int,
+    copies: int,
+    dar_steps: int,
+    extractor: str,
+    family: str = "mni152",
+):
     """One seed: the cohort, the audit, the three methods. Returns (per-volume frame, timings dict)."""
     import inspector
     from inspector.config import AuditConfig
@@ -146,14 +165,18 @@ def section(per: pd.DataFrame, vt: pd.DataFrame, timings: pd.DataFrame, args: ar
     seeds = sorted(per.seed.unique())
     g = per.groupby(["method", "condition"]).mean(numeric_only=True).reset_index()
     conds = [c for c in CONDITIONS_3D if c in set(g.condition)]
-    lines = [START, "## 3D: volumes copied in 3D, per volume (issue 15)\n"]
+    start, end = markers(args.family)
+    title = "" if args.family == "mni152" else f", second family ({args.family})"
+    lines = [start, f"## 3D: volumes copied in 3D, per volume (issue 15){title}\n"]
     novel = vt[vt.label == "novel"]
     n_nov = len(novel)
     lines.append(
         f"Machine: {platform.node() or 'unknown'} ({platform.machine()}, {platform.processor() or 'cpu'}), CPU only. "
-        f"Look-alike NIfTI cohorts from `benchmarks/volumes3d_data.py`: {args.train} training subjects, "
+        f"Look-alike NIfTI cohorts from `benchmarks/volumes3d_data.py`, subjects made from "
+        f"{FAMILY_TEXT.get(args.family, args.family)}: {args.train} training subjects, "
         f"{args.holdout} holdout and {args.novel} novel subjects per seed, {args.copies} copies per condition, "
-        f"seeds {', '.join(map(str, seeds))}; 1.5 x 1.5 x 3 mm, about 36 axial slices per volume. The audit is the "
+        f"seeds {', '.join(map(str, seeds))}; 1.5 x 1.5 x 3 mm, {vt.groupby('seed').n_slices.median().median():.0f} "
+        "axial slices per volume (median). The audit is the "
         f"product's (`unit=volume`, extractor `{args.extractor}`, everything else default). AUC and TPR are means over "
         "seeds of per-seed values (copies of one condition against every novel volume of the seed); the FPR pools "
         "the seeds.\n"
@@ -228,15 +251,16 @@ def section(per: pd.DataFrame, vt: pd.DataFrame, timings: pd.DataFrame, args: ar
         f"Dar et al. 3D {t.seconds:.0f} s ({t.steps:.0f} training steps). Volume calibration: "
         f"{timings.volume_calibration.iloc[0]}.\n"
     )
-    lines.append(END)
+    lines.append(end)
     return "\n".join(lines)
 
 
-def write_results(text: str, path: Path = RESULTS) -> None:
-    """Replace the 3D section of RESULTS.md (between the markers), or append it."""
+def write_results(text: str, path: Path = RESULTS, family: str = "mni152") -> None:
+    """Replace the family's 3D section of RESULTS.md (between its markers), or append it."""
+    start, end = markers(family)
     old = path.read_text(encoding="utf-8") if path.exists() else ""
-    if START in old and END in old:
-        new = old[: old.index(START)] + text + old[old.index(END) + len(END) :]
+    if start in old and end in old:
+        new = old[: old.index(start)] + text + old[old.index(end) + len(end) :]
     else:
         new = old.rstrip("\n") + "\n\n" + text + "\n"
     path.write_text(new, encoding="utf-8")
@@ -252,6 +276,7 @@ def report(argv: list[str] | None = None) -> str:
     ap.add_argument("--copies", type=int, default=2)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--extractor", default="ssl")
+    ap.add_argument("--family", default="mni152", choices=FAMILIES)
     ap.add_argument("--dar-steps", type=int, default=300)
     ap.add_argument("--out", type=Path, default=OUT_DIR)
     ap.add_argument("--write-results", action="store_true")
@@ -260,7 +285,8 @@ def report(argv: list[str] | None = None) -> str:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    vt_path, tm_path = args.out / "volumes3d_per_volume.csv", args.out / "volumes3d_timings.csv"
+    tag = "volumes3d" if args.family == "mni152" else f"volumes3d-{args.family}"
+    vt_path, tm_path = args.out / f"{tag}_per_volume.csv", args.out / f"{tag}_timings.csv"
     if args.reuse:
         vt, timings = pd.read_csv(vt_path), pd.read_csv(tm_path)
     else:
@@ -274,6 +300,7 @@ def report(argv: list[str] | None = None) -> str:
                 copies=args.copies,
                 dar_steps=args.dar_steps,
                 extractor=args.extractor,
+                family=args.family,
             )
             frames.append(v)
             tms.append(tm)
@@ -283,10 +310,10 @@ def report(argv: list[str] | None = None) -> str:
         vt, timings = pd.concat(frames), pd.DataFrame(tms)
     vt["alpha"] = 0.01
     per = metrics(vt)
-    per.to_csv(args.out / "volumes3d_per_condition.csv", index=False)
+    per.to_csv(args.out / f"{tag}_per_condition.csv", index=False)
     text = section(per, vt, timings, args)
     if args.write_results:
-        write_results(text)
+        write_results(text, family=args.family)
     return text
 
 

@@ -306,9 +306,38 @@ CONDITIONS_3D: dict[str, ConditionFn] = {
 # ----------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _template() -> np.ndarray:
-    return _cohort.template()  # shared by the subjects, never written to
+@lru_cache(maxsize=2)
+def _template(family: str = "mni152") -> np.ndarray:
+    """The real volume a family's subjects are made from, at 1 mm in [0, 1] (shared, never written to)."""
+    if family == "mni152":
+        return _cohort.template()
+    if family == "epi-tlrc":
+        return _epi_template()
+    raise ValueError(f"unknown 3D family {family!r}; expected one of {FAMILIES}")
+
+
+#: Data families: the real volume each subject is generated from. ``mni152``: the MNI152 2009a T1w template
+#: (1 mm, the 2D look-alike cohorts' source); ``epi-tlrc``: nibabel's whole-brain EPI-contrast volume in
+#: Talairach space (AFNI ``scaled+tlrc``, 3 mm: another contrast, resolution and head), upsampled to 1 mm.
+FAMILIES: tuple[str, ...] = ("mni152", "epi-tlrc")
+
+
+def _epi_template() -> np.ndarray:
+    import nibabel as nib
+    import torch
+    import torch.nn.functional as F
+
+    from inspector.preprocess import normalise_volume
+
+    b = _cohort.builder()
+    src = next(s for s in b.SOURCES if s.subject == "nibabel-afni-tlrc")
+    img = nib.as_closest_canonical(nib.load(str(b._source_path(src))))
+    vol = np.asarray(img.get_fdata(dtype=np.float32))
+    vol = vol.reshape(vol.shape[:3]) if vol.ndim > 3 else vol
+    zooms = [float(z) for z in img.header.get_zooms()[:3]]
+    size = [max(2, int(round(n * z))) for n, z in zip(vol.shape, zooms, strict=True)]
+    up = F.interpolate(torch.from_numpy(np.ascontiguousarray(vol))[None, None], size=size, mode="trilinear")
+    return normalise_volume(up[0, 0].numpy(), (0.5, 99.5), name="epi-tlrc")
 
 
 def _seed_of(text: str) -> int:
@@ -456,6 +485,7 @@ def make_volume_cohort(
     seed: int = 0,
     crop_to_brain: bool = True,
     z_step: int = 2,
+    family: str = "mni152",
 ) -> VolumeCohortInfo:
     """Write (or find cached) a 3D look-alike cohort: train/, holdout/, synthetic/ (+ labels.csv), manifest.json.
 
@@ -480,6 +510,8 @@ def make_volume_cohort(
         module's docstring).
     z_step : int
         Keep every ``z_step``-th axial slice of each subject (default 2: 3.0 mm through-plane).
+    family : str
+        One of :data:`FAMILIES`: the real volume the subjects are made from.
 
     Returns
     -------
@@ -516,6 +548,11 @@ def make_volume_cohort(
         "crop_to_brain": bool(crop_to_brain),
         "z_step": int(z_step),
     }
+    if family not in FAMILIES:
+        raise ValueError(f"unknown 3D family {family!r}; expected one of {FAMILIES}")
+    prefix = "vol3d" if family == "mni152" else f"vol3d-{family}"
+    if family != "mni152":  # the first family's cached cohorts keep their parameters (and cache key)
+        params["family"] = family
     if _cached(root, params):
         log.info("3D cohort %s is cached (same parameters); not regenerated", root)
         return _info(root, params)
@@ -524,11 +561,11 @@ def make_volume_cohort(
     for sub in ("train", "holdout", "synthetic"):
         (root / sub).mkdir(parents=True, exist_ok=True)
     _clear(root)
-    tmpl = _template()
+    tmpl = _template(family)
     box = crop_box(tmpl) if crop_to_brain else None
 
     def subject(code: int, k: int) -> tuple[int, np.ndarray, Zooms]:
-        s = _seed_of(f"vol3d:{seed}:{code}:{k}")
+        s = _seed_of(f"{prefix}:{seed}:{code}:{k}")
         vol, zooms = prepare_subject(tmpl, s, crop_to_brain=crop_to_brain, z_step=z_step)
         return s, vol, zooms
 
@@ -586,7 +623,7 @@ def make_volume_cohort(
         entry["zooms"] = [float(v) for v in zooms]
         _save(root / "synthetic" / fname, vol, zooms)
         synthetic[pos] = entry
-    seeds["novel"] = [_seed_of(f"vol3d:{seed}:2:{k}") for k in range(n_novel)]  # by novel_index
+    seeds["novel"] = [_seed_of(f"{prefix}:{seed}:2:{k}") for k in range(n_novel)]  # by novel_index
     labels = pd.DataFrame(rows, columns=["path", "label", "source", "augmentation"])
     labels.to_csv(root / "synthetic" / "labels.csv", index=False)
     elapsed = time.perf_counter() - t0
