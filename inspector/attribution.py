@@ -242,8 +242,9 @@ def subjects_table(
     -------
     pandas.DataFrame
         Columns ``subject_id, n_train_slices, n_synthetic_matched, n_flagged, max_similarity, min_p_value,
-        flagged_synthetic`` and, with volumes, ``n_volumes_matched, n_volumes_flagged, p_value, flagged``;
-        most flagged first.
+        flagged_synthetic`` and, with volumes, ``n_volumes_matched, n_volumes_flagged, flagged_volumes`` (the
+        flagged synthetic volumes matched to the subject, ``;``-separated), ``p_value, flagged``; most flagged
+        first.
     """
     counts = pd.Series([s.subject_id for s in train.slices]).value_counts()
     base = pd.DataFrame(
@@ -264,6 +265,7 @@ def subjects_at(
     fdr: bool | None = None,
     *,
     volumes: pd.DataFrame | None = None,
+    evidence: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """``subjects.csv`` at ``(alpha, fdr)``, every flag taken from ``calibration`` (nothing else compares p with α).
 
@@ -286,6 +288,9 @@ def subjects_at(
         The setting (default: the calibration's own).
     volumes : pandas.DataFrame, optional
         :func:`volumes_table` at the same setting (computed when None).
+    evidence : pandas.DataFrame, optional
+        The audit's volume evidence (``AuditResult.volume_evidence``), for the computed volumes table: volumes
+        are attributed to the training subject they were verified against in 3D.
 
     Returns
     -------
@@ -299,7 +304,7 @@ def subjects_at(
         )
     cal = calibration.at(alpha, fdr)
     if volumes is None:
-        volumes = volumes_table(table, cal)
+        volumes = volumes_table(table, cal, evidence=evidence)
     base = (
         subjects[["subject_id", "n_train_slices"]].copy()
         if "n_train_slices" in subjects
@@ -347,6 +352,7 @@ def _subject_rows(
                     "n_volumes_matched": k,
                     "n_volumes_flagged": int(vs["flagged"].sum()),
                     "p_value": min(1.0, k * float(vs["p_value"].min())) if k else 1.0,
+                    "flagged_volumes": ";".join(vs.loc[vs["flagged"].astype(bool), "volume"].astype(str)),
                 }
             )
         rows.append(row)

@@ -360,14 +360,11 @@ class Calibration:
     def _verified_volumes(self, scores: Mapping[str, float], null: Any, description: str | None = None) -> None:
         """Calibrate 3D-verified volume similarities against the holdout volumes' (at least 3 of them).
 
-        A volume's p-value is the upper tail of the Student-t prediction distribution of the Fisher-z of the
-        holdout volumes' similarities (``n - 1`` degrees of freedom, scale ``sd * sqrt(1 + 1/n)``): exact when
-        those z-values are normal, and able to reach small p-values with the few holdout volumes a study has
-        (a rank among 10 holdout volumes cannot go below 1/11). Volumes without a verified similarity keep
-        their Simes/Bonferroni p-value.
+        A volume's p-value is :func:`volume_prediction_p_values` against the null volumes: able to reach small
+        p-values with the few null volumes a study has (a rank among 10 holdout volumes cannot go below 1/11).
+        Volumes without a verified similarity keep their Simes/Bonferroni p-value.
         """
         from scipy.stats import shapiro
-        from scipy.stats import t as student_t
 
         from .volumes import fisher_z
 
@@ -387,15 +384,13 @@ class Calibration:
             return
         zn = fisher_z(vn)
         n = zn.size
-        mu, sd = float(zn.mean()), float(max(zn.std(ddof=1), 1e-3))
-        tstat = (fisher_z(self.volume_similarity[ok]) - mu) / (sd * math.sqrt(1.0 + 1.0 / n))
         p = self.volume_p_values.copy()
-        p[ok] = student_t.sf(tstat, df=n - 1)
+        p[ok] = volume_prediction_p_values(self.volume_similarity[ok], vn)
         self.volume_p_values = p
         self.volume_verified = True
         self.volume_calibration = (
             f"3D-verified volume similarity against {description or f'{n} null volumes'}; "
-            "Student-t prediction on Fisher z"
+            "robust Student-t prediction on Fisher z (median, MAD)"
         )
         if n >= 8 and shapiro(zn).pvalue < 0.01:
             self._diagnose(
@@ -741,6 +736,47 @@ _DIAGNOSTICS: tuple[str, ...] = (
     "foreground intensity (median)",
     "foreground intensity (spread)",
 )
+
+
+def volume_prediction_p_values(similarity: Any, null: Any) -> np.ndarray:
+    """P-values of volume similarities against null volumes': a robust Student-t prediction on Fisher z.
+
+    With ``z = atanh(similarity)`` and the null's ``z_1..z_n``: ``t = (z - median) / (s * sqrt(1 + 1/n))`` with
+    ``s = 1.4826 * MAD`` (the null's median absolute deviation, consistent for a normal; the standard deviation
+    when the MAD is 0), and ``p = P(T_{n-1} >= t)``. The median and MAD are used instead of the mean and the
+    standard deviation because the null's lower tail holds volumes whose registration went wrong (low
+    similarities that say nothing about how high a novel volume can score), which would inflate the scale and
+    make the flags needlessly conservative; measured in ``benchmarks/RESULTS.md`` (3D section).
+
+    Parameters
+    ----------
+    similarity : array-like, shape (m,)
+        Volume similarities (NCC x coverage) to test; higher = more like a copy.
+    null : array-like, shape (n,), n >= 3
+        The same similarity of volumes known not to be copies.
+
+    Returns
+    -------
+    np.ndarray, shape (m,)
+        In (0, 1]; small = unlikely for a volume that is not a copy.
+    """
+    from scipy.stats import t as student_t
+
+    from .volumes import fisher_z
+
+    zn = fisher_z(np.asarray(null, np.float64).reshape(-1))
+    n = zn.size
+    if n < 3:
+        raise ValueError(
+            f"volume_prediction_p_values needs at least 3 null volumes; got {n}. Give more holdout volumes."
+        )
+    med = float(np.median(zn))
+    scale = 1.4826 * float(np.median(np.abs(zn - med)))
+    if scale <= 1e-6:
+        scale = float(zn.std(ddof=1))
+    scale = max(scale, 1e-3)
+    t = (fisher_z(similarity) - med) / (scale * math.sqrt(1.0 + 1.0 / n))
+    return np.asarray(student_t.sf(t, df=n - 1), np.float64)
 
 
 def simes(p: Any) -> float:

@@ -556,7 +556,7 @@ class AuditFolder:
         rebuilt calibration (:func:`inspector.attribution.subjects_at`): the report's per-subject table."""
         from .attribution import subjects_at
 
-        return subjects_at(self.subjects, self.table, self.calibration, alpha, fdr)
+        return subjects_at(self.subjects, self.table, self.calibration, alpha, fdr, evidence=self.volume_evidence)
 
     @property
     def null_similarity(self) -> np.ndarray:
@@ -1281,7 +1281,7 @@ def _write_outputs(result: AuditResult, out: Path) -> None:
     aid = result.audit_id
     atomic_write_bytes(out / "scores.csv", result.table.assign(audit_id=aid).to_csv(index=False).encode())
     # at the audit's own setting, every flag from its Calibration (as the report and the app compute it)
-    subjects = subjects_at(result.subjects, result.table, result.calibration)
+    subjects = subjects_at(result.subjects, result.table, result.calibration, evidence=result.volume_evidence)
     atomic_write_bytes(out / "subjects.csv", subjects.assign(audit_id=aid).to_csv(index=False).encode())
     atomic_write_bytes(out / "volumes.csv", result.volumes().assign(audit_id=aid).to_csv(index=False).encode())
     atomic_write_bytes(out / "summary.json", json.dumps(jsonable(result.summary()), indent=2).encode())

@@ -1244,7 +1244,9 @@ def subjects_at(entry: AuditEntry, alpha: float, fdr: bool) -> pd.DataFrame:
     cache = entry.derived
     if key not in cache:
         r = entry.result
-        cache[key] = _subjects_at(r.subjects, r.table, r.calibration, alpha, fdr)
+        cache[key] = _subjects_at(
+            r.subjects, r.table, r.calibration, alpha, fdr, evidence=getattr(r, "volume_evidence", None)
+        )
     return cache[key]
 
 

@@ -63,6 +63,14 @@ def test_copied_volumes_are_verified_and_flagged_and_novel_ones_are_not(cohort, 
     assert v.unit == "volume" and v.n_units == 6 and v.n_units_flagged == int(vt.flagged.sum()) and v.copying
     assert "training volumes scored against the other subjects" in result.calibration.volume_calibration
     assert "volumes" in result.timings
+    # per training subject, the synthetic volumes that copy it
+    from inspector.attribution import subjects_at
+
+    subj = subjects_at(
+        result.subjects, result.table, result.calibration, evidence=result.volume_evidence
+    ).set_index("subject_id")
+    for r in copies.itertuples():
+        assert r.volume in str(subj.loc[r.verified_train_subject, "flagged_volumes"]).split(";")
 
 
 def test_volume_pair_aligns_the_training_volume(result):
