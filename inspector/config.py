@@ -92,7 +92,7 @@ class AuditConfig:
         whole: the training volumes its slices match in a consistent order are verified by 3D registration,
         and the volume is calibrated against the holdout volumes scored the same way (volumes.csv, the
         verdict counts volumes); slice: slices only (faster). auto (default): volume when the synthetic set
-        and the training set hold multi-slice volumes, else slice.
+        and the training set hold volumes of at least 8 slices, else slice.
     volume_shortlist : int
         Training volumes registered in 3D per synthetic volume (those of most consistent slice runs).
     volume_null_train : int

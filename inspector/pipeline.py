@@ -422,8 +422,9 @@ def resolve_unit(cfg: AuditConfig, inputs: Inputs) -> str:
     return "volume" if multi(inputs.synthetic) and multi(inputs.train) else "slice"
 
 
-#: Fewest slices of a volume that is matched and verified in 3D (fewer: judged by its slices only).
-MIN_VOLUME_SLICES = 4
+#: Fewest slices of a volume that is matched and verified in 3D (fewer: judged by its slices only; a slab of a
+#: few slices has too little through-plane structure for a 3D registration to verify).
+MIN_VOLUME_SLICES = 8
 
 
 @dataclass
