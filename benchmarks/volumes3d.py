@@ -332,7 +332,8 @@ def report(argv: list[str] | None = None) -> str:
     tag = "volumes3d" if args.family == "mni152" else f"volumes3d-{args.family}"
     vt_path, tm_path = args.out / f"{tag}_per_volume.csv", args.out / f"{tag}_timings.csv"
     if args.reuse:
-        vt, timings = pd.read_csv(vt_path), pd.read_csv(tm_path)
+        # "null" (the volume null's rows) is a label here, not a missing value
+        vt, timings = pd.read_csv(vt_path, keep_default_na=False, na_values=[""]), pd.read_csv(tm_path)
     else:
         frames, tms = [], []
         for seed in args.seeds:
