@@ -454,11 +454,15 @@ class Calibration:
 
         True when ``min_p_value > alpha`` (nothing can ever be flagged), or with Benjamini–Hochberg when nothing is
         flagged although fewer than :meth:`min_flaggable` slices could never be (the null is too small for BH
-        at this alpha): "none flagged" then says nothing about copying. Every screen, file and sign-off reads
+        at this alpha): "none flagged" then says nothing about copying. Never when the volumes were verified in 3D
+        (the unit signed off is then the volume, whose p-values reach any alpha). Every screen, file and sign-off reads
         this one answer (through :meth:`verdict`'s ``warning`` and ``alpha_reachable``).
         """
         a, f = self._setting(alpha, fdr)
         n, p0, m = self.n_null, self.min_p_value, len(self)
+        if self.volume_verified:
+            # the unit is the volume, and its p-values (a prediction against the null volumes) reach any alpha
+            return None
         if not self.reachable(a):
             return (
                 f"The null has only {n} slices, so the smallest possible p-value is {p0:.3g} > alpha = {a:g}: no "
@@ -622,7 +626,7 @@ class Calibration:
         else:
             warning = self.unflaggable(a, f)
         unit, test, n_units, k_units, p_test, assumption = self._dataset_test(a)
-        copying = self.decidable and self.reachable(a) and p_test <= self.level
+        copying = self.decidable and (self.volume_verified or self.reachable(a)) and p_test <= self.level
         if not self.decidable:
             reason = f"not decided: no calibrated null ({self.null_kind}); give a holdout"
         else:

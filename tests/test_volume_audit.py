@@ -26,8 +26,17 @@ SMALL = {"size": 64, "align_size": 32, "shortlist": 4, "descriptor_shortlist": 2
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("vol3d")
+    # 3 training, 4 holdout subjects; 3 copies and 2 novel volumes; every 4th axial slice (6 mm, 18 slices) so the
+    # module stays short on 2 cores
     return make_volume_cohort(
-        root, 4, n_holdout=5, n_novel=3, copies_per_condition=1, conditions=["exact", "rot5", "slab_half"], seed=3
+        root,
+        3,
+        n_holdout=4,
+        n_novel=2,
+        copies_per_condition=1,
+        conditions=["exact", "rot5", "slab_half"],
+        seed=3,
+        z_step=4,
     )
 
 
@@ -49,7 +58,7 @@ def test_copied_volumes_are_verified_and_flagged_and_novel_ones_are_not(cohort, 
     vt["truth"] = [lab[Path(v).name] for v in vt["volume"]]
     assert {"volume_similarity", "volume_ncc", "coverage", "verified_train_volume", "transform"} <= set(vt.columns)
     copies, novel = vt[vt.truth != "novel"], vt[vt.truth == "novel"]
-    assert len(copies) == 3 and len(novel) == 3
+    assert len(copies) == 3 and len(novel) == 2
     assert copies.volume_similarity.min() > novel.volume_similarity.max() + 0.05
     assert copies.flagged.all()
     # the false-alarm rate is the 3D benchmark's to measure (benchmarks/RESULTS.md); here at most one chance flag
@@ -60,7 +69,7 @@ def test_copied_volumes_are_verified_and_flagged_and_novel_ones_are_not(cohort, 
         assert Path(r.verified_train_volume).name == src[Path(r.volume).name]
     assert result.calibration.volume_verified
     v = result.verdict
-    assert v.unit == "volume" and v.n_units == 6 and v.n_units_flagged == int(vt.flagged.sum()) and v.copying
+    assert v.unit == "volume" and v.n_units == 5 and v.n_units_flagged == int(vt.flagged.sum()) and v.copying
     assert "training volumes scored against the other subjects" in result.calibration.volume_calibration
     assert "volumes" in result.timings
     # per training subject, the synthetic volumes that copy it
@@ -108,13 +117,20 @@ def test_saved_audit_reads_back_the_same_volume_decisions(result, tmp_path):
     assert "3D-verified volume similarity" in html
 
 
-def test_unit_slice_skips_the_volume_stage(cohort, tmp_path):
+def test_unit_slice_skips_the_volume_stage(cohort, result):
+    from inspector.attribution import volumes_table
+    from inspector.pipeline import load_inputs, verify_volumes
+
     cfg = AuditConfig(extractor="pixels", unit="slice", **SMALL)
-    res = audit(cohort.train_dir, cohort.synthetic_dir, cohort.holdout_dir, cfg, cache_dir=tmp_path)
-    assert res.volume_evidence is None and not res.calibration.volume_verified
-    assert "volume_similarity" not in res.volumes()
+    inputs = load_inputs(cohort.train_dir, cohort.synthetic_dir, cohort.holdout_dir, cfg)
+    assert verify_volumes(inputs, None, cfg) is None  # the stage does not run (nothing is matched in 3D)
+    # without the stage's evidence the volumes are judged by their slices, as in a slice-unit audit
+    vt = volumes_table(result.table, result.calibration)
+    assert "volume_similarity" not in vt
+    result_slice = __import__("copy").copy(result)
+    result_slice.volume_evidence = None
     with pytest.raises(KeyError, match="unit is 'slice'"):
-        res.volume_pair(res.volumes().volume.iloc[0])
+        result_slice.volume_pair(vt.volume.iloc[0])
 
 
 def test_unit_auto_is_volume_for_nifti_and_slice_for_png(cohort):
@@ -130,6 +146,14 @@ def test_unit_auto_is_volume_for_nifti_and_slice_for_png(cohort):
 
 
 def test_cli_scan_writes_volumes_csv(cohort, tmp_path):
+    import shutil
+
+    lab = _labels(cohort)
+    keep = [p for p, a in lab.items() if a in ("exact", "slab_half")] + [p for p, a in lab.items() if a == "novel"][:1]
+    syn = tmp_path / "synthetic"
+    syn.mkdir()
+    for name in keep:
+        shutil.copy(cohort.synthetic_dir / name, syn / name)
     out = tmp_path / "cli"
     cmd = [
         sys.executable,
@@ -139,7 +163,7 @@ def test_cli_scan_writes_volumes_csv(cohort, tmp_path):
         "--train",
         str(cohort.train_dir),
         "--synthetic",
-        str(cohort.synthetic_dir),
+        str(syn),
         "--holdout",
         str(cohort.holdout_dir),
         "--extractor",
@@ -151,9 +175,13 @@ def test_cli_scan_writes_volumes_csv(cohort, tmp_path):
         "--align-size",
         "32",
         "--shortlist",
-        "4",
-        "--descriptor-shortlist",
         "2",
+        "--descriptor-shortlist",
+        "1",
+        "--views",
+        "id,hflip",
+        "--volume-null-train",
+        "0",
         "--out",
         str(out),
         "--quiet",
@@ -161,7 +189,7 @@ def test_cli_scan_writes_volumes_csv(cohort, tmp_path):
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert p.returncode in (0, 1), p.stderr[-2000:]
     vt = pd.read_csv(out / "volumes.csv")
-    assert "volume_similarity" in vt and 3 <= int(vt.flagged.sum()) <= 4
+    assert "volume_similarity" in vt and len(vt) == 3 and 2 <= int(vt.flagged.sum()) <= 3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["unit"] == "volume"
     assert summary["verdict"]["unit"] == "volume"
@@ -203,7 +231,7 @@ def test_dicom_series_cohorts_are_audited_per_volume(cohort, tmp_path):
     import nibabel as nib
 
     lab = _labels(cohort)
-    keep = [p for p, a in lab.items() if a in ("exact", "rot5")] + [p for p, a in lab.items() if a == "novel"][:2]
+    keep = [p for p, a in lab.items() if a in ("exact", "rot5")] + [p for p, a in lab.items() if a == "novel"][:1]
     roots = {}
     for role, folder, names in (
         ("train", cohort.train_dir, sorted(p.name for p in cohort.train_dir.glob("*.nii.gz"))),
@@ -220,7 +248,7 @@ def test_dicom_series_cohorts_are_audited_per_volume(cohort, tmp_path):
     res = audit(roots["train"], roots["synthetic"], roots["holdout"], AuditConfig(extractor="pixels", **SMALL))
     assert res.volume_evidence is not None and res.calibration.volume_verified
     vt = res.volumes()
-    assert len(vt) == 4 and int(vt.flagged.sum()) >= 2
+    assert len(vt) == 3 and int(vt.flagged.sum()) >= 2
     top2 = vt.sort_values("volume_similarity", ascending=False).head(2)
     assert top2.volume_similarity.min() > 0.95 and top2.flagged.all()
     # the volume names are published labels, never the series folders' names
