@@ -570,24 +570,20 @@ def make_volume_cohort(
         return s, vol, zooms
 
     seeds: dict[str, list[int]] = {"train": [], "holdout": [], "novel": []}
-    train_names, hold_names = [], []
+    names: dict[str, list[str]] = {"train": [], "holdout": []}
     train_vols: list[np.ndarray] = []
     shape = zooms0 = None
-    for k in range(n_train):
-        s, vol, zooms0 = subject(0, k)
-        shape = vol.shape
-        name = _name("sub", k, n_train)
-        _save(root / "train" / name, vol, zooms0)
-        seeds["train"].append(s)
-        train_names.append(name)
-        train_vols.append(vol)
-    for k in range(n_holdout):
-        s, vol, zooms0 = subject(1, k)
-        shape = vol.shape
-        name = _name("hold", k, n_holdout)
-        _save(root / "holdout" / name, vol, zooms0)
-        seeds["holdout"].append(s)
-        hold_names.append(name)
+    for role, code, prefix, count in (("train", 0, "sub", n_train), ("holdout", 1, "hold", n_holdout)):
+        for k in range(count):
+            s, vol, zooms0 = subject(code, k)
+            shape = vol.shape
+            name = _name(prefix, k, count)
+            _save(root / role / name, vol, zooms0)
+            seeds[role].append(s)
+            names[role].append(name)
+            if role == "train":
+                train_vols.append(vol)
+    train_names, hold_names = names["train"], names["holdout"]
     t_subjects = time.perf_counter() - t0
 
     # the synthetic set: copies (condition, j) then novel subjects, written in a seeded random order

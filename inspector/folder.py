@@ -47,7 +47,14 @@ import pandas as pd
 from .align import Alignment
 from .cache import atomic_write_bytes
 from .calibration import Calibration, Verdict
-from .result import OWN_OUTPUT_REASON, AuditResult, evidence_note, is_missing_evidence, jsonable
+from .result import (
+    OWN_OUTPUT_REASON,
+    VOLUME_EVIDENCE_COLUMNS,
+    AuditResult,
+    evidence_note,
+    is_missing_evidence,
+    jsonable,
+)
 from .review import DECISIONS, RecordedSignOff, Review, ReviewStore, SignOff, SignOffError
 from .types import Cohort, SkippedFile
 
@@ -83,23 +90,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-#: The volume stage's columns of ``volumes.csv`` (read back into the calibration's volume evidence).
-VOLUME_EVIDENCE_COLUMNS: tuple[str, ...] = (
-    "volume",
-    "volume_similarity",
-    "volume_ncc",
-    "coverage",
-    "verified_train_volume",
-    "verified_train_subject",
-    "slice_consistency",
-    "run_first",
-    "run_last",
-    "run_slope",
-    "run_offset",
-    "n_candidate_volumes",
-    "transform",
-)
 
 #: At most this many pairs get images in ``evidence.npz`` (flagged first, most significant first).
 MAX_EVIDENCE_PAIRS = 200

@@ -46,7 +46,7 @@ from .io import LoadConfig, load_cohort
 from .matching import InsufficientDataError, Matcher, MatchResult
 from .preprocess import PreprocessConfig
 from .privacy import load_or_create_key
-from .result import AuditResult, versions
+from .result import VOLUME_EVIDENCE_COLUMNS, AuditResult, versions
 from .scores import PaperScorer, PaperScores
 from .types import Cohort, ProgressFn
 
@@ -489,7 +489,7 @@ class VolumeEvidence:
                     "transform": json.dumps(al.to_dict()["matrix"]) if al is not None else "",
                 }
             )
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows, columns=list(VOLUME_EVIDENCE_COLUMNS))
 
 
 def verify_volumes(
@@ -513,18 +513,17 @@ def verify_volumes(
         return None
     t0 = time.perf_counter()
 
-    def refs(c: Cohort) -> list[Any]:
-        return group_volumes(volume_ids(c), [s.slice_index for s in c.slices], [s.subject_id for s in c.slices])
+    def refs(slices: list[Any], ids: np.ndarray) -> list[Any]:
+        return group_volumes(ids, [s.slice_index for s in slices], [s.subject_id for s in slices])
 
-    train_refs = refs(inputs.train)
+    train_refs = refs(inputs.train.slices, volume_ids(inputs.train))
     img_t = inputs.images("train", cfg.size)
 
-    def run(which: str, res: MatchResult) -> list[Any]:
-        c = getattr(inputs, which)
+    def run(query_refs: list[Any], query_images: np.ndarray, res: MatchResult, stage: str) -> list[Any]:
         mt, wt = match_weights(res.similarity, res.nearest, res.candidates)
         return match_volumes(
-            refs(c),
-            inputs.images(which, cfg.size),
+            query_refs,
+            query_images,
             train_refs,
             img_t,
             mt,
@@ -534,34 +533,21 @@ def verify_volumes(
             size=VOLUME_GRID,
             device=cfg.device,
             progress=progress,
-            stage=f"volumes:{which}",
+            stage=stage,
         )
 
-    syn = run("synthetic", matches.synthetic)
-    hold = run("holdout", matches.holdout) if matches.holdout is not None and inputs.holdout is not None else []
+    def cohort_run(which: str, res: MatchResult) -> list[Any]:
+        c = getattr(inputs, which)
+        return run(refs(c.slices, volume_ids(c)), inputs.images(which, cfg.size), res, f"volumes:{which}")
+
+    syn = cohort_run("synthetic", matches.synthetic)
+    hold = cohort_run("holdout", matches.holdout) if matches.holdout is not None and inputs.holdout is not None else []
     loso: list[Any] = []
     if matches.train_loso is not None and matches.train_loso_rows is not None:
+        # a sample of training volumes, each against the other subjects (rows index the sample's slices)
         rows = matches.train_loso_rows
-        res = matches.train_loso
-        sub = [inputs.train.slices[int(i)] for i in rows]
-        q_refs = group_volumes(
-            volume_ids(inputs.train)[rows], [s.slice_index for s in sub], [s.subject_id for s in sub]
-        )
-        mt, wt = match_weights(res.similarity, res.nearest, res.candidates)
-        loso = match_volumes(
-            q_refs,
-            img_t[rows],
-            train_refs,
-            img_t,
-            mt,
-            wt,
-            shortlist=cfg.volume_shortlist,
-            min_slices=MIN_VOLUME_SLICES,
-            size=VOLUME_GRID,
-            device=cfg.device,
-            progress=progress,
-            stage="volumes:null",
-        )
+        q_refs = refs([inputs.train.slices[int(i)] for i in rows], volume_ids(inputs.train)[rows])
+        loso = run(q_refs, img_t[rows], matches.train_loso, "volumes:null")
     return VolumeEvidence(syn, hold, time.perf_counter() - t0, loso)
 
 

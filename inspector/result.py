@@ -214,6 +214,24 @@ class PairEvidence:
     transform: dict[str, Any] = field(default_factory=dict)
 
 
+#: The volume stage's columns of ``volumes.csv`` (read back into the calibration's volume evidence).
+VOLUME_EVIDENCE_COLUMNS: tuple[str, ...] = (
+    "volume",
+    "volume_similarity",
+    "volume_ncc",
+    "coverage",
+    "verified_train_volume",
+    "verified_train_subject",
+    "slice_consistency",
+    "run_first",
+    "run_last",
+    "run_slope",
+    "run_offset",
+    "n_candidate_volumes",
+    "transform",
+)
+
+
 @dataclass
 class VolumePair:
     """A synthetic volume and its verified training volume in the synthetic volume's frame (the volume viewer's).

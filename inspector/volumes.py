@@ -509,7 +509,6 @@ def _gauss_newton(
     best_mat = mat.clone()
     ncc0, cov0 = _evaluate(fixed, moving, mat, base)
     best = ncc0 * cov0
-    eye = torch.eye(14, device=fixed.device)
     lam = torch.full((bsz,), damping, device=fixed.device)
     for _ in range(iterations):
         mat = best_mat
@@ -542,7 +541,6 @@ def _gauss_newton(
         best = torch.where(better, sc, best)
         best_mat = torch.where(better[:, None, None], cand, best_mat)
         lam = torch.where(better, lam / 3.0, lam * 4.0).clamp(1e-6, 1e4)
-    del eye
     return best_mat
 
 
@@ -613,9 +611,9 @@ def register_volumes(
             placements: list[tuple[float, float] | None] = [None, *_SLABS]
             if z_maps[i] is not None:
                 placements.append(z_maps[i])
-            for o, tilt in ((o, tl) for o in orient for tl in tilts):
+            for o, (ti, tilt) in ((o, it) for o in orient for it in enumerate(tilts)):
                 for zmap in placements:
-                    if zmap is not None and len(tilts) > 1 and not torch.equal(tilt, tilts[0]) and zmap in _SLABS:
+                    if ti and zmap in _SLABS:
                         continue  # tilted starts only for the whole volume and the run's slab
                     a = tilt @ o
                     a[:2, :2] *= scale_xy
@@ -725,8 +723,7 @@ def match_volumes(
     list of VolumeMatch
         One per query volume, in order.
     """
-    n_train_rows = sum(len(r) for r in train_refs)
-    t_vol = np.full(max(n_train_rows, int(max((r.rows.max() for r in train_refs), default=-1)) + 1), -1, np.int64)
+    t_vol = np.full(int(max((r.rows.max() for r in train_refs), default=-1)) + 1, -1, np.int64)
     t_sidx = np.zeros_like(t_vol)
     for v, r in enumerate(train_refs):
         t_vol[r.rows] = v

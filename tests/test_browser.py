@@ -15,88 +15,26 @@ import csv
 import os
 import re
 import shutil
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+from browser_support import CHROMIUM, CHROMIUM_ARGS, ROOT, streamlit_app
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 #: The README's screenshot; refreshed only with INSPECTOR_UPDATE_SCREENSHOT=1 (a test run leaves the tree clean).
 README_SCREENSHOT = ROOT / "assets" / "pair_view.png"
 AUDIT_TIMEOUT_MS = 600_000  # a cold audit on a busy 2-core machine
 
 
-def _need_chromium() -> None:
-    if Path(CHROMIUM).exists():
-        return
-    msg = f"{CHROMIUM} is missing; install Debian's chromium (make browser-deps)."
-    if os.environ.get("CI"):
-        pytest.fail(msg)
-    pytest.skip(msg)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path):
-    _need_chromium()
-    port = _free_port()
     db = tmp_path / "audits"  # each audit's reviews.sqlite3 lies in its audit folder below (see _db)
-    env = os.environ.copy()
-    env.pop("INSPECTOR_REVIEWS_DB", None)
-    env.update(
-        INSPECTOR_AUDITS_DIR=str(db),
-        INSPECTOR_CACHE_DIR=str(tmp_path / "cache"),
-        STREAMLIT_BROWSER_GATHER_USAGE_STATS="false",
-    )
-    log = (tmp_path / "streamlit.log").open("wb")
-    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.address", "127.0.0.1",
-           "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"streamlit did not start: {(tmp_path / 'streamlit.log').read_text()[-2000:]}")
-            time.sleep(0.3)
+    with streamlit_app(
+        tmp_path, {"INSPECTOR_AUDITS_DIR": str(db), "INSPECTOR_CACHE_DIR": str(tmp_path / "cache")}
+    ) as url:
         yield url, db, tmp_path / "streamlit.log"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
-        log.close()
 
 
 def _db(audits: Path) -> Path:
