@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 #: Scores of the final transform (see :func:`register_pairs`); the first is the default.
 MEASURES: tuple[str, ...] = ("poly_fg", "ncc_fg", "ncc", "grad")
+#: Extra starting zooms of the registration (see ``zoom_starts`` of :func:`register_pairs`).
+ZOOM_STARTS: tuple[float, ...] = (1.3, 1.6)
 #: Foreground rule of the ``*_fg`` measures: above this fraction of the image's range over the overlap.
 FG_FRACTION = 0.05
 
@@ -517,19 +519,27 @@ def pair_ncc(fixed: np.ndarray, moving: np.ndarray, *, size: int | None = None) 
 # ----------------------------------------------------------------------------------------------
 
 
-def _moment_start(fixed: torch.Tensor, moving: torch.Tensor, bounds: tuple[float, float, float, float]) -> torch.Tensor:
-    """Params (b, V, 4) mapping each moving view's foreground centroid and spread onto the fixed slice's.
+def _moment_start(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    bounds: tuple[float, float, float, float],
+    zooms: Sequence[float] = (),
+) -> torch.Tensor:
+    """Params (b, V, 1 + len(zooms), 4) mapping each moving view's foreground centroid onto the fixed slice's.
 
-    fixed (b, r, r), moving (b, V, r, r). The sampling map is ``x_m = k x + t`` with ``k = rad_m / rad_f`` and
-    ``t = c_m - k c_f`` (no rotation), clamped to the scale and shift bounds.
+    fixed (b, r, r), moving (b, V, r, r). The sampling map is ``x_m = k x + t`` with ``t = c_m - k c_f`` (no
+    rotation). The first start takes ``k = rad_m / rad_f`` (the spreads matched); one more start per zoom
+    ``z`` takes ``k = 1 / z``: when the fixed slice's anatomy is cut by its frame (a zoomed-in output) its
+    spread is too small and the spread ratio is a poor guess of the zoom. Clamped to the scale and shift bounds.
     """
     b, v, r, _ = moving.shape
     cf, rf = foreground_moments(fixed)
     cm, rm = foreground_moments(moving.reshape(b * v, r, r))
     cm, rm = cm.view(b, v, 2), rm.view(b, v)
     _, lo_s, hi_s, max_sh = bounds
-    k = (rm / rf[:, None].clamp_min(1e-6)).clamp(1.0 / hi_s, 1.0 / lo_s)
-    t = cm - k[..., None] * cf[:, None, :]
+    ks = [rm / rf[:, None].clamp_min(1e-6)] + [torch.full_like(rm, 1.0 / float(z)) for z in zooms]
+    k = torch.stack(ks, dim=2).clamp(1.0 / hi_s, 1.0 / lo_s)  # (b, V, S)
+    t = cm[:, :, None, :] - k[..., None] * cf[:, None, None, :]
     p = torch.stack([k - 1.0, torch.zeros_like(k), t[..., 0], t[..., 1]], dim=-1)
     ang, sc, sh = _similarity_from_params(p)
     sh = sh.clamp(-max_sh, max_sh)
@@ -554,6 +564,7 @@ def register_pairs(
     measure: str = "poly_fg",
     orientations: Sequence[str] | None = None,
     init: str = "moments",
+    zoom_starts: Sequence[float] = ZOOM_STARTS,
     start_candidates: int = 3,
     progress: ProgressFn | None = None,
 ) -> Alignment:
@@ -612,6 +623,10 @@ def register_pairs(
         ``"moments"`` (default) adds, per orientation, the transform that maps the moving slice's foreground
         centroid and radius of gyration onto the fixed slice's (:func:`inspector.descriptors.foreground_moments`):
         a copy written at another field of view, shifted or cropped then starts inside the optimiser's basin.
+    zoom_starts : sequence of float
+        With ``init="moments"``, more starts per orientation at these zooms (centroids matched): a zoomed-in
+        copy's anatomy is cut by its frame, so its spread underestimates the zoom (default
+        :data:`ZOOM_STARTS`; outside ``scale_range`` they are clamped to it).
     start_candidates : int
         When there are more (orientation, start) combinations than this, each is first scored at its start
         (one warp at ``coarse_size``, no iteration) and only the best ``start_candidates`` run the coarse ECC:
@@ -663,6 +678,9 @@ def register_pairs(
         raise ValueError(f"init must be 'moments' or 'identity'; got {init!r}.")
     if start_candidates < 1:
         raise ValueError(f"start_candidates must be >= 1; got {start_candidates}.")
+    zooms = [float(z) for z in zoom_starts]
+    if any(not (math.isfinite(z) and z > 0) for z in zooms):
+        raise ValueError(f"zoom_starts must be positive finite zoom factors; got {zoom_starts}.")
     orients = list(FLIPS) if orientations is None else [View.parse(o) for o in orientations]
     if not orients:
         raise ValueError("orientations is empty; give at least one view (e.g. inspector.views.FLIPS).")
@@ -698,7 +716,7 @@ def register_pairs(
         # starts per (pair, orientation): the angle starts, plus the moment-matching transform
         starts_bv = start_p[None, None].expand(b, v, n_a, 4)
         if init == "moments":
-            starts_bv = torch.cat([starts_bv, _moment_start(fc, vc, bounds)[:, :, None]], dim=2)
+            starts_bv = torch.cat([starts_bv, _moment_start(fc, vc, bounds, zooms)], dim=2)
         n_s = starts_bv.shape[2]
         combos = v * n_s
         f_sel = fc[:, None].expand(b, combos, cs, cs)

@@ -18,16 +18,29 @@ separates look-alike subjects of one protocol (where an encoder trained for inva
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["DESCRIPTOR_SIZES", "TARGET_RADIUS", "foreground_moments", "moment_normalise", "structure_descriptor"]
+from .preprocess import affine_warp
+
+__all__ = [
+    "DESCRIPTOR_SIZES",
+    "DESCRIPTOR_ZOOMS",
+    "TARGET_RADIUS",
+    "foreground_moments",
+    "moment_normalise",
+    "structure_descriptor",
+]
 
 #: Thumbnail sizes of the structure descriptor (layers ``mn<k>``).
 DESCRIPTOR_SIZES: tuple[int, ...] = (12, 24)
+#: Zoom factors of the extra training entries of the descriptor search (a copy written zoomed in, the anatomy
+#: cut by the frame, has other moments than its whole source; the source zoomed by about as much matches it).
+DESCRIPTOR_ZOOMS: tuple[float, ...] = (1.25, 1.45, 1.7)
 #: Radius of gyration of the foreground after :func:`moment_normalise`, as a fraction of the half-frame.
 TARGET_RADIUS = 0.45
 #: Foreground rule of the moments: above this fraction of the slice's intensity range.
@@ -106,7 +119,11 @@ def moment_normalise(images: torch.Tensor | np.ndarray, size: int) -> torch.Tens
 
 
 def structure_descriptor(
-    images: torch.Tensor | np.ndarray, sizes: Sequence[int] = DESCRIPTOR_SIZES, *, batch_size: int = 1024
+    images: torch.Tensor | np.ndarray,
+    sizes: Sequence[int] = DESCRIPTOR_SIZES,
+    *,
+    zoom: float = 1.0,
+    batch_size: int = 1024,
 ) -> dict[str, np.ndarray]:
     """Moment-normalised thumbnails as search features, one layer ``mn<k>`` per size.
 
@@ -114,6 +131,10 @@ def structure_descriptor(
     ----------
     images : torch.Tensor or np.ndarray, shape (n, H, W)
     sizes : sequence of int
+    zoom : float
+        Zoom each slice by this factor about the frame centre first (bilinear, zero fill;
+        :func:`inspector.preprocess.affine_warp`), ``> 1`` cutting the anatomy at the frame as a zoomed-in
+        output would. ``1`` (default): the slice as it is.
     batch_size : int
         Slices processed at once (bounds memory).
 
@@ -122,12 +143,16 @@ def structure_descriptor(
     dict of str to np.ndarray, shape (n, k*k), float32
         Each row centred on its own mean and L2-normalised (a constant thumbnail stays all zeros).
     """
+    if not (math.isfinite(zoom) and 0.25 <= zoom <= 4.0):
+        raise ValueError(f"zoom must be a finite factor in [0.25, 4]; got {zoom!r}.")
     arr = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images, np.float32))
     n = arr.shape[0]
     out = {f"mn{k}": np.zeros((n, k * k), np.float32) for k in sizes}
     big = max(sizes)
     for start in range(0, n, batch_size):
         chunk = arr[start : start + batch_size].float()
+        if zoom != 1.0:
+            chunk = affine_warp(chunk, 0.0, (0.0, 0.0), float(zoom))
         base = moment_normalise(chunk, big)
         for k in sizes:
             t = base if k == big else F.adaptive_avg_pool2d(base[:, None], k)[:, 0]

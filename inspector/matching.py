@@ -25,7 +25,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from .align import Alignment, register_pairs
-from .descriptors import structure_descriptor
+from .descriptors import DESCRIPTOR_ZOOMS, structure_descriptor
 from .index import knn
 from .scores import PaperScorer, Whitener
 from .types import ProgressFn
@@ -149,6 +149,12 @@ class MemorizationScorer:
         to the ``shortlist`` of the encoder's features before registration. An encoder trained for invariance
         stops telling look-alike subjects of one protocol apart as the cohort grows; the descriptor does not
         (benchmarks/RESULTS.md, look-alike cohorts). ``0`` turns it off.
+    descriptor_zooms : sequence of float
+        The descriptor search also holds each training slice zoomed in by these factors
+        (:data:`inspector.descriptors.DESCRIPTOR_ZOOMS`): a copy written at a narrower field of view or
+        cropped has its anatomy cut by the frame, so its moments (and the moment-normalised thumbnail) differ
+        from those of its whole source but match the source zoomed by about as much. A hit on a zoomed entry
+        is a candidate for its training slice; the registration then finds the exact zoom. ``()`` turns it off.
     verify_top : int
         Pruned verification: every candidate is first registered under every orientation at 32 px only (a
         coarse ECC), and only the ``verify_top`` best per query are registered at ``align_size`` and scored;
@@ -170,6 +176,7 @@ class MemorizationScorer:
         align_flips: str = "all",
         margin_k: int = 32,
         descriptor_shortlist: int = 5,
+        descriptor_zooms: Sequence[float] = DESCRIPTOR_ZOOMS,
         verify_top: int = 3,
         device: str = "auto",
         chunk: int = 256,
@@ -182,6 +189,7 @@ class MemorizationScorer:
         self.align_flips = align_flips
         self.margin_k = margin_k
         self.descriptor_shortlist = descriptor_shortlist
+        self.descriptor_zooms = tuple(float(z) for z in descriptor_zooms)
         self.verify_top = verify_top
         self.device = device
         self.chunk = chunk
@@ -240,13 +248,21 @@ class MemorizationScorer:
         if self.descriptor_shortlist < 0:
             raise ValueError(f"descriptor_shortlist must be >= 0; got {self.descriptor_shortlist}.")
         self.desc_whiteners_: dict[str, Whitener] = {}
+        self.desc_zoom_train_: np.ndarray | None = None
         if self.rerank and self.descriptor_shortlist > 0:
             desc = structure_descriptor(images)
             self.desc_whiteners_ = {
                 k: Whitener(method="shrinkage", shrinkage=self.shrinkage).fit(np.asarray(x, np.float64))
                 for k, x in desc.items()
             }
+            bad = [z for z in self.descriptor_zooms if not (np.isfinite(z) and 1.0 < z <= 4.0)]
+            if bad:
+                raise ValueError(f"descriptor_zooms must be factors in (1, 4] (zoomed in); got {bad}.")
             self.desc_train_ = self._desc_concat(desc)
+            # (n * zooms, d): every slice at the first zoom, then at the second, ...; searched on their own
+            # so that they add candidates instead of displacing the whole slices' (a zoomed-out copy's)
+            zoomed = [self._desc_concat(structure_descriptor(images, zoom=z)) for z in self.descriptor_zooms]
+            self.desc_zoom_train_ = np.concatenate(zoomed) if zoomed else None
         self.groups_ = None if groups is None else np.asarray(groups).astype(str)
         if self.groups_ is not None and self.groups_.shape != (self.n_,):
             raise ValueError(f"groups must have shape ({self.n_},); got {self.groups_.shape}.")
@@ -269,22 +285,35 @@ class MemorizationScorer:
         views: list[str],
         qg: np.ndarray | None,
         tg: np.ndarray | None,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Shortlist from the structure descriptor over every view: (sims, idx, view index), each (m, V*k)."""
-        k = min(self.n_, self.descriptor_shortlist)
-        base = structure_descriptor(images)
-        sims, idx, view_of = [], [], []
-        for i, v in enumerate(views):
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Shortlists from the structure descriptor over every view, one per search base (the whole slices,
+        then the zoomed entries when there are any): each (sims, idx, view index) with shapes (m, V*k),
+        (m, V*k), (V*k,); a zoomed entry's index is that of its training slice."""
+        bases = [(self.desc_train_, 1)]
+        if self.desc_zoom_train_ is not None:
+            bases.append((self.desc_zoom_train_, self.desc_zoom_train_.shape[0] // self.n_))
+        query = structure_descriptor(images)
+        per_view = []
+        for v in views:
             view = View.parse(v)
             dv = {}
-            for name, x in base.items():
+            for name, x in query.items():
                 side = int(round(np.sqrt(x.shape[1])))
                 dv[name] = np.ascontiguousarray(view.apply(x.reshape(-1, side, side))).reshape(x.shape[0], -1)
-            s_, ix = knn(self._desc_concat(dv), self.desc_train_, k, metric="ip", query_groups=qg, base_groups=tg)
-            sims.append(s_)
-            idx.append(ix)
-            view_of.append(np.full(ix.shape[1], i))
-        return np.concatenate(sims, 1), np.concatenate(idx, 1), np.concatenate(view_of)
+            per_view.append(self._desc_concat(dv))
+        out = []
+        for base, entries in bases:
+            # a slice may hit under several zooms: ask for enough neighbours to keep k distinct slices
+            k = min(base.shape[0], self.descriptor_shortlist * entries)
+            tg_b = None if tg is None else np.tile(tg, entries)
+            sims, idx, view_of = [], [], []
+            for i, q in enumerate(per_view):
+                s_, ix = knn(q, base, k, metric="ip", query_groups=qg, base_groups=tg_b)
+                sims.append(s_)
+                idx.append(np.where(ix >= 0, ix % self.n_, -1))
+                view_of.append(np.full(ix.shape[1], i))
+            out.append((np.concatenate(sims, 1), np.concatenate(idx, 1), np.concatenate(view_of)))
+        return out
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "train_concat_"):
@@ -360,9 +389,9 @@ class MemorizationScorer:
         cand, cand_sim, cand_view = _merge_candidates(sims, idx, view_of, self.shortlist)
         feature_similarity = np.where(cand[:, 0] >= 0, cand_sim[:, 0], -1.0).astype(np.float32)
         if self.rerank and self.descriptor_shortlist > 0 and self.desc_whiteners_:
-            d_s, d_i, d_v = self._descriptor_candidates(images, views, qg, tg)
-            d_c, _, d_cv = _merge_candidates(d_s, d_i, d_v, self.descriptor_shortlist)
-            cand, cand_view = _union_candidates(cand, cand_view, d_c, d_cv)
+            for d_s, d_i, d_v in self._descriptor_candidates(images, views, qg, tg):
+                d_c, _, d_cv = _merge_candidates(d_s, d_i, d_v, self.descriptor_shortlist)
+                cand, cand_view = _union_candidates(cand, cand_view, d_c, d_cv)
 
         # 2. alignment-verified re-ranking of the shortlist
         alignment: Alignment | None = None

@@ -67,3 +67,16 @@ def test_moment_normalise_shapes_and_errors(slices: np.ndarray) -> None:
     d = structure_descriptor(slices, sizes=(8,))
     assert set(d) == {"mn8"} and d["mn8"].shape == (4, 64)
     assert_allclose(np.linalg.norm(d["mn8"], axis=1), 1.0, rtol=1e-5)
+
+
+def test_zoomed_descriptor_is_the_descriptor_of_the_zoomed_slice(slices: np.ndarray) -> None:
+    z = structure_descriptor(slices, zoom=1.45)
+    ref = structure_descriptor(affine_warp(torch.from_numpy(slices), 0.0, (0.0, 0.0), 1.45).numpy())
+    for k in ref:
+        assert_allclose(z[k], ref[k], atol=1e-6)
+    # moment normalisation undoes a zoom that keeps the anatomy inside the frame, not one that cuts it
+    plain, inside, cut = (structure_descriptor(slices, zoom=f) for f in (1.0, 1.2, 3.0))
+    assert ((inside["mn24"] * plain["mn24"]).sum(1) > (cut["mn24"] * plain["mn24"]).sum(1) + 0.05).all()
+    for bad in (0.1, float("nan"), 5.0):
+        with pytest.raises(ValueError, match="zoom"):
+            structure_descriptor(slices, zoom=bad)

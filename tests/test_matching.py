@@ -110,3 +110,29 @@ def test_union_of_candidate_lists_reference() -> None:
     cand, view = _union_candidates(a, av, b, bv)
     assert_array_equal(cand, [[3, 1, -1, 7, -1], [0, 2, 5, 9, -1]])
     assert_array_equal(view, [[0, 1, 0, 5, 0], [2, 2, 2, 6, 0]])
+
+
+def test_zoomed_descriptor_entries_find_a_zoomed_in_copy(train: np.ndarray) -> None:
+    # a copy zoomed in 1.5-1.7x (the anatomy cut by the frame) has other moments than its whole source; the
+    # descriptor's zoomed training entries shortlist it, and the registration finds the zoom
+    rng = np.random.default_rng(1)
+    n = len(train)
+    feats = {"noise": rng.normal(size=(n, 16)).astype(np.float32)}
+    src = np.arange(n)
+    zoom = torch.from_numpy(rng.uniform(1.5, 1.7, n).astype(np.float32))
+    q = affine_warp(torch.from_numpy(train[src]), 0.0, (0.0, 0.0), zoom).numpy()
+    qf = {"id": {"noise": rng.normal(size=(n, 16)).astype(np.float32)}}
+    kw = {"device": "cpu", "shortlist": 1, "descriptor_shortlist": 1}
+    off = MemorizationScorer(descriptor_zooms=(), **kw).fit(feats, images=train)
+    on = MemorizationScorer(**kw).fit(feats, images=train)
+    assert off.desc_zoom_train_ is None and on.desc_zoom_train_.shape[0] == 3 * n
+    r_off, r_on = off.score_samples(qf, images=q), on.score_samples(qf, images=q)
+    found_on = (r_on.candidates == src[:, None]).any(1)
+    found_off = (r_off.candidates == src[:, None]).any(1)
+    assert found_on.mean() >= 0.9 and found_on.mean() > found_off.mean(), (found_on, found_off)
+    ok = r_on.nearest == src
+    assert ok.mean() >= 0.9
+    assert r_on.alignment is not None
+    np.testing.assert_allclose(r_on.alignment.scale[ok], zoom.numpy()[ok], rtol=0.05)
+    with pytest.raises(ValueError, match="descriptor_zooms"):
+        MemorizationScorer(descriptor_zooms=(0.8,), **kw).fit(feats, images=train)
