@@ -64,7 +64,7 @@ from .result import jsonable
 if TYPE_CHECKING:  # pragma: no cover
     from .review import RecordedSignOff, Review, SignOff
 
-__all__ = ["summary_path_for", "svg_histogram", "verify_report", "write_report"]
+__all__ = ["summary_path_for", "svg_histogram", "svg_layers", "svg_roc", "verify_report", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,185 @@ table.kv th{width:28%}table.checklist td.mark{width:2em;text-align:center}table.
 code,.hash{word-break:break-all}figure img{width:140px;height:140px}figure.small img{width:100px;height:100px}
 .imgs{gap:6px}a{color:inherit;text-decoration:none}}
 """
+
+
+def svg_roc(curves: Sequence[dict[str, Any]], *, width: int = 560, height: int = 380, title: str = "") -> str:
+    """An inline SVG of ROC curves (step lines) with the chance diagonal and an AUC legend.
+
+    Parameters
+    ----------
+    curves : sequence of dict
+        As :func:`inspector.ui.roc_curves` returns them: ``name``, ``fpr`` (shape (k,)), ``tpr`` (shape (k,)),
+        ``auc``, ``n``.
+
+    Returns
+    -------
+    str
+        An ``<svg>`` element; all text escaped.
+    """
+    e = html.escape
+    ml, mr, mt, mb = 52, 16, 28 if title else 12, 44 + 18 * len(curves)
+    pw, ph = width - ml - mr, height - mt - mb
+
+    def sx(x: float) -> float:
+        return ml + x * pw
+
+    def sy(y: float) -> float:
+        return mt + (1.0 - y) * ph
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="{e(title or "ROC")}" class="hist roc">'
+    ]
+    if title:
+        parts.append(f'<text x="{ml}" y="18" class="t">{e(title)}</text>')
+    parts.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    parts.append(
+        f'<line x1="{sx(0):.1f}" y1="{sy(0):.1f}" x2="{sx(1):.1f}" y2="{sy(1):.1f}" stroke="#aaa" '
+        'stroke-dasharray="3,3"/>'
+    )
+    for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+        parts.append(f'<text x="{sx(t):.1f}" y="{mt + ph + 16}" text-anchor="middle">{t:g}</text>')
+        parts.append(f'<text x="{ml - 4}" y="{sy(t) + 4:.1f}" text-anchor="end">{t:g}</text>')
+    parts.append(
+        f'<text x="{ml + pw / 2:.1f}" y="{mt + ph + 34}" text-anchor="middle">false-positive rate (novel slices)</text>'
+    )
+    parts.append(
+        f'<text x="12" y="{mt + ph / 2:.1f}" transform="rotate(-90 12 {mt + ph / 2:.1f})" '
+        'text-anchor="middle">true-positive rate (copies)</text>'
+    )
+    colours = ("#1565c0", "#ef6c00", "#2e7d32", "#6a1b9a")
+    for k, c in enumerate(curves):
+        fpr = np.asarray(c["fpr"], np.float64)
+        tpr = np.asarray(c["tpr"], np.float64)
+        pts = [f"{sx(fpr[0]):.1f},{sy(tpr[0]):.1f}"]
+        for i in range(1, len(fpr)):  # a step: along the false positives first, then up
+            pts.append(f"{sx(fpr[i]):.1f},{sy(tpr[i - 1]):.1f}")
+            pts.append(f"{sx(fpr[i]):.1f},{sy(tpr[i]):.1f}")
+        col = colours[k % len(colours)]
+        parts.append(f'<polyline points="{" ".join(pts)}" fill="none" stroke="{col}" stroke-width="2.5"/>')
+        y = mt + ph + 52 + 18 * k
+        parts.append(f'<rect x="{ml}" y="{y - 9}" width="14" height="4" fill="{col}"/>')
+        parts.append(
+            f'<text x="{ml + 20}" y="{y - 4}">{e(str(c["name"]))}: AUC {float(c["auc"]):.3f} '
+            f"over {int(c['n'])} labelled slices</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def svg_layers(
+    table: pd.DataFrame, layers: Sequence[str], flags: np.ndarray, *, width: int = 900, height: int = 280
+) -> str:
+    """An inline SVG of each feature layer's similarity over the synthetic set, flagged against not flagged:
+    per layer the median (dot) and the interquartile range (bar) of ``sim_<layer>`` for each group.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        The score table (``sim_<layer>`` columns).
+    layers : sequence of str
+    flags : np.ndarray of bool, shape (n,)
+        The flags at the report's setting.
+
+    Returns
+    -------
+    str
+        An ``<svg>`` element; all text escaped.
+    """
+    from .ui import layer_columns
+
+    e = html.escape
+    flags = np.asarray(flags, bool)
+    cols = layer_columns(table, layers)
+    groups = [(~flags, "not flagged", "#1565c0", -7), (flags, "flagged", "#c62828", 7)]
+    vals = [table[c].to_numpy(np.float64) for c in cols]
+    pool = np.concatenate([v[np.isfinite(v)] for v in vals]) if vals else np.zeros(0)
+    lo, hi = (float(pool.min()), float(pool.max())) if pool.size else (0.0, 1.0)
+    if hi - lo < 1e-9:
+        lo, hi = lo - 0.5, hi + 0.5
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    ml, mr, mt, mb = 60, 170, 28, 56
+    pw, ph = width - ml - mr, height - mt - mb
+
+    def sx(i: int) -> float:
+        return ml + (i + 0.5) * pw / max(len(cols), 1)
+
+    def sy(y: float) -> float:
+        return mt + (hi - y) / (hi - lo) * ph
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        'role="img" aria-label="similarity per feature layer" class="hist layers">',
+        f'<text x="{ml}" y="18" class="t">Similarity to the nearest training slice, per feature layer</text>',
+        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+    ]
+    for t in np.linspace(lo + pad, hi - pad, 4):
+        parts.append(f'<text x="{ml - 4}" y="{sy(float(t)) + 4:.1f}" text-anchor="end">{e(_fmt_tick(float(t)))}</text>')
+    for i, (c, v) in enumerate(zip(cols, vals, strict=True)):
+        parts.append(f'<text x="{sx(i):.1f}" y="{mt + ph + 16}" text-anchor="middle">{e(c[4:])}</text>')
+        for mask, _, col, dx in groups:
+            x = v[mask & np.isfinite(v)]
+            if not x.size:
+                continue
+            q1, med, q3 = (float(q) for q in np.percentile(x, [25, 50, 75]))
+            cx = sx(i) + dx
+            parts.append(
+                f'<line x1="{cx:.1f}" y1="{sy(q1):.1f}" x2="{cx:.1f}" y2="{sy(q3):.1f}" stroke="{col}" '
+                'stroke-width="5" stroke-opacity="0.45"/>'
+            )
+            parts.append(f'<circle cx="{cx:.1f}" cy="{sy(med):.1f}" r="4" fill="{col}"/>')
+    parts.append(
+        f'<text x="{ml + pw / 2:.1f}" y="{height - 22}" text-anchor="middle">feature layer (shallow → deep)</text>'
+    )
+    for k, (mask, name, col, _) in enumerate(groups):
+        y = mt + 14 + 18 * k
+        parts.append(f'<circle cx="{ml + pw + 16}" cy="{y - 4}" r="4" fill="{col}"/>')
+        parts.append(f'<text x="{ml + pw + 26}" y="{y}">{e(name)} (n={int(mask.sum())})</text>')
+    parts.append(f'<text x="{ml + pw + 16}" y="{mt + 54}">dot: median; bar: quartiles</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _research_html(folder: AuditFolder) -> str:
+    """The dataset-level per-layer panel and, where labels exist, the ROC of ours and the paper's method: the
+    same numbers as the app's Research page (:func:`inspector.ui.layer_summary`, :func:`inspector.ui.roc_curves`),
+    at the report's setting."""
+    from .ui import layer_summary, roc_curves
+
+    t = folder.table
+    flags = folder.calibration.flags()
+    layers = [str(x) for x in folder.summary.get("layers", [])] or [c[4:] for c in t.columns if c.startswith("sim_")]
+    summary = layer_summary(t, layers, flags)
+    curves = roc_curves(t)
+    out = ['<h2 id="research">Per feature layer and ROC</h2>']
+    out.append(
+        f'<p class="meta">At {_e(_setting_words(folder.verdict.to_dict()))}. Each layer\'s similarity to its nearest '
+        "training slice over the synthetic set, flagged against not flagged (the audit keeps only the null's final "
+        "score, not its per-layer similarities)"
+        + ("; the AUC column is each layer alone against labels.csv (copy against novel)." if curves else ".")
+        + "</p>"
+    )
+    out.append(svg_layers(t, layers, flags))
+    shown = summary if curves else summary.drop(columns=["auc"])
+    shown = shown.rename(
+        columns={"median_flagged": "median, flagged", "median_not_flagged": "median, not flagged",
+                 "auc": "AUC (copy vs novel)"}  # fmt: skip
+    )
+    out.append(_df_table(shown, max_rows=len(shown) + 1))
+    if curves:
+        out.append(svg_roc(curves, title="The paper's method and ours on one ROC (labels.csv)"))
+        out.append(
+            '<p class="meta">The paper\'s ONI = −tanh(MI z) ranks the slices as its MI z-score does, so it has the '
+            "same curve.</p>"
+        )
+    else:
+        out.append(
+            '<p class="meta">No ROC: the synthetic set has no ground truth (a labels.csv with copy and novel '
+            "slices).</p>"
+        )
+    return "\n".join(out)
 
 
 def _e(x: Any) -> str:
@@ -811,7 +990,8 @@ def _render(
         f"mode {_e(v.get('mode', s.get('config', {}).get('mode')))} · "
         f"extractor {_e(s.get('config', {}).get('extractor'))}</p>",
         '<p class="meta">Sections: <a href="#verdict">verdict</a> · <a href="#figures">figures</a> · '
-        '<a href="#distributions">distributions</a> · <a href="#flagged">flagged pairs</a> · '
+        '<a href="#distributions">distributions</a> · <a href="#research">per layer and ROC</a> · '
+        '<a href="#flagged">flagged pairs</a> · '
         '<a href="#unreviewed">unreviewed</a> · <a href="#subjects">subjects</a> · '
         '<a href="#provenance">provenance</a> · <a href="#signoff">sign-off</a></p>',
         _summary_html(folder, state, records, checklist),
@@ -907,6 +1087,7 @@ def _render(
                 title="The paper's per-slice ONI",
             )
         )
+    out.append(_research_html(folder))
     # ---------------------------------------------------------------- flagged pairs
     rows = folder.flagged_rows()
     out.append(f'<h2 id="flagged">Flagged pairs ({len(rows)})</h2>')

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from numpy.testing import assert_allclose
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
@@ -44,7 +45,7 @@ from inspector.folder import (
     write_evidence,
 )
 from inspector.preprocess import is_background, normalise_volume
-from inspector.report import summary_path_for, svg_histogram, verify_report, write_report
+from inspector.report import summary_path_for, svg_histogram, svg_layers, svg_roc, verify_report, write_report
 from inspector.review import SIGNOFF_DECISIONS, ReviewStore, SignOff, SignOffError
 
 PHI_NAME = "Doe^Jane"
@@ -775,3 +776,43 @@ def test_svg_histogram_draws_densities_and_escapes_text():
     assert svg_histogram([("empty", [], "#000")], markers=[(0.5, "m", "#000")]).endswith("</svg>")
     with pytest.raises(ValueError, match="bins"):
         svg_histogram([("x", [1.0], "#000")], bins=0)
+
+
+def test_report_has_the_per_layer_panel_and_the_roc_where_labels_exist(audit_cohorts, tmp_path):
+    # the conftest cohort has labels.csv (planted copies and novel slices): the ROC of ours and the paper's
+    from inspector import ui
+    from inspector.folder import save_audit
+    from inspector.pipeline import audit
+
+    p = audit_cohorts
+    res = audit(p["train"], p["synthetic"], p["holdout"], AuditConfig(extractor="pixels", alpha=0.05),
+                cache_dir=tmp_path / "cache")  # fmt: skip
+    folder = save_audit(res, tmp_path / "audit")
+    text = write_report(folder, tmp_path / "r.html").read_text(encoding="utf-8")
+    assert 'id="research"' in text and 'class="hist roc"' in text and 'class="hist layers"' in text
+    loaded = load_audit_folder(folder)
+    curves = ui.roc_curves(loaded.table)
+    assert [c["column"] for c in curves] == ["similarity", "mi_z"]
+    for c in curves:  # the legend states the same AUC as the app's Research page
+        assert f"AUC {c['auc']:.3f} over {c['n']} labelled slices" in text
+    summary = ui.layer_summary(loaded.table, res.layers, loaded.calibration.flags())
+    for _, row in summary.iterrows():
+        assert f"<td>{row['layer']}</td>" in text
+    # without labels: the panel, no ROC, said in words
+    t = loaded.table.drop(columns=["label"])
+    assert ui.roc_curves(t) == []
+
+
+def test_svg_roc_and_layers_reference_points_and_escaping():
+    c = {"name": "<ours>", "fpr": np.array([0.0, 0.0, 0.5, 1.0]), "tpr": np.array([0.0, 0.5, 1.0, 1.0]),
+         "auc": 0.875, "n": 8}  # fmt: skip
+    svg = svg_roc([c], width=152, height=160)
+    assert "&lt;ours&gt;: AUC 0.875 over 8 labelled slices" in svg and "<ours>" not in svg
+    pts = re.search(r'<polyline points="([^"]+)"', svg).group(1).split()
+    xy = np.array([[float(v) for v in q.split(",")] for q in pts])
+    # plot area: x from 52 over 84 px, y from 12 over (160 - 12 - 62) = 86 px; a step goes right, then up
+    ref = [(0, 0), (0, 0), (0, 0.5), (0.5, 0.5), (0.5, 1), (1, 1), (1, 1)]
+    assert_allclose(xy, [(52 + 84 * x, 12 + (1 - y) * 86) for x, y in ref], atol=0.06)
+    table = pd.DataFrame({"sim_a": [0.1, 0.2, 0.9, 0.8], "sim_b<": [0.3, 0.3, 0.7, 0.6]})
+    svg = svg_layers(table, ["a", "b<"], np.array([False, False, True, True]))
+    assert svg.count("<circle") == 4 + 2 and "b&lt;" in svg and "(n=2)" in svg
