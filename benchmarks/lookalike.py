@@ -65,6 +65,7 @@ DEFAULT_CONDITIONS: tuple[str, ...] = (
     "orient_transpose",
     "orient_rot90",
     "fov_0.6_0.8",
+    "fov_1.25_1.6",
     "bit8",
 )
 
@@ -91,8 +92,8 @@ class LookalikeConfig:
     sizes: Sequence[int] = (8, 32, 128)
     seeds: Sequence[int] = (0, 1)
     conditions: Sequence[str] = DEFAULT_CONDITIONS
-    n_holdout: int = 10
-    n_novel: int = 10
+    n_holdout: int = 20
+    n_novel: int = 20
     n_copied: int = 2
     methods: dict[str, dict[str, Any]] = field(default_factory=lambda: {"default": {}})
     method_seeds: dict[str, Sequence[int]] = field(default_factory=dict)
@@ -285,6 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--conditions", nargs="+", default=list(DEFAULT_CONDITIONS))
     p.add_argument("--pixels", action="store_true", help="also score the default mode with the pixels extractor")
     p.add_argument("--previous-seeds", type=int, nargs="*", default=[], help="seeds of the previous settings")
+    p.add_argument("--holdout-subjects", type=int, default=LookalikeConfig.n_holdout, help="unseen holdout subjects")
+    p.add_argument("--novel-subjects", type=int, default=LookalikeConfig.n_novel, help="unseen novel subjects")
     p.add_argument("--set", action="append", default=[], metavar="NAME:FIELD=VALUE", help="an extra method")
     p.add_argument("--out", type=Path, default=Path("benchmarks/_out"))
     a = p.parse_args(argv)
@@ -305,7 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         methods["previous"] = dict(PREVIOUS)
         seeds_of["previous"] = a.previous_seeds
     lc = LookalikeConfig(
-        sizes=a.sizes, seeds=sorted({*a.seeds, *a.previous_seeds}), conditions=a.conditions, methods=methods
+        sizes=a.sizes,
+        seeds=sorted({*a.seeds, *a.previous_seeds}),
+        conditions=a.conditions,
+        methods=methods,
+        n_holdout=a.holdout_subjects,
+        n_novel=a.novel_subjects,
     )
     lc.method_seeds = {"default": a.seeds, **seeds_of}
     pc, ps = run(lc, progress=lambda m: print(m, file=sys.stderr, flush=True))
