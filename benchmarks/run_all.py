@@ -368,7 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds["look-alike"] = time.perf_counter() - t0
     volumes3d = None
     if args.reuse_volumes3d is not None:
-        volumes3d = v3.report(["--reuse", "--out", str(args.reuse_volumes3d)])
+        volumes3d = "\n".join(  # every family whose per-volume table the folder holds
+            v3.report(["--reuse", "--family", fam, "--out", str(args.reuse_volumes3d)])
+            for fam in v3.FAMILIES
+            if (args.reuse_volumes3d / f"{v3.family_tag(fam)}_per_volume.csv").exists()
+        )
     elif not args.skip_volumes3d:
         t0 = time.perf_counter()
         quick3d = ["--train", "8", "--holdout", "8", "--novel", "10", "--seeds", "0"] if args.quick else []

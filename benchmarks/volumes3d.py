@@ -353,10 +353,34 @@ def section(per: pd.DataFrame, vt: pd.DataFrame, timings: pd.DataFrame, args: ar
         f"Time per seed (mean): audit {t.audit_s:.0f} s, of which the volume stage {vol_s:.0f} s; "
         f"Dar et al. 3D {t.seconds:.0f} s ({t.steps:.0f} training steps of batch 8 on this CPU, mean over seeds; "
         "their paper trains for 200 epochs on a GPU, so this baseline is trained far less). Volume calibration: "
-        f"{timings.volume_calibration.iloc[0]}.\n"
+        f"{_calibration_words(timings)}.\n"
     )
     lines.append(end)
     return "\n".join(lines)
+
+
+def family_tag(family: str) -> str:
+    """The file prefix of a family's tables in the output folder (``volumes3d`` or ``volumes3d-<family>``)."""
+    return "volumes3d" if family == "mni152" else f"volumes3d-{family}"
+
+
+def _sizes_from_run(args: argparse.Namespace, vt: pd.DataFrame, timings: pd.DataFrame) -> None:
+    """Set ``args.train/holdout/novel/copies/seeds`` from a saved run's tables (the section states what ran)."""
+    first = vt[vt.seed == vt.seed.min()]
+    args.seeds = sorted(int(x) for x in vt.seed.unique())
+    args.train = int(first.n_train.iloc[0])
+    args.novel = int((first.label == "novel").sum())
+    args.copies = int(first[first.label == "copy"].groupby("augmentation").size().max())
+    n_null = int(timings.n_null_volumes.iloc[0]) if "n_null_volumes" in timings else int((first.label == "null").sum())
+    args.holdout = n_null - min(args.train, 64)  # the null: the holdout + up to 64 leave-one-subject-out volumes
+
+
+def _calibration_words(timings: pd.DataFrame) -> str:
+    """The run's volume null (from its timings) and the rule its p-values were recomputed with (the current)."""
+    from inspector.calibration import VOLUME_RULE
+
+    null = str(timings.volume_calibration.iloc[0]).split(";")[0]
+    return f"{null}; {VOLUME_RULE} (recomputed from the saved similarities with the product's current rule)"
 
 
 def write_results(text: str, path: Path = RESULTS, family: str = "mni152") -> None:
@@ -395,7 +419,7 @@ def report(argv: list[str] | None = None) -> str:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "volumes3d" if args.family == "mni152" else f"volumes3d-{args.family}"
+    tag = family_tag(args.family)
     vt_path, tm_path = args.out / f"{tag}_per_volume.csv", args.out / f"{tag}_timings.csv"
     if args.reuse or args.dar_only:
         # "null" (the volume null's rows) is a label here, not a missing value
@@ -423,6 +447,8 @@ def report(argv: list[str] | None = None) -> str:
             pd.DataFrame(tms).to_csv(tm_path, index=False)
             log.info("seed %d done: %s", seed, tm)
         vt, timings = pd.concat(frames), pd.DataFrame(tms)
+    if args.reuse:  # the cohort's sizes from the saved run, not from the command line
+        _sizes_from_run(args, vt, timings)
     vt = recalibrate(vt, 0.01)
     vt["alpha"] = 0.01
     per = metrics(vt)

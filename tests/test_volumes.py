@@ -215,17 +215,16 @@ def _calibration(vol_scores: dict[str, float], vol_null: np.ndarray, groups: np.
     )
 
 
-def test_volume_p_values_are_the_robust_student_t_prediction_on_fisher_z():
+def test_volume_p_values_are_the_robust_student_t_prediction_of_the_similarity():
     from scipy.stats import t as student_t
 
     groups = np.repeat(["a", "b", "c"], 4)
-    null = np.array([0.85, 0.87, 0.88, 0.9, 0.86, 0.84, 0.89])
+    null = np.array([0.85, 0.87, 0.88, 0.9, 0.86, 0.84, 0.89, 0.87, 0.86, 0.88, 0.85, 0.87])
     cal = _calibration({"a": 0.99, "b": 0.86, "c": float("nan")}, null, groups)
-    z = np.arctanh(null)
-    n = z.size
-    med = np.median(z)
-    mad = 1.4826 * np.median(np.abs(z - med))
-    ref = student_t.sf((np.arctanh([0.99, 0.86]) - med) / (mad * math.sqrt(1 + 1 / n)), 0.367 * (n - 1))
+    n = null.size
+    med = np.median(null)
+    mad = 1.4826 * np.median(np.abs(null - med))
+    ref = student_t.sf((np.array([0.99, 0.86]) - med) / (mad * math.sqrt(1 + 1 / n)), 0.367 * (n - 1))
     order = {v: i for i, v in enumerate(cal.volume_ids)}
     assert cal.volume_verified
     assert_allclose([cal.volume_p_values[order["a"]], cal.volume_p_values[order["b"]]], ref, rtol=1e-10)
@@ -254,8 +253,8 @@ def test_volume_flags_hold_their_false_alarm_rate_under_the_null(n_null, alpha):
     rng = np.random.default_rng(42)
     hits = trials = 0
     for _ in range(4000):
-        null = np.tanh(rng.normal(1.4, 0.15, n_null))
-        novel = np.tanh(rng.normal(1.4, 0.15, 10))
+        null = rng.normal(0.87, 0.02, n_null)
+        novel = rng.normal(0.87, 0.02, 10)
         hits += int((volume_prediction_p_values(novel, null) <= alpha).sum())
         trials += novel.size
     rate = hits / trials
@@ -267,7 +266,7 @@ def test_a_low_outlier_in_the_null_does_not_blunt_the_flags():
     from inspector.calibration import volume_prediction_p_values
 
     rng = np.random.default_rng(3)
-    null = np.tanh(rng.normal(1.35, 0.08, 20))
+    null = rng.normal(0.87, 0.015, 20)
     with_outlier = np.r_[null, 0.2]
     p0 = volume_prediction_p_values([0.95], null)[0]
     p1 = volume_prediction_p_values([0.95], with_outlier)[0]
@@ -279,3 +278,21 @@ def test_a_low_outlier_in_the_null_does_not_blunt_the_flags():
 def test_fisher_z_clips():
     assert np.isfinite(fisher_z([1.0, -1.0, 0.5])).all()
     assert fisher_z([0.0])[0] == 0.0
+
+
+def test_the_volume_verdict_is_simes_over_the_volumes_and_holds_its_level():
+    from inspector.calibration import simes, volume_prediction_p_values
+
+    groups = np.repeat(["a", "b", "c"], 4)
+    null = np.array([0.85, 0.87, 0.88, 0.9, 0.86, 0.84, 0.89, 0.87, 0.86, 0.88, 0.85, 0.87])
+    cal = _calibration({"a": 0.95, "b": 0.94, "c": 0.86}, null, groups)
+    v = cal.verdict()
+    assert v.test.startswith("Simes over 3 volumes")
+    assert_allclose(v.test_p_value, simes(cal.volume_p_values), rtol=1e-12)
+    # no copy among 10 synthetic volumes, 24 null volumes from the same distribution: false alarms <= 5 % + noise
+    rng = np.random.default_rng(7)
+    alarms = sum(
+        simes(volume_prediction_p_values(rng.normal(0.87, 0.02, 10), rng.normal(0.87, 0.02, 24))) <= 0.05
+        for _ in range(2000)
+    )
+    assert alarms / 2000 <= 0.05 + 2 * math.sqrt(0.05 * 0.95 / 2000), alarms
