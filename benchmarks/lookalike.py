@@ -338,8 +338,15 @@ def _cohort_text(per_size: pd.DataFrame) -> str:
     seeds = sorted(set(s.seed))
     sizes = sorted(set(s["size"]))
     row = s.iloc[0]
+    fewer = [
+        f"T = {int(n)} on seed{'s' if len(set(g.seed)) > 1 else ''} {', '.join(map(str, sorted(set(g.seed))))} only"
+        for n, g in s.groupby("size")
+        if len(set(g.seed)) < len(seeds)
+    ]
     return (
-        f"Cohorts of {', '.join(map(str, sizes))} training subjects (seeds {', '.join(map(str, seeds))}), each a "
+        f"Cohorts of {', '.join(map(str, sizes))} training subjects (seeds {', '.join(map(str, seeds))}"
+        + (f"; {'; '.join(fewer)}" if fewer else "")
+        + "), each a "
         f"distinct subject generated from the MNI152 template (`benchmarks/cohort.py`: smooth deformation, affine "
         f"jitter, bias field, contrast, Rician noise; 1.5 mm, axial slices 4.5 mm apart), split by subject; the "
         f"holdout is {int(row.n_holdout)} slices of unseen subjects, the novel slices of G are {int(row.n_novel)} "
@@ -353,24 +360,26 @@ def targets(per_cond: pd.DataFrame, per_size: pd.DataFrame, alpha: float = 0.01)
     s = per_size[per_size.method == "default"]
     if d.empty:
         return "_no default-mode rows_"
-    g = d.groupby(["size", "condition"]).mean(numeric_only=True).reset_index()
+    # sizes measured on every seed, then larger ones measured on fewer seeds (a costly extra), each on its own row
+    n_seeds = d.groupby("size").seed.nunique()
+    full = sorted(int(n) for n in n_seeds.index if n_seeds[n] == n_seeds.max())
     rows = []
-    w = g.loc[g.auc.idxmin()]
-    rows.append(
-        [
-            f"slice ROC-AUC >= {TARGET_AUC} at every size and condition",
-            f"worst {w.auc:.4f} ({w.condition}, T = {int(w['size'])})",
-            "yes" if g.auc.min() >= TARGET_AUC else "**no**",
-        ]
-    )
-    w = g.loc[g.recall.idxmin()]
-    rows.append(
-        [
-            f"shortlist recall >= {TARGET_RECALL} at every size and condition",
-            f"worst {w.recall:.4f} ({w.condition}, T = {int(w['size'])})",
-            "yes" if g.recall.min() >= TARGET_RECALL else "**no**",
-        ]
-    )
+    larger = sorted(set(n_seeds.index) - set(full))
+    for sizes, what in ((full, "every size and condition"), (larger, "every condition")):
+        if not sizes:
+            continue
+        g = d[d["size"].isin(sizes)].groupby(["size", "condition"]).mean(numeric_only=True).reset_index()
+        used = sorted(set(d[d["size"].isin(sizes)].seed))
+        note = f" ({', '.join(map(str, sizes))} subjects; seeds {', '.join(map(str, used))})"
+        for col, name, target in (("auc", "slice ROC-AUC", TARGET_AUC), ("recall", "shortlist recall", TARGET_RECALL)):
+            w = g.loc[g[col].idxmin()]
+            rows.append(
+                [
+                    f"{name} >= {target} at {what}{note}",
+                    f"worst {w[col]:.4f} ({w.condition}, T = {int(w['size'])})",
+                    "yes" if g[col].min() >= target else "**no**",
+                ]
+            )
     for a in (0.01, 0.05):
         col = f"fpr_{a}"
         n_nov = s.n_novel.to_numpy()
