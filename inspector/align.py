@@ -872,9 +872,12 @@ def score_alignment(
         torch.from_numpy(alignment.shift.astype(np.float32)),
     )
     out = []
+    orient = [View.parse(f) for f in alignment.flip]
     for start in range(0, f_np.shape[0], 1024):
         sl = slice(start, start + 1024)
-        out.append(_score(ft[sl], mt[sl], p[sl], measure)[0])
+        sc = _score(ft[sl], mt[sl], p[sl], measure)[0]
+        # zoomed pairs as register_pairs scores them: the training slice resampled at the matching resolution
+        out.append(_rescore_zoomed(ft[sl], m_np[sl], p[sl], sc, measure, orient[sl], size, ft.device))
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros(0, np.float32)
 
 

@@ -586,6 +586,7 @@ def test_zoomed_pairs_are_scored_from_the_training_slice_at_matching_resolution(
     low, _ = A._score(f64, resize_square(torch.from_numpy(src), 64), p, "poly_fg")
     assert_allclose(al.ncc, A._score(f64, resize_square(torch.from_numpy(src), 112), p, "poly_fg")[0], atol=1e-5)
     assert (al.ncc > low.numpy() + 0.003).all(), (al.ncc, low)
+    assert_allclose(score_alignment(q, src, al), al.ncc, atol=1e-5)  # the same score, re-computed
     plain = register_pairs(src + 0.0, src, device="cpu")  # zoom 1: the score at 64 px, as before
     p1 = A._params_from_similarity(
         torch.from_numpy(plain.angle).float(), torch.from_numpy(plain.scale).float(),
