@@ -137,6 +137,17 @@ def score_table(
     return table
 
 
+def _mode_per_volume(s: pd.DataFrame, col: str, n_v: int) -> np.ndarray:
+    """Per volume ``v`` (0..n_v-1) the most frequent value of ``s[col]`` ("" for a volume without rows); ties go
+    to the smallest value, as :meth:`pandas.Series.mode` orders them."""
+    out = np.full(n_v, "", dtype=object)
+    if len(s):
+        cnt = s.groupby(["v", col]).size().reset_index(name="n")
+        cnt = cnt.sort_values(["v", "n", col], ascending=[True, False, True], kind="mergesort").drop_duplicates("v")
+        out[cnt["v"].to_numpy()] = cnt[col].to_numpy()
+    return out
+
+
 def volumes_table(
     table: pd.DataFrame,
     calibration: Calibration,
@@ -169,32 +180,54 @@ def volumes_table(
     vi = calibration.volume_index()
     vflags = calibration.volume_flags(alpha, fdr)
     sflags = calibration.flags(alpha, fdr)
-    rows = []
-    for v, vid in enumerate(calibration.volume_ids):
-        mine = table.iloc[np.flatnonzero(vi == v)]
-        paths = mine["nearest_train_path"].astype(str)
-        best = paths.mode().iloc[0] if len(paths) else ""
-        on_best = mine[paths == best]
-        subj = on_best["nearest_train_subject"].astype(str).mode()
-        offset = (on_best["nearest_train_slice"] - on_best["slice_index"]).median() if len(on_best) else np.nan
-        rows.append(
-            {
-                "volume": str(vid),
-                "n_slices": len(mine),
-                "slice_first": int(mine["slice_index"].min()),
-                "slice_last": int(mine["slice_index"].max()),
-                "p_value": float(calibration.volume_p_values[v]),
-                "simes": float(calibration.volume_simes[v]),
-                "flagged": int(vflags[v]),
-                "p_calibration": calibration.volume_calibration,
-                "n_slices_flagged": int(sflags[vi == v].sum()),
-                "max_similarity": float(mine["similarity"].max()),
-                "nearest_train_volume": best,
-                "nearest_train_subject": subj.iloc[0] if len(subj) else "",
-                "match_fraction": float(len(on_best) / len(mine)) if len(mine) else 0.0,
-                "train_slice_offset": float(offset),
-            }
-        )
+    n_v = len(calibration.volume_ids)
+    if n_v == 0:
+        return pd.DataFrame()
+    # vectorised over volumes (this runs on every threshold change in the app): per volume the training volume
+    # most of its slices match (ties: the first in sorted order, as pandas' mode), and on those slices the most
+    # frequent subject and the median slice offset
+    paths = table["nearest_train_path"].astype(str).to_numpy()
+    s = pd.DataFrame(
+        {
+            "v": vi,
+            "path": paths,
+            "subj": table["nearest_train_subject"].astype(str).to_numpy(),
+            "off": pd.to_numeric(table["nearest_train_slice"], errors="coerce").to_numpy(float)
+            - table["slice_index"].to_numpy(float),
+        }
+    )
+    best = _mode_per_volume(s, "path", n_v)
+    on_best = s[s["path"].to_numpy() == best[vi]]
+    subj = _mode_per_volume(on_best, "subj", n_v)
+    offset = on_best.groupby("v")["off"].median().reindex(range(n_v)).to_numpy(float)
+    n_on_best = np.bincount(on_best["v"].to_numpy(), minlength=n_v)
+    n_slices = np.bincount(vi, minlength=n_v)
+    sidx = table["slice_index"].to_numpy()
+    sim = table["similarity"].to_numpy(float)
+    first, last, top = (np.full(n_v, np.nan) for _ in range(3))
+    np.fmin.at(first, vi, sidx.astype(float))
+    np.fmax.at(last, vi, sidx.astype(float))
+    np.fmax.at(top, vi, sim)
+    n_flag = np.bincount(vi, weights=np.asarray(sflags, float), minlength=n_v)
+    rows = [
+        {
+            "volume": str(vid),
+            "n_slices": int(n_slices[v]),
+            "slice_first": int(first[v]),
+            "slice_last": int(last[v]),
+            "p_value": float(calibration.volume_p_values[v]),
+            "simes": float(calibration.volume_simes[v]),
+            "flagged": int(vflags[v]),
+            "p_calibration": calibration.volume_calibration,
+            "n_slices_flagged": int(n_flag[v]),
+            "max_similarity": float(top[v]),
+            "nearest_train_volume": str(best[v]),
+            "nearest_train_subject": str(subj[v]),
+            "match_fraction": float(n_on_best[v] / n_slices[v]) if n_slices[v] else 0.0,
+            "train_slice_offset": float(offset[v]),
+        }
+        for v, vid in enumerate(calibration.volume_ids)
+    ]
     df = pd.DataFrame(rows)
     if df.empty:
         return df

@@ -256,3 +256,40 @@ def test_dicom_series_cohorts_are_audited_per_volume(cohort, tmp_path):
     assert top2.volume_similarity.min() > 0.95 and top2.flagged.all()
     # the volume names are published labels, never the series folders' names
     assert not any("syn-" in str(v) for v in vt.volume)
+
+
+def _volumes_reference(table, cal, alpha, fdr):
+    """The per-volume columns computed volume by volume with pandas (the former implementation)."""
+    vi, vflags, sflags = cal.volume_index(), cal.volume_flags(alpha, fdr), cal.flags(alpha, fdr)
+    rows = []
+    for v, vid in enumerate(cal.volume_ids):
+        mine = table.iloc[np.flatnonzero(vi == v)]
+        paths = mine["nearest_train_path"].astype(str)
+        best = paths.mode().iloc[0]
+        on_best = mine[paths == best]
+        subj = on_best["nearest_train_subject"].astype(str).mode()
+        rows.append(
+            {
+                "volume": str(vid), "n_slices": len(mine), "slice_first": int(mine["slice_index"].min()),
+                "slice_last": int(mine["slice_index"].max()), "flagged": int(vflags[v]),
+                "n_slices_flagged": int(sflags[vi == v].sum()), "max_similarity": float(mine["similarity"].max()),
+                "nearest_train_volume": best, "nearest_train_subject": subj.iloc[0],
+                "match_fraction": len(on_best) / len(mine),
+                "train_slice_offset": float((on_best["nearest_train_slice"] - on_best["slice_index"]).median()),
+            }
+        )  # fmt: skip
+    return pd.DataFrame(rows).set_index("volume")
+
+
+@pytest.mark.parametrize("alpha, fdr", [(0.01, False), (0.05, True), (0.2, False)])
+def test_volumes_table_matches_the_per_volume_reference(result, alpha, fdr):
+    from inspector.attribution import volumes_table
+
+    got = volumes_table(result.table, result.calibration, alpha, fdr).set_index("volume")  # no 3D evidence merged
+    ref = _volumes_reference(result.table, result.calibration, alpha, fdr)
+    got = got.loc[ref.index]
+    for col in ref.columns:
+        if ref[col].dtype.kind in "fi":
+            np.testing.assert_allclose(got[col].to_numpy(float), ref[col].to_numpy(float), err_msg=col)
+        else:
+            assert list(got[col]) == list(ref[col]), col
