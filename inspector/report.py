@@ -114,6 +114,23 @@ def _fmt_tick(v: float) -> str:
     return f"{v:.3g}"
 
 
+def _svg_frame(
+    width: int, height: int, label: str, cls: str, title: str, plot: tuple[float, float, float, float]
+) -> list[str]:
+    """The opening of an inline SVG figure: the ``<svg>`` element (``aria-label`` and class), the title when there
+    is one, and the plot area's frame at ``plot = (left, top, width, height)``; all text escaped."""
+    e = html.escape
+    ml, mt, pw, ph = plot
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+        f'role="img" aria-label="{e(label)}" class="{cls}">'
+    ]
+    if title:
+        parts.append(f'<text x="{ml}" y="18" class="t">{e(title)}</text>')
+    parts.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    return parts
+
+
 def svg_histogram(
     groups: Sequence[tuple[str, Sequence[float] | np.ndarray, str]],
     *,
@@ -170,13 +187,7 @@ def svg_histogram(
         return mt + ph - y / (ymax * 1.08) * ph
 
     e = html.escape
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-        f'role="img" aria-label="{e(title or xlabel)}" class="hist">'
-    ]
-    if title:
-        parts.append(f'<text x="{ml}" y="18" class="t">{e(title)}</text>')
-    parts.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    parts = _svg_frame(width, height, title or xlabel, "hist", title, (ml, mt, pw, ph))
     for t in np.linspace(lo + pad, hi - pad, 5):
         x = sx(float(t))
         parts.append(f'<line x1="{x:.1f}" y1="{mt + ph}" x2="{x:.1f}" y2="{mt + ph + 4}" stroke="#666"/>')
@@ -290,13 +301,7 @@ def svg_roc(curves: Sequence[dict[str, Any]], *, width: int = 560, height: int =
     def sy(y: float) -> float:
         return mt + (1.0 - y) * ph
 
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-        f'role="img" aria-label="{e(title or "ROC")}" class="hist roc">'
-    ]
-    if title:
-        parts.append(f'<text x="{ml}" y="18" class="t">{e(title)}</text>')
-    parts.append(f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
+    parts = _svg_frame(width, height, title or "ROC", "hist roc", title, (ml, mt, pw, ph))
     parts.append(
         f'<line x1="{sx(0):.1f}" y1="{sy(0):.1f}" x2="{sx(1):.1f}" y2="{sy(1):.1f}" stroke="#aaa" '
         'stroke-dasharray="3,3"/>'
@@ -372,12 +377,14 @@ def svg_layers(
     def sy(y: float) -> float:
         return mt + (hi - y) / (hi - lo) * ph
 
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
-        'role="img" aria-label="similarity per feature layer" class="hist layers">',
-        f'<text x="{ml}" y="18" class="t">Similarity to the nearest training slice, per feature layer</text>',
-        f'<rect x="{ml}" y="{mt}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
-    ]
+    parts = _svg_frame(
+        width,
+        height,
+        "similarity per feature layer",
+        "hist layers",
+        "Similarity to the nearest training slice, per feature layer",
+        (ml, mt, pw, ph),
+    )
     for t in np.linspace(lo + pad, hi - pad, 4):
         parts.append(f'<text x="{ml - 4}" y="{sy(float(t)) + 4:.1f}" text-anchor="end">{e(_fmt_tick(float(t)))}</text>')
     for i, (c, v) in enumerate(zip(cols, vals, strict=True)):
