@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -219,6 +220,52 @@ def _run(
     return out
 
 
+def _extract_part(ext: Extractor, images: np.ndarray) -> dict[str, np.ndarray]:
+    """One part of :func:`_run_on_cluster`, on a worker."""
+    return _run(ext, images, stage="extracting", progress=None, num_workers=0, spill_dir=None)
+
+
+def _run_on_cluster(
+    ext: Extractor,
+    images: np.ndarray,
+    executor: Any,
+    *,
+    stage: str,
+    progress: ProgressFn | None,
+    spill_dir: Path | None,
+) -> dict[str, np.ndarray]:
+    """:func:`_run` over parts of whole batches on a cluster's workers (:mod:`inspector.cluster`), joined in order.
+
+    Parts hold whole ``batch_size`` batches, so every batch is the one the single-machine run forms.
+    """
+    from .cluster import part_bounds
+
+    n = len(images)
+    bounds = part_bounds(n, max(1, int(ext.config.batch_size)), 2 * executor.n_workers)
+    out: dict[str, np.ndarray] = {}
+    done = [0]
+
+    def on_done(i: int) -> None:
+        done[0] += bounds[i][1] - bounds[i][0]
+        if progress:
+            progress(stage, done[0], n)
+
+    results = executor.map_parts(_extract_part, ext, [images[a:b] for a, b in bounds], on_done=on_done)
+    for (a, b), part in zip(bounds, results, strict=True):
+        for name, arr in part.items():
+            if name not in out:
+                shape = (n, arr.shape[1])
+                if spill_dir is not None and n * arr.shape[1] * 4 > _MEMMAP_BYTES:
+                    spill_dir.mkdir(parents=True, exist_ok=True)
+                    out[name] = np.lib.format.open_memmap(
+                        spill_dir / f"{stage}-{name}.npy", mode="w+", dtype=np.float32, shape=shape
+                    )
+                else:
+                    out[name] = np.empty(shape, dtype=np.float32)
+            out[name][a:b] = arr
+    return out
+
+
 def extract(
     cohort: Cohort | np.ndarray,
     extractor: str | Extractor = "ssl",
@@ -229,6 +276,7 @@ def extract(
     use_cache: bool = True,
     progress: ProgressFn | None = None,
     num_workers: int = 0,
+    executor: Any = None,
     **overrides,
 ) -> Features:
     """Extract pooled per-layer features for every slice of ``cohort``, for each requested view.
@@ -253,6 +301,8 @@ def extract(
         ``progress(stage, done, total)`` with stages ``training`` and ``extracting[:<view>]``.
     num_workers : int
         DataLoader workers for preparing batches.
+    executor : inspector.cluster.Cluster, optional
+        Extract on a cluster's workers (parts of whole batches, the same numbers); training stays here.
     **overrides
         Extractor config overrides when ``extractor`` is a name.
 
@@ -292,14 +342,20 @@ def extract(
             if progress:
                 progress(f"extracting:{view}", len(images), len(images))
             continue
-        arrays = _run(
-            ext,
-            apply_view(images, view),
-            stage=f"extracting:{view}",
-            progress=progress,
-            num_workers=num_workers,
-            spill_dir=cache.root / "spill" / key[:16] if use_cache else None,
-        )
+        spill = cache.root / "spill" / key[:16] if use_cache else None
+        if executor is not None and len(images) > ext.config.batch_size:
+            arrays = _run_on_cluster(
+                ext, apply_view(images, view), executor, stage=f"extracting:{view}", progress=progress, spill_dir=spill
+            )
+        else:
+            arrays = _run(
+                ext,
+                apply_view(images, view),
+                stage=f"extracting:{view}",
+                progress=progress,
+                num_workers=num_workers,
+                spill_dir=spill,
+            )
         cache.save(
             key,
             arrays,

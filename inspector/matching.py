@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -163,6 +163,10 @@ class MemorizationScorer:
         ``auto``, ``cpu`` or ``cuda`` for the search and the registration.
     chunk : int
         Queries registered per chunk (bounds memory).
+    executor : inspector.cluster.Cluster, optional
+        Score the queries on a cluster's workers (:mod:`inspector.cluster`): more than ``chunk`` queries are cut
+        into parts of whole chunks, each worker holds one copy of the fitted scorer, and the parts' results are
+        joined in order; the same numbers as without it. Not pickled with the scorer.
     """
 
     def __init__(
@@ -180,6 +184,7 @@ class MemorizationScorer:
         verify_top: int = 3,
         device: str = "auto",
         chunk: int = 256,
+        executor: Any = None,
     ) -> None:
         self.shrinkage = shrinkage
         self.shortlist = shortlist
@@ -193,6 +198,7 @@ class MemorizationScorer:
         self.verify_top = verify_top
         self.device = device
         self.chunk = chunk
+        self.executor = executor
 
     # ------------------------------------------------------------------ fitting
     def fit(
@@ -223,6 +229,8 @@ class MemorizationScorer:
             raise ValueError(f"shortlist and top_k must be >= 1; got {self.shortlist}, {self.top_k}.")
         if self.align_flips not in ("all", "matched"):
             raise ValueError(f"align_flips must be 'all' or 'matched'; got {self.align_flips!r}.")
+        if self.executor is not None:  # the workers' copy of an earlier fit
+            self.executor.forget(self)
         self.layers_ = list(train_layers)
         n = {np.asarray(v).shape[0] for v in train_layers.values()}
         if len(n) != 1:
@@ -373,6 +381,9 @@ class MemorizationScorer:
             if images.ndim != 3 or images.shape[0] != m:
                 raise ValueError(f"images must have shape ({m}, H, W); got {images.shape}.")
 
+        if self.executor is not None and m > self.chunk:
+            return self._score_on_cluster(query_views, images, qg, progress, stage)
+
         # 1. whitened features per view, concatenated search over all views
         white = {v: {layer: self._white(layer, query_views[v][layer]) for layer in self.layers_} for v in views}
         kc = min(self.n_, max(self.shortlist, self.margin_k))
@@ -442,6 +453,48 @@ class MemorizationScorer:
             alignment=alignment,
             candidates=cand,
         )
+
+    # ------------------------------------------------------------------ on a cluster
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["executor"] = None  # a connection to a cluster is not part of the fitted scorer
+        state.pop("holdout_result_", None)
+        return state
+
+    def _score_on_cluster(
+        self,
+        query_views: Mapping[str, Mapping[str, np.ndarray]],
+        images: np.ndarray | None,
+        groups: np.ndarray | None,
+        progress: ProgressFn | None,
+        stage: str,
+    ) -> MatchResult:
+        """score_samples over parts of whole ``chunk``s of the queries, on the executor's workers, joined in order."""
+        from .cluster import part_bounds
+
+        ex = self.executor
+        m = np.asarray(query_views["id"][self.layers_[0]]).shape[0]
+        bounds = part_bounds(m, self.chunk, 2 * ex.n_workers)
+        parts = [
+            (
+                {v: {layer: np.asarray(a)[s:e] for layer, a in d.items()} for v, d in query_views.items()},
+                None if images is None else images[s:e],
+                None if groups is None else groups[s:e],
+                stage,
+            )
+            for s, e in bounds
+        ]
+        log.info("scoring %d %s queries in %d parts on %d workers", m, stage, len(parts), ex.n_workers)
+        done = [0]
+
+        def on_done(i: int) -> None:
+            done[0] += bounds[i][1] - bounds[i][0]
+            if progress:
+                progress(f"aligning:{stage}", done[0], m)
+
+        if progress:
+            progress(f"aligning:{stage}", 0, m)
+        return concat_match_results(ex.map_parts(_score_part, self, parts, on_done=on_done))
 
     def null_scores(
         self,
@@ -587,6 +640,72 @@ class MemorizationScorer:
                 best_other = s[j][valid[j]].min() if valid[j].any() else best_same
             out[j] = float(best_same - best_other) if np.isfinite(best_same) else 0.0
         return out
+
+
+def _score_part(scorer: MemorizationScorer, part: tuple[Any, ...]) -> MatchResult:
+    """One part of :meth:`MemorizationScorer._score_on_cluster`, on a worker."""
+    views, images, groups, stage = part
+    return scorer.score_samples(views, images=images, groups=groups, stage=stage)
+
+
+def concat_match_results(results: Sequence[MatchResult]) -> MatchResult:
+    """Join the results of consecutive parts of one query set into one, rows in order.
+
+    Parameters
+    ----------
+    results : sequence of MatchResult
+        Of the same matcher and layers; ``candidates`` may differ in width (padded with ``-1`` on the right).
+
+    Returns
+    -------
+    MatchResult
+    """
+    if not results:
+        raise ValueError("concat_match_results needs at least one MatchResult.")
+    if len(results) == 1:
+        return results[0]
+
+    def cat(name: str) -> np.ndarray:
+        return np.concatenate([getattr(r, name) for r in results])
+
+    def cat_dict(name: str) -> dict[str, np.ndarray]:
+        first = getattr(results[0], name)
+        return {layer: np.concatenate([getattr(r, name)[layer] for r in results]) for layer in first}
+
+    alignment = None
+    if all(r.alignment is not None for r in results):
+        als = [r.alignment for r in results]
+        fields = ("overlap", "train_index")
+        opt = {
+            f: (np.concatenate([getattr(a, f) for a in als]) if all(getattr(a, f) is not None for a in als) else None)
+            for f in fields
+        }
+        alignment = Alignment(
+            ncc=np.concatenate([a.ncc for a in als]),
+            angle=np.concatenate([a.angle for a in als]),
+            scale=np.concatenate([a.scale for a in als]),
+            shift=np.concatenate([a.shift for a in als]),
+            flip=np.concatenate([a.flip for a in als]),
+            **opt,
+        )
+    candidates = None
+    if all(r.candidates is not None for r in results):
+        width = max(r.candidates.shape[1] for r in results)
+        candidates = np.concatenate(
+            [np.pad(r.candidates, ((0, 0), (0, width - r.candidates.shape[1])), constant_values=-1) for r in results]
+        )
+    return MatchResult(
+        similarity=cat("similarity"),
+        feature_similarity=cat("feature_similarity"),
+        layer_similarity=cat("layer_similarity"),
+        nearest=cat("nearest"),
+        view=cat("view"),
+        neighbours=cat_dict("neighbours"),
+        neighbour_sims=cat_dict("neighbour_sims"),
+        margin=cat("margin"),
+        alignment=alignment,
+        candidates=candidates,
+    )
 
 
 def _scaled_concat(parts: Sequence[np.ndarray]) -> np.ndarray:

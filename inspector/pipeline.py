@@ -271,8 +271,11 @@ def extract_features(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: ProgressFn | None = None,
+    executor: Any = None,
 ) -> FeatureSet:
-    """Fit the extractor on T when it needs fitting (cached), then extract every cohort's views (cached)."""
+    """Fit the extractor on T when it needs fitting (cached), then extract every cohort's views (cached).
+
+    ``executor`` (an :class:`inspector.cluster.Cluster`) extracts on its workers; the same features."""
     from .features import extract, prepare_extractor
 
     cfg = config or AuditConfig()
@@ -283,7 +286,7 @@ def extract_features(
     t1 = time.perf_counter()
     views = query_views(cfg)
     train_views = views if (cfg.mode == "default" and inputs.holdout is None) else ("id",)
-    kw: dict[str, Any] = {"cache_dir": cache_dir, "use_cache": use_cache, "progress": progress}
+    kw: dict[str, Any] = {"cache_dir": cache_dir, "use_cache": use_cache, "progress": progress, "executor": executor}
     ft = extract(inputs.train, ext, views=train_views, **kw)
     fg = extract(inputs.synthetic, ext, views=views, **kw)
     fh = extract(inputs.holdout, ext, views=views, **kw) if inputs.holdout is not None else None
@@ -351,8 +354,12 @@ def match(
     config: AuditConfig | None = None,
     *,
     progress: ProgressFn | None = None,
+    executor: Any = None,
 ) -> Matches:
     """Score the synthetic set and the null through one matcher, and the paper's MI/ONI of the synthetic set.
+
+    ``executor`` (an :class:`inspector.cluster.Cluster`) scores the default mode's queries on its workers (the
+    same scores); the paper mode's scores are cheap and stay here.
 
     Raises
     ------
@@ -367,7 +374,10 @@ def match(
     if progress:
         progress("scoring:paper", 1, 1)
     img_t = inputs.images("train", cfg.size)
-    matcher = make_matcher(cfg, paper=paper).fit(features.train.layers, images=img_t, groups=groups)
+    matcher = make_matcher(cfg, paper=paper)
+    if executor is not None and hasattr(matcher, "executor"):
+        matcher.executor = executor
+    matcher = matcher.fit(features.train.layers, images=img_t, groups=groups)
     res = matcher.score_samples(
         features.synthetic.views, images=inputs.images("synthetic", cfg.size), progress=progress, stage="synthetic"
     )
@@ -644,6 +654,7 @@ def audit(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     progress: ProgressFn | None = None,
+    cluster: Any = None,
 ) -> AuditResult:
     """Audit a synthetic set for copies of training slices: the stages above, in order.
 
@@ -664,6 +675,10 @@ def audit(
         Read and write the embedding cache.
     progress : callable, optional
         ``progress(stage, done, total)`` for loading, training, extracting, searching, aligning, scoring.
+    cluster : str or inspector.cluster.Cluster, optional
+        Extract and match on a Dask cluster's workers (:mod:`inspector.cluster`): an open :class:`Cluster`, or an
+        address (``"local:N"``, ``"tcp://HOST:PORT"``) connected for this audit and closed after it. The same
+        result as without it.
 
     Returns
     -------
@@ -684,12 +699,21 @@ def audit(
     from .naming import build_naming, publish
 
     cfg = config or AuditConfig()
+    if isinstance(cluster, str):
+        from .cluster import connect
+
+        with connect(cluster) as c:
+            return audit(
+                train, synthetic, holdout, cfg, cache_dir=cache_dir, use_cache=use_cache, progress=progress, cluster=c
+            )
     t0 = time.perf_counter()
     # the pseudonym key before any data is read (a bad key file is bad input, found at once)
     key = None if cfg.show_paths else load_or_create_key()
     inputs = load_inputs(train, synthetic, holdout, cfg, progress)
-    features = extract_features(inputs, cfg, cache_dir=cache_dir, use_cache=use_cache, progress=progress)
-    matches = match(inputs, features, cfg, progress=progress)
+    features = extract_features(
+        inputs, cfg, cache_dir=cache_dir, use_cache=use_cache, progress=progress, executor=cluster
+    )
+    matches = match(inputs, features, cfg, progress=progress, executor=cluster)
     vols = verify_volumes(inputs, matches, cfg, progress=progress)
     calibration = calibrate(matches, inputs, cfg, vols)
     t4 = time.perf_counter()

@@ -1,0 +1,390 @@
+"""The scale curve: the whole audit at T = 1k, 10k (and 100k) training slices, G = H = 10 % of T (issue 17).
+
+Usage::
+
+    python -m benchmarks.bench_scale [--sizes 1000 10000] [--warm] [--cluster local:2] [--update-results]
+
+Data: 3D look-alike cohorts of :mod:`benchmarks.volumes3d_data` (distinct subjects made from the MNI152 template,
+cropped to the head, 1.5 x 1.5 x 3 mm, about 38 axial slices per volume) written as NIfTI folders, as many
+subjects as the size needs: ``ceil(T / 38)`` training volumes, ``ceil(0.1 T / 38)`` holdout volumes and as many
+synthetic volumes (half novel subjects, half copies of training volumes under the 3D conditions). Cached in
+``benchmarks/_data/scale-<T>/``.
+
+Per size, the product's :func:`inspector.audit` runs in a fresh Python process (so that its peak RSS is its own),
+with an empty cache (**cold**: the encoder is trained, every embedding extracted) and, with ``--warm``, once more
+on the same cache (**warm**: encoder and embeddings cached). Reported: wall time per stage (the audit's own
+``timings``), peak RSS per stage (sampled every 0.1 s from /proc) and over the run, slices per second end to end.
+
+Then, in this process, at the run's sizes (m = G + H queries, n = T, d = 240, the ``ssl`` encoder's concatenated
+layers; clustered data as in :mod:`benchmarks.bench_index`): the machine's float32 GEMM rate (``Q @ B.T``), the
+product's exact search (:func:`inspector.index.knn`, k = 32, the shortlist's ``margin_k``), faiss ``IndexFlatIP``
+and scikit-learn's brute-force ``NearestNeighbors``, each as seconds and as the fraction of the GEMM rate its
+``2 m n d`` flops reach; and the registration rate (:func:`inspector.align.register_pairs` on synthetic slices
+against training slices, every orientation, at the default 64 px and at the 32 px pre-pass of pruned
+verification), in pairs per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DATA = HERE / "_data"
+SLICES_PER_VOLUME = 38  # the cropped, 3 mm subjects of volumes3d_data (measured counts are reported)
+SEARCH_D = 240
+SEARCH_K = 32
+
+log = logging.getLogger("benchmarks.bench_scale")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def cohort_for(size: int, seed: int = 0) -> Any:
+    """The NIfTI cohort of about ``size`` training slices (cached)."""
+    from benchmarks.volumes3d_data import CONDITIONS_3D, make_volume_cohort
+
+    n_train = max(2, math.ceil(size / SLICES_PER_VOLUME))
+    n_side = max(2, math.ceil(0.1 * size / SLICES_PER_VOLUME))
+    n_copies = min(len(CONDITIONS_3D), max(1, n_side // 2))
+    n_novel = max(1, n_side - n_copies)
+    conditions = list(CONDITIONS_3D)[:n_copies]
+    return make_volume_cohort(
+        DATA / f"scale-{size}",
+        n_train,
+        n_holdout=n_side,
+        n_novel=n_novel,
+        copies_per_condition=1,
+        conditions=conditions,
+        seed=seed,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ memory
+def rss_mb() -> float:
+    """Resident set size of this process now, MB (from /proc; 0 where unavailable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class StageSampler:
+    """Samples RSS every ``period`` s and keeps the peak per stage (the stage of the last progress event)."""
+
+    def __init__(self, period: float = 0.1) -> None:
+        self.stage = "loading"
+        self.peaks: dict[str, float] = {}
+        self.first: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, args=(period,), daemon=True)
+        self.t0 = time.perf_counter()
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        name = stage.split(":", 1)[0]
+        if name != self.stage:
+            self.stage = name
+            self.first.setdefault(name, time.perf_counter() - self.t0)
+
+    def _run(self, period: float) -> None:
+        while not self._stop.wait(period):
+            r = rss_mb()
+            self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), r)
+
+    def __enter__(self) -> StageSampler:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+# ------------------------------------------------------------------------------------------------ one audit
+def run_one(root: Path, cache: Path, out: Path, extractor: str, cluster: str | None) -> None:
+    """One audit in this process; writes its timings and memory to ``out`` (JSON)."""
+    import torch
+
+    import inspector
+    from inspector.config import AuditConfig
+
+    base = rss_mb()
+    cfg = AuditConfig(extractor=extractor, show_paths=True)
+    with StageSampler() as sampler:
+        t0 = time.perf_counter()
+        res = inspector.audit(
+            root / "train", root / "synthetic", root / "holdout", cfg, cache_dir=cache, progress=sampler.progress,
+            cluster=cluster,
+        )
+        wall = time.perf_counter() - t0
+    n = {"train": len(res.train), "synthetic": len(res.synthetic), "holdout": len(res.holdout or [])}
+    out.write_text(
+        json.dumps(
+            {
+                "n": n,
+                "timings": res.timings,
+                "wall": wall,
+                "base_rss_mb": base,
+                "peak_rss_mb": peak_rss_mb(),
+                "stage_peak_mb": sampler.peaks,
+                "unit": res.config.unit,
+                "flagged": int(res.table["flagged"].sum()),
+                "verdict": res.verdict.copying_reason,
+                "torch_threads": torch.get_num_threads(),
+                "cluster": cluster,
+            }
+        )
+    )
+
+
+def audit_in_subprocess(root: Path, cache: Path, extractor: str, cluster: str | None, timeout: float) -> dict:
+    out = cache.parent / f"{cache.name}-{int(time.time() * 1000)}.json"
+    cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--one", str(root), "--cache", str(cache), "--json",
+           str(out), "--extractor", extractor]
+    if cluster:
+        cmd += ["--cluster", cluster]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if p.returncode != 0:
+        raise RuntimeError(f"audit at {root} failed ({p.returncode}):\n" + "\n".join(p.stderr.splitlines()[-20:]))
+    r = json.loads(out.read_text())
+    r["process_s"] = time.perf_counter() - t0
+    return r
+
+
+# ------------------------------------------------------------------------------------------------ rates
+def _median_time(fn, runs: int = 3) -> float:
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def search_rates(m: int, n: int, d: int = SEARCH_D, k: int = SEARCH_K, seed: int = 0) -> dict[str, float]:
+    """Seconds of GEMM, the product's exact knn, faiss IndexFlatIP and sklearn brute force at (m, n, d)."""
+    import faiss
+    from sklearn.neighbors import NearestNeighbors
+
+    from benchmarks.bench_index import clustered
+    from inspector.index import knn
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 100), d)).astype(np.float32)
+    base = clustered(n, d, centres, rng)
+    query = clustered(m, d, centres, rng)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    flops = 2.0 * m * n * d
+    step = 4096  # GEMM in the blocks the search uses, so the reference needs no m x n matrix
+
+    def gemm() -> None:
+        for s in range(0, m, step):
+            np.matmul(query[s : s + step], base.T)
+
+    out = {"gemm": _median_time(gemm)}
+    out["knn"] = _median_time(lambda: knn(query, base, k, metric="ip", exact=True))
+    index = faiss.IndexFlatIP(d)
+    index.add(base)
+    out["faiss_flat"] = _median_time(lambda: index.search(query, k))
+    nn = NearestNeighbors(n_neighbors=k, algorithm="brute", metric="cosine").fit(base)
+    out["sklearn_brute"] = _median_time(lambda: nn.kneighbors(query), runs=1 if m * n > 5e7 else 3)
+    return {"flops": flops, **out}
+
+
+def registration_rates(root: Path, pairs: int = 384, seed: int = 0) -> dict[str, float]:
+    """Pairs per second of register_pairs at 64 px (every orientation) and of the 32 px pre-pass."""
+    from inspector.align import register_pairs
+    from inspector.config import AuditConfig
+    from inspector.io import LoadConfig, load_cohort
+    from inspector.preprocess import PreprocessConfig
+    from inspector.views import FLIPS, View, training_to_query
+
+    lc = LoadConfig(axis=2, preprocess=PreprocessConfig(size=128))
+    syn = load_cohort(root / "synthetic", lc).stack(size=128)
+    tr = load_cohort(root / "holdout", lc).stack(size=128)
+    rng = np.random.default_rng(seed)
+    a = syn[rng.integers(0, len(syn), pairs)]
+    b = tr[rng.integers(0, len(tr), pairs)]
+    # the orientations the matcher searches (MemorizationScorer._rerank with the default views)
+    orient = list(dict.fromkeys([*FLIPS, *(View.parse(training_to_query(v).value) for v in AuditConfig().views)]))
+    full = _median_time(lambda: register_pairs(a, b, orientations=orient, size=64, device="cpu"), runs=2)
+    pre = _median_time(
+        lambda: register_pairs(
+            a, b, orientations=orient, size=32, coarse_size=32, iterations=(8, 0), flip_candidates=1, device="cpu"
+        ),
+        runs=2,
+    )
+    return {"pairs": pairs, "full_s": full, "pre_s": pre, "orientations": len(orient)}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def machine() -> str:
+    import torch
+
+    from benchmarks.bench_index import cpu_model
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{cpu_model()}, {cores} cores usable, {mem:.0f} GB RAM; torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), CUDA {torch.cuda.is_available()}; Python {platform.python_version()}; "
+        f"load average {load}"
+    )
+
+
+STAGES = ("loading", "training", "extracting", "scoring", "volumes", "baselines")
+
+
+def render(rows: list[dict], rates: list[dict], header: str) -> str:
+    lines = [header, ""]
+    lines.append(
+        "| T | G | H | run | " + " | ".join(f"{s} s" for s in STAGES) + " | total s | slices/s | peak RSS MB | "
+        "peak RSS stage | flagged | verdict |"
+    )
+    lines.append("|" + "---:|" * 3 + "---|" + "---:|" * (len(STAGES) + 3) + "---|---:|---|")
+    for r in rows:
+        n, t = r["n"], r["timings"]
+        total = t.get("total", r["wall"])
+        slices = n["train"] + n["synthetic"] + n["holdout"]
+        stage_peak = max(r["stage_peak_mb"], key=r["stage_peak_mb"].get) if r["stage_peak_mb"] else "-"
+        cells = [f"{t.get(s, 0.0):.1f}" if s in t else "-" for s in STAGES]
+        lines.append(
+            f"| {n['train']:,} | {n['synthetic']:,} | {n['holdout']:,} | {r['run']} | " + " | ".join(cells)
+            + f" | {total:.1f} | {slices / total:.0f} | {r['peak_rss_mb']:.0f} | {stage_peak} | {r['flagged']} | "
+            f"{r['verdict']} |"
+        )
+    lines += ["", "Search at the run's sizes (m = G + H queries, n = T, d = 240, k = 32; median of 3; fraction of the "
+              "GEMM rate = (2 m n d / seconds) / the GEMM's):", ""]
+    lines.append("| m | n | GEMM s (GFLOP/s) | inspector knn s (of GEMM) | faiss IndexFlatIP s (of GEMM) | "
+                 "sklearn brute s (of GEMM) | knn / sklearn |")
+    lines.append("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rates:
+        s = r["search"]
+        g = s["flops"] / s["gemm"]
+
+        def cell(key: str, s=s, g=g) -> str:
+            return f"{s[key]:.3f} ({s['flops'] / s[key] / g:.0%})"
+
+        lines.append(
+            f"| {r['m']:,} | {r['n']:,} | {s['gemm']:.3f} ({g / 1e9:.1f}) | {cell('knn')} | {cell('faiss_flat')} | "
+            f"{cell('sklearn_brute')} | {s['sklearn_brute'] / s['knn']:.1f}x |"
+        )
+    reg = next((r["registration"] for r in rates if r.get("registration")), None)
+    if reg:
+        lines += [
+            "",
+            f"Registration (register_pairs, {reg['pairs']} synthetic-training pairs, "
+            f"{reg['orientations']} orientations searched, CPU, median of 2): "
+            f"**{reg['pairs'] / reg['full_s']:.0f} pairs/s** at 64 px (the verification); "
+            f"{reg['pairs'] / reg['pre_s']:.0f} pairs/s at the 32 px pre-pass of pruned verification.",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def update_results(text: str, command: str, seconds: float, machine_line: str) -> Path:
+    """Put this run's section into benchmarks/RESULTS.md under "Speed and memory" (replacing an older one)."""
+    path = HERE / "RESULTS.md"
+    doc = path.read_text(encoding="utf-8")
+    title = "### Scale: the whole audit as the study grows (`bench_scale`)"
+    date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    section = (
+        f"{title}\n\n- Machine: {machine_line}\n- Date: {date}\n- Command: `{command}`\n- Status: ok, {seconds:.0f} s "
+        f"wall\n\n{text.strip()}\n"
+    )
+    pattern = re.compile(re.escape(title) + r".*?(?=\n### |\n## |\Z)", re.S)
+    if pattern.search(doc):
+        doc = pattern.sub(lambda _m: section.rstrip("\n"), doc)
+    else:
+        anchor = "## Speed and memory\n"
+        if anchor not in doc:
+            raise SystemExit("RESULTS.md has no 'Speed and memory' section; run python -m benchmarks.run_all first.")
+        head, tail = doc.split(anchor, 1)
+        # after the section's introduction paragraph
+        intro, rest = tail.split("\n### ", 1) if "\n### " in tail else (tail, "")
+        doc = head + anchor + intro.rstrip("\n") + "\n\n" + section + ("\n### " + rest if rest else "")
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="training slices T per point")
+    p.add_argument("--warm", action="store_true", help="also time a second run on the warm cache")
+    p.add_argument("--extractor", default="ssl")
+    p.add_argument("--cluster", default=None, help="run the audits on this cluster (inspector.cluster addresses)")
+    p.add_argument("--timeout", type=float, default=4 * 3600)
+    p.add_argument("--skip-rates", action="store_true")
+    p.add_argument("--update-results", action="store_true", help="write the section into benchmarks/RESULTS.md")
+    p.add_argument("--one", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--json", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    if args.one:
+        run_one(args.one, args.cache, args.json, args.extractor, args.cluster)
+        return 0
+    t_start = time.perf_counter()
+    machine_line = machine()
+    rows, rates = [], []
+    for size in args.sizes:
+        t0 = time.perf_counter()
+        info = cohort_for(size)
+        log.info("T=%d: cohort ready in %.0f s at %s", size, time.perf_counter() - t0, info.root)
+        cache = DATA / f"scale-cache-{size}-{args.extractor}"
+        if cache.exists():
+            import shutil
+
+            shutil.rmtree(cache)
+        runs = ["cold", "warm"] if args.warm else ["cold"]
+        last = None
+        for run in runs:
+            r = audit_in_subprocess(info.root, cache, args.extractor, args.cluster, args.timeout)
+            r["run"] = run + (f", cluster {args.cluster}" if args.cluster else "")
+            log.info("T=%d %s: %.0f s, peak RSS %.0f MB", size, run, r["wall"], r["peak_rss_mb"])
+            rows.append(r)
+            last = r
+        if not args.skip_rates and last is not None:
+            m = last["n"]["synthetic"] + last["n"]["holdout"]
+            n = last["n"]["train"]
+            entry = {"m": m, "n": n, "search": search_rates(m, n)}
+            if size == args.sizes[0]:
+                entry["registration"] = registration_rates(info.root)
+            rates.append(entry)
+    header = f"Machine: {machine_line}. Extractor {args.extractor}, default mode, unit auto; cold = empty cache."
+    text = render(rows, rates, header)
+    print(text)
+    if args.update_results:
+        cmd = "python -m benchmarks.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])
+        log.info("wrote %s", update_results(text, cmd.strip(), time.perf_counter() - t_start, machine_line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
