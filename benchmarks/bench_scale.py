@@ -47,6 +47,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 DATA = HERE / "_data"
+OUT = HERE / "_out"
 SLICES_PER_VOLUME = 38  # the cropped, 3 mm subjects of volumes3d_data (measured counts are reported)
 SEARCH_D = 240
 SEARCH_K = 32
@@ -225,7 +226,7 @@ def registration_rates(root: Path, pairs: int = 384, seed: int = 0) -> dict[str,
     from inspector.preprocess import PreprocessConfig
     from inspector.views import FLIPS, View, training_to_query
 
-    lc = LoadConfig(axis=2, preprocess=PreprocessConfig(size=128))
+    lc = LoadConfig(axis="axial", preprocess=PreprocessConfig(size=128))
     syn = load_cohort(root / "synthetic", lc).stack(size=128)
     tr = load_cohort(root / "holdout", lc).stack(size=128)
     rng = np.random.default_rng(seed)
@@ -370,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
             log.info("T=%d %s: %.0f s, peak RSS %.0f MB", size, run, r["wall"], r["peak_rss_mb"])
             rows.append(r)
             last = r
+            OUT.mkdir(parents=True, exist_ok=True)
+            (OUT / "bench_scale_rows.json").write_text(json.dumps(rows, indent=1))
         if not args.skip_rates and last is not None:
             m = last["n"]["synthetic"] + last["n"]["holdout"]
             n = last["n"]["train"]

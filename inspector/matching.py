@@ -26,7 +26,7 @@ import numpy as np
 
 from .align import Alignment, register_pairs
 from .descriptors import DESCRIPTOR_ZOOMS, structure_descriptor
-from .index import knn
+from .index import NeighbourIndex
 from .scores import PaperScorer, Whitener
 from .types import ProgressFn
 from .views import FLIPS, View, training_to_query
@@ -231,6 +231,7 @@ class MemorizationScorer:
             raise ValueError(f"align_flips must be 'all' or 'matched'; got {self.align_flips!r}.")
         if self.executor is not None:  # the workers' copy of an earlier fit
             self.executor.forget(self)
+        self._indexes: dict[str, NeighbourIndex] = {}
         self.layers_ = list(train_layers)
         n = {np.asarray(v).shape[0] for v in train_layers.values()}
         if len(n) != 1:
@@ -313,15 +314,42 @@ class MemorizationScorer:
         for base, entries in bases:
             # a slice may hit under several zooms: ask for enough neighbours to keep k distinct slices
             k = min(base.shape[0], self.descriptor_shortlist * entries)
-            tg_b = None if tg is None else np.tile(tg, entries)
             sims, idx, view_of = [], [], []
             for i, q in enumerate(per_view):
-                s_, ix = knn(q, base, k, metric="ip", query_groups=qg, base_groups=tg_b)
+                s_, ix = self._search("desc" if entries == 1 else "desc_zoom", q, k, qg)
                 sims.append(s_)
                 idx.append(np.where(ix >= 0, ix % self.n_, -1))
                 view_of.append(np.full(ix.shape[1], i))
             out.append((np.concatenate(sims, 1), np.concatenate(idx, 1), np.concatenate(view_of)))
         return out
+
+    def _search(self, base: str, query: np.ndarray, k: int, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k of ``query`` in one of the fitted search bases, through an index built once per base and fit.
+
+        ``base``: ``"concat"`` (the whitened layers, concatenated), ``"layer:<name>"``, ``"desc"`` or ``"desc_zoom"``
+        (the structure descriptor of the training slices, and of their zoomed entries). ``groups`` (m,) excludes
+        each query's own group (leave-one-subject-out). The same answer as :func:`~inspector.index.knn` on that
+        base; the index (normalised base, group codes, an approximate or GPU index when one is used) is reused by
+        every view and every query set instead of being rebuilt per call.
+        """
+        indexes = self.__dict__.setdefault("_indexes", {})
+        index = indexes.get(base)
+        if index is None:
+            if base == "concat":
+                x, entries = self.train_concat_, 1
+            elif base.startswith("layer:"):
+                x, entries = self.train_white_[base.split(":", 1)[1]], 1
+            elif base == "desc":
+                x, entries = self.desc_train_, 1
+            elif base == "desc_zoom" and self.desc_zoom_train_ is not None:
+                x = self.desc_zoom_train_
+                entries = x.shape[0] // self.n_
+            else:
+                raise KeyError(f"no search base {base!r}")
+            g = None if self.groups_ is None else np.tile(self.groups_, entries)
+            index = NeighbourIndex(metric="ip", device=self.device).fit(x, groups=g)
+            indexes[base] = index
+        return index.search(query, k, groups=groups)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "train_concat_"):
@@ -389,7 +417,7 @@ class MemorizationScorer:
         kc = min(self.n_, max(self.shortlist, self.margin_k))
         sims_v, idx_v = [], []
         for i, v in enumerate(views):
-            s, ix = knn(self._concat(white[v]), self.train_concat_, kc, metric="ip", query_groups=qg, base_groups=tg)
+            s, ix = self._search("concat", self._concat(white[v]), kc, qg)
             sims_v.append(s)
             idx_v.append(ix)
             if progress:
@@ -427,14 +455,7 @@ class MemorizationScorer:
             if sel.size == 0:
                 continue
             for layer in self.layers_:
-                s, ix = knn(
-                    white[v][layer][sel],
-                    self.train_white_[layer],
-                    k,
-                    metric="ip",
-                    query_groups=None if qg is None else qg[sel],
-                    base_groups=tg,
-                )
+                s, ix = self._search(f"layer:{layer}", white[v][layer][sel], k, None if qg is None else qg[sel])
                 neighbours[layer][sel] = ix
                 neighbour_sims[layer][sel] = np.where(ix >= 0, s, -1.0)
         layer_similarity = np.stack([neighbour_sims[layer][:, 0] for layer in self.layers_], axis=1)
@@ -459,6 +480,7 @@ class MemorizationScorer:
         state = dict(self.__dict__)
         state["executor"] = None  # a connection to a cluster is not part of the fitted scorer
         state.pop("holdout_result_", None)
+        state.pop("_indexes", None)  # rebuilt on first use (an approximate or GPU faiss index does not pickle)
         return state
 
     def _score_on_cluster(

@@ -174,7 +174,10 @@ def small_chunks():
     mp.undo()
 
 
-COLUMNS = ["similarity", "p_value", "mi", "mi_z", "oni", "flagged", "nearest_train", "view", "feature_similarity"]
+COLUMNS = [
+    "similarity", "p_value", "mi", "mi_z", "oni", "flagged", "nearest_train_path", "nearest_train_slice", "view",
+    "feature_similarity",
+]
 
 
 def _frame(table: pd.DataFrame) -> pd.DataFrame:

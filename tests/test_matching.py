@@ -136,3 +136,37 @@ def test_zoomed_descriptor_entries_find_a_zoomed_in_copy(train: np.ndarray) -> N
     np.testing.assert_allclose(r_on.alignment.scale[ok], zoom.numpy()[ok], rtol=0.05)
     with pytest.raises(ValueError, match="descriptor_zooms"):
         MemorizationScorer(descriptor_zooms=(0.8,), **kw).fit(feats, images=train)
+
+
+def test_search_indexes_are_built_once_and_answer_as_knn(train: np.ndarray, monkeypatch) -> None:
+    """Every search base gets one index per fit, reused by every view and query set; answers equal knn's."""
+    import inspector.matching as matching
+    from inspector.index import knn
+
+    built: list[int] = []
+    original = matching.NeighbourIndex.fit
+
+    def counting_fit(self, base, groups=None):
+        built.append(len(base))
+        return original(self, base, groups=groups)
+
+    monkeypatch.setattr(matching.NeighbourIndex, "fit", counting_fit)
+    groups = np.repeat(["a", "b", "c", "d"], [3, 3, 3, len(train) - 9])
+    feats = _features(train, ("id",))["id"]
+    sc = MemorizationScorer(device="cpu", shortlist=3).fit(feats, images=train, groups=groups)
+    q = train[[0, 4, 8]]
+    qv = _features(q, ("id", "hflip", "rot90"))
+    first = sc.score_samples(qv, images=q)
+    n_first = len(built)
+    second = sc.score_samples(qv, images=q, groups=groups[[0, 4, 8]])
+    assert len(built) == n_first  # nothing rebuilt for the second query set, with or without groups
+    assert n_first == len(sc._indexes) == 1 + len(sc.layers_) + 2  # concat, each layer, descriptor, zoomed entries
+    assert_array_equal(first.nearest, [0, 4, 8])
+    assert not np.isin(second.nearest, [0, 4, 8]).any()  # own subject excluded
+    white = sc._white(sc.layers_[0], qv["id"][sc.layers_[0]])
+    s_ref, i_ref = knn(white, sc.train_white_[sc.layers_[0]], 3, metric="ip")
+    s_got, i_got = sc._search(f"layer:{sc.layers_[0]}", white, 3, None)
+    assert_array_equal(i_got, i_ref)
+    np.testing.assert_allclose(s_got, s_ref, rtol=0, atol=1e-6)
+    sc.fit(feats, images=train, groups=groups)
+    assert sc._indexes == {}  # a new fit forgets the old indexes
