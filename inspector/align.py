@@ -198,7 +198,7 @@ def _check_stack(arr: Any, name: str) -> np.ndarray:
         )
     if min(x.shape[1:]) < 8:
         raise ValueError(f"{name} images must be at least 8 x 8 pixels; got {x.shape[1:]}.")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = np.require(x, np.float32, ["C", "W"])  # a read-only (memory-mapped) input is copied: torch writes need it
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).sum())
         rows = np.unique(np.nonzero(~np.isfinite(x))[0])[:5].tolist()

@@ -102,7 +102,8 @@ def moment_normalise(images: torch.Tensor | np.ndarray, size: int) -> torch.Tens
     torch.Tensor, shape (n, size, size), float32
         Bilinear (antialiased by an area pre-filter to twice ``size``), zero outside the frame.
     """
-    x = torch.as_tensor(np.asarray(images, np.float32)) if isinstance(images, np.ndarray) else images.float()
+    # a read-only input (a memory-mapped slice store) is copied: torch needs writable memory
+    x = _writable_tensor(images)
     if x.dim() != 3:
         raise ValueError(f"images must have shape (n, H, W); got {tuple(x.shape)}.")
     n = x.shape[0]
@@ -116,6 +117,13 @@ def moment_normalise(images: torch.Tensor | np.ndarray, size: int) -> torch.Tens
     X, Y = _coords(size, size, x.device, x.dtype)
     grid = torch.stack([X[None] * k + cen[:, 0, None, None], Y[None] * k + cen[:, 1, None, None]], dim=-1)
     return F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+
+
+def _writable_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """float32 tensor of ``x``; a read-only array (a memory-mapped slice store) is copied, others shared."""
+    if isinstance(x, torch.Tensor):
+        return x.float()
+    return torch.from_numpy(np.require(x, np.float32, ["C", "W"]))
 
 
 def structure_descriptor(
@@ -145,12 +153,14 @@ def structure_descriptor(
     """
     if not (math.isfinite(zoom) and 0.25 <= zoom <= 4.0):
         raise ValueError(f"zoom must be a finite factor in [0.25, 4]; got {zoom!r}.")
-    arr = images if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images, np.float32))
+    arr = images if isinstance(images, torch.Tensor) else np.asarray(images)
     n = arr.shape[0]
     out = {f"mn{k}": np.zeros((n, k * k), np.float32) for k in sizes}
     big = max(sizes)
     for start in range(0, n, batch_size):
-        chunk = arr[start : start + batch_size].float()
+        part = arr[start : start + batch_size]
+        # a chunk at a time from a numpy array (a memory-mapped store is read in rows, copied writable for torch)
+        chunk = _writable_tensor(part)
         if zoom != 1.0:
             chunk = affine_warp(chunk, 0.0, (0.0, 0.0), float(zoom))
         base = moment_normalise(chunk, big)

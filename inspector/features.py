@@ -169,7 +169,7 @@ class _ImageDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[i]))
+        return torch.from_numpy(np.require(self.images[i], np.float32, ["C", "W"]))  # a read-only store row is copied
 
 
 def _run(

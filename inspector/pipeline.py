@@ -130,8 +130,14 @@ def load_inputs(
     holdout: str | Path | Cohort | None = None,
     config: AuditConfig | None = None,
     progress: ProgressFn | None = None,
+    *,
+    store_dir: str | Path | None | bool = False,
 ) -> Inputs:
     """Load the three cohorts with the audit's slicing axis, at :func:`loading_size`.
+
+    ``store_dir``: a cache root (or ``None`` for the default one) moves each cohort's slices into its
+    memory-mapped slice store there (:func:`inspector.store.to_store`, reused across runs); ``False`` (default)
+    keeps them in memory.
 
     Slices are resampled once, from their native grid, to ``cfg.size`` or, when it is larger, to the chosen
     extractor's input size (224 px for ``mri-core``), so that the extractor receives them without a second
@@ -208,6 +214,12 @@ def load_inputs(
         log.warning("%d synthetic file(s) were skipped and are not audited", len(unread))
     for sk in unread if cfg.show_paths else ():
         log.warning("synthetic file %s was skipped and is not audited: %s", sk.path, sk.reason)
+    if store_dir is not False:
+        from .store import to_store
+
+        for c in (t, g, h):
+            if c is not None:
+                to_store(c, store_dir)
     return Inputs(t, g, h, time.perf_counter() - t0)
 
 
@@ -709,7 +721,7 @@ def audit(
     t0 = time.perf_counter()
     # the pseudonym key before any data is read (a bad key file is bad input, found at once)
     key = None if cfg.show_paths else load_or_create_key()
-    inputs = load_inputs(train, synthetic, holdout, cfg, progress)
+    inputs = load_inputs(train, synthetic, holdout, cfg, progress, store_dir=cache_dir if use_cache else False)
     features = extract_features(
         inputs, cfg, cache_dir=cache_dir, use_cache=use_cache, progress=progress, executor=cluster
     )

@@ -207,6 +207,9 @@ class Cohort:
         Every file that contributed at least one slice, unique and sorted by path, with the size
         and sha256 computed when it was read (:func:`inspector.io.load_cohort` fills it). Empty for
         a cohort built by hand.
+    store : np.ndarray or None
+        Shape (n, H, W) float32: the memory-mapped slice store holding every slice, row i = ``slices[i].array``
+        (:func:`inspector.store.to_store`), or None when the slices are separate arrays in memory.
     """
 
     slices: list[Slice]
@@ -214,6 +217,7 @@ class Cohort:
     skipped: list[SkippedFile] = field(default_factory=list)
     name: str = ""
     files: tuple[SourceFile, ...] = ()
+    store: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -270,11 +274,15 @@ class Cohort:
         Returns
         -------
         np.ndarray, shape (n, H, W), float32
+            The cohort's read-only, memory-mapped :attr:`store` when it has one at that size; else a new array.
         """
         from .preprocess import resize_square
 
         if not self.slices:
             raise ValueError(f"Cohort {self.name!r} is empty; nothing to stack.")
+        st = self.store
+        if st is not None and len(st) == len(self.slices) and (size is None or st.shape[1:] == (size, size)):
+            return st  # the memory-mapped store itself (read-only), not a copy
         arrays = [s.array if size is None else resize_square(s.array, size) for s in self.slices]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:

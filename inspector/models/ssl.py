@@ -423,7 +423,7 @@ class SslExtractor(Extractor):
         dev = self.device
         # channels-last on CPU too: measured ~30 % faster training steps with oneDNN at these sizes
         model = self._new_model().to(dev, memory_format=torch.channels_last)
-        x_all = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
+        x_all = torch.from_numpy(np.require(images, np.float32, ["C", "W"])).to(dev)  # a read-only store is copied
         n = x_all.shape[0]
         steps_per_epoch = self._steps_per_epoch(n)
         total = self._total_steps(n)

@@ -1,0 +1,119 @@
+"""The slice store: a cohort's slices in one memory-mapped array on disk, content-addressed and reused.
+
+After loading, :func:`to_store` writes every slice of a cohort (all of one shape: the audit's loading size) into
+one ``.npy`` file under ``<cache>/slices/`` and replaces each :class:`~inspector.types.Slice`'s array by a
+read-only view into it; :meth:`Cohort.stack` at that size then returns the mapped array itself instead of a
+copy. The stages read it in rows or chunks (extraction in batches, the matcher's candidates for registration,
+the descriptors in chunks), so the slices' pages are read from disk when needed and, being file-backed, can be
+dropped by the kernel under memory pressure instead of being swapped: the process holds the slices once, not
+once per stage, and never as anonymous memory that must stay resident.
+
+The file name is a sha256 over the cohort's content hash (every slice's raw-pixel hash, path and index), the
+shape and :data:`STORE_VERSION`, so a second audit of the same data reuses the file (warm). A file that does not
+match its key's shape is treated as a miss and rewritten. The store lives beside the embedding cache and holds
+patient pixels: it is created with owner-only permissions (0600), and ``use_cache=False`` keeps every slice in
+memory as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .cache import default_cache_dir, hash_key
+from .types import Cohort
+
+__all__ = ["STORE_VERSION", "to_store", "store_path"]
+
+log = logging.getLogger(__name__)
+
+#: Version of the store's file layout (part of the key).
+STORE_VERSION = "1"
+#: Rows copied per write.
+_CHUNK = 1024
+
+
+def store_path(cohort: Cohort, cache_dir: str | Path | None = None) -> Path | None:
+    """Where ``cohort``'s store file is (or would be); ``None`` when its slices differ in shape."""
+    shapes = {s.array.shape for s in cohort.slices}
+    if len(shapes) != 1:
+        return None
+    shape = (len(cohort.slices), *shapes.pop())
+    key = hash_key(kind="slices", content=cohort.content_hash, shape=list(shape), version=STORE_VERSION)
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    return root / "slices" / f"{key}.npy"
+
+
+def _valid(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        log.warning("slice store %s unreadable (%s); rewriting it", path.name, e)
+        return None
+    if arr.shape != shape or arr.dtype != np.float32:
+        log.warning("slice store %s holds %s %s, expected %s float32; rewriting it", path.name, arr.shape, arr.dtype,
+                    shape)
+        return None
+    return arr
+
+
+def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
+    """Move ``cohort``'s slices into its store file (written once, reused after) and return the cohort.
+
+    Parameters
+    ----------
+    cohort : Cohort
+        Changed in place: every ``Slice.array`` becomes a read-only row view of the mapped array, shape (H, W),
+        and ``cohort.store`` the mapped array, shape (n, H, W) float32. A cohort whose slices differ in shape, or
+        that is empty, is returned unchanged.
+    cache_dir : path, optional
+        Cache root (default :func:`inspector.cache.default_cache_dir`); the file goes to ``<root>/slices/``.
+
+    Returns
+    -------
+    Cohort
+        The same object.
+    """
+    if not cohort.slices or cohort.store is not None:
+        return cohort
+    path = store_path(cohort, cache_dir)
+    if path is None:
+        log.info("cohort %r mixes slice shapes; kept in memory", cohort.name)
+        return cohort
+    shape = (len(cohort.slices), *cohort.slices[0].array.shape)
+    arr = _valid(path, shape) if path.exists() else None
+    if arr is not None:  # content-addressed, and checked against the slices just read (a damaged file is rewritten)
+        for s in range(0, shape[0], _CHUNK):
+            rows = cohort.slices[s : s + _CHUNK]
+            if not np.array_equal(arr[s : s + len(rows)], np.stack([r.array for r in rows])):
+                log.warning("slice store %s differs from the slices read; rewriting it", path.name)
+                arr = None
+                break
+    if arr is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
+        os.close(fd)
+        try:
+            os.chmod(tmp, 0o600)
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+            for s in range(0, shape[0], _CHUNK):
+                rows = cohort.slices[s : s + _CHUNK]
+                out[s : s + len(rows)] = np.stack([r.array for r in rows])
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        arr = np.load(path, mmap_mode="r")
+        log.info("slice store: %d slices of %s written to %s", shape[0], shape[1:], path.name)
+    else:
+        log.info("slice store: %d slices reused from %s", shape[0], path.name)
+    for i, s in enumerate(cohort.slices):
+        object.__setattr__(s, "array", arr[i])
+    cohort.store = arr
+    return cohort

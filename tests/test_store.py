@@ -1,0 +1,107 @@
+"""The memory-mapped slice store (inspector.store): written once, reused, checked, and invisible in the results."""
+
+from __future__ import annotations
+
+import logging
+import stat
+
+import numpy as np
+import pandas as pd
+import pytest
+from numpy.testing import assert_array_equal
+
+from inspector.config import AuditConfig
+from inspector.io import load_cohort
+from inspector.pipeline import audit
+from inspector.store import store_path, to_store
+from inspector.types import Cohort, Slice
+
+
+def _cohort(rng: np.random.Generator, n: int = 7, shape: tuple[int, int] = (16, 16)) -> Cohort:
+    slices = [
+        Slice(rng.random(shape).astype(np.float32), f"sub-{i % 3}", f"s{i}.png", 0, "axial") for i in range(n)
+    ]
+    return Cohort(slices, root="/data/t")
+
+
+def test_store_holds_every_slice_read_only_and_stack_returns_it(tmp_path):
+    c = _cohort(np.random.default_rng(0))
+    before = c.stack()
+    to_store(c, tmp_path)
+    path = store_path(c, tmp_path)
+    assert path is not None and path.exists()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600  # patient pixels: owner only
+    assert isinstance(c.store, np.memmap) and c.store.shape == (7, 16, 16)
+    assert_array_equal(c.store, before)
+    for i, s in enumerate(c.slices):
+        assert np.shares_memory(s.array, c.store)
+        assert_array_equal(s.array, before[i])
+        with pytest.raises(ValueError):
+            s.array[0, 0] = 1.0  # read-only
+    assert c.stack() is c.store and c.stack(size=16) is c.store
+    resized = c.stack(size=8)  # another size: a new array, as before
+    assert resized.shape == (7, 8, 8) and not np.shares_memory(resized, c.store)
+    sub = c.subset([2, 0])
+    assert_array_equal(sub.stack(), before[[2, 0]])
+
+
+def test_store_is_reused_and_a_damaged_file_is_rewritten(tmp_path, caplog):
+    rng = np.random.default_rng(1)
+    c = _cohort(rng)
+    originals = [np.array(s.array) for s in c.slices]
+    to_store(c, tmp_path)
+    path = store_path(c, tmp_path)
+    mtime = path.stat().st_mtime_ns
+    again = Cohort([Slice(np.array(s.array), s.subject_id, s.path, 0, "axial") for s in c.slices], root="/data/t")
+    to_store(again, tmp_path)
+    assert path.stat().st_mtime_ns == mtime  # reused, not rewritten
+    assert_array_equal(again.store, c.store)
+    # damage one value of the file (same shape): the check against the slices read catches it
+    arr = np.load(path, mmap_mode="r+")
+    arr[3, 4, 5] = arr[3, 4, 5] + 0.5
+    arr.flush()
+    del arr
+    rows = [Slice(a, s.subject_id, s.path, 0, "axial") for a, s in zip(originals, c.slices, strict=True)]
+    third = Cohort(rows, root="/data/t")
+    with caplog.at_level(logging.WARNING, logger="inspector.store"):
+        to_store(third, tmp_path)
+    assert "differs from the slices read" in caplog.text
+    assert_array_equal(third.store, np.stack(originals))
+
+
+def test_store_rejects_a_file_of_another_shape(tmp_path, caplog):
+    c = _cohort(np.random.default_rng(2))
+    path = store_path(c, tmp_path)
+    path.parent.mkdir(parents=True)
+    np.save(path, np.zeros((3, 16, 16), np.float32))
+    with caplog.at_level(logging.WARNING, logger="inspector.store"):
+        to_store(c, tmp_path)
+    assert "expected (7, 16, 16)" in caplog.text
+    assert c.store.shape == (7, 16, 16)
+
+
+def test_mixed_shapes_and_empty_cohorts_stay_in_memory(tmp_path):
+    rng = np.random.default_rng(3)
+    c = _cohort(rng, n=2)
+    c.slices.append(Slice(rng.random((8, 9)).astype(np.float32), "sub-9", "odd.png", 0, "axial"))
+    assert to_store(c, tmp_path).store is None and store_path(c, tmp_path) is None
+    assert not (tmp_path / "slices").exists()
+    empty = Cohort([], root="/data/e")
+    assert to_store(empty, tmp_path).store is None
+
+
+def test_audit_uses_the_store_only_with_the_cache_and_gives_the_same_result(audit_cohorts, tmp_path):
+    p = audit_cohorts
+    cfg = AuditConfig(extractor="pixels")
+    with_store = audit(p["train"], p["synthetic"], p["holdout"], cfg, cache_dir=tmp_path / "c")
+    files = sorted((tmp_path / "c" / "slices").glob("*.npy"))
+    assert len(files) == 3  # train, synthetic, holdout
+    without = audit(p["train"], p["synthetic"], p["holdout"], cfg, cache_dir=tmp_path / "n", use_cache=False)
+    assert not (tmp_path / "n").exists() or not (tmp_path / "n" / "slices").exists()
+    cols = ["similarity", "p_value", "flagged", "nearest_train_path", "view"]
+    pd.testing.assert_frame_equal(with_store.table[cols], without.table[cols], check_exact=True)
+    assert with_store.audit_id == without.audit_id
+    # the train file holds exactly the loaded training slices
+    train = load_cohort(p["train"])
+    stored = np.load(store_path(train, tmp_path / "c"), mmap_mode="r")
+    assert stored.shape[0] == len(train)
