@@ -27,13 +27,11 @@ verification), in pairs per second.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import logging
 import math
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -309,31 +307,6 @@ def render(rows: list[dict], rates: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_results(text: str, command: str, seconds: float, machine_line: str) -> Path:
-    """Put this run's section into benchmarks/RESULTS.md under "Speed and memory" (replacing an older one)."""
-    path = HERE / "RESULTS.md"
-    doc = path.read_text(encoding="utf-8")
-    title = "### Scale: the whole audit as the study grows (`bench_scale`)"
-    date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    section = (
-        f"{title}\n\n- Machine: {machine_line}\n- Date: {date}\n- Command: `{command}`\n- Status: ok, {seconds:.0f} s "
-        f"wall\n\n{text.strip()}\n"
-    )
-    pattern = re.compile(re.escape(title) + r".*?(?=\n### |\n## |\Z)", re.S)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _m: section.rstrip("\n"), doc)
-    else:
-        anchor = "## Speed and memory\n"
-        if anchor not in doc:
-            raise SystemExit("RESULTS.md has no 'Speed and memory' section; run python -m benchmarks.run_all first.")
-        head, tail = doc.split(anchor, 1)
-        # after the section's introduction paragraph
-        intro, rest = tail.split("\n### ", 1) if "\n### " in tail else (tail, "")
-        doc = head + anchor + intro.rstrip("\n") + "\n\n" + section + ("\n### " + rest if rest else "")
-    path.write_text(doc, encoding="utf-8")
-    return path
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], help="training slices T per point")
@@ -384,8 +357,12 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows, rates, header)
     print(text)
     if args.update_results:
+        from benchmarks.results import put_section
+
         cmd = "python -m benchmarks.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])
-        log.info("wrote %s", update_results(text, cmd.strip(), time.perf_counter() - t_start, machine_line))
+        path = put_section("Scale: the whole audit as the study grows (`bench_scale`)", text, cmd.strip(),
+                           time.perf_counter() - t_start, machine_line)
+        log.info("wrote %s", path)
     return 0
 
 

@@ -51,6 +51,8 @@ SPEED: dict[str, tuple[list[str], list[str], str]] = {
     "bench_app": ([], ["--repeats", "2"], "End to end on the sample data: app (cold, warm), threshold change, pair"),
     "bench_review": ([], ["--repeats", "2"], "Review workspace: alpha / BH change and opening a pair, server time"),
     "bench_views": ([], ["--repeats", "1"], "The cost of eight orientations, the descriptor shortlist and pruning"),
+    "bench_scale": (["--warm"], ["--sizes", "1000"], "Scale: the whole audit as the study grows"),
+    "bench_engines": ([], ["--runs", "1"], "Distributed engines: start-up and memory of a local two-worker engine"),
 }
 
 

@@ -18,11 +18,12 @@ smaller parts search exactly.
 :func:`sharded_knn` is the building block for a training base larger than one worker's memory: exact top-k over
 base shards held by different workers, merged into the global top-k.
 
-Why Dask rather than Ray (both were tried for this issue; ``benchmarks/bench_cluster.py`` measures both when
-Ray is installed): a local two-worker Dask cluster starts in about 1-2 s and about 150 MB per worker on this
-2-core machine, so the equivalence test runs in CI; Dask's wheels are pure Python; it sends no usage
-statistics (Ray's ``ray.init`` reports usage unless ``RAY_USAGE_STATS_ENABLED=0``, and patient-data tools must not
-phone home); and a long-running ``dask scheduler`` / ``dask worker`` pair is the whole deployment.
+Why Dask rather than Ray (both measured by ``benchmarks/bench_engines.py`` on the 2-core development machine):
+a local engine of two worker processes started in about 2 s with 164 MB in its 4 processes (Dask 2026.8) against
+5-7 s and 686 MB in 10 processes (Ray 2.60), so the equivalence test runs in CI; Dask's wheels are pure Python
+(Ray's is 79 MB); it sends no usage statistics (Ray's ``ray.init`` reports usage unless
+``RAY_USAGE_STATS_ENABLED=0``, and patient-data tools must not phone home); and a long-running
+``dask scheduler`` / ``dask worker`` pair is the whole deployment.
 
 Addresses (``connect``):
 
