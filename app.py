@@ -411,8 +411,10 @@ def overview_page(entry: Entry, alpha: float, fdr: bool) -> None:
         help="density: each set's area is 1 (flagged and not flagged share the synthetic set's); log counts: "
         "slices per bin on a log axis.",
     )
-    st.plotly_chart(
-        ui.histogram_figure(
+    hist = ui.derived(
+        entry,
+        ("histogram", float(alpha), bool(fdr), bool(log_gap and can_log), scale),
+        lambda: ui.histogram_figure(
             sims,
             r.null_similarity,
             thr,
@@ -422,8 +424,8 @@ def overview_page(entry: Entry, alpha: float, fdr: bool) -> None:
             log_gap=log_gap and can_log,
             scale=scale,
         ),
-        key="hist",
     )
+    st.plotly_chart(hist, key="hist")
     if not np.isfinite(thr) and not v.n_flagged:
         st.caption(
             f"No slice is flagged at this setting: the null has {v.n_null} slices (the smallest p-value is "
@@ -437,7 +439,8 @@ def overview_page(entry: Entry, alpha: float, fdr: bool) -> None:
         c1, c2 = st.columns([3, 2])
         if roc is not None:
             point = ui.operating_point(conf) if conf is not None else None
-            c1.plotly_chart(ui.roc_figure(roc, point, alpha=alpha), key="roc")
+            fig = ui.derived(entry, ("roc", float(alpha), bool(fdr)), lambda: ui.roc_figure(roc, point, alpha=alpha))
+            c1.plotly_chart(fig, key="roc")
             c2.metric("ROC AUC", f"{roc['auc']:.3f}")
             c2.metric("Average precision", f"{roc['average_precision']:.3f}")
         if conf is not None:

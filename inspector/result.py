@@ -347,6 +347,7 @@ class AuditResult:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     extractor_fingerprint: str = ""
     volume_evidence: pd.DataFrame | None = None
+    _memo: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     # ------------------------------------------------------------------ decisions (asked of the calibration)
     @property
@@ -396,7 +397,13 @@ class AuditResult:
         """Per synthetic volume at ``(alpha, fdr)``: ``volumes.csv`` (:func:`inspector.attribution.volumes_table`)."""
         from .attribution import volumes_table
 
-        return volumes_table(self.table, self.calibration, alpha, fdr, evidence=self.volume_evidence)
+        # memoised per setting (an alpha or BH change redraws every page from it); keyed by the objects it reads
+        inputs = (self.table, self.calibration, self.volume_evidence)
+        hit = self._memo.get(("volumes", alpha, fdr))
+        if hit is None or any(a is not b for a, b in zip(hit[0], inputs, strict=True)):
+            hit = (inputs, volumes_table(self.table, self.calibration, alpha, fdr, evidence=self.volume_evidence))
+            self._memo[("volumes", alpha, fdr)] = hit
+        return hit[1].copy()
 
     def flags(self, alpha: float | None = None, fdr: bool | None = None) -> np.ndarray:
         """Flags at ``(alpha, fdr)`` (default: the audit's), shape (m,) bool. See :meth:`Calibration.flags`."""
@@ -410,6 +417,13 @@ class AuditResult:
         -------
         dict with ``fpr``, ``tpr``, ``thresholds`` (arrays), ``auc`` and ``average_precision``, or None.
         """
+        hit = self._memo.get(("roc", score))
+        if hit is None or hit[0] is not self.table:  # memoised per score while the table is the same object
+            hit = (self.table, self._roc(score))
+            self._memo[("roc", score)] = hit
+        return None if hit[1] is None else dict(hit[1])
+
+    def _roc(self, score: str) -> dict[str, Any] | None:
         if not self.has_ground_truth:
             return None
         from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve

@@ -1233,6 +1233,17 @@ def scores_with_decisions(table: pd.DataFrame, reviews: pd.DataFrame) -> pd.Data
     return out
 
 
+def derived(entry: AuditEntry, key: tuple[Any, ...], build: Callable[[], Any]) -> Any:
+    """``build()`` once per audit and ``key`` (a figure or table at a setting), from ``entry.derived`` after that.
+
+    ``key`` must hold everything the result depends on besides the audit (α, BH, the display options).
+    """
+    cache = entry.derived
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
+
+
 def subjects_at(entry: AuditEntry, alpha: float, fdr: bool) -> pd.DataFrame:
     """``subjects.csv`` at the setting on screen, from the audit's one Calibration, cached per audit and setting.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 
 from inspector.review import DECISIONS, ReviewError, ReviewStore
@@ -53,3 +54,27 @@ def test_all_decisions_accepted(tmp_path):
     for i, d in enumerate(DECISIONS):
         store.record("a", f"h{i}", d, "rev")
     assert {r.decision for r in store.latest("a").values()} == set(DECISIONS)
+
+
+def test_volumes_and_roc_are_memoised_per_setting_and_follow_a_new_table(audit_cohorts, tmp_path):
+    """AuditResult.volumes / roc compute once per setting; a caller editing the returned copy changes nothing;
+    a replaced table is recomputed (the memo never serves another table's numbers)."""
+    from inspector.attribution import volumes_table
+    from inspector.config import AuditConfig
+    from inspector.pipeline import audit
+
+    p = audit_cohorts
+    r = audit(p["train"], p["synthetic"], p["holdout"], AuditConfig(extractor="pixels"), cache_dir=tmp_path)
+    a = r.volumes(0.05, True)
+    a["flagged"] = True  # the caller's copy
+    b = r.volumes(0.05, True)
+    pd.testing.assert_frame_equal(b, volumes_table(r.table, r.calibration, 0.05, True, evidence=r.volume_evidence))
+    roc = r.roc()
+    assert roc is not None and r.roc() is not roc and r.roc()["auc"] == roc["auc"]
+    t2 = r.table.copy()
+    t2["label"] = t2["label"].where(t2["label"] != "copy", "novel")
+    t2.loc[t2.index[0], "label"] = "copy"
+    r.table = t2
+    fresh = r._roc("similarity")
+    assert fresh["auc"] != roc["auc"]  # the new labels give another curve ...
+    assert r.roc()["auc"] == fresh["auc"]  # ... and the memo serves it, not the old table's
