@@ -316,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=4 * 3600)
     p.add_argument("--skip-rates", action="store_true")
     p.add_argument("--update-results", action="store_true", help="write the section into benchmarks/RESULTS.md")
+    p.add_argument("--from-rows", type=Path, help="render the audits saved by an earlier run (its rows JSON) instead "
+                   "of running them again; the search and registration rates are measured now")
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -327,6 +329,18 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     machine_line = machine()
     rows, rates = [], []
+    if args.from_rows:
+        rows = json.loads(args.from_rows.read_text())
+        sizes = sorted({r["n"]["train"] for r in rows})
+        for i, n in enumerate(sizes):
+            last = [r for r in rows if r["n"]["train"] == n][-1]
+            entry = {"m": last["n"]["synthetic"] + last["n"]["holdout"], "n": n}
+            entry["search"] = search_rates(entry["m"], n)
+            if i == 0:
+                size = min(args.sizes, key=lambda s, n=n: abs(s - n))
+                entry["registration"] = registration_rates(DATA / f"scale-{size}")
+            rates.append(entry)
+        args.sizes = []
     for size in args.sizes:
         t0 = time.perf_counter()
         info = cohort_for(size)
