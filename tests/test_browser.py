@@ -214,3 +214,65 @@ def test_keyboard_save_and_next_in_ranking_order_and_an_unreachable_release_is_r
     finally:
         con.close()
     assert "Traceback" not in log.read_text()
+
+
+def _page(page, name: str) -> None:
+    page.get_by_test_id("stRadio").filter(has_text="Overview").get_by_text(name, exact=True).click()
+
+
+def test_bh_and_alpha_change_every_page_and_the_exported_report_to_the_same_count(server):
+    """One (alpha, BH) setting on screen: the Overview, the Flagged and the Review pages and the report built
+    from the Export page give the same number of flagged slices, read from the audit's one Calibration."""
+    from playwright.sync_api import expect, sync_playwright
+
+    url, audits, log = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1000})
+            _run_pixels_audit(page, url)
+            main = page.get_by_test_id("stMain")
+            counts = {}
+            thumb = page.get_by_test_id("stSlider").filter(has_text="Flag threshold").get_by_role("slider")
+            # (BH on, alpha as the slider shows it, slider steps from the previous setting)
+            for fdr, alpha, steps in ((False, "1 %", 0), (True, "1 %", 0), (True, "10 %", 3)):
+                if fdr and not counts.get("bh"):
+                    page.locator(".st-key-view_fdr").get_by_text("Benjamini–Hochberg").click()  # the header's toggle
+                    counts["bh"] = True
+                thumb.focus()
+                for _ in range(steps):
+                    thumb.press("ArrowRight")
+                expect(thumb).to_have_attribute("aria-valuetext", alpha, timeout=30_000)
+                rule = "BH at" if fdr else "α ="
+                _page(page, "Overview")
+                metric = page.get_by_test_id("stMetric").filter(has_text=f"Flagged at {rule} {alpha}")
+                expect(metric).to_have_count(1, timeout=60_000)
+                value = metric.get_by_test_id("stMetricValue").inner_text()
+                k, m = (int(x) for x in value.split(" / "))
+                counts[(fdr, alpha)] = k
+                _page(page, "Flagged")
+                long_rule = "Benjamini–Hochberg at" if fdr else "α ="
+                head = page.get_by_text(re.compile(rf"^\d+ flagged synthetic slices at {long_rule} {alpha}"))
+                head.wait_for(timeout=60_000)
+                assert int(head.inner_text().split()[0]) == k, (head.inner_text(), k)
+                if k:
+                    _page(page, "Review")
+                    page.get_by_text(re.compile(rf"^Pair 1 of {k}\b")).wait_for(timeout=60_000)
+            shown = [v for key, v in counts.items() if key != "bh"]
+            assert len(set(shown)) >= 2 and shown[-1] >= 1, counts  # the settings changed what is flagged
+
+            # the report built from the Export page, at the same setting, says the same
+            _page(page, "Export")
+            page.get_by_text("Release checklist").first.wait_for(timeout=60_000)
+            assert "Benjamini–Hochberg at 10 %" in main.inner_text()
+            page.get_by_test_id("stForm").get_by_role("button", name="Save the audit and build the report").click()
+            expect(page.get_by_role("button", name="Download report.html")).to_be_visible(timeout=180_000)
+            reports = sorted(audits.glob("audit_*/report.html"))
+            assert len(reports) == 1, reports
+            html = reports[0].read_text(encoding="utf-8")
+            assert f"{counts[(True, '10 %')]} of {m} " in html
+            assert "with Benjamini–Hochberg false-discovery-rate control" in html and "α = 0.1 " in html
+            assert page.get_by_test_id("stException").count() == 0
+        finally:
+            browser.close()
+    assert "Traceback" not in log.read_text()
