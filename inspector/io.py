@@ -2250,6 +2250,7 @@ def load_cohort(
     slices: list[Slice] = []
     for u in units:
         slices.extend(_unit_slices_or_skip(u, config, skipped))
+        u.raw = None  # its slices are made: the raw volume is not kept beside them (memory)
     slices.sort(key=lambda s: (s.path, s.slice_index))
     unique: list[Slice] = []
     seen: set[str] = set()

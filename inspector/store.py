@@ -99,12 +99,16 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
         os.close(fd)
         try:
             os.chmod(tmp, 0o600)
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-            for s in range(0, shape[0], _CHUNK):
-                rows = cohort.slices[s : s + _CHUNK]
-                out[s : s + len(rows)] = np.stack([r.array for r in rows])
-            out.flush()
-            del out
+            # plain writes, not a writable mapping: the written pages go to the page cache and are never
+            # counted in this process's resident memory
+            with open(tmp, "wb") as fh:
+                np.lib.format.write_array_header_1_0(
+                    fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                         "shape": shape}
+                )
+                for s in range(0, shape[0], _CHUNK):
+                    for r in cohort.slices[s : s + _CHUNK]:
+                        fh.write(np.ascontiguousarray(r.array, np.float32).tobytes())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -116,4 +120,15 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
     for i, s in enumerate(cohort.slices):
         object.__setattr__(s, "array", arr[i])
     cohort.store = arr
+    _release_freed_memory()
     return cohort
+
+
+def _release_freed_memory() -> None:
+    """Hand the heap the freed slice arrays leave back to the OS (glibc keeps it otherwise); no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
