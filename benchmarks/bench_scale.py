@@ -76,7 +76,8 @@ def cohort_for(size: int, seed: int = 0) -> Any:
 
 # ------------------------------------------------------------------------------------------------ memory
 def rss_mb() -> float:
-    """Resident set size of this process now, MB (from /proc; 0 where unavailable)."""
+    """Resident set size of this process now, MB (VmRSS from /proc; 0 where unavailable). Its peak is
+    :func:`benchmarks.bench_extract.rss_mb`."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -84,12 +85,6 @@ def rss_mb() -> float:
     except OSError:
         pass
     return 0.0
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class StageSampler:
@@ -129,6 +124,7 @@ def run_one(root: Path, cache: Path, out: Path, extractor: str, cluster: str | N
     import torch
 
     import inspector
+    from benchmarks.bench_extract import rss_mb as peak_rss  # VmHWM, the process's own peak
     from inspector.config import AuditConfig
 
     base = rss_mb()
@@ -148,7 +144,7 @@ def run_one(root: Path, cache: Path, out: Path, extractor: str, cluster: str | N
                 "timings": res.timings,
                 "wall": wall,
                 "base_rss_mb": base,
-                "peak_rss_mb": peak_rss_mb(),
+                "peak_rss_mb": peak_rss(),
                 "stage_peak_mb": sampler.peaks,
                 "unit": res.config.unit,
                 "flagged": int(res.table["flagged"].sum()),

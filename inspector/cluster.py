@@ -177,8 +177,7 @@ class Cluster:
 
     def close(self) -> None:
         """Release shared objects, disconnect, and stop the workers of a ``local`` cluster."""
-        for key in list(self._shared):
-            obj = self._shared[key][0]
+        for obj, _ in list(self._shared.values()):
             self.forget(obj)
         self.client.close()
         if self._local is not None:

@@ -172,6 +172,15 @@ class _ImageDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.require(self.images[i], np.float32, ["C", "W"]))  # a read-only store row is copied
 
 
+def _layer_array(shape: tuple[int, int], spill_dir: Path | None, name: str) -> np.ndarray:
+    """The (n, C) float32 output of one layer: a memory-mapped ``spill_dir/<name>.npy`` when it exceeds
+    ``_MEMMAP_BYTES`` and a spill folder is given, else an array in memory."""
+    if spill_dir is not None and shape[0] * shape[1] * 4 > _MEMMAP_BYTES:
+        spill_dir.mkdir(parents=True, exist_ok=True)
+        return np.lib.format.open_memmap(spill_dir / f"{name}.npy", mode="w+", dtype=np.float32, shape=shape)
+    return np.empty(shape, dtype=np.float32)
+
+
 def _run(
     ext: Extractor,
     images: np.ndarray,
@@ -199,14 +208,7 @@ def _run(
             for name, t in feats.items():
                 arr = t.detach().float().cpu().numpy()
                 if name not in out:
-                    shape = (n, arr.shape[1])
-                    if spill_dir is not None and n * arr.shape[1] * 4 > _MEMMAP_BYTES:
-                        spill_dir.mkdir(parents=True, exist_ok=True)
-                        out[name] = np.lib.format.open_memmap(
-                            spill_dir / f"{stage}-{name}.npy", mode="w+", dtype=np.float32, shape=shape
-                        )
-                    else:
-                        out[name] = np.empty(shape, dtype=np.float32)
+                    out[name] = _layer_array((n, arr.shape[1]), spill_dir, f"{stage}-{name}")
                 out[name][done : done + len(arr)] = arr
             done += len(batch)
             if progress:
@@ -254,14 +256,7 @@ def _run_on_cluster(
     for (a, b), part in zip(bounds, results, strict=True):
         for name, arr in part.items():
             if name not in out:
-                shape = (n, arr.shape[1])
-                if spill_dir is not None and n * arr.shape[1] * 4 > _MEMMAP_BYTES:
-                    spill_dir.mkdir(parents=True, exist_ok=True)
-                    out[name] = np.lib.format.open_memmap(
-                        spill_dir / f"{stage}-{name}.npy", mode="w+", dtype=np.float32, shape=shape
-                    )
-                else:
-                    out[name] = np.empty(shape, dtype=np.float32)
+                out[name] = _layer_array((n, arr.shape[1]), spill_dir, f"{stage}-{name}")
             out[name][a:b] = arr
     return out
 

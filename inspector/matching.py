@@ -293,7 +293,6 @@ class MemorizationScorer:
         images: np.ndarray,
         views: list[str],
         qg: np.ndarray | None,
-        tg: np.ndarray | None,
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Shortlists from the structure descriptor over every view, one per search base (the whole slices,
         then the zoomed entries when there are any): each (sims, idx, view index) with shapes (m, V*k),
@@ -394,14 +393,13 @@ class MemorizationScorer:
             missing = [layer for layer in self.layers_ if layer not in query_views[v]]
             if missing:
                 raise ValueError(f"View {v!r} lacks layer(s) {missing}; fitted layers are {self.layers_}.")
-        qg = tg = None
+        qg = None
         if groups is not None:
             if self.groups_ is None:
                 raise ValueError("groups given for the queries but the scorer was fitted without training groups.")
             qg = np.asarray(groups).astype(str)
             if qg.shape != (m,):
                 raise ValueError(f"groups must have shape ({m},); got {qg.shape}.")
-            tg = self.groups_
         if self.rerank:
             if images is None:
                 raise ValueError("rerank=True needs the query images: score_samples(..., images=(m, H, W)).")
@@ -428,7 +426,7 @@ class MemorizationScorer:
         cand, cand_sim, cand_view = _merge_candidates(sims, idx, view_of, self.shortlist)
         feature_similarity = np.where(cand[:, 0] >= 0, cand_sim[:, 0], -1.0).astype(np.float32)
         if self.rerank and self.descriptor_shortlist > 0 and self.desc_whiteners_:
-            for d_s, d_i, d_v in self._descriptor_candidates(images, views, qg, tg):
+            for d_s, d_i, d_v in self._descriptor_candidates(images, views, qg):
                 d_c, _, d_cv = _merge_candidates(d_s, d_i, d_v, self.descriptor_shortlist)
                 cand, cand_view = _union_candidates(cand, cand_view, d_c, d_cv)
 

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 #: Version of the store's file layout (part of the key).
 STORE_VERSION = "1"
-#: Rows copied per write.
+#: Rows compared at once when an existing store file is checked against the slices read.
 _CHUNK = 1024
 
 
@@ -106,9 +106,8 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
                     fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
                          "shape": shape}
                 )
-                for s in range(0, shape[0], _CHUNK):
-                    for r in cohort.slices[s : s + _CHUNK]:
-                        fh.write(np.ascontiguousarray(r.array, np.float32).tobytes())
+                for r in cohort.slices:
+                    fh.write(np.ascontiguousarray(r.array, np.float32).tobytes())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
