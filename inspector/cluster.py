@@ -120,7 +120,9 @@ class Cluster:
         hit = self._shared.get(id(obj))
         if hit is not None and hit[0] is obj:
             return hit[1]
-        fut = self.client.scatter(obj, broadcast=True, hash=False)
+        # scattered inside a list: a dict given to scatter itself would be sent as one future per key, under the
+        # dict's own keys, which a later dict with the same keys would collide with
+        fut = self.client.scatter([obj], broadcast=True, hash=False)[0]
         self._shared[id(obj)] = (obj, fut)
         return fut
 

@@ -28,6 +28,23 @@ def cluster():
         yield c
 
 
+@pytest.fixture
+def sent(monkeypatch):
+    """The functions Cluster.map_parts ran on the workers, with their number of parts: proves the cluster path
+    was taken (an equality with the single-machine run alone would also hold if the executor were ignored)."""
+    from inspector.cluster import Cluster
+
+    calls: list[tuple[str, int]] = []
+    original = Cluster.map_parts
+
+    def spy(self, fn, shared, parts, **kw):
+        calls.append((fn.__name__, len(parts)))
+        return original(self, fn, shared, parts, **kw)
+
+    monkeypatch.setattr(Cluster, "map_parts", spy)
+    return calls
+
+
 # ------------------------------------------------------------------------------------------------ parts
 @pytest.mark.parametrize(("n", "unit", "parts"), [(10, 3, 2), (256, 64, 4), (1000, 256, 4), (5, 8, 4), (1, 1, 9)])
 def test_part_bounds_cover_in_whole_units(n, unit, parts):
@@ -91,6 +108,17 @@ def test_sharded_knn_leave_group_out_and_small_shards(cluster):
     assert not np.isin(got_i[:5], np.arange(5)).any()  # own group excluded
 
 
+def test_successive_shared_dicts_do_not_collide(cluster):
+    """Each sharded_knn shares a dict with the same keys ("query", "k", ...); the second must not see (or lose)
+    the first's: a regression of scattering the dict itself, which sent one future per key under its keys."""
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(60, 6)).astype(np.float32)
+    for k in (3, 5, 2):
+        query = rng.normal(size=(9, 6)).astype(np.float32)
+        want = knn(query, base, k, metric="ip", exact=True)[1]
+        assert_array_equal(sharded_knn(query, base, k, cluster, metric="ip", n_shards=4)[1], want)
+
+
 def test_sharded_knn_errors(cluster):
     with pytest.raises(IndexInputError, match="same d"):
         sharded_knn(np.zeros((2, 3)), np.zeros((4, 5)), 2, cluster)
@@ -100,7 +128,7 @@ def test_sharded_knn_errors(cluster):
 
 # ------------------------------------------------------------------------------------------------ extraction
 @pytest.mark.parametrize("name", ["pixels", "ssl"])
-def test_extraction_on_cluster_equals_local(cluster, name, tmp_path):
+def test_extraction_on_cluster_equals_local(cluster, name, tmp_path, sent):
     rng = np.random.default_rng(2)
     images = rng.random((150, 48, 48)).astype(np.float32)
     kw = {"width": 4, "epochs": 1, "max_steps": 2, "batch_size": 32} if name == "ssl" else {"batch_size": 32}
@@ -114,6 +142,7 @@ def test_extraction_on_cluster_equals_local(cluster, name, tmp_path):
         for layer, arr in local.views[view].items():
             assert_array_equal(remote.views[view][layer], arr)
     assert ("extracting:id", 150, 150) in seen
+    assert sent == [("_extract_part", 3), ("_extract_part", 3)]  # each view: 150 slices = 5 batches of 32, 3 parts
 
 
 # ------------------------------------------------------------------------------------------------ scoring
@@ -195,7 +224,7 @@ def single_holdout(audit_cohorts, tmp_path_factory, small_chunks):
 
 @pytest.mark.parametrize("holdout", [True, False], ids=["holdout", "leave-one-subject-out"])
 def test_audit_on_cluster_equals_single_machine(
-    audit_cohorts, tmp_path, cluster, small_chunks, holdout, single_holdout
+    audit_cohorts, tmp_path, cluster, small_chunks, holdout, single_holdout, sent
 ):
     p = audit_cohorts
     cfg = AuditConfig(extractor="pixels")
@@ -214,9 +243,11 @@ def test_audit_on_cluster_equals_single_machine(
     assert spread.verdict == single.verdict
     assert spread.audit_id == single.audit_id
     assert any(stage == "aligning:synthetic" and done == total for stage, done, total in seen)
+    scored = [n for fn, n in sent if fn == "_score_part"]
+    assert len(scored) >= 2 and all(n >= 2 for n in scored)  # synthetic and null queries, each in parts
 
 
-def test_cli_scan_on_local_cluster(audit_cohorts, tmp_path, small_chunks, single_holdout):
+def test_cli_scan_on_local_cluster(audit_cohorts, tmp_path, small_chunks, single_holdout, sent):
     p = audit_cohorts
     single = single_holdout
     out = tmp_path / "out"
@@ -224,6 +255,7 @@ def test_cli_scan_on_local_cluster(audit_cohorts, tmp_path, small_chunks, single
                  "--extractor", "pixels", "--cache-dir", str(tmp_path / "c2"), "--out", str(out), "--quiet",
                  "--cluster", "local:2"])
     assert code == 0
+    assert any(fn == "_score_part" for fn, _ in sent)
     scores = pd.read_csv(out / "scores.csv")
     assert_allclose(scores["similarity"].to_numpy(), single.table["similarity"].to_numpy(), rtol=0, atol=1e-6)
     summary = json.loads((out / "summary.json").read_text())
