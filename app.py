@@ -112,8 +112,13 @@ def inputs_ui() -> dict[str, Any]:
         "leave-one-subject-out within the training cohort.",
     )
     # one widget per AuditConfig field, generated from inspector.config.settings(): every setting is reachable
-    for section, title in (("method", "Method"), ("decision", "Decision"), ("matching", "Advanced"), ("input", "Input"),
-                           ("runtime", "Runtime")):
+    for section, title in (
+        ("method", "Method"),
+        ("decision", "Decision"),
+        ("matching", "Advanced"),
+        ("input", "Input"),
+        ("runtime", "Runtime"),
+    ):
         box = sb if section in ("method", "decision") else sb.expander(title)
         if section in ("method", "decision"):
             sb.subheader(title)
@@ -1204,7 +1209,8 @@ def review_queue(entry: Entry, flags: np.ndarray, store: ReviewStore, latest: di
     b[5].button("Next ▶", key="rq_next", shortcut=keys["next"], on_click=_queue_step, args=(order, 1),
                 disabled=pos + 1 >= len(order), width="stretch")  # fmt: skip
     st.caption(
-        "Keys: " + " · ".join(f"**{keys[d]}** {d}" for d in DECISIONS)
+        "Keys: "
+        + " · ".join(f"**{keys[d]}** {d}" for d in DECISIONS)
         + f" (each saves and moves to the next pair) · **{keys['next']}** next · **{keys['previous']}** previous."
         " The reviewer's name is required; decisions are saved before the next pair is shown."
     )
@@ -1214,8 +1220,7 @@ def review_queue(entry: Entry, flags: np.ndarray, store: ReviewStore, latest: di
     pending = st.session_state.get(f"pending_{sha[:16]}")
     if pending is not None:
         st.error(
-            f"Not saved yet: **{pending['decision']}** by {pending['reviewer']}; kept here until the database "
-            "has it.",
+            f"Not saved yet: **{pending['decision']}** by {pending['reviewer']}; kept here until the database has it.",
             icon=":material/lock_clock:",
         )
         if st.button("Retry saving the decision", key=f"rq_retry_{sha[:16]}", type="primary"):

@@ -93,16 +93,22 @@ def main(argv: list[str] | None = None) -> int:
         python = sys.executable if engine == "dask" else args.ray_python
         mod = "distributed" if engine == "dask" else engine
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": root}
-        probe = subprocess.run([python, "-c", f"import {mod}; print({mod}.__version__)"], capture_output=True,
-                               text=True, env=env)
+        probe = subprocess.run(
+            [python, "-c", f"import {mod}; print({mod}.__version__)"], capture_output=True, text=True, env=env
+        )
         if probe.returncode != 0:
             lines.append(f"| {engine} | not installed | - | - | - | - |")
             continue
         version = probe.stdout.strip()
         rows = []
         for _ in range(args.runs):
-            r = subprocess.run([python, "-m", "benchmarks.bench_engines", "--one", engine], capture_output=True,
-                               text=True, env=env, cwd=root)
+            r = subprocess.run(
+                [python, "-m", "benchmarks.bench_engines", "--one", engine],
+                capture_output=True,
+                text=True,
+                env=env,
+                cwd=root,
+            )
             if r.returncode != 0:
                 raise SystemExit(f"{engine} failed:\n{r.stderr[-2000:]}")
             rows.append([float(v) for v in r.stdout.split()[-4:]])
@@ -114,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.results import put_section
 
         cmd = "python -m benchmarks.bench_engines " + " ".join(argv if argv is not None else sys.argv[1:])
-        put_section("Distributed engines: start-up and memory of a local two-worker engine (`bench_engines`)", text,
-                    cmd.strip(), time.perf_counter() - t_start)
+        put_section(
+            "Distributed engines: start-up and memory of a local two-worker engine (`bench_engines`)",
+            text,
+            cmd.strip(),
+            time.perf_counter() - t_start,
+        )
     return 0
 
 

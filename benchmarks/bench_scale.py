@@ -132,7 +132,12 @@ def run_one(root: Path, cache: Path, out: Path, extractor: str, cluster: str | N
     with StageSampler() as sampler:
         t0 = time.perf_counter()
         res = inspector.audit(
-            root / "train", root / "synthetic", root / "holdout", cfg, cache_dir=cache, progress=sampler.progress,
+            root / "train",
+            root / "synthetic",
+            root / "holdout",
+            cfg,
+            cache_dir=cache,
+            progress=sampler.progress,
             cluster=cluster,
         )
         wall = time.perf_counter() - t0
@@ -158,8 +163,19 @@ def run_one(root: Path, cache: Path, out: Path, extractor: str, cluster: str | N
 
 def audit_in_subprocess(root: Path, cache: Path, extractor: str, cluster: str | None, timeout: float) -> dict:
     out = cache.parent / f"{cache.name}-{int(time.time() * 1000)}.json"
-    cmd = [sys.executable, "-m", "benchmarks.bench_scale", "--one", str(root), "--cache", str(cache), "--json",
-           str(out), "--extractor", extractor]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_scale",
+        "--one",
+        str(root),
+        "--cache",
+        str(cache),
+        "--json",
+        str(out),
+        "--extractor",
+        extractor,
+    ]
     if cluster:
         cmd += ["--cluster", cluster]
     t0 = time.perf_counter()
@@ -271,14 +287,21 @@ def render(rows: list[dict], rates: list[dict], header: str) -> str:
         stage_peak = max(r["stage_peak_mb"], key=r["stage_peak_mb"].get) if r["stage_peak_mb"] else "-"
         cells = [f"{t.get(s, 0.0):.1f}" if s in t else "-" for s in STAGES]
         lines.append(
-            f"| {n['train']:,} | {n['synthetic']:,} | {n['holdout']:,} | {r['run']} | " + " | ".join(cells)
+            f"| {n['train']:,} | {n['synthetic']:,} | {n['holdout']:,} | {r['run']} | "
+            + " | ".join(cells)
             + f" | {total:.1f} | {slices / total:.0f} | {r['peak_rss_mb']:.0f} | {stage_peak} | {r['flagged']} | "
             f"{r['verdict']} |"
         )
-    lines += ["", "Search at the run's sizes (m = G + H queries, n = T, d = 240, k = 32; median of 3; fraction of the "
-              "GEMM rate = (2 m n d / seconds) / the GEMM's):", ""]
-    lines.append("| m | n | GEMM s (GFLOP/s) | inspector knn s (of GEMM) | faiss IndexFlatIP s (of GEMM) | "
-                 "sklearn brute s (of GEMM) | knn / sklearn |")
+    lines += [
+        "",
+        "Search at the run's sizes (m = G + H queries, n = T, d = 240, k = 32; median of 3; fraction of the "
+        "GEMM rate = (2 m n d / seconds) / the GEMM's):",
+        "",
+    ]
+    lines.append(
+        "| m | n | GEMM s (GFLOP/s) | inspector knn s (of GEMM) | faiss IndexFlatIP s (of GEMM) | "
+        "sklearn brute s (of GEMM) | knn / sklearn |"
+    )
     lines.append("|---:|---:|---:|---:|---:|---:|---:|")
     for r in rates:
         s = r["search"]
@@ -312,8 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=4 * 3600)
     p.add_argument("--skip-rates", action="store_true")
     p.add_argument("--update-results", action="store_true", help="write the section into benchmarks/RESULTS.md")
-    p.add_argument("--from-rows", type=Path, help="render the audits saved by an earlier run (its rows JSON) instead "
-                   "of running them again; the search and registration rates are measured now")
+    p.add_argument(
+        "--from-rows",
+        type=Path,
+        help="render the audits saved by an earlier run (its rows JSON) instead "
+        "of running them again; the search and registration rates are measured now",
+    )
     p.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -370,8 +397,13 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.results import put_section
 
         cmd = "python -m benchmarks.bench_scale " + " ".join(argv if argv is not None else sys.argv[1:])
-        path = put_section("Scale: the whole audit as the study grows (`bench_scale`)", text, cmd.strip(),
-                           time.perf_counter() - t_start, machine_line)
+        path = put_section(
+            "Scale: the whole audit as the study grows (`bench_scale`)",
+            text,
+            cmd.strip(),
+            time.perf_counter() - t_start,
+            machine_line,
+        )
         log.info("wrote %s", path)
     return 0
 

@@ -54,6 +54,8 @@ def markers(family: str) -> tuple[str, str]:
     """The RESULTS.md markers of one family's section."""
     tag = "volumes3d" if family == "mni152" else f"volumes3d:{family}"
     return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
+
 METHODS = ("ours", "slice max", "Dar et al. 3D")
 #: Issue 15's targets.
 TARGET_AUC, TARGET_TPR = 0.99, 0.95
@@ -319,6 +321,7 @@ def section(per: pd.DataFrame, vt: pd.DataFrame, timings: pd.DataFrame, args: ar
         )
     )
     lines.append("| target | measured | met |\n|---|---|---|")
+
     def cell(ok: object) -> str:
         if isinstance(ok, str):
             return "**no**" if ok == "no" else ok

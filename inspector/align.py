@@ -14,7 +14,11 @@ Python loop, in three stages:
    (ECC; Evangelidis & Psarakis 2008) maximises the masked correlation: a Gauss-Newton ascent with a
    closed-form step, computed from one 7 x 7 Gram matrix per pair and iteration. Its basin on brain slices
    is wide (it converged from 15 degrees, 15 % zoom and 12 % shift off on every MNI slice tried), so a
-   grid over angles and scales is unnecessary: one start per flip suffices up to ``max_angle = 20``.
+   grid over angles and scales is unnecessary: one start per flip suffices up to ``max_angle = 20``. The
+   other starts map the two slices' foreground centroids and spreads onto each other (another field of
+   view, a shift, a crop) and, when ``max_angle`` allows more than the ECC's basin, rotate by the angle read
+   off the circular cross-correlation of rings about those centroids (a copy rotated by any angle). Every
+   start is first scored once and only the best few are iterated.
 2. **Fine level** at ``size`` pixels (64): the best coarse candidate(s) are refined with a few more ECC
    iterations. The moving image's validity mask is warped along and used as the weight, so zero padding
    is never scored. The best iterate within the bounds is kept.
@@ -39,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .descriptors import foreground_moments
+from .descriptors import foreground_moments, polar_sample, relative_angle
 from .preprocess import affine_warp, resize_square
 from .types import ProgressFn
 from .views import FLIPS, View
@@ -60,6 +64,9 @@ log = logging.getLogger(__name__)
 MEASURES: tuple[str, ...] = ("poly_fg", "ncc_fg", "ncc", "grad")
 #: Extra starting zooms of the registration (see ``zoom_starts`` of :func:`register_pairs`).
 ZOOM_STARTS: tuple[float, ...] = (1.3, 1.6)
+#: Rotations (degrees) the ECC converges from on brain slices: a larger ``max_angle`` adds starts rotated by
+#: the angle read off the slices' rings (see ``init`` of :func:`register_pairs`).
+ECC_BASIN = 20.0
 #: Foreground rule of the ``*_fg`` measures: above this fraction of the image's range over the overlap.
 FG_FRACTION = 0.05
 
@@ -379,6 +386,20 @@ def _ecc_step(
     return rho, dp, ok
 
 
+def _masked_rho(f: torch.Tensor, g: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The correlation ``rho`` of :func:`_ecc_step` (same centring and thresholds) without its Gram matrix:
+    f, g (B, P), binary weights w (B, P); -1 where undefined."""
+    s_w = w.sum(1)
+    sw = s_w.clamp_min(1.0)
+    wf, wg = w * f, w * g
+    s_f, s_g = wf.sum(1), wg.sum(1)
+    rr = (wf * f).sum(1) - s_f * (s_f / sw)
+    ww = (wg * g).sum(1) - s_g * (s_g / sw)
+    rw = (wf * g).sum(1) - s_f * (s_g / sw)
+    good = (rr > 1e-9 * sw) & (ww > 1e-9 * sw)
+    return torch.where(good, rw / torch.sqrt((rr * ww).clamp_min(1e-30)), torch.full_like(rw, -1.0)).clamp(-1.0, 1.0)
+
+
 def _ecc_refine(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -401,6 +422,14 @@ def _ecc_refine(
     # centre both images once (NCC does not care) so the moment sums cancel less in float32
     f = (fixed - fixed.mean((1, 2), keepdim=True)).reshape(b, -1)
     mv = moving - moving.mean((1, 2), keepdim=True)
+    if iterations == 0:  # the start's correlation only: no gradients, no Gram matrix
+        grid, w = _grid(params, X, Y)
+        warped = F.grid_sample(mv[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        rho = _masked_rho(f, warped.view(b, -1), w.view(b, -1))
+        ang, sc, sh = _similarity_from_params(params)
+        max_ang, min_sc, max_sc, max_sh = bounds
+        inside = (ang.abs() <= max_ang) & (sc >= min_sc) & (sc <= max_sc) & (sh.abs().amax(-1) <= max_sh)
+        return params.clone(), torch.where(inside, rho, torch.full_like(rho, -2.0))
     gx, gy = _gradients(moving)
     stack = torch.stack([mv, gx, gy], dim=1)  # (B, 3, r, r)
     best_p = params.clone()
@@ -530,13 +559,15 @@ def _moment_start(
     moving: torch.Tensor,
     bounds: tuple[float, float, float, float],
     zooms: Sequence[float] = (),
+    angle: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Params (b, V, 1 + len(zooms), 4) mapping each moving view's foreground centroid onto the fixed slice's.
 
-    fixed (b, r, r), moving (b, V, r, r). The sampling map is ``x_m = k x + t`` with ``t = c_m - k c_f`` (no
-    rotation). The first start takes ``k = rad_m / rad_f`` (the spreads matched); one more start per zoom
-    ``z`` takes ``k = 1 / z``: when the fixed slice's anatomy is cut by its frame (a zoomed-in output) its
-    spread is too small and the spread ratio is a poor guess of the zoom. Clamped to the scale and shift bounds.
+    fixed (b, r, r), moving (b, V, r, r). The sampling map is ``x_m = k R x + t`` with ``t = c_m - k R c_f``,
+    ``R`` the rotation by ``angle`` (b, V) degrees (:func:`inspector.descriptors.relative_angle`; none when not
+    given). The first start takes ``k = rad_m / rad_f`` (the spreads matched); one more start per zoom ``z``
+    takes ``k = 1 / z``: when the fixed slice's anatomy is cut by its frame (a zoomed-in output) its spread is
+    too small and the spread ratio is a poor guess of the zoom. Clamped to the scale and shift bounds.
     """
     b, v, r, _ = moving.shape
     cf, rf = foreground_moments(fixed)
@@ -545,11 +576,29 @@ def _moment_start(
     _, lo_s, hi_s, max_sh = bounds
     ks = [rm / rf[:, None].clamp_min(1e-6)] + [torch.full_like(rm, 1.0 / float(z)) for z in zooms]
     k = torch.stack(ks, dim=2).clamp(1.0 / hi_s, 1.0 / lo_s)  # (b, V, S)
-    t = cm[:, :, None, :] - k[..., None] * cf[:, None, None, :]
-    p = torch.stack([k - 1.0, torch.zeros_like(k), t[..., 0], t[..., 1]], dim=-1)
+    if angle is None:
+        cos, sin = torch.ones_like(k), torch.zeros_like(k)
+    else:
+        rad = angle.to(k.dtype)[:, :, None].expand_as(k) * (math.pi / 180.0)
+        cos, sin = torch.cos(rad), torch.sin(rad)
+    a, bb = k * cos, k * sin  # the sampling matrix k R = [[a, -bb], [bb, a]]
+    cfx, cfy = cf[:, None, None, 0], cf[:, None, None, 1]
+    tx = cm[:, :, None, 0] - (a * cfx - bb * cfy)
+    ty = cm[:, :, None, 1] - (bb * cfx + a * cfy)
+    p = torch.stack([a - 1.0, bb, tx, ty], dim=-1)
     ang, sc, sh = _similarity_from_params(p)
     sh = sh.clamp(-max_sh, max_sh)
     return _params_from_similarity(ang, sc, sh)
+
+
+def _polar_angles(fixed: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+    """The rotation (b, V) degrees carrying each moving view (b, V, r, r) onto its fixed slice (b, r, r) about
+    their foreground centroids, from the circular cross-correlation of their rings (polar_sample)."""
+    b, v, r, _ = views.shape
+    pf = polar_sample(fixed)  # (b, R, A)
+    pm = polar_sample(views.reshape(b * v, r, r)).view(b, v, *pf.shape[1:])
+    ang, _ = relative_angle(pf[:, None], pm)
+    return ang
 
 
 #: Found zooms above this are scored again with the training image resampled at ``size * zoom`` (see
@@ -631,7 +680,10 @@ def register_pairs(
     device : str
         ``auto`` (CUDA when present), ``cpu`` or ``cuda``.
     max_angle : float
-        Largest rotation accepted, in degrees (± this).
+        Largest rotation accepted, in degrees (± this, up to 180: any angle). Above :data:`ECC_BASIN` the
+        moment starts are repeated rotated by the angle of the circular cross-correlation of the two slices'
+        rings about their centroids (:func:`inspector.descriptors.relative_angle`), so a copy rotated by any
+        angle starts inside the optimiser's basin.
     batch_size : int
         Pairs registered at once.
     scale_range : (float, float)
@@ -640,8 +692,9 @@ def register_pairs(
         Largest shift accepted on each axis, fraction of the field of view.
     angle_starts : sequence of float, optional
         Starting angles of the coarse ECC runs (every start x every flip is refined at ``coarse_size``).
-        Default: ``(0,)`` when ``max_angle <= 20`` (ECC converged from 15 degrees off, with 15 % zoom and 12 %
-        shift, on every MNI slice tried) else ``(-2/3, 0, 2/3) * max_angle``.
+        Default: ``(0,)`` (ECC converged from 15 degrees off, with 15 % zoom and 12 % shift, on every MNI slice
+        tried; larger angles are found by the rotated moment starts), or ``(-2/3, 0, 2/3) * max_angle`` with
+        ``init="identity"`` and ``max_angle > 20``.
     coarse_size : int
         Resolution of the coarse (multi-start) level.
     iterations : (int, int)
@@ -705,8 +758,8 @@ def register_pairs(
         raise ValueError(f"size and coarse_size must be >= 16 pixels; got {size}, {coarse_size}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
-    if not 0 <= max_angle <= 45:
-        raise ValueError(f"max_angle must be in [0, 45] degrees; got {max_angle}.")
+    if not 0 <= max_angle <= 180:
+        raise ValueError(f"max_angle must be in [0, 180] degrees; got {max_angle}.")
     lo_s, hi_s = (float(v) for v in scale_range)
     if not 0.25 <= lo_s <= 1.0 <= hi_s <= 4.0:
         raise ValueError(f"scale_range must satisfy 0.25 <= low <= 1 <= high <= 4; got {scale_range}.")
@@ -716,7 +769,8 @@ def register_pairs(
     if it_coarse < 0 or it_fine < 0:
         raise ValueError(f"iterations must be two non-negative integers; got {iterations}.")
     if angle_starts is None:
-        angle_starts = (0.0,) if max_angle <= 20 else (-2.0 * max_angle / 3.0, 0.0, 2.0 * max_angle / 3.0)
+        wide = max_angle > ECC_BASIN and init == "identity"
+        angle_starts = (-2.0 * max_angle / 3.0, 0.0, 2.0 * max_angle / 3.0) if wide else (0.0,)
     starts = [float(a) for a in angle_starts]
     if not starts or any(abs(a) > max_angle for a in starts):
         raise ValueError(f"angle_starts must be a non-empty list within +-max_angle={max_angle}; got {angle_starts}.")
@@ -763,6 +817,9 @@ def register_pairs(
         starts_bv = start_p[None, None].expand(b, v, n_a, 4)
         if init == "moments":
             starts_bv = torch.cat([starts_bv, _moment_start(fc, vc, bounds, zooms)], dim=2)
+            if max_angle > ECC_BASIN:  # any angle: the same starts rotated by the rings' relative angle
+                ang = _polar_angles(ft, views)
+                starts_bv = torch.cat([starts_bv, _moment_start(fc, vc, bounds, zooms, angle=ang)], dim=2)
         n_s = starts_bv.shape[2]
         combos = v * n_s
         f_sel = fc[:, None].expand(b, combos, cs, cs)
@@ -826,14 +883,44 @@ def register_pairs(
         if progress is not None:
             progress("aligning", stop, n)
     angle, scale, shift = _similarity_from_params(torch.cat(out_p).double())
+    flip_out, angle_out = np.concatenate(out_flip), angle.numpy()
+    if flip_arr is None:  # the same transform written with the orientation of the smallest residual angle
+        flip_out, angle_out = _canonical_orientation(flip_out, angle_out, orients)
     return Alignment(
         ncc=torch.cat(out_ncc).numpy(),
-        angle=angle.numpy(),
+        angle=angle_out,
         scale=scale.numpy(),
         shift=shift.numpy(),
-        flip=np.concatenate(out_flip),
+        flip=flip_out,
         overlap=torch.cat(out_ov).numpy(),
     )
+
+
+_QUARTER_TURNS = (View.ID, View.ROT90, View.HVFLIP, View.ROT270)
+
+
+def _canonical_orientation(
+    flips: np.ndarray, angles: np.ndarray, allowed: Sequence[View]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each (orientation, angle) rewritten as the equal transform whose angle is smallest in magnitude.
+
+    ``affine_warp(angle) ∘ o == affine_warp(angle - 90 k) ∘ rot90^k ∘ o`` (same shift and scale): with any angle
+    allowed, the registration may reach an upright copy as ``rot90`` and -90 degrees; the reader should see
+    ``id`` and 0. Only orientations in ``allowed`` are used. flips (N,) of names, angles (N,) degrees.
+    """
+    allowed_set = set(allowed)
+    out_f = np.asarray(flips, dtype=object).copy()
+    out_a = np.asarray(angles, dtype=np.float64).copy()
+    for i, (name, a) in enumerate(zip(flips, angles, strict=True)):
+        o = View.parse(name)
+        best = (abs(float(a)), 0, o, float(a))
+        for k in (1, 2, 3):
+            o_k = o.then(_QUARTER_TURNS[k])
+            a_k = (float(a) - 90.0 * k + 180.0) % 360.0 - 180.0
+            if o_k in allowed_set and abs(a_k) < best[0] - 1e-9:
+                best = (abs(a_k), k, o_k, a_k)
+        out_f[i], out_a[i] = best[2].value, best[3]
+    return out_f, out_a.astype(angles.dtype)
 
 
 def score_alignment(

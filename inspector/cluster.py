@@ -226,7 +226,9 @@ def connect(address: str, *, timeout: float = 30.0) -> Cluster:
         except ValueError:
             n = 0
         if n < 1:
-            raise ValueError(f"cluster address {address!r}: use 'local', 'local:N' with N >= 1 workers, or tcp://HOST:PORT.")
+            raise ValueError(
+                f"cluster address {address!r}: use 'local', 'local:N' with N >= 1 workers, or tcp://HOST:PORT."
+            )
         local = distributed.LocalCluster(
             n_workers=n,
             threads_per_worker=1,

@@ -82,6 +82,15 @@ class AuditConfig:
         training set, searched over every view), registered beside the encoder's shortlist: an encoder
         trained for invariance stops separating look-alike subjects of one protocol as the cohort grows
         (benchmarks/RESULTS.md, look-alike cohorts); 0 turns it off.
+    rotation_shortlist : int
+        Extra candidates per synthetic slice from a rotation-invariant descriptor (the magnitudes of the
+        angular harmonics of rings about the anatomy's centroid, whitened on the training set): a copy rotated
+        far from the eight orientations is found by neither the encoder nor the structure descriptor; 0
+        turns it off.
+    max_angle : float
+        Largest in-plane rotation, in degrees beyond the eight orientations, that the registration accepts:
+        180 (default) finds a copy rotated by any angle (the registration also starts from the angle read
+        off the slices' rings about their centroids); 15 accepts small rotations only (the earlier default).
     verify_top : int
         Pruned verification: every candidate is registered coarsely (32 px) under every orientation, and the
         best verify_top per synthetic slice are registered at align_size and scored; 0 verifies all in full.
@@ -143,6 +152,8 @@ class AuditConfig:
     shortlist: int = _opt(10, "matching", minimum=1, maximum=10_000)
     align_flips: str = _opt("all", "matching", choices=("all", "matched"))
     descriptor_shortlist: int = _opt(5, "matching", minimum=0, maximum=10_000)
+    rotation_shortlist: int = _opt(5, "matching", minimum=0, maximum=10_000)
+    max_angle: float = _opt(180.0, "matching", minimum=0.0, maximum=180.0)
     verify_top: int = _opt(3, "matching", minimum=0, maximum=10_000)
     top_k: int = _opt(5, "matching", minimum=1, maximum=1_000)
     unit: str = _opt("auto", "decision", choices=("auto", "slice", "volume"))

@@ -14,6 +14,12 @@ separates look-alike subjects of one protocol (where an encoder trained for inva
 * :func:`structure_descriptor`: those thumbnails at :data:`DESCRIPTOR_SIZES` pixels, each vector centred on
   its own mean and L2-normalised (cosine = Pearson correlation of the normalised thumbnails), one "layer" per
   size. The matcher whitens them on T (as every layer) and searches them beside the encoder's features.
+* :func:`polar_sample`: each slice resampled on rings about its centroid, radii in units of its radius of
+  gyration. A copy rotated by any angle (and scaled, shifted) has the same rings circularly shifted by the
+  angle: :func:`relative_angle` reads that shift off a circular cross-correlation (the registration's start
+  for copies rotated far from the eight orientations), and :func:`rotation_descriptor` keeps the magnitudes of
+  the rings' angular Fourier harmonics, invariant to every rotation and reflection (the shortlist's entry for
+  such copies).
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ __all__ = [
     "TARGET_RADIUS",
     "foreground_moments",
     "moment_normalise",
+    "polar_sample",
+    "relative_angle",
+    "rotation_descriptor",
     "structure_descriptor",
 ]
 
@@ -45,6 +54,13 @@ DESCRIPTOR_ZOOMS: tuple[float, ...] = (1.25, 1.45, 1.7)
 TARGET_RADIUS = 0.45
 #: Foreground rule of the moments: above this fraction of the slice's intensity range.
 FG_FRACTION = 0.1
+#: Rings of :func:`polar_sample`: how many, and the outermost radius in radii of gyration.
+POLAR_RINGS = 12
+POLAR_MAX_RADIUS = 2.2
+#: Angular samples per ring of :func:`polar_sample` (a power of two: the FFTs along the ring).
+POLAR_ANGLES = 64
+#: Angular harmonics kept by :func:`rotation_descriptor` (0 = the ring's mean).
+ROTATION_HARMONICS = 12
 
 
 def _coords(h: int, w: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,4 +186,128 @@ def structure_descriptor(
             v = v - v.mean(1, keepdim=True)
             v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
             out[f"mn{k}"][start : start + len(chunk)] = v.numpy()
+    return out
+
+
+def polar_sample(
+    images: torch.Tensor,
+    centroid: torch.Tensor | None = None,
+    radius: torch.Tensor | None = None,
+    *,
+    rings: int = POLAR_RINGS,
+    angles: int = POLAR_ANGLES,
+    max_radius: float = POLAR_MAX_RADIUS,
+) -> torch.Tensor:
+    """Each slice sampled on rings about its foreground centroid, radii in units of its radius of gyration.
+
+    Parameters
+    ----------
+    images : torch.Tensor, shape (n, H, W)
+    centroid, radius : torch.Tensor, shapes (n, 2) and (n,), optional
+        From :func:`foreground_moments` (computed when not given).
+    rings, angles : int
+        Ring count (radii ``(i + 0.5) / rings * max_radius`` radii of gyration) and samples per ring (angle
+        ``2 pi j / angles`` from the +x axis towards +y, i.e. towards the rows below).
+    max_radius : float
+        Outermost ring, in radii of gyration (outside the frame reads zero).
+
+    Returns
+    -------
+    torch.Tensor, shape (n, rings, angles)
+        Bilinear samples, each ring weighted by the square root of its radius (equal area per sample in a
+        correlation) after removing the slice's foreground mean.
+
+    Notes
+    -----
+    If ``fixed`` is ``moving`` rotated by ``d`` degrees about its centroid (and scaled, shifted), then
+    ``polar(fixed)[:, :, j] = polar(moving)[:, :, j + d / (360 / angles)]``.
+    """
+    x = images.float()
+    if x.dim() != 3:
+        raise ValueError(f"images must have shape (n, H, W); got {tuple(x.shape)}.")
+    if centroid is None or radius is None:
+        centroid, radius = foreground_moments(x)
+    dev, dt = x.device, x.dtype
+    rho = (torch.arange(rings, device=dev, dtype=dt) + 0.5) / rings * float(max_radius)  # (R,)
+    phi = torch.arange(angles, device=dev, dtype=dt) * (2.0 * math.pi / angles)  # (A,)
+    ux, uy = torch.cos(phi)[None, :] * rho[:, None], torch.sin(phi)[None, :] * rho[:, None]  # (R, A)
+    gx = centroid[:, 0, None, None] + radius[:, None, None] * ux[None]
+    gy = centroid[:, 1, None, None] + radius[:, None, None] * uy[None]
+    grid = torch.stack([gx, gy], dim=-1)  # (n, R, A, 2)
+    out = F.grid_sample(x[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+    out = out - out.mean((1, 2), keepdim=True)
+    return out * torch.sqrt(rho)[None, :, None]
+
+
+def relative_angle(fixed_polar: torch.Tensor, moving_polar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rotation (degrees) that carries each moving slice onto its fixed slice, from their rings.
+
+    Parameters
+    ----------
+    fixed_polar, moving_polar : torch.Tensor, shapes (..., R, A)
+        :func:`polar_sample` of the two slices (broadcastable against each other).
+
+    Returns
+    -------
+    angle : torch.Tensor, shape (...)
+        In (-180, 180]: the moving slice rotated by this angle about its centroid (the sampling map
+        ``x_m = c_m + k R(angle) (x - c_f)``) best matches the fixed slice; the peak of the rings' circular
+        cross-correlation, refined to a fraction of a step by a parabola through its neighbours.
+    peak : torch.Tensor, shape (...)
+        The cross-correlation at the peak over the product of the two norms (a cosine in [-1, 1]).
+    """
+    a = fixed_polar.shape[-1]
+    ff = torch.fft.rfft(fixed_polar, dim=-1)
+    fm = torch.fft.rfft(moving_polar, dim=-1)
+    corr = torch.fft.irfft((torch.conj(ff) * fm).sum(-2), n=a, dim=-1)  # (..., A): sum_j f[j] m[j + s]
+    norm = (fixed_polar.square().sum((-2, -1)) * moving_polar.square().sum((-2, -1))).sqrt().clamp_min(1e-12)
+    peak, j = corr.max(-1)
+    left = corr.gather(-1, ((j - 1) % a)[..., None])[..., 0]
+    right = corr.gather(-1, ((j + 1) % a)[..., None])[..., 0]
+    den = left - 2.0 * peak + right
+    frac = torch.where(den < -1e-12, 0.5 * (left - right) / den, torch.zeros_like(den)).clamp(-0.5, 0.5)
+    ang = (j.to(corr.dtype) + frac) * (360.0 / a)
+    ang = torch.where(ang > 180.0, ang - 360.0, ang)
+    return ang, peak / norm
+
+
+def rotation_descriptor(
+    images: torch.Tensor | np.ndarray,
+    *,
+    harmonics: int = ROTATION_HARMONICS,
+    batch_size: int = 1024,
+) -> np.ndarray:
+    """Magnitudes of the angular Fourier harmonics of each slice's rings: invariant to any in-plane rotation
+    and reflection, to field of view, shift and matrix size.
+
+    Parameters
+    ----------
+    images : torch.Tensor or np.ndarray, shape (n, H, W)
+    harmonics : int
+        Harmonics kept per ring (``0`` .. ``harmonics - 1``; at most ``POLAR_ANGLES // 2 + 1``).
+    batch_size : int
+        Slices processed at once (bounds memory).
+
+    Returns
+    -------
+    np.ndarray, shape (n, POLAR_RINGS * harmonics), float32
+        The square roots of the magnitudes (a variance-stabilising compression), each row centred on its own
+        mean and L2-normalised.
+    """
+    if not 1 <= harmonics <= POLAR_ANGLES // 2 + 1:
+        raise ValueError(f"harmonics must be in [1, {POLAR_ANGLES // 2 + 1}]; got {harmonics}.")
+    arr = images if isinstance(images, torch.Tensor) else np.asarray(images)
+    n = arr.shape[0]
+    out = np.zeros((n, POLAR_RINGS * harmonics), np.float32)
+    for start in range(0, n, batch_size):
+        x = _writable_tensor(arr[start : start + batch_size])
+        if x.dim() != 3:
+            raise ValueError(f"images must have shape (n, H, W); got {tuple(x.shape)}.")
+        cen, rad = foreground_moments(x)
+        if x.shape[-1] > 128 or x.shape[-2] > 128:  # area pre-filter: the rings never alias
+            x = F.adaptive_avg_pool2d(x[:, None], 128)[:, 0]
+        mag = torch.fft.rfft(polar_sample(x, cen, rad), dim=-1).abs()[..., :harmonics]
+        v = mag.sqrt().reshape(x.shape[0], -1)
+        v = v - v.mean(1, keepdim=True)
+        out[start : start + len(x)] = (v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)).numpy()
     return out

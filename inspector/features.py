@@ -145,9 +145,7 @@ def prepare_extractor(
     ext = get_extractor(extractor, **overrides) if isinstance(extractor, str) else extractor
     if ext.requires_fit and not getattr(ext, "is_fitted", False):
         if train is None:
-            raise ValueError(
-                f"Extractor {ext.name!r} is trained on the training cohort: pass train=<training cohort>."
-            )
+            raise ValueError(f"Extractor {ext.name!r} is trained on the training cohort: pass train=<training cohort>.")
         images = cohort_images(train, ext.config.input_size)
         root = Path(cache_dir).expanduser() if cache_dir is not None else EmbeddingCache().root
         ext.fit(images, cache_dir=root, progress=progress)

@@ -737,8 +737,15 @@ def _upgrade_summary(summary: dict[str, Any], manifest: dict[str, Any] | None) -
 
     out = dict(summary)
     if isinstance(out.get("config"), dict):
-        # written before these settings existed: no skipped training files, real paths, every manifest row read
-        old = {"allow_skipped": False, "show_paths": True, "allow_outside_root": True}
+        # written before these settings existed: no skipped training files, real paths, every manifest row read,
+        # rotations up to 15 degrees off the orientations and no rotation-invariant shortlist
+        old = {
+            "allow_skipped": False,
+            "show_paths": True,
+            "allow_outside_root": True,
+            "rotation_shortlist": 0,
+            "max_angle": 15.0,
+        }
         out["config"] = {**{k: v for k, v in old.items() if k not in out["config"]}, **out["config"]}
     cohorts = dict(out.get("cohorts") or {})
     for name, c in list(cohorts.items()):

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .align import Alignment, register_pairs
-from .descriptors import DESCRIPTOR_ZOOMS, structure_descriptor
+from .descriptors import DESCRIPTOR_ZOOMS, rotation_descriptor, structure_descriptor
 from .index import NeighbourIndex
 from .scores import PaperScorer, Whitener
 from .types import ProgressFn
@@ -34,7 +34,6 @@ from .views import FLIPS, View, training_to_query
 __all__ = ["InsufficientDataError", "MatchResult", "Matcher", "MemorizationScorer", "PaperMatcher"]
 
 log = logging.getLogger(__name__)
-
 
 
 class InsufficientDataError(ValueError):
@@ -155,6 +154,15 @@ class MemorizationScorer:
         cropped has its anatomy cut by the frame, so its moments (and the moment-normalised thumbnail) differ
         from those of its whole source but match the source zoomed by about as much. A hit on a zoomed entry
         is a candidate for its training slice; the registration then finds the exact zoom. ``()`` turns it off.
+    rotation_shortlist : int
+        Extra candidates per query from the rotation-invariant descriptor
+        (:func:`inspector.descriptors.rotation_descriptor`, whitened on T; one search, as it is the same under
+        every view): a copy rotated far from the eight orientations is found neither by the encoder's features
+        nor by the moment-normalised thumbnails. ``0`` turns it off.
+    max_angle : float
+        Largest in-plane rotation (degrees, beyond the orientations) the registration accepts; above 20 it
+        also starts from the angle read off the slices' rings (:func:`inspector.align.register_pairs`). 180
+        (default): any angle; 15: small rotations only (the earlier default).
     verify_top : int
         Pruned verification: every candidate is first registered under every orientation at 32 px only (a
         coarse ECC), and only the ``verify_top`` best per query are registered at ``align_size`` and scored;
@@ -181,6 +189,8 @@ class MemorizationScorer:
         margin_k: int = 32,
         descriptor_shortlist: int = 5,
         descriptor_zooms: Sequence[float] = DESCRIPTOR_ZOOMS,
+        rotation_shortlist: int = 5,
+        max_angle: float = 180.0,
         verify_top: int = 3,
         device: str = "auto",
         chunk: int = 256,
@@ -195,6 +205,8 @@ class MemorizationScorer:
         self.margin_k = margin_k
         self.descriptor_shortlist = descriptor_shortlist
         self.descriptor_zooms = tuple(float(z) for z in descriptor_zooms)
+        self.rotation_shortlist = rotation_shortlist
+        self.max_angle = max_angle
         self.verify_top = verify_top
         self.device = device
         self.chunk = chunk
@@ -256,6 +268,10 @@ class MemorizationScorer:
             raise ValueError(f"verify_top must be >= 0 (0 = verify every candidate); got {self.verify_top}.")
         if self.descriptor_shortlist < 0:
             raise ValueError(f"descriptor_shortlist must be >= 0; got {self.descriptor_shortlist}.")
+        if self.rotation_shortlist < 0:
+            raise ValueError(f"rotation_shortlist must be >= 0; got {self.rotation_shortlist}.")
+        if not 0 <= float(self.max_angle) <= 180:
+            raise ValueError(f"max_angle must be in [0, 180] degrees; got {self.max_angle}.")
         self.desc_whiteners_: dict[str, Whitener] = {}
         self.desc_zoom_train_: np.ndarray | None = None
         if self.rerank and self.descriptor_shortlist > 0:
@@ -272,6 +288,11 @@ class MemorizationScorer:
             # so that they add candidates instead of displacing the whole slices' (a zoomed-out copy's)
             zoomed = [self._desc_concat(structure_descriptor(images, zoom=z)) for z in self.descriptor_zooms]
             self.desc_zoom_train_ = np.concatenate(zoomed) if zoomed else None
+        self.rot_whitener_: Whitener | None = None
+        if self.rerank and self.rotation_shortlist > 0:
+            rot = np.asarray(rotation_descriptor(images), np.float64)
+            self.rot_whitener_ = Whitener(method="shrinkage", shrinkage=self.shrinkage).fit(rot)
+            self.rot_train_ = self._rot_white(rot)
         self.groups_ = None if groups is None else np.asarray(groups).astype(str)
         if self.groups_ is not None and self.groups_.shape != (self.n_,):
             raise ValueError(f"groups must have shape ({self.n_},); got {self.groups_.shape}.")
@@ -282,6 +303,10 @@ class MemorizationScorer:
 
     def _concat(self, white: Mapping[str, np.ndarray]) -> np.ndarray:
         return _scaled_concat([white[layer] for layer in self.layers_])
+
+    def _rot_white(self, x: np.ndarray) -> np.ndarray:
+        assert self.rot_whitener_ is not None
+        return _scaled_concat([np.asarray(self.rot_whitener_.transform(np.asarray(x, np.float64)), np.float32)])
 
     def _desc_concat(self, desc: Mapping[str, np.ndarray]) -> np.ndarray:
         w = self.desc_whiteners_
@@ -326,7 +351,8 @@ class MemorizationScorer:
         """Top-k of ``query`` in one of the fitted search bases, through an index built once per base and fit.
 
         ``base``: ``"concat"`` (the whitened layers, concatenated), ``"layer:<name>"``, ``"desc"`` or ``"desc_zoom"``
-        (the structure descriptor of the training slices, and of their zoomed entries). ``groups`` (m,) excludes
+        (the structure descriptor of the training slices, and of their zoomed entries) or ``"rot"`` (their
+        rotation-invariant descriptor). ``groups`` (m,) excludes
         each query's own group (leave-one-subject-out). The same answer as :func:`~inspector.index.knn` on that
         base; the index (normalised base, group codes, an approximate or GPU index when one is used) is reused by
         every view and every query set instead of being rebuilt per call.
@@ -340,6 +366,8 @@ class MemorizationScorer:
                 x, entries = self.train_white_[base.split(":", 1)[1]], 1
             elif base == "desc":
                 x, entries = self.desc_train_, 1
+            elif base == "rot" and self.__dict__.get("rot_whitener_") is not None:
+                x, entries = self.rot_train_, 1
             elif base == "desc_zoom" and self.desc_zoom_train_ is not None:
                 x = self.desc_zoom_train_
                 entries = x.shape[0] // self.n_
@@ -429,6 +457,12 @@ class MemorizationScorer:
             for d_s, d_i, d_v in self._descriptor_candidates(images, views, qg):
                 d_c, _, d_cv = _merge_candidates(d_s, d_i, d_v, self.descriptor_shortlist)
                 cand, cand_view = _union_candidates(cand, cand_view, d_c, d_cv)
+        if self.rerank and self.rotation_shortlist > 0 and self.__dict__.get("rot_whitener_") is not None:
+            k_rot = min(self.n_, self.rotation_shortlist)
+            _, r_i = self._search("rot", self._rot_white(rotation_descriptor(images)), k_rot, qg)
+            # the same under every view: its candidates carry the identity view (the registration finds the
+            # orientation and the angle)
+            cand, cand_view = _union_candidates(cand, cand_view, r_i, np.zeros_like(r_i))
 
         # 2. alignment-verified re-ranking of the shortlist
         alignment: Alignment | None = None
@@ -594,6 +628,7 @@ class MemorizationScorer:
                     coarse_size=min(32, self.align_size),
                     iterations=(8, 0),
                     flip_candidates=1,
+                    max_angle=float(self.max_angle),
                     device=self.device,
                 )
                 pre_s = np.full((len(rows), kk), -np.inf, np.float32)
@@ -617,6 +652,7 @@ class MemorizationScorer:
                     flips=given,
                     orientations=orientations,
                     size=self.align_size,
+                    max_angle=float(self.max_angle),
                     device=self.device,
                 )
                 ncc[q, c] = al.ncc

@@ -70,7 +70,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-
 # ---------------------------------------------------------------------------------------------- stage 1
 @dataclass
 class Inputs:
@@ -355,6 +354,8 @@ def make_matcher(cfg: AuditConfig, *, paper: PaperScorer | None = None) -> Match
         align_size=cfg.align_size,
         align_flips=cfg.align_flips,
         descriptor_shortlist=cfg.descriptor_shortlist,
+        rotation_shortlist=cfg.rotation_shortlist,
+        max_angle=cfg.max_angle,
         verify_top=cfg.verify_top,
         device=cfg.device,
     )

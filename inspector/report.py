@@ -434,8 +434,11 @@ def _research_html(folder: AuditFolder) -> str:
     out.append(svg_layers(t, layers, flags))
     shown = summary if curves else summary.drop(columns=["auc"])
     shown = shown.rename(
-        columns={"median_flagged": "median, flagged", "median_not_flagged": "median, not flagged",
-                 "auc": "AUC (copy vs novel)"}  # fmt: skip
+        columns={
+            "median_flagged": "median, flagged",
+            "median_not_flagged": "median, not flagged",
+            "auc": "AUC (copy vs novel)",
+        }  # fmt: skip
     )
     out.append(_df_table(shown, max_rows=len(shown) + 1))
     if curves:
@@ -1065,9 +1068,7 @@ def _render(
                 ("synthetic", sim, "#c62828"),
                 (f"null ({v.get('null_kind', 'reference')})", folder.null_similarity, "#1565c0"),
             ],
-            markers=[
-                (thr, f"threshold at {'Benjamini–Hochberg ' if v.get('fdr') else ''}α = {alpha:g}", "#000000")
-            ],
+            markers=[(thr, f"threshold at {'Benjamini–Hochberg ' if v.get('fdr') else ''}α = {alpha:g}", "#000000")],
             xlabel="similarity to the nearest training slice (higher = more similar)",
             title="Synthetic similarities against the null",
         )

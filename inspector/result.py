@@ -133,8 +133,10 @@ def evidence_note(counts: dict[str, int]) -> str:
             )
     n = int(counts.get("synthetic", 0) or 0)
     if n:
-        parts.append(f"{n} synthetic file{'s' if n != 1 else ''} could not be read and {'were' if n != 1 else 'was'} "
-                     "not audited.")
+        parts.append(
+            f"{n} synthetic file{'s' if n != 1 else ''} could not be read and {'were' if n != 1 else 'was'} "
+            "not audited."
+        )
     return " ".join(parts)
 
 

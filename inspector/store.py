@@ -55,8 +55,9 @@ def _valid(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
         log.warning("slice store %s unreadable (%s); rewriting it", path.name, e)
         return None
     if arr.shape != shape or arr.dtype != np.float32:
-        log.warning("slice store %s holds %s %s, expected %s float32; rewriting it", path.name, arr.shape, arr.dtype,
-                    shape)
+        log.warning(
+            "slice store %s holds %s %s, expected %s float32; rewriting it", path.name, arr.shape, arr.dtype, shape
+        )
         return None
     return arr
 
@@ -103,8 +104,12 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
             # counted in this process's resident memory
             with open(tmp, "wb") as fh:
                 np.lib.format.write_array_header_1_0(
-                    fh, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
-                         "shape": shape}
+                    fh,
+                    {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
+                        "fortran_order": False,
+                        "shape": shape,
+                    },
                 )
                 for r in cohort.slices:
                     fh.write(np.ascontiguousarray(r.array, np.float32).tobytes())

@@ -286,9 +286,7 @@ class Cohort:
         arrays = [s.array if size is None else resize_square(s.array, size) for s in self.slices]
         shapes = {a.shape for a in arrays}
         if len(shapes) > 1:
-            raise ValueError(
-                f"Cohort {self.name!r} mixes slice shapes {sorted(shapes)[:4]}; pass size= to resize."
-            )
+            raise ValueError(f"Cohort {self.name!r} mixes slice shapes {sorted(shapes)[:4]}; pass size= to resize.")
         return np.stack(arrays).astype(np.float32, copy=False)
 
     def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Cohort:

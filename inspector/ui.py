@@ -126,7 +126,6 @@ LOOPBACK_ADDRESSES: frozenset[str] = frozenset({"127.0.0.1", "localhost", "::1"}
 ALLOW_REMOTE_ENV = "INSPECTOR_ALLOW_REMOTE"
 
 
-
 class InputPathError(FileNotFoundError):
     """A cohort path typed into the app does not exist (the message names every place looked at)."""
 
@@ -883,8 +882,16 @@ def layer_figure(table: pd.DataFrame, layers: Sequence[str], flags: np.ndarray) 
         xs = np.concatenate([[c[4:]] * int(mask.sum()) for c in cols]) if cols else np.array([])
         ys = np.concatenate([table[c].to_numpy(np.float64)[mask] for c in cols]) if cols else np.array([])
         fig.add_trace(
-            go.Box(x=xs, y=ys, name=f"{name} (n={int(mask.sum())})", marker_color=colour, boxpoints="all",
-                   jitter=0.4, pointpos=0, marker_size=4)  # fmt: skip
+            go.Box(
+                x=xs,
+                y=ys,
+                name=f"{name} (n={int(mask.sum())})",
+                marker_color=colour,
+                boxpoints="all",
+                jitter=0.4,
+                pointpos=0,
+                marker_size=4,
+            )  # fmt: skip
         )
     fig.update_layout(
         boxmode="group",
@@ -956,8 +963,14 @@ def roc_curves(table: pd.DataFrame, scores: Sequence[tuple[str, str, int]] = ROC
             continue
         fpr, tpr, _ = roc_curve(y[ok].astype(int), s[ok])
         out.append(
-            {"name": name, "column": col, "fpr": fpr, "tpr": tpr, "auc": float(roc_auc_score(y[ok], s[ok])),
-             "n": int(ok.sum())}  # fmt: skip
+            {
+                "name": name,
+                "column": col,
+                "fpr": fpr,
+                "tpr": tpr,
+                "auc": float(roc_auc_score(y[ok], s[ok])),
+                "n": int(ok.sum()),
+            }  # fmt: skip
         )
     return out
 

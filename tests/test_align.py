@@ -322,6 +322,34 @@ def test_ecc_step_matches_reference():
     assert_allclose(dp.numpy(), ref_dp, rtol=1e-5, atol=1e-12)  # the solver's 1e-6 relative ridge
 
 
+def test_start_scores_without_iterations_match_the_ecc_step(sagittal):
+    # iterations=0 scores each start with the masked correlation alone; the same rho as one full ECC step
+    rng = np.random.default_rng(4)
+    f = torch.from_numpy(sagittal[:6, ::2, ::2].copy()).double()
+    m = torch.from_numpy(sagittal[[1, 0, 3, 2, 5, 4], ::2, ::2].copy()).double()
+    p = A._params_from_similarity(
+        torch.from_numpy(rng.uniform(-10, 10, 6)), torch.from_numpy(rng.uniform(0.9, 1.1, 6)),
+        torch.from_numpy(rng.uniform(-0.05, 0.05, (6, 2))),
+    )  # fmt: skip
+    bounds = (15.0, 0.5, 2.0, 0.3)
+    p0, rho0 = A._ecc_refine(f, m, p, 0, bounds)
+    assert_allclose(p0.numpy(), p.numpy())
+    r = f.shape[-1]
+    X, Y = A._base_coords(r, f.device, f.dtype)
+    grid, w = A._grid(p, X, Y)
+    mv = m - m.mean((1, 2), keepdim=True)
+    gx, gy = A._gradients(mv)
+    st = torch.nn.functional.grid_sample(
+        torch.stack([mv, gx, gy], 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    ).view(6, 3, -1)
+    fc = (f - f.mean((1, 2), keepdim=True)).reshape(6, -1)
+    rho, _, _ = A._ecc_step(fc, st[:, 0], st[:, 1], st[:, 2], w.view(6, -1), X.reshape(-1), Y.reshape(-1))
+    assert_allclose(rho0.numpy(), rho.numpy(), rtol=1e-9, atol=1e-12)
+    # a start outside the bounds scores -2
+    _, rho_out = A._ecc_refine(f, m, p, 0, (1.0, 0.5, 2.0, 0.3))
+    assert (rho_out.numpy()[np.abs(A._similarity_from_params(p)[0].numpy()) > 1.0] == -2.0).all()
+
+
 def test_poly_corr_matches_least_squares():
     rng = np.random.default_rng(1)
     b, r = 4, 12
@@ -463,6 +491,8 @@ def test_bad_inputs_raise_clear_errors():
         register_pairs(good, good, scale_range=(1.1, 1.3))
     with pytest.raises(ValueError, match="angle_starts"):
         register_pairs(good, good, angle_starts=(30.0,), max_angle=15)
+    with pytest.raises(ValueError, match=r"max_angle must be in \[0, 180\]"):
+        register_pairs(good, good, max_angle=200)
 
 
 def test_apply_alignment_errors():
@@ -602,3 +632,50 @@ def test_zoomed_pairs_are_scored_from_the_training_slice_at_matching_resolution(
     ref = resize_square(x, 64)
     assert w.shape == (1, 1, 64, 64) and mask.shape == (1, 64, 64)
     assert float(A._weighted_ncc(w[:, 0], ref, mask)[0]) > 0.99
+
+
+@pytest.mark.parametrize("angle", [-160.0, -70.0, 38.0, 115.0])
+def test_any_angle_is_registered_with_max_angle_180(sagittal: np.ndarray, angle: float) -> None:
+    from inspector.views import DIHEDRAL
+
+    src = sagittal[:4]
+    rng = np.random.default_rng(3)
+    shift = rng.uniform(-0.05, 0.05, (4, 2)).astype(np.float32)
+    zoom = torch.tensor([0.8, 1.0, 1.2, 1.4])
+    fixed = affine_warp(torch.from_numpy(src), angle, torch.from_numpy(shift), zoom).numpy()
+    fixed = np.clip(fixed + rng.normal(0, 0.01, fixed.shape), 0, 1).astype(np.float32)
+    al = register_pairs(fixed, src, orientations=DIHEDRAL, max_angle=180, device="cpu")
+    assert (al.ncc > 0.97).all(), al.ncc
+    assert_allclose(al.scale, zoom.numpy(), rtol=0.05)
+    # the transform found reproduces the copy's frame (whichever orientation + angle pair expresses it)
+    assert (pair_ncc(fixed, apply_alignment(src, al)) > 0.95).all()
+    # with small angles only, a copy rotated this far off every 90-degree step is not verified
+    if min(abs(angle - 90 * k) for k in range(-2, 3)) > 30:
+        small = register_pairs(fixed, src, orientations=DIHEDRAL, max_angle=15, device="cpu")
+        assert (small.ncc < al.ncc - 0.05).all(), (small.ncc, al.ncc)
+
+
+def test_any_angle_transforms_are_written_with_the_smallest_residual_angle(sagittal: np.ndarray) -> None:
+    from inspector.views import DIHEDRAL
+
+    src = sagittal[:4]
+    # upright copies with small rotations: with any angle allowed, still reported as "id" and a small angle
+    fixed = affine_warp(torch.from_numpy(src), torch.tensor([3.0, -6.0, 8.0, 0.0])).numpy()
+    al = register_pairs(fixed, src, orientations=DIHEDRAL, max_angle=180, device="cpu")
+    assert_array_equal(al.flip, ["id"] * 4)
+    assert np.abs(al.angle).max() < 12
+    # the rewriting keeps the transform: the same aligned image either way
+    flips = np.array(["rot90", "hflip", "transpose", "id"], dtype=object)
+    angles = np.array([-80.0, 100.0, 175.0, 30.0], np.float32)
+    f2, a2 = A._canonical_orientation(flips, angles, list(DIHEDRAL))
+    assert_array_equal(f2, ["id", "transpose", "antitranspose", "id"])
+    assert_allclose(a2, [10.0, 10.0, -5.0, 30.0], atol=1e-4)
+    shift = np.array([[0.05, -0.02]] * 4, np.float32)
+    scale = np.full(4, 1.1, np.float32)
+    ones = np.ones(4, np.float32)
+    before = apply_alignment(src, Alignment(ones, angles, scale, shift, flips, ones))
+    after = apply_alignment(src, Alignment(ones, a2, scale, shift, f2, ones))
+    assert_allclose(after[:, 8:-8, 8:-8], before[:, 8:-8, 8:-8], atol=1e-4)
+    # an orientation outside the allowed set is never introduced
+    f3, a3 = A._canonical_orientation(np.array(["id"], dtype=object), np.array([-80.0]), list(FLIPS))
+    assert f3[0] == "id" and a3[0] == -80.0

@@ -78,8 +78,20 @@ def test_cli_bad_cluster_exits_2_before_loading(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(inspector.cluster, "connect", functools.partial(connect, timeout=2))
     (tmp_path / "t").mkdir()
-    code = main(["scan", "--train", str(tmp_path / "t"), "--synthetic", str(tmp_path / "t"),
-                 "--out", str(tmp_path / "o"), "--cluster", "tcp://127.0.0.1:9", "--quiet"])
+    code = main(
+        [
+            "scan",
+            "--train",
+            str(tmp_path / "t"),
+            "--synthetic",
+            str(tmp_path / "t"),
+            "--out",
+            str(tmp_path / "o"),
+            "--cluster",
+            "tcp://127.0.0.1:9",
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "--cluster" in capsys.readouterr().err
 
@@ -135,8 +147,14 @@ def test_extraction_on_cluster_equals_local(cluster, name, tmp_path, sent):
     local = extract(images, name, views=("id", "hflip"), cache_dir=tmp_path / "a", use_cache=False, **kw)
     seen = []
     remote = extract(
-        images, name, views=("id", "hflip"), cache_dir=tmp_path / "a", use_cache=False, executor=cluster,
-        progress=lambda stage, done, total: seen.append((stage, done, total)), **kw,
+        images,
+        name,
+        views=("id", "hflip"),
+        cache_dir=tmp_path / "a",
+        use_cache=False,
+        executor=cluster,
+        progress=lambda stage, done, total: seen.append((stage, done, total)),
+        **kw,
     )
     for view in local.views:
         for layer, arr in local.views[view].items():
@@ -160,8 +178,9 @@ def test_concat_match_results_pads_candidates():
             neighbours={"a": np.zeros((m, 2), np.int64)},
             neighbour_sims={"a": np.zeros((m, 2), np.float32)},
             margin=np.zeros(m, np.float32),
-            alignment=Alignment(np.zeros(m), np.zeros(m), np.ones(m), np.zeros((m, 2)), ["id"] * m,
-                                train_index=np.arange(m)),
+            alignment=Alignment(
+                np.zeros(m), np.zeros(m), np.ones(m), np.zeros((m, 2)), ["id"] * m, train_index=np.arange(m)
+            ),
             candidates=np.ones((m, width), np.int64),
         )
 
@@ -204,7 +223,15 @@ def small_chunks():
 
 
 COLUMNS = [
-    "similarity", "p_value", "mi", "mi_z", "oni", "flagged", "nearest_train_path", "nearest_train_slice", "view",
+    "similarity",
+    "p_value",
+    "mi",
+    "mi_z",
+    "oni",
+    "flagged",
+    "nearest_train_path",
+    "nearest_train_slice",
+    "view",
     "feature_similarity",
 ]
 
@@ -217,7 +244,10 @@ def _frame(table: pd.DataFrame) -> pd.DataFrame:
 def single_holdout(audit_cohorts, tmp_path_factory, small_chunks):
     p = audit_cohorts
     return pipeline.audit(
-        p["train"], p["synthetic"], p["holdout"], AuditConfig(extractor="pixels"),
+        p["train"],
+        p["synthetic"],
+        p["holdout"],
+        AuditConfig(extractor="pixels"),
         cache_dir=tmp_path_factory.mktemp("c"),
     )
 
@@ -234,7 +264,12 @@ def test_audit_on_cluster_equals_single_machine(
         single = pipeline.audit(p["train"], p["synthetic"], h, cfg, cache_dir=tmp_path / "c1")
     seen: list[tuple[str, int, int]] = []
     spread = pipeline.audit(
-        p["train"], p["synthetic"], h, cfg, cache_dir=tmp_path / "c2", cluster=cluster,
+        p["train"],
+        p["synthetic"],
+        h,
+        cfg,
+        cache_dir=tmp_path / "c2",
+        cluster=cluster,
         progress=lambda stage, done, total: seen.append((stage, done, total)),
     )
     assert len(single.table) > CHUNK
@@ -251,9 +286,26 @@ def test_cli_scan_on_local_cluster(audit_cohorts, tmp_path, small_chunks, single
     p = audit_cohorts
     single = single_holdout
     out = tmp_path / "out"
-    code = main(["scan", "--train", str(p["train"]), "--synthetic", str(p["synthetic"]), "--holdout", str(p["holdout"]),
-                 "--extractor", "pixels", "--cache-dir", str(tmp_path / "c2"), "--out", str(out), "--quiet",
-                 "--cluster", "local:2"])
+    code = main(
+        [
+            "scan",
+            "--train",
+            str(p["train"]),
+            "--synthetic",
+            str(p["synthetic"]),
+            "--holdout",
+            str(p["holdout"]),
+            "--extractor",
+            "pixels",
+            "--cache-dir",
+            str(tmp_path / "c2"),
+            "--out",
+            str(out),
+            "--quiet",
+            "--cluster",
+            "local:2",
+        ]
+    )
     assert code == 0
     assert any(fn == "_score_part" for fn, _ in sent)
     scores = pd.read_csv(out / "scores.csv")

@@ -7,7 +7,14 @@ import pytest
 import torch
 from numpy.testing import assert_allclose
 
-from inspector.descriptors import foreground_moments, moment_normalise, structure_descriptor
+from inspector.descriptors import (
+    foreground_moments,
+    moment_normalise,
+    polar_sample,
+    relative_angle,
+    rotation_descriptor,
+    structure_descriptor,
+)
 from inspector.preprocess import affine_warp, normalise_volume, resize_square
 from inspector.views import View
 
@@ -80,3 +87,54 @@ def test_zoomed_descriptor_is_the_descriptor_of_the_zoomed_slice(slices: np.ndar
     for bad in (0.1, float("nan"), 5.0):
         with pytest.raises(ValueError, match="zoom"):
             structure_descriptor(slices, zoom=bad)
+
+
+# ---- rings about the centroid: the relative angle and the rotation-invariant descriptor
+
+
+def test_polar_sample_reference_on_a_ramp() -> None:
+    # an image equal to x (normalised coordinates) sampled on rings about a known centre and radius:
+    # sample (ring i, angle j) = c_x + r rho_i cos(phi_j), before the mean removal and the sqrt(rho) weight
+    n = 256
+    t = (np.arange(n) * 2 + 1) / n - 1
+    X = np.tile(t, (n, 1)).astype(np.float32)
+    cen = torch.tensor([[0.1, -0.05]])
+    rad = torch.tensor([0.3])
+    got = polar_sample(torch.from_numpy(X[None]), cen, rad, rings=4, angles=16, max_radius=2.0)[0].numpy()
+    rho = (np.arange(4) + 0.5) / 4 * 2.0
+    phi = np.arange(16) * 2 * np.pi / 16
+    want = 0.1 + 0.3 * rho[:, None] * np.cos(phi)[None, :]
+    want = (want - want.mean()) * np.sqrt(rho)[:, None]
+    assert_allclose(got, want, atol=2e-3)
+
+
+@pytest.mark.parametrize("angle", [-170.0, -95.0, -33.0, 0.0, 12.5, 47.0, 90.0, 138.0])
+def test_relative_angle_recovers_any_rotation(slices: np.ndarray, angle: float) -> None:
+    src = torch.from_numpy(slices)
+    shift = torch.tensor([[0.04, -0.03]]).expand(len(slices), 2)
+    rot = affine_warp(src, angle, shift, 1.2).clamp(0, 1)
+    est, peak = relative_angle(polar_sample(rot), polar_sample(src))
+    err = (est.numpy() - angle + 180.0) % 360.0 - 180.0
+    assert np.abs(err).max() < 2.0, (angle, est)
+    assert (peak.numpy() > 0.9).all()
+
+
+def test_rotation_descriptor_is_invariant_to_rotations_and_reflections(slices: np.ndarray) -> None:
+    src = torch.from_numpy(slices)
+    d0 = rotation_descriptor(slices)
+    assert d0.shape == (len(slices), 12 * 12)
+    assert_allclose(np.linalg.norm(d0, axis=1), 1.0, rtol=1e-5)
+    others = d0 @ d0.T
+    for angle, view in [(73.0, View.ID), (-141.0, View.HFLIP), (0.0, View.TRANSPOSE), (25.0, View.ROT90)]:
+        oriented = torch.from_numpy(np.ascontiguousarray(view.apply(slices)))
+        moved = affine_warp(oriented, angle, (0.0, 0.0), 0.8).clamp(0, 1).numpy()
+        d1 = rotation_descriptor(moved)
+        cos = (d0 * d1).sum(1)
+        assert (cos > 0.98).all(), (angle, view, cos)
+        # the same slice is more alike than any other slice was to it
+        off = others - np.eye(len(slices)) * 9
+        assert (cos > off.max(1)).all()
+    with pytest.raises(ValueError, match="harmonics"):
+        rotation_descriptor(slices, harmonics=0)
+    with pytest.raises(ValueError, match="shape"):
+        rotation_descriptor(src[0])

@@ -611,9 +611,11 @@ def test_item9_python_app_py_launches_on_loopback_from_another_folder_without_co
             except OSError:
                 time.sleep(0.5)
         assert ok, "the launched app never answered on 127.0.0.1"
-        listening = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True) if shutil.which(
-            "ss"
-        ) else None
+        listening = (
+            subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True)
+            if shutil.which("ss")
+            else None
+        )
         if listening is not None and listening.returncode == 0 and listening.stdout.strip():
             addrs = {ln.split()[3].rsplit(":", 1)[0] for ln in listening.stdout.strip().splitlines()}
             assert addrs <= {"127.0.0.1"}, addrs

@@ -60,7 +60,8 @@ def test_flips_only_views_miss_a_transposed_copy(train: np.ndarray) -> None:
     src = np.array([2, 6])
     q = np.ascontiguousarray(View.TRANSPOSE.apply(train[src]))
     flips = ("id", "hflip", "vflip", "hvflip")
-    sc = MemorizationScorer(device="cpu", shortlist=3, descriptor_shortlist=0).fit(
+    # small angles only: with any angle, a flip and a 90-degree rotation express a transpose
+    sc = MemorizationScorer(device="cpu", shortlist=3, descriptor_shortlist=0, rotation_shortlist=0, max_angle=15).fit(
         _features(train, ("id",))["id"], images=train
     )
     four = sc.score_samples(_features(q, flips), images=q).similarity
@@ -77,8 +78,12 @@ def test_descriptor_shortlist_finds_the_source_when_the_features_cannot(train: n
     zoom = torch.tensor([0.7, 0.8, 1.3, 1.5])
     q = affine_warp(torch.from_numpy(train[src]), 0.0, (0.03, -0.02), zoom).numpy()
     qf = {"id": {"noise": rng.normal(size=(len(src), 16)).astype(np.float32)}}
-    off = MemorizationScorer(device="cpu", shortlist=1, descriptor_shortlist=0).fit(feats, images=train)
-    on = MemorizationScorer(device="cpu", shortlist=1, descriptor_shortlist=2).fit(feats, images=train)
+    off = MemorizationScorer(device="cpu", shortlist=1, descriptor_shortlist=0, rotation_shortlist=0).fit(
+        feats, images=train
+    )
+    on = MemorizationScorer(device="cpu", shortlist=1, descriptor_shortlist=2, rotation_shortlist=0).fit(
+        feats, images=train
+    )
     r_off, r_on = off.score_samples(qf, images=q), on.score_samples(qf, images=q)
     assert (r_on.candidates == src[:, None]).any(1).all()
     assert_array_equal(r_on.nearest, src)
@@ -100,6 +105,10 @@ def test_pruned_verification_agrees_with_full_verification(train: np.ndarray) ->
         MemorizationScorer(verify_top=-1).fit(f_t, images=train)
     with pytest.raises(ValueError, match="descriptor_shortlist"):
         MemorizationScorer(descriptor_shortlist=-1).fit(f_t, images=train)
+    with pytest.raises(ValueError, match="rotation_shortlist"):
+        MemorizationScorer(rotation_shortlist=-1).fit(f_t, images=train)
+    with pytest.raises(ValueError, match=r"max_angle must be in \[0, 180\]"):
+        MemorizationScorer(max_angle=-5).fit(f_t, images=train)
 
 
 def test_union_of_candidate_lists_reference() -> None:
@@ -122,7 +131,7 @@ def test_zoomed_descriptor_entries_find_a_zoomed_in_copy(train: np.ndarray) -> N
     zoom = torch.from_numpy(rng.uniform(1.5, 1.7, n).astype(np.float32))
     q = affine_warp(torch.from_numpy(train[src]), 0.0, (0.0, 0.0), zoom).numpy()
     qf = {"id": {"noise": rng.normal(size=(n, 16)).astype(np.float32)}}
-    kw = {"device": "cpu", "shortlist": 1, "descriptor_shortlist": 1}
+    kw = {"device": "cpu", "shortlist": 1, "descriptor_shortlist": 1, "rotation_shortlist": 0}
     off = MemorizationScorer(descriptor_zooms=(), **kw).fit(feats, images=train)
     on = MemorizationScorer(**kw).fit(feats, images=train)
     assert off.desc_zoom_train_ is None and on.desc_zoom_train_.shape[0] == 3 * n
@@ -160,7 +169,8 @@ def test_search_indexes_are_built_once_and_answer_as_knn(train: np.ndarray, monk
     n_first = len(built)
     second = sc.score_samples(qv, images=q, groups=groups[[0, 4, 8]])
     assert len(built) == n_first  # nothing rebuilt for the second query set, with or without groups
-    assert n_first == len(sc._indexes) == 1 + len(sc.layers_) + 2  # concat, each layer, descriptor, zoomed entries
+    # concat, each layer, descriptor, zoomed entries, rotation-invariant descriptor
+    assert n_first == len(sc._indexes) == 1 + len(sc.layers_) + 3
     assert_array_equal(first.nearest, [0, 4, 8])
     assert not np.isin(second.nearest, [0, 4, 8]).any()  # own subject excluded
     white = sc._white(sc.layers_[0], qv["id"][sc.layers_[0]])
@@ -170,3 +180,24 @@ def test_search_indexes_are_built_once_and_answer_as_knn(train: np.ndarray, monk
     np.testing.assert_allclose(s_got, s_ref, rtol=0, atol=1e-6)
     sc.fit(feats, images=train, groups=groups)
     assert sc._indexes == {}  # a new fit forgets the old indexes
+
+
+def test_rotation_shortlist_and_any_angle_find_a_copy_rotated_by_any_angle(train: np.ndarray) -> None:
+    # features that say nothing, the structure descriptor off: only the rotation-invariant descriptor can
+    # shortlist a copy rotated far from every 90-degree step, and only the any-angle registration verifies it
+    rng = np.random.default_rng(5)
+    n = len(train)
+    feats = {"noise": rng.normal(size=(n, 16)).astype(np.float32)}
+    src = np.array([1, 4, 6, 9])
+    angle = torch.tensor([-135.0, -52.0, 37.0, 160.0])
+    q = affine_warp(torch.from_numpy(train[src]), angle, (0.02, -0.03), 1.1).numpy()
+    qf = {"id": {"noise": rng.normal(size=(len(src), 16)).astype(np.float32)}}
+    kw = {"device": "cpu", "shortlist": 1, "descriptor_shortlist": 0}
+    on = MemorizationScorer(rotation_shortlist=2, **kw).fit(feats, images=train)
+    off = MemorizationScorer(rotation_shortlist=0, max_angle=15, **kw).fit(feats, images=train)
+    r_on, r_off = on.score_samples(qf, images=q), off.score_samples(qf, images=q)
+    assert (r_on.candidates == src[:, None]).any(1).all()
+    assert_array_equal(r_on.nearest, src)
+    assert (r_on.similarity > 0.97).all(), r_on.similarity
+    assert r_on.alignment is not None
+    assert r_on.similarity.mean() > r_off.similarity.mean() + 0.1

@@ -332,12 +332,14 @@ def test_a_folder_written_before_roots_were_hashed_is_read_without_its_root(name
         c = s["cohorts"][name]
         c.pop("root_sha256")
         s["cohorts"][name] = {"root": str(named[name]), **c}
-    for k in ("show_paths", "allow_outside_root"):
+    for k in ("show_paths", "allow_outside_root", "rotation_shortlist", "max_angle"):
         s["config"].pop(k)
     (old / "summary.json").write_text(json.dumps(s))
     f = load_audit_folder(old)
     assert f.summary["cohorts"]["train"]["root_sha256"] == root_hash(named["train"])
     assert "root" not in f.summary["cohorts"]["train"] and f.summary["config"]["show_paths"] is True
+    # the matching settings of that time: rotations within 15 degrees, no rotation-invariant shortlist
+    assert f.summary["config"]["max_angle"] == 15.0 and f.summary["config"]["rotation_shortlist"] == 0
     html = write_report(old, old / "report-old.html").read_text(encoding="utf-8")
     assert str(named["train"]) not in html and str(named["train"]) not in (old / "report-old.summary.json").read_text()
 

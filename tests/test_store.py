@@ -18,9 +18,7 @@ from inspector.types import Cohort, Slice
 
 
 def _cohort(rng: np.random.Generator, n: int = 7, shape: tuple[int, int] = (16, 16)) -> Cohort:
-    slices = [
-        Slice(rng.random(shape).astype(np.float32), f"sub-{i % 3}", f"s{i}.png", 0, "axial") for i in range(n)
-    ]
+    slices = [Slice(rng.random(shape).astype(np.float32), f"sub-{i % 3}", f"s{i}.png", 0, "axial") for i in range(n)]
     return Cohort(slices, root="/data/t")
 
 

@@ -77,9 +77,9 @@ def test_copied_volumes_are_verified_and_flagged_and_novel_ones_are_not(cohort, 
     # per training subject, the synthetic volumes that copy it
     from inspector.attribution import subjects_at
 
-    subj = subjects_at(
-        result.subjects, result.table, result.calibration, evidence=result.volume_evidence
-    ).set_index("subject_id")
+    subj = subjects_at(result.subjects, result.table, result.calibration, evidence=result.volume_evidence).set_index(
+        "subject_id"
+    )
     for r in copies.itertuples():
         assert r.volume in str(subj.loc[r.verified_train_subject, "flagged_volumes"]).split(";")
 

@@ -345,4 +345,3 @@ def test_a_slice_unit_audit_says_how_to_get_volumes(result, tmp_path, monkeypatc
 def test_frame_helpers_on_an_empty_table():
     empty = pd.DataFrame(columns=["volume", "flagged", "nearest_train_subject"])
     assert ui.copied_subjects(empty) == {}
-
