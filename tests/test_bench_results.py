@@ -1,4 +1,4 @@
-"""benchmarks.results.put_section: a benchmark's own section in RESULTS.md, inserted once and then replaced."""
+"""RESULTS.md plumbing: a benchmark's own section (put_section), and sections carried over from an earlier file."""
 
 from __future__ import annotations
 
@@ -27,3 +27,34 @@ def test_put_section_needs_the_speed_section(tmp_path, monkeypatch):
     monkeypatch.setattr(results, "RESULTS", doc)
     with pytest.raises(SystemExit, match="Speed and memory"):
         results.put_section("T", "b", "c", 1.0, "m")
+
+
+def test_carry_over_copies_the_sections_not_rerun_verbatim(tmp_path):
+    from benchmarks import run_all
+
+    old = tmp_path / "OLD.md"
+    old.write_text(
+        "# R\n\n## Detection\n\nd\n\n"
+        "## Calibration: false alarms (`calibration`)\n\n- Date: then\n\n| c | 1 |\n\n"
+        "## Speed and memory\n\nIntro.\n\n"
+        "### Alignment (`bench_align`)\n\n- Date: then\n\n## Its own heading\n\n"
+        "### 64 px: a sub-heading\n\nalign body\n\n"
+        "### End to end (`bench_app`)\n\n- Date: then\n\napp body\n"
+    )
+    carried = run_all.carried_sections(old)
+    assert set(carried) == {"calibration", "bench_align", "bench_app"}
+    assert "align body" in carried["bench_align"] and "## Its own heading" in carried["bench_align"]
+    assert "app body" not in carried["bench_align"] and "| c | 1 |" in carried["calibration"]
+    fresh = [{"name": "bench_app", "status": "ok", "stdout": "new app body", "stderr": "", "seconds": 1.0,
+              "command": "python -m benchmarks.bench_app"}]  # fmt: skip
+    text = run_all.render(None, fresh, command="c", machine="M", date="now", seconds={}, mri_core=None, carried=carried)
+    assert "new app body" in text and "app body\n" not in text.replace("new app body", "")
+    assert "align body" in text and "| c | 1 |" in text
+    assert text.count(run_all.CARRIED) == 2  # calibration and bench_align, each marked once
+    # SPEED's order is kept (bench_align before bench_app), and carrying twice does not stack the marker
+    assert text.index("`bench_align`") < text.index("`bench_app`")
+    again = tmp_path / "AGAIN.md"
+    again.write_text(text)
+    text2 = run_all.render(None, [], command="c", machine="M", date="now", seconds={}, mri_core=None,
+                           carried=run_all.carried_sections(again))  # fmt: skip
+    assert text2.count(run_all.CARRIED) == 3 and text2.count("new app body") == 1
