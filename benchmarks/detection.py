@@ -137,7 +137,7 @@ FLIP_ROT_VIEWS: tuple[str, ...] = (*FLIP_VIEWS, *ROTATION_VIEWS)
 PREVIOUS = "previous default"
 #: Registered variants of the default mode run by ``--ablations``: AuditConfig overrides.
 ABLATIONS: dict[str, dict[str, Any]] = {
-    PREVIOUS: {"align_flips": "matched", "shortlist": 5},
+    PREVIOUS: {"align_flips": "matched", "shortlist": 5, "max_angle": 15.0, "rotation_shortlist": 0},
     "shortlist=5": {"shortlist": 5},
     "views=id": {"views": ("id",)},
     "views=flips+rot": {"views": FLIP_ROT_VIEWS},
@@ -1359,7 +1359,8 @@ def headline_section(out: RunOutput, mri_core: str | None = None) -> str:
         f"holdout scored with the paper's similarity, as the audit's paper mode does); `default` = "
         f"MemorizationScorer with AuditConfig's defaults (views {list(cfg.views)}, "
         f"shortlist {cfg.shortlist}, re-ranking {cfg.rerank}, align_flips {cfg.align_flips!r}, "
-        f"align_size {cfg.align_size}; "
+        f"align_size {cfg.align_size}, rotations up to {cfg.max_angle:g} degrees, rotation-invariant shortlist "
+        f"{cfg.rotation_shortlist}; "
         "seed = benchmark seed; built by `inspector.pipeline.make_matcher`) calibrated on the holdout null by "
         "`inspector.calibration.Calibration`, as `audit()` does with a holdout; `previous default` = the same with "
         + ", ".join(f"{k}={v!r}" for k, v in ABLATIONS[PREVIOUS].items())

@@ -50,7 +50,13 @@ PREVIOUS: dict[str, Any] = {
     "views": ("id", "hflip", "vflip", "hvflip"),
     "descriptor_shortlist": 0,
     "verify_top": 0,
+    "max_angle": 15.0,
+    "rotation_shortlist": 0,
 }
+
+#: The matching before any-angle registration: rotations within 15 degrees of the eight orientations, no
+#: rotation-invariant shortlist (the settings of the ``small angles`` rows).
+SMALL_ANGLES: dict[str, Any] = {"max_angle": 15.0, "rotation_shortlist": 0}
 
 #: Copy conditions scored on look-alike cohorts (the protocol's, the harder ones, and writer conventions).
 DEFAULT_CONDITIONS: tuple[str, ...] = (
@@ -67,6 +73,7 @@ DEFAULT_CONDITIONS: tuple[str, ...] = (
     "fov_0.6_0.8",
     "fov_1.25_1.6",
     "bit8",
+    "rotate_any",
 )
 
 
@@ -404,7 +411,9 @@ def section(per_cond: pd.DataFrame, per_size: pd.DataFrame) -> str:
     parts.append(targets(per_cond, per_size) + "\n")
     parts.append(
         "### Per method and cohort size\n\n`previous` = the matching settings before issue 16 (four flips, the "
-        "encoder's shortlist only, every candidate verified in full), on fewer seeds.\n"
+        "encoder's shortlist only, every candidate verified in full), on fewer seeds; `small angles` = the default "
+        "before any-angle registration (rotations within 15 degrees of the eight orientations, no rotation-invariant "
+        "shortlist), where run.\n"
     )
     parts.append(tables(per_cond, per_size) + "\n")
     return "\n".join(parts)

@@ -416,7 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lc = la.LookalikeConfig(sizes=(8, 32), seeds=(0,)) if args.quick else la.LookalikeConfig(seeds=(0, 1, 2))
         if not args.quick:
             lc.methods["previous"] = dict(la.PREVIOUS)
-            lc.method_seeds = {"default": (0, 1, 2), "previous": (0,)}
+            lc.methods["small angles"] = dict(la.SMALL_ANGLES)
+            lc.method_seeds = {"default": (0, 1, 2), "previous": (0,), "small angles": (0,)}
         lookalike = la.run(lc, progress=lambda m: log.info(m))
         (HERE / "_out").mkdir(exist_ok=True)
         lookalike[0].to_csv(HERE / "_out" / "lookalike_per_condition.csv", index=False)
