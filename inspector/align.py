@@ -661,6 +661,7 @@ def register_pairs(
     init: str = "moments",
     zoom_starts: Sequence[float] = ZOOM_STARTS,
     start_candidates: int = 3,
+    rotated_candidates: int = 1,
     progress: ProgressFn | None = None,
 ) -> Alignment:
     """Register each moving image onto its fixed image and score the aligned overlap.
@@ -730,6 +731,11 @@ def register_pairs(
         When there are more (orientation, start) combinations than this, each is first scored at its start
         (one warp at ``coarse_size``, no iteration) and only the best ``start_candidates`` run the coarse ECC:
         a cheap orientation and initialisation estimate before full registration.
+    rotated_candidates : int
+        With ``max_angle`` above :data:`ECC_BASIN`, how many of the rotated starts also run the coarse ECC,
+        chosen the same way but apart from the others: they are added to the ``start_candidates`` best plain
+        starts, never in place of them (a cropped copy's rings can point a rotated start at a wrong angle that
+        scores well at its start; it must not displace the right unrotated one).
     progress : callable, optional
         ``progress("aligning", done, total)`` after every batch.
 
@@ -778,6 +784,8 @@ def register_pairs(
         raise ValueError(f"init must be 'moments' or 'identity'; got {init!r}.")
     if start_candidates < 1:
         raise ValueError(f"start_candidates must be >= 1; got {start_candidates}.")
+    if rotated_candidates < 0:
+        raise ValueError(f"rotated_candidates must be >= 0; got {rotated_candidates}.")
     zooms = [float(z) for z in zoom_starts]
     if any(not (math.isfinite(z) and z > 0) for z in zooms):
         raise ValueError(f"zoom_starts must be positive finite zoom factors; got {zoom_starts}.")
@@ -817,6 +825,8 @@ def register_pairs(
         starts_bv = start_p[None, None].expand(b, v, n_a, 4)
         if init == "moments":
             starts_bv = torch.cat([starts_bv, _moment_start(fc, vc, bounds, zooms)], dim=2)
+        n_plain = starts_bv.shape[2]
+        if init == "moments":
             if max_angle > ECC_BASIN:  # any angle: the same starts rotated by the rings' relative angle
                 ang = _polar_angles(ft, views)
                 starts_bv = torch.cat([starts_bv, _moment_start(fc, vc, bounds, zooms, angle=ang)], dim=2)
@@ -825,12 +835,26 @@ def register_pairs(
         f_sel = fc[:, None].expand(b, combos, cs, cs)
         m_all = vc[:, :, None].expand(b, v, n_s, cs, cs).reshape(b, combos, cs, cs)
         p_all = starts_bv.reshape(b, combos, 4)
-        kk = min(int(start_candidates), combos)
+        # the rotated starts (if any) are the last n_rot of each orientation's starts
+        n_rot = n_s - n_plain if n_s > n_plain else 0
+        k_plain = min(int(start_candidates), v * (n_s - n_rot))
+        k_rot = min(int(rotated_candidates), v * n_rot)
+        kk = k_plain + k_rot
         if kk < combos:  # cheap estimate: score every start once, run the ECC from the best few
             _, r0 = _ecc_refine(f_sel.reshape(-1, cs, cs), m_all.reshape(-1, cs, cs), p_all.reshape(-1, 4), 0, bounds)
-            keep = torch.topk(r0.view(b, combos), kk, dim=1).indices  # (b, kk)
+            r0 = r0.view(b, v, n_s)
+            rotated = torch.zeros(n_s, dtype=torch.bool, device=dev)
+            rotated[n_s - n_rot :] = n_rot > 0
+            # the best plain starts keep their places (a copy that needs no rotation is registered as without
+            # the rotated starts); the best rotated starts are added beside them, never instead of them
+            low = torch.full_like(r0, -9.0)
+            keep = torch.topk(torch.where(rotated, low, r0).view(b, combos), k_plain, dim=1).indices
+            if k_rot:
+                extra = torch.topk(torch.where(rotated, r0, low).view(b, combos), k_rot, dim=1).indices
+                keep = torch.cat([keep, extra], dim=1)  # (b, kk)
         else:
             keep = torch.arange(combos, device=dev)[None].expand(b, combos)
+            kk = combos
         bi = torch.arange(b, device=dev)[:, None].expand_as(keep)
         p_c, r_c = _ecc_refine(
             f_sel[:, :kk].reshape(-1, cs, cs),

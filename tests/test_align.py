@@ -585,6 +585,8 @@ def test_start_candidates_and_init_are_validated(sagittal: np.ndarray) -> None:
         register_pairs(sagittal[:1], sagittal[:1], init="random")
     with pytest.raises(ValueError, match="start_candidates"):
         register_pairs(sagittal[:1], sagittal[:1], start_candidates=0)
+    with pytest.raises(ValueError, match="rotated_candidates"):
+        register_pairs(sagittal[:1], sagittal[:1], rotated_candidates=-1)
     with pytest.raises(ValueError, match="orientations is empty"):
         register_pairs(sagittal[:1], sagittal[:1], orientations=[])
 
@@ -679,3 +681,21 @@ def test_any_angle_transforms_are_written_with_the_smallest_residual_angle(sagit
     # an orientation outside the allowed set is never introduced
     f3, a3 = A._canonical_orientation(np.array(["id"], dtype=object), np.array([-80.0]), list(FLIPS))
     assert f3[0] == "id" and a3[0] == -80.0
+
+
+def test_rotated_starts_never_displace_the_plain_ones(sagittal: np.ndarray) -> None:
+    # copies cropped to 70-80 % of the frame, off centre: their rings can point a rotated start at a wrong angle
+    # that scores well at its start; with any angle allowed they still register as well as with small angles
+    from inspector.views import DIHEDRAL
+
+    rng = np.random.default_rng(11)
+    src = sagittal
+    keep = torch.from_numpy(rng.uniform(0.7, 0.8, len(src)).astype(np.float32))
+    off = torch.from_numpy(rng.uniform(-1, 1, (len(src), 2)).astype(np.float32)) * (1 - keep[:, None])
+    fixed = affine_warp(torch.from_numpy(src), 0.0, -off / keep[:, None], 1 / keep).numpy()
+    small = register_pairs(fixed, src, orientations=DIHEDRAL, max_angle=15, device="cpu")
+    wide = register_pairs(fixed, src, orientations=DIHEDRAL, max_angle=180, device="cpu")
+    assert (wide.ncc >= small.ncc - 0.01).all(), (small.ncc, wide.ncc)
+    # and with no rotated start iterated, the wide search is the small one's plain starts exactly
+    none = register_pairs(fixed, src, orientations=DIHEDRAL, max_angle=180, rotated_candidates=0, device="cpu")
+    assert_allclose(none.ncc, small.ncc, atol=1e-6)
