@@ -189,6 +189,22 @@ def structure_descriptor(
     return out
 
 
+def _rfft(x: torch.Tensor) -> torch.Tensor:
+    """``torch.fft.rfft(x, dim=-1)``; on the CPU through numpy's (single-threaded) FFT, whose result does not
+    depend on the thread count: torch's CPU FFT splits a batch differently with 1 and 2 threads and rounds the
+    last bits differently, so a worker of a cluster (one thread) would not reproduce the single-machine run."""
+    if x.device.type != "cpu":
+        return torch.fft.rfft(x, dim=-1)
+    return torch.from_numpy(np.fft.rfft(x.detach().numpy(), axis=-1))
+
+
+def _irfft(c: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.fft.irfft(c, n=n, dim=-1)``, thread-count independent on the CPU (see :func:`_rfft`)."""
+    if c.device.type != "cpu":
+        return torch.fft.irfft(c, n=n, dim=-1)
+    return torch.from_numpy(np.fft.irfft(c.detach().numpy(), n=n, axis=-1))
+
+
 def polar_sample(
     images: torch.Tensor,
     centroid: torch.Tensor | None = None,
@@ -257,9 +273,9 @@ def relative_angle(fixed_polar: torch.Tensor, moving_polar: torch.Tensor) -> tup
         The cross-correlation at the peak over the product of the two norms (a cosine in [-1, 1]).
     """
     a = fixed_polar.shape[-1]
-    ff = torch.fft.rfft(fixed_polar, dim=-1)
-    fm = torch.fft.rfft(moving_polar, dim=-1)
-    corr = torch.fft.irfft((torch.conj(ff) * fm).sum(-2), n=a, dim=-1)  # (..., A): sum_j f[j] m[j + s]
+    ff = _rfft(fixed_polar)
+    fm = _rfft(moving_polar)
+    corr = _irfft((torch.conj(ff) * fm).sum(-2), a)  # (..., A): sum_j f[j] m[j + s]
     norm = (fixed_polar.square().sum((-2, -1)) * moving_polar.square().sum((-2, -1))).sqrt().clamp_min(1e-12)
     peak, j = corr.max(-1)
     left = corr.gather(-1, ((j - 1) % a)[..., None])[..., 0]
@@ -306,7 +322,7 @@ def rotation_descriptor(
         cen, rad = foreground_moments(x)
         if x.shape[-1] > 128 or x.shape[-2] > 128:  # area pre-filter: the rings never alias
             x = F.adaptive_avg_pool2d(x[:, None], 128)[:, 0]
-        mag = torch.fft.rfft(polar_sample(x, cen, rad), dim=-1).abs()[..., :harmonics]
+        mag = _rfft(polar_sample(x, cen, rad)).abs()[..., :harmonics]
         v = mag.sqrt().reshape(x.shape[0], -1)
         v = v - v.mean(1, keepdim=True)
         out[start : start + len(x)] = (v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)).numpy()

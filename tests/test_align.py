@@ -255,6 +255,23 @@ def test_deterministic_on_cpu(sagittal):
     assert_allclose(c.ncc, a.ncc, atol=1e-5)
 
 
+def test_same_result_with_one_and_several_threads(sagittal):
+    # a cluster worker runs one thread: the any-angle search (rings, FFT) must not round differently there
+    fixed, _ = _make_copies(sagittal[:6], seed=4)
+    fixed[:3] = affine_warp(torch.from_numpy(fixed[:3].copy()), 50.0, (0.03, 0.0), 1.1).numpy()
+    before = torch.get_num_threads()
+    try:
+        runs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            runs.append(register_pairs(fixed, sagittal[:6], device="cpu", max_angle=180.0))
+    finally:
+        torch.set_num_threads(before)
+    for key in ("ncc", "angle", "scale", "shift"):
+        assert_array_equal(getattr(runs[0], key), getattr(runs[1], key))
+    assert list(runs[0].flip) == list(runs[1].flip)
+
+
 def test_progress_and_empty_input(sagittal):
     calls = []
     register_pairs(
