@@ -35,6 +35,8 @@ def test_carry_over_copies_the_sections_not_rerun_verbatim(tmp_path):
     old = tmp_path / "OLD.md"
     old.write_text(
         "# R\n\n## Detection\n\nd\n\n"
+        "<!-- volumes3d:start -->\n## 3D: volumes\n\nvol body\n\n<!-- volumes3d:end -->\n"
+        "<!-- volumes3d:epi:start -->\n## 3D: second family\n\nepi body\n\n<!-- volumes3d:epi:end -->\n\n"
         "## Calibration: false alarms (`calibration`)\n\n- Date: then\n\n| c | 1 |\n\n"
         "## Speed and memory\n\nIntro.\n\n"
         "### Alignment (`bench_align`)\n\n- Date: then\n\n## Its own heading\n\n"
@@ -42,7 +44,11 @@ def test_carry_over_copies_the_sections_not_rerun_verbatim(tmp_path):
         "### End to end (`bench_app`)\n\n- Date: then\n\napp body\n"
     )
     carried = run_all.carried_sections(old)
-    assert set(carried) == {"calibration", "bench_align", "bench_app"}
+    assert set(carried) == {"calibration", "volumes3d", "bench_align", "bench_app"}
+    assert "vol body" in carried["volumes3d"] and "epi body" in carried["volumes3d"]
+    assert (
+        carried["volumes3d"].rstrip().endswith("<!-- volumes3d:epi:end -->") and "## Calib" not in carried["volumes3d"]
+    )
     assert "align body" in carried["bench_align"] and "## Its own heading" in carried["bench_align"]
     assert "app body" not in carried["bench_align"] and "| c | 1 |" in carried["calibration"]
     fresh = [{"name": "bench_app", "status": "ok", "stdout": "new app body", "stderr": "", "seconds": 1.0,
@@ -50,11 +56,12 @@ def test_carry_over_copies_the_sections_not_rerun_verbatim(tmp_path):
     text = run_all.render(None, fresh, command="c", machine="M", date="now", seconds={}, mri_core=None, carried=carried)
     assert "new app body" in text and "app body\n" not in text.replace("new app body", "")
     assert "align body" in text and "| c | 1 |" in text
-    assert text.count(run_all.CARRIED) == 2  # calibration and bench_align, each marked once
+    assert text.count(run_all.CARRIED) == 3  # 3D, calibration and bench_align, each marked once
+    assert "vol body" in text and "epi body" in text and text.index("epi body") < text.index("| c | 1 |")
     # SPEED's order is kept (bench_align before bench_app), and carrying twice does not stack the marker
     assert text.index("`bench_align`") < text.index("`bench_app`")
     again = tmp_path / "AGAIN.md"
     again.write_text(text)
     text2 = run_all.render(None, [], command="c", machine="M", date="now", seconds={}, mri_core=None,
                            carried=run_all.carried_sections(again))  # fmt: skip
-    assert text2.count(run_all.CARRIED) == 3 and text2.count("new app body") == 1
+    assert text2.count(run_all.CARRIED) == 4 and text2.count("new app body") == 1 and text2.count("vol body") == 1
