@@ -83,3 +83,33 @@ def streamlit_app(tmp_path: Path, env_updates: Mapping[str, str]) -> Iterator[st
             proc.kill()
             proc.wait(timeout=5)
         log.close()
+
+
+def press_slider(thumb, target: str, *, key: str = "ArrowRight", max_presses: int = 12, wait_ms: int = 15_000) -> None:
+    """Move a Streamlit slider's ``thumb`` (a Playwright locator) by key presses until its ``aria-valuetext`` is
+    ``target``, one press at a time.
+
+    Two presses sent back to back can lose the second one: the first change reruns the script and the slider is
+    rendered again while the second key is on its way. So each press waits for the value to change (pressing
+    again, focused anew, when it did not) before the next one. Fails with the value reached when ``target`` is
+    not reached within ``max_presses`` presses.
+    """
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    value = thumb.get_attribute("aria-valuetext")
+    for _ in range(max_presses):
+        if value == target:
+            return
+        thumb.focus()
+        thumb.press(key)
+        deadline = time.monotonic() + wait_ms / 1000
+        while time.monotonic() < deadline:
+            try:
+                new = thumb.get_attribute("aria-valuetext", timeout=wait_ms)
+            except PlaywrightTimeout:
+                new = value
+            if new != value:
+                break
+            time.sleep(0.2)
+        value = new
+    assert value == target, f"slider at {value!r} after {max_presses} presses of {key}; expected {target!r}"
