@@ -29,7 +29,7 @@ from .descriptors import DESCRIPTOR_ZOOMS, rotation_descriptor, structure_descri
 from .index import NeighbourIndex
 from .scores import PaperScorer, Whitener
 from .types import ProgressFn
-from .views import FLIPS, View, training_to_query
+from .views import FLIPS, View, parse_view, training_to_query
 
 __all__ = ["InsufficientDataError", "MatchResult", "Matcher", "MemorizationScorer", "PaperMatcher"]
 
@@ -319,27 +319,30 @@ class MemorizationScorer:
         views: list[str],
         qg: np.ndarray | None,
     ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Shortlists from the structure descriptor over every view, one per search base (the whole slices,
+        """Shortlists from the structure descriptor under every orientation among the views (a small-rotation view
+        adds none), one per search base (the whole slices,
         then the zoomed entries when there are any): each (sims, idx, view index) with shapes (m, V*k),
         (m, V*k), (V*k,); a zoomed entry's index is that of its training slice."""
         bases = [(self.desc_train_, 1)]
         if self.desc_zoom_train_ is not None:
             bases.append((self.desc_zoom_train_, self.desc_zoom_train_.shape[0] // self.n_))
         query = structure_descriptor(images)
-        per_view = []
-        for v in views:
-            view = View.parse(v)
+        per_view = []  # (view index, whitened descriptor) under each orientation among the views
+        for i, v in enumerate(views):
+            view = parse_view(v)
+            if not isinstance(view, View):  # a small rotation ("rot+5"): the registration's search covers it
+                continue
             dv = {}
             for name, x in query.items():
                 side = int(round(np.sqrt(x.shape[1])))
                 dv[name] = np.ascontiguousarray(view.apply(x.reshape(-1, side, side))).reshape(x.shape[0], -1)
-            per_view.append(self._desc_concat(dv))
+            per_view.append((i, self._desc_concat(dv)))
         out = []
         for base, entries in bases:
             # a slice may hit under several zooms: ask for enough neighbours to keep k distinct slices
             k = min(base.shape[0], self.descriptor_shortlist * entries)
             sims, idx, view_of = [], [], []
-            for i, q in enumerate(per_view):
+            for i, q in per_view:
                 s_, ix = self._search("desc" if entries == 1 else "desc_zoom", q, k, qg)
                 sims.append(s_)
                 idx.append(np.where(ix >= 0, ix % self.n_, -1))

@@ -201,3 +201,33 @@ def test_rotation_shortlist_and_any_angle_find_a_copy_rotated_by_any_angle(train
     assert (r_on.similarity > 0.97).all(), r_on.similarity
     assert r_on.alignment is not None
     assert r_on.similarity.mean() > r_off.similarity.mean() + 0.1
+
+
+def test_small_rotation_views_are_scored_beside_the_descriptor_shortlist(train: np.ndarray) -> None:
+    # feature views may include small rotations ("rot+5"); the descriptor search runs under the orientations
+    from inspector.views import apply_view
+
+    src = np.array([2, 7])
+    q = np.ascontiguousarray(View.HFLIP.apply(train[src]))
+    ext = get_extractor("pixels", input_size=SIZE, device="cpu")
+
+    def feats(x: np.ndarray, views: tuple[str, ...]) -> dict[str, dict[str, np.ndarray]]:
+        with torch.no_grad():
+            return {
+                v: {k: t.numpy() for k, t in ext.forward_batch(torch.from_numpy(apply_view(x, v))).items()}
+                for v in views
+            }
+
+    sc = MemorizationScorer(device="cpu", shortlist=2, descriptor_shortlist=2, rotation_shortlist=0).fit(
+        feats(train, ("id",))["id"], images=train
+    )
+    with_rot = sc.score_samples(feats(q, ("id", "rot+5", "hflip", "rot-5")), images=q)
+    assert_array_equal(with_rot.nearest, src)
+    assert (with_rot.similarity > 0.97).all(), with_rot.similarity
+    # the descriptor's candidates are those of the orientations alone, under the same view indices
+    only = sc._descriptor_candidates(q, ["id", "hflip"], None)
+    mixed = sc._descriptor_candidates(q, ["id", "rot+5", "hflip", "rot-5"], None)
+    for (s_a, i_a, v_a), (s_b, i_b, v_b) in zip(only, mixed, strict=True):
+        assert_array_equal(i_a, i_b)
+        assert_array_equal(s_a, s_b)
+        assert_array_equal(np.array(["id", "hflip"])[v_a], np.array(["id", "rot+5", "hflip", "rot-5"])[v_b])
