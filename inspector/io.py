@@ -125,6 +125,7 @@ Safety: what is opened, how much is read, for how long
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import logging
@@ -137,7 +138,7 @@ import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from collections import Counter, defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -736,12 +737,14 @@ class Reader(ABC):
         config: LoadConfig,
         skipped: list[SkippedFile],
         tick: TickCallback | None = None,
-    ) -> list[_Unit]:
-        """Read every candidate this reader claimed in one load (default: each on its own).
+    ) -> Iterable[_Unit]:
+        """Read every candidate this reader claimed in one load (default: each on its own, yielded as it is
+        read, so the loader turns a volume into slices and drops its raw array before the next is read).
 
         Override it when files must be read together (a DICOM series spans files). An override
         records its own failures in ``skipped``, sets each unit's ``override`` and ``sources``
-        (among ``candidates``' ``rel``), and calls ``tick(1)`` once per candidate.
+        (among ``candidates``' ``rel``), and calls ``tick(1)`` once per candidate; it may return a list
+        or yield its units one at a time (less memory: only the units not yet consumed are held).
 
         Parameters
         ----------
@@ -752,16 +755,16 @@ class Reader(ABC):
         tick : callable, optional
             Progress: ``tick(k)`` after ``k`` more candidates are done.
 
-        Returns
-        -------
-        list of _Unit
+        Yields
+        ------
+        _Unit
         """
-        units: list[_Unit] = []
         for c in candidates:
-            units.extend(self.read_or_skip(c, config, skipped))
+            units = self.read_or_skip(c, config, skipped)
             if tick is not None:
                 tick(1)
-        return units
+            yield from units
+            del units
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}: {', '.join(self.suffixes) or 'no suffix'}>"
@@ -1758,8 +1761,11 @@ def _read_dicoms(
     config: LoadConfig,
     skipped: list[SkippedFile],
     tick: TickCallback | None = None,
-) -> list[_Unit]:
+) -> Iterator[_Unit]:
     """Multi-frame files one by one; single-frame files grouped by (folder, series, manifest row).
+
+    Yields each unit as soon as it is decoded (a multi-frame file while the headers are still being read, a
+    series once its files are), so the loader slices it and drops its pixels before the next one.
 
     Each file's header read and each file's pixel decoding run under the per-file deadline; any
     failure of one file, or of one series as a whole, is recorded in ``skipped``. The pseudonym key
@@ -1767,7 +1773,6 @@ def _read_dicoms(
     """
     tick = tick if tick is not None else _no_tick
     timeout = config.file_timeout_s
-    units: list[_Unit] = []
     groups: dict[tuple[str, str, _Override | None], list[tuple[_Candidate, Any]]] = defaultdict(list)
     keys: list[bytes] = []
 
@@ -1802,9 +1807,12 @@ def _read_dicoms(
                 )
 
             try:
-                units.append(_call_with_deadline(multiframe, timeout, "decoding the DICOM pixel data"))
+                unit = _call_with_deadline(multiframe, timeout, "decoding the DICOM pixel data")
             except Exception as e:
                 _dicom_skip(c.rel, e, ds, skipped)
+            else:
+                yield unit
+                del unit
             tick(1)
             continue
         folder = Path(c.rel).parent.as_posix()
@@ -1847,8 +1855,8 @@ def _read_dicoms(
             continue
         skipped.extend(own)
         if unit is not None:
-            units.append(unit)
-    return units
+            yield unit
+            del unit
 
 
 def _dicom_series_unit(
@@ -1940,7 +1948,7 @@ class DicomReader(Reader):
         return _has_dicm_preamble(path)
 
     def read(self, c: _Candidate, config: LoadConfig, skipped: list[SkippedFile]) -> list[_Unit]:
-        return _read_dicoms([c], config, skipped)
+        return list(_read_dicoms([c], config, skipped))
 
     def read_group(
         self,
@@ -1948,7 +1956,7 @@ class DicomReader(Reader):
         config: LoadConfig,
         skipped: list[SkippedFile],
         tick: TickCallback | None = None,
-    ) -> list[_Unit]:
+    ) -> Iterator[_Unit]:
         return _read_dicoms(candidates, config, skipped, tick)
 
 
@@ -2002,14 +2010,20 @@ class NpzReader(Reader):
 
 
 def _read_all(
-    cands: Sequence[_Candidate], config: LoadConfig, skipped: list[SkippedFile], tick: TickCallback
+    cands: Sequence[_Candidate],
+    config: LoadConfig,
+    skipped: list[SkippedFile],
+    tick: TickCallback,
+    on_unit: Callable[[_Unit], None] | None = None,
 ) -> tuple[list[_Unit], dict[str, SourceFile]]:
     """Hand each reader its candidates (in registration order), then hash every unit's source files.
 
     Returns the units and the :class:`SourceFile` of each source, by relative path; a unit whose
     file cannot be hashed (it vanished after reading) is skipped. Before any reader sees a file,
     it is checked again to be a regular file (it may have changed since discovery) and its size
-    against :attr:`LoadConfig.max_file_bytes`.
+    against :attr:`LoadConfig.max_file_bytes`. ``on_unit(u)`` is called on each unit kept, in the returned
+    order, as soon as it is read (the loader makes its slices there and drops ``u.raw``, so the raw volumes
+    are never all in memory at once).
     """
     groups: dict[int, list[_Candidate]] = defaultdict(list)
     readers: dict[int, Reader] = {}
@@ -2057,6 +2071,8 @@ def _read_all(
             if bad:
                 skipped.append(SkippedFile(u.path, failed[bad[0]]))
                 continue
+            if on_unit is not None:
+                on_unit(u)
             units.append(u)
     return units, hashes
 
@@ -2085,6 +2101,10 @@ def _assign_subjects(units: list[_Unit], root_name: str) -> None:
             u.subject_id = u.override.subject_id
         if not u.subject_id:
             u.subject_id = root_name or "subject"
+
+
+#: Subject ID of a unit's slices while they are made, before every unit is read (see :func:`load_cohort`).
+_PENDING_SUBJECT = "\x00pending"
 
 
 def _unit_slices(u: _Unit, config: LoadConfig, skipped: list[SkippedFile]) -> list[Slice]:
@@ -2244,13 +2264,27 @@ def load_cohort(
 
     if progress is not None:
         progress("loading", 0, total)
-    units, hashes = _read_all(cands, config, skipped, tick)
+    per_unit: list[list[Slice]] = []
+
+    def to_slices(u: _Unit) -> None:
+        # each unit becomes slices as soon as it is read and its raw volume is dropped (memory: one volume at a
+        # time beside the slices); subject IDs are settled once every unit is known (a stem clash), below
+        fixed = u.subject_id
+        if not fixed:
+            u.subject_id = _PENDING_SUBJECT
+        per_unit.append(_unit_slices_or_skip(u, config, skipped))
+        u.subject_id = fixed
+        u.raw = None
+
+    units, hashes = _read_all(cands, config, skipped, tick, on_unit=to_slices)
 
     _assign_subjects(units, root.name or cohort_name)
     slices: list[Slice] = []
-    for u in units:
-        slices.extend(_unit_slices_or_skip(u, config, skipped))
-        u.raw = None  # its slices are made: the raw volume is not kept beside them (memory)
+    for u, made in zip(units, per_unit, strict=True):
+        slices.extend(
+            s if s.subject_id == u.subject_id else dataclasses.replace(s, subject_id=u.subject_id) for s in made
+        )
+    per_unit.clear()
     slices.sort(key=lambda s: (s.path, s.slice_index))
     unique: list[Slice] = []
     seen: set[str] = set()

@@ -1530,3 +1530,36 @@ def test_bad_dicom_malformed_values_do_not_abort_a_series(tmp_path):
         c = io_load_bounded(tmp_path)
     # the series is read in InstanceNumber order (positions unusable), never an error
     assert io_keys(c) == ["ser#0", "ser#1", "ser#2"]
+
+
+def test_volumes_become_slices_one_at_a_time(tmp_path, monkeypatch):
+    # a cohort of volumes is never held as raw volumes all at once: each is sliced and dropped before the next
+    # is read (memory: one volume beside the slices), with the same slices and subject IDs as before
+    import gc
+    import weakref
+
+    from inspector import io as io_mod
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        sub = tmp_path / ("a" if i < 2 else "b")
+        sub.mkdir(exist_ok=True)
+        vol = rng.uniform(0.2, 1.0, (5, 24, 24)).astype(np.float32)
+        np.save(sub / f"vol{i % 2}.npy", vol)  # the stems clash across folders: IDs fall back to the path
+    alive: list[weakref.ref] = []
+    most = [0]
+    original = io_mod._read_npy
+
+    def spy(c, config):
+        gc.collect()
+        most[0] = max(most[0], sum(r() is not None for r in alive))
+        units = original(c, config)
+        alive.extend(weakref.ref(u.raw) for u in units)
+        return units
+
+    monkeypatch.setattr(io_mod, "_read_npy", spy)
+    cohort = load_cohort(tmp_path, LoadConfig(preprocess=PreprocessConfig(size=24), array_axis=0))
+    assert len(alive) == 4 and most[0] == 0, most[0]
+    assert len(cohort.slices) == 20
+    assert sorted(set(cohort.subject_ids)) == ["a/vol0", "a/vol1", "b/vol0", "b/vol1"]
+    assert all(s.subject_id == s.path.removesuffix(".npy") for s in cohort.slices)
