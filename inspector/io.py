@@ -142,7 +142,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -156,6 +156,9 @@ from .preprocess import (
 )
 from .privacy import load_or_create_key, pseudonym
 from .types import Cohort, SkippedFile, Slice, SourceFile, raw_pixel_hash
+
+if TYPE_CHECKING:
+    from .store import SliceSpill
 
 __all__ = [
     "LoadConfig",
@@ -2191,6 +2194,7 @@ def load_cohort(
     *,
     name: str | None = None,
     progress: ProgressCallback | None = None,
+    spill: SliceSpill | None = None,
 ) -> Cohort:
     """Load a folder, a CSV manifest or a single file into a :class:`Cohort` of preprocessed slices.
 
@@ -2209,6 +2213,9 @@ def load_cohort(
         Display name of the cohort (default: the root folder's name).
     progress : callable, optional
         Called as ``progress("loading", done_files, total_files)``.
+    spill : inspector.store.SliceSpill, optional
+        Moves the slices to disk a chunk at a time while they are made (memory: one chunk and one volume);
+        their arrays become read-only views of mapped files. ``None`` (default) keeps them in memory.
 
     Returns
     -------
@@ -2272,11 +2279,14 @@ def load_cohort(
         fixed = u.subject_id
         if not fixed:
             u.subject_id = _PENDING_SUBJECT
-        per_unit.append(_unit_slices_or_skip(u, config, skipped))
+        made = _unit_slices_or_skip(u, config, skipped)
+        per_unit.append(spill.add(made) if spill is not None else made)
         u.subject_id = fixed
         u.raw = None
 
     units, hashes = _read_all(cands, config, skipped, tick, on_unit=to_slices)
+    if spill is not None:
+        spill.flush()
 
     _assign_subjects(units, root.name or cohort_name)
     slices: list[Slice] = []

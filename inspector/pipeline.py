@@ -109,7 +109,14 @@ def loading_size(cfg: AuditConfig) -> int:
     return max(int(cfg.size), int(ext_size))
 
 
-def _load(source: str | Path | Cohort, cfg: AuditConfig, what: str, progress: ProgressFn | None) -> Cohort:
+def _load(
+    source: str | Path | Cohort,
+    cfg: AuditConfig,
+    what: str,
+    progress: ProgressFn | None,
+    store_dir: str | Path | None | bool = False,
+) -> Cohort:
+    """Load one cohort; with a ``store_dir`` (not ``False``) its slices are spilled to disk as they are made."""
     if isinstance(source, Cohort):
         return source
     lc = LoadConfig(
@@ -120,7 +127,12 @@ def _load(source: str | Path | Cohort, cfg: AuditConfig, what: str, progress: Pr
         if progress:
             progress(f"loading:{what}", done, total)
 
-    return load_cohort(source, lc, progress=prog)
+    spill = None
+    if store_dir is not False:
+        from .store import SliceSpill
+
+        spill = SliceSpill(store_dir)
+    return load_cohort(source, lc, progress=prog, spill=spill)
 
 
 def load_inputs(
@@ -184,14 +196,24 @@ def load_inputs(
         src = Path(synthetic).expanduser().absolute()
         check_labels(src if src.is_dir() else src.parent)
     t0 = time.perf_counter()
-    t = drop_audit_outputs(_load(train, cfg, "train", progress))
+
+    def stored(c: Cohort) -> Cohort:
+        # each cohort goes to its store as soon as it is loaded: the next one loads beside a mapped file
+        if store_dir is not False:
+            from .store import to_store
+
+            to_store(c, store_dir)
+        return c
+
+    t = drop_audit_outputs(_load(train, cfg, "train", progress, store_dir))
     if len(t) < 4:
         raise InsufficientDataError(
             f"The training cohort {t.name!r} has {len(t)} slice(s); an audit needs at least 4 to whiten features "
             "and build a null. Point --train at the whole training set."
         )
-    g = drop_audit_outputs(_load(synthetic, cfg, "synthetic", progress))
-    h = drop_audit_outputs(_load(holdout, cfg, "holdout", progress)) if holdout is not None else None
+    t = stored(t)
+    g = stored(drop_audit_outputs(_load(synthetic, cfg, "synthetic", progress, store_dir)))
+    h = stored(drop_audit_outputs(_load(holdout, cfg, "holdout", progress, store_dir))) if holdout is not None else None
     if cfg.mode == "default" and h is None and len(t.subjects) < 2:
         raise InsufficientDataError(
             f"The training cohort {t.name!r} holds a single subject, so the leave-one-subject-out null "
@@ -213,12 +235,6 @@ def load_inputs(
         log.warning("%d synthetic file(s) were skipped and are not audited", len(unread))
     for sk in unread if cfg.show_paths else ():
         log.warning("synthetic file %s was skipped and is not audited: %s", sk.path, sk.reason)
-    if store_dir is not False:
-        from .store import to_store
-
-        for c in (t, g, h):
-            if c is not None:
-                to_store(c, store_dir)
     return Inputs(t, g, h, time.perf_counter() - t0)
 
 

@@ -21,13 +21,14 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .cache import default_cache_dir, hash_key
 from .types import Cohort
 
-__all__ = ["STORE_VERSION", "to_store", "store_path"]
+__all__ = ["STORE_VERSION", "to_store", "store_path", "SliceSpill"]
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +87,16 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
         log.info("cohort %r mixes slice shapes; kept in memory", cohort.name)
         return cohort
     shape = (len(cohort.slices), *cohort.slices[0].array.shape)
+    # slices spilled while loading (SliceSpill) are read once more here: their pages are dropped from this
+    # process's memory every chunk (they stay in the page cache), so copying them does not grow the resident set
+    spilled = _mappings(cohort.slices)
     arr = _valid(path, shape) if path.exists() else None
     if arr is not None:  # content-addressed, and checked against the slices just read (a damaged file is rewritten)
         for s in range(0, shape[0], _CHUNK):
             rows = cohort.slices[s : s + _CHUNK]
-            if not np.array_equal(arr[s : s + len(rows)], np.stack([r.array for r in rows])):
+            same = np.array_equal(arr[s : s + len(rows)], np.stack([r.array for r in rows]))
+            _drop_pages([*spilled, *_mappings([arr])])
+            if not same:
                 log.warning("slice store %s differs from the slices read; rewriting it", path.name)
                 arr = None
                 break
@@ -111,8 +117,10 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
                         "shape": shape,
                     },
                 )
-                for r in cohort.slices:
+                for i, r in enumerate(cohort.slices):
                     fh.write(np.ascontiguousarray(r.array, np.float32).tobytes())
+                    if spilled and (i + 1) % _CHUNK == 0:
+                        _drop_pages(spilled)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -126,6 +134,104 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
     cohort.store = arr
     _release_freed_memory()
     return cohort
+
+
+class SliceSpill:
+    """Slices moved to disk while a cohort loads, about ``chunk`` at a time, so loading holds one chunk in memory.
+
+    :func:`inspector.io.load_cohort` hands the slices of each volume to :meth:`add`; once ``chunk`` or more are
+    pending, :meth:`flush` writes their arrays (plain writes: the page cache, not this process's memory) to one
+    file under ``<root>/slices/``, maps it read-only and replaces each slice's array by a view into the mapping,
+    so the in-memory arrays are freed. The file is unlinked as soon as it is mapped (POSIX keeps a mapped file's
+    data until the mapping goes): nothing is left on disk after the process, even if it is killed. Where an open
+    file cannot be unlinked (Windows) it is removed when the process exits. :func:`to_store` then copies the
+    slices, sorted, into the content-addressed store.
+
+    Parameters
+    ----------
+    root : path, optional
+        Cache root (default :func:`inspector.cache.default_cache_dir`); created with owner-only files (0600).
+    chunk : int
+        Slices per spill file.
+    """
+
+    def __init__(self, root: str | Path | None = None, chunk: int = _CHUNK) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1 slice; got {chunk}.")
+        base = Path(root).expanduser() if root is not None else default_cache_dir()
+        self.folder = base / "slices"
+        self.chunk = int(chunk)
+        self.pending: list[Any] = []
+        self.spilled = 0
+        self.files = 0
+
+    def add(self, slices: list[Any]) -> list[Any]:
+        """Queue ``slices`` (:class:`~inspector.types.Slice`, changed in place on the next flush); returns them."""
+        self.pending.extend(slices)
+        if len(self.pending) >= self.chunk:
+            self.flush()
+        return slices
+
+    def flush(self) -> None:
+        """Write the pending slices' arrays to one mapped file and point the slices at it."""
+        if not self.pending:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".spill-", suffix=".f32")
+        try:
+            os.chmod(tmp, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                for s in self.pending:
+                    fh.write(np.ascontiguousarray(s.array, np.float32).tobytes())
+            total = sum(int(np.prod(s.array.shape)) for s in self.pending)
+            mapped = np.memmap(tmp, dtype=np.float32, mode="r", shape=(total,))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        try:
+            os.unlink(tmp)  # the mapping keeps the data; no file outlives the process
+        except OSError:
+            import atexit
+
+            atexit.register(lambda path=tmp: Path(path).unlink(missing_ok=True))
+        at = 0
+        for s in self.pending:
+            shape = s.array.shape
+            size = int(np.prod(shape))
+            object.__setattr__(s, "array", mapped[at : at + size].reshape(shape))
+            at += size
+        self.spilled += len(self.pending)
+        self.files += 1
+        self.pending = []
+        _release_freed_memory()
+
+
+def _mappings(arrays: Any) -> list[Any]:
+    """The distinct memory maps (``mmap.mmap``) behind the arrays (or the slices' arrays) that are file views."""
+    found: dict[int, Any] = {}
+    for a in arrays:
+        x = getattr(a, "array", a)
+        while x is not None:
+            mm = getattr(x, "_mmap", None)
+            if mm is not None:
+                found.setdefault(id(mm), mm)
+                break
+            x = getattr(x, "base", None)
+    return list(found.values())
+
+
+def _drop_pages(maps: list[Any]) -> None:
+    """Drop the mapped pages of ``maps`` from this process (re-read from the page cache if touched again)."""
+    import mmap
+
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return
+    for mm in maps:
+        try:
+            mm.madvise(advice)
+        except (AttributeError, OSError, ValueError):  # closed, or not supported here
+            pass
 
 
 def _release_freed_memory() -> None:

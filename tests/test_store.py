@@ -103,3 +103,37 @@ def test_audit_uses_the_store_only_with_the_cache_and_gives_the_same_result(audi
     train = load_cohort(p["train"])
     stored = np.load(store_path(train, tmp_path / "c"), mmap_mode="r")
     assert stored.shape[0] == len(train)
+
+
+def test_spilled_loading_gives_the_same_slices_and_leaves_no_file(tmp_path):
+    from PIL import Image
+
+    from inspector.io import LoadConfig
+    from inspector.preprocess import PreprocessConfig
+    from inspector.store import SliceSpill
+
+    rng = np.random.default_rng(5)
+    data = tmp_path / "data"
+    for i in range(3):  # 3 volumes of 6 slices and 4 PNG images: 22 slices, spilled 5 at a time
+        sub = data / f"sub-{i}"
+        sub.mkdir(parents=True)
+        np.save(sub / "vol.npy", rng.uniform(0.2, 1.0, (6, 20, 20)).astype(np.float32))
+    for i in range(4):
+        Image.fromarray((rng.uniform(0.2, 1.0, (20, 20)) * 255).astype(np.uint8)).save(data / f"img{i}.png")
+    lc = LoadConfig(preprocess=PreprocessConfig(size=16), array_axis=0)
+    plain = load_cohort(data, lc)
+    spill = SliceSpill(tmp_path / "cache", chunk=5)
+    spilled = load_cohort(data, lc, spill=spill)
+    assert len(spilled.slices) == len(plain.slices) == 22
+    assert spill.spilled == 22 and 3 <= spill.files <= 5  # whole volumes, flushed once 5 or more are pending
+    for a, b in zip(plain.slices, spilled.slices, strict=True):
+        assert (a.key, a.subject_id, a.sha256) == (b.key, b.subject_id, b.sha256)
+        assert_array_equal(a.array, b.array)
+        assert not b.array.flags.owndata and not b.array.flags.writeable  # a view of the mapped spill file
+    assert_array_equal(spilled.stack(), plain.stack())
+    assert spilled.content_hash == plain.content_hash
+    assert list((tmp_path / "cache" / "slices").iterdir()) == []  # unlinked once mapped
+    to_store(spilled, tmp_path / "cache")  # then into the content-addressed store, as a loaded cohort
+    assert_array_equal(spilled.store, plain.stack())
+    with pytest.raises(ValueError, match="chunk"):
+        SliceSpill(tmp_path, chunk=0)
