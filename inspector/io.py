@@ -125,7 +125,6 @@ Safety: what is opened, how much is read, for how long
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import logging
@@ -767,7 +766,6 @@ class Reader(ABC):
             if tick is not None:
                 tick(1)
             yield from units
-            del units
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r}: {', '.join(self.suffixes) or 'no suffix'}>"
@@ -1815,7 +1813,6 @@ def _read_dicoms(
                 _dicom_skip(c.rel, e, ds, skipped)
             else:
                 yield unit
-                del unit
             tick(1)
             continue
         folder = Path(c.rel).parent.as_posix()
@@ -1859,7 +1856,6 @@ def _read_dicoms(
         skipped.extend(own)
         if unit is not None:
             yield unit
-            del unit
 
 
 def _dicom_series_unit(
@@ -2291,9 +2287,9 @@ def load_cohort(
     _assign_subjects(units, root.name or cohort_name)
     slices: list[Slice] = []
     for u, made in zip(units, per_unit, strict=True):
-        slices.extend(
-            s if s.subject_id == u.subject_id else dataclasses.replace(s, subject_id=u.subject_id) for s in made
-        )
+        for s in made:  # in place: nothing of a Slice derives from its subject, and its pixels are not read again
+            object.__setattr__(s, "subject_id", u.subject_id)
+        slices.extend(made)
     per_unit.clear()
     slices.sort(key=lambda s: (s.path, s.slice_index))
     unique: list[Slice] = []

@@ -92,10 +92,11 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
     spilled = _mappings(cohort.slices)
     arr = _valid(path, shape) if path.exists() else None
     if arr is not None:  # content-addressed, and checked against the slices just read (a damaged file is rewritten)
+        compared = [*spilled, *_mappings([arr])]
         for s in range(0, shape[0], _CHUNK):
             rows = cohort.slices[s : s + _CHUNK]
             same = np.array_equal(arr[s : s + len(rows)], np.stack([r.array for r in rows]))
-            _drop_pages([*spilled, *_mappings([arr])])
+            _drop_pages(compared)
             if not same:
                 log.warning("slice store %s differs from the slices read; rewriting it", path.name)
                 arr = None
