@@ -591,6 +591,37 @@ def _moment_start(
     return _params_from_similarity(ang, sc, sh)
 
 
+#: Starts times pixels scored at once by :func:`_screen_starts` (about 4 MB per float32 temporary): a batch of
+#: pairs has tens of starts each under eight orientations, whose warps would otherwise take most of a GB at once.
+SCREEN_PIXELS = 1 << 20
+
+
+def _screen_starts(
+    fixed: torch.Tensor,
+    views: torch.Tensor,
+    params: torch.Tensor,
+    n_starts: int,
+    bounds: tuple[float, float, float, float],
+) -> torch.Tensor:
+    """The correlation of every start at its start (no iteration; -2 outside ``bounds``), shape (b, C).
+
+    fixed (b, r, r); views (b, V, r, r); params (b, C, 4) with ``C = V * n_starts``, start ``c`` warping view
+    ``c // n_starts``. Scored in chunks of :data:`SCREEN_PIXELS` start-pixels, gathered as needed, so that no
+    (b, C, r, r) stack is ever formed.
+    """
+    b, c = params.shape[:2]
+    r = fixed.shape[-1]
+    flat = params.reshape(-1, 4)
+    idx = torch.arange(b * c, device=fixed.device)
+    pair, view = idx // c, (idx % c) // n_starts
+    step = max(1, SCREEN_PIXELS // (r * r))
+    out = []
+    for a in range(0, b * c, step):
+        sl = slice(a, a + step)
+        out.append(_ecc_refine(fixed[pair[sl]], views[pair[sl], view[sl]], flat[sl], 0, bounds)[1])
+    return torch.cat(out).view(b, c)
+
+
 def _polar_angles(fixed: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
     """The rotation (b, V) degrees carrying each moving view (b, V, r, r) onto its fixed slice (b, r, r) about
     their foreground centroids, from the circular cross-correlation of their rings (polar_sample)."""
@@ -832,8 +863,6 @@ def register_pairs(
                 starts_bv = torch.cat([starts_bv, _moment_start(fc, vc, bounds, zooms, angle=ang)], dim=2)
         n_s = starts_bv.shape[2]
         combos = v * n_s
-        f_sel = fc[:, None].expand(b, combos, cs, cs)
-        m_all = vc[:, :, None].expand(b, v, n_s, cs, cs).reshape(b, combos, cs, cs)
         p_all = starts_bv.reshape(b, combos, 4)
         # the rotated starts (if any) are the last n_rot of each orientation's starts
         n_rot = n_s - n_plain if n_s > n_plain else 0
@@ -841,8 +870,7 @@ def register_pairs(
         k_rot = min(int(rotated_candidates), v * n_rot)
         kk = k_plain + k_rot
         if kk < combos:  # cheap estimate: score every start once, run the ECC from the best few
-            _, r0 = _ecc_refine(f_sel.reshape(-1, cs, cs), m_all.reshape(-1, cs, cs), p_all.reshape(-1, 4), 0, bounds)
-            r0 = r0.view(b, v, n_s)
+            r0 = _screen_starts(fc, vc, p_all, n_s, bounds).view(b, v, n_s)
             rotated = torch.zeros(n_s, dtype=torch.bool, device=dev)
             rotated[n_s - n_rot :] = n_rot > 0
             # the best plain starts keep their places (a copy that needs no rotation is registered as without
@@ -857,8 +885,8 @@ def register_pairs(
             kk = combos
         bi = torch.arange(b, device=dev)[:, None].expand_as(keep)
         p_c, r_c = _ecc_refine(
-            f_sel[:, :kk].reshape(-1, cs, cs),
-            m_all[bi, keep].reshape(-1, cs, cs),
+            fc[:, None].expand(b, kk, cs, cs).reshape(-1, cs, cs),
+            vc[bi, keep // n_s].reshape(-1, cs, cs),
             p_all[bi, keep].reshape(-1, 4),
             it_coarse,
             bounds,

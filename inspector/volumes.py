@@ -490,6 +490,26 @@ def _evaluate(
     return _masked_ncc(fixed, warped[:, 0], w), cov
 
 
+#: Starts times voxels evaluated at once by :func:`_evaluate_chunked` (about 16 MB per float32 temporary):
+#: the coarse level scores several hundred starts per candidate, whose sampling grids would otherwise take
+#: hundreds of MB at once whatever the cohort's size.
+EVAL_VOXELS = 1 << 22
+
+
+def _evaluate_chunked(
+    fixed: torch.Tensor, train: torch.Tensor, owner: torch.Tensor, mats: torch.Tensor, base: torch.Tensor
+) -> torch.Tensor:
+    """``ncc * coverage`` (S,) of the starts ``mats`` (S, 3, 4), start ``s`` sampling ``train[owner[s]]``
+    (train (n, D, H, W)) over the one query ``fixed`` (D, H, W), in chunks of :data:`EVAL_VOXELS` voxels."""
+    step = max(1, EVAL_VOXELS // int(fixed.numel()))
+    out = []
+    for a in range(0, len(mats), step):
+        m = mats[a : a + step]
+        ncc, cov = _evaluate(fixed.expand(len(m), *fixed.shape), train[owner[a : a + step]], m, base)
+        out.append(ncc * cov)
+    return torch.cat(out) if out else torch.zeros(0, device=fixed.device)
+
+
 def _gauss_newton(
     fixed: torch.Tensor, moving: torch.Tensor, mat: torch.Tensor, iterations: int, damping: float = 1e-2
 ) -> torch.Tensor:
@@ -629,8 +649,7 @@ def register_volumes(
         mats = torch.stack(starts)
         owner_t = torch.as_tensor(owner, device=dev)
         base_c = _base(cshape, dev)
-        ncc, cov = _evaluate(qc.expand(len(mats), *cshape), tc[owner_t], mats, base_c)
-        sc = (ncc * cov).cpu().numpy()
+        sc = _evaluate_chunked(qc, tc, owner_t, mats, base_c).cpu().numpy()
         keep = []
         for i in range(n):
             mine = np.flatnonzero(np.asarray(owner) == i)

@@ -22,7 +22,7 @@ from inspector.align import (
     score_alignment,
 )
 from inspector.preprocess import affine_warp, normalise_volume, resize_square
-from inspector.views import FLIPS, View
+from inspector.views import DIHEDRAL, FLIPS, View
 
 SIZE = 64
 
@@ -270,6 +270,21 @@ def test_same_result_with_one_and_several_threads(sagittal):
     for key in ("ncc", "angle", "scale", "shift"):
         assert_array_equal(getattr(runs[0], key), getattr(runs[1], key))
     assert list(runs[0].flip) == list(runs[1].flip)
+
+
+def test_starts_are_screened_in_chunks_with_the_same_result(sagittal, monkeypatch):
+    # the screening of every (orientation, start) runs in chunks of SCREEN_PIXELS: small chunks, some of them
+    # splitting one pair's starts, give the same registration as one chunk per batch
+    fixed, _ = _make_copies(sagittal[:5], seed=6)
+    fixed[:2] = affine_warp(torch.from_numpy(fixed[:2].copy()), 70.0, (0.02, 0.0), 1.0).numpy()
+    kw = dict(device="cpu", max_angle=180.0, orientations=[v.value for v in DIHEDRAL])
+    monkeypatch.setattr(A, "SCREEN_PIXELS", 1 << 30)
+    whole = register_pairs(fixed, sagittal[:5], **kw)
+    monkeypatch.setattr(A, "SCREEN_PIXELS", 7 * 32 * 32)
+    chunked = register_pairs(fixed, sagittal[:5], **kw)
+    for key in ("ncc", "angle", "scale", "shift"):
+        assert_array_equal(getattr(whole, key), getattr(chunked, key))
+    assert list(whole.flip) == list(chunked.flip)
 
 
 def test_progress_and_empty_input(sagittal):

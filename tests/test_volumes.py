@@ -183,6 +183,29 @@ def test_register_volumes_finds_a_slab_from_its_slice_run():
     assert al[0].score > al[1].score + 0.1
 
 
+def test_the_coarse_starts_are_scored_in_chunks_with_the_same_result(monkeypatch):
+    import inspector.volumes as vm
+
+    q = rotate(blob_volume(5), 6.0, (0, 1)).astype(np.float32)
+    train = [blob_volume(5), blob_volume(6)]
+    whole = register_volumes(q, train, device="cpu")
+    # the chunked scores equal the one-batch ones
+    qc = vm._to_grid(q, (24, 24, 24), torch.device("cpu"))
+    tc = torch.stack([vm._to_grid(t, (24, 24, 24), torch.device("cpu")) for t in train])
+    g = torch.Generator().manual_seed(0)
+    mats = torch.cat([torch.eye(3)[None].repeat(40, 1, 1) + 0.1 * torch.randn(40, 3, 3, generator=g),
+                      0.1 * torch.randn(40, 3, 1, generator=g)], 2)  # fmt: skip
+    owner = torch.arange(40) % 2
+    base = vm._base((24, 24, 24), torch.device("cpu"))
+    ncc, cov = vm._evaluate(qc.expand(40, 24, 24, 24), tc[owner], mats, base)
+    monkeypatch.setattr(vm, "EVAL_VOXELS", 7 * 24**3)  # chunks of 7 starts, the last one short
+    assert_allclose(vm._evaluate_chunked(qc, tc, owner, mats, base).numpy(), (ncc * cov).numpy(), rtol=0, atol=1e-6)
+    chunked = register_volumes(q, train, device="cpu")
+    for a, b in zip(whole, chunked, strict=True):
+        assert_allclose(a.matrix, b.matrix, atol=1e-5)
+        assert_allclose(a.score, b.score, atol=1e-6)
+
+
 def test_register_volumes_checks_its_inputs():
     with pytest.raises(ValueError, match="volume"):
         register_volumes(np.zeros((4, 4)), [np.zeros((4, 4, 4))])
