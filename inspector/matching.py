@@ -40,6 +40,50 @@ class InsufficientDataError(ValueError):
     """The inputs are too small or too uniform for the requested audit."""
 
 
+#: Pairs whose images are gathered and registered at once by :func:`register_blocks`: a multiple of
+#: :func:`inspector.align.register_pairs`' batch of 256, so the batches (and the results) are the same as in
+#: one call; 1,024 pairs of 128 px slices are 64 MB per side, where a chunk of 256 queries x their candidates
+#: would gather several hundred MB.
+PAIR_BLOCK = 1024
+
+
+def register_blocks(
+    fixed: Any,
+    fixed_rows: np.ndarray,
+    moving: Any,
+    moving_rows: np.ndarray,
+    *,
+    flips: np.ndarray | None = None,
+    **kwargs: Any,
+) -> Alignment:
+    """:func:`inspector.align.register_pairs` of ``fixed[fixed_rows[i]]`` onto ``moving[moving_rows[i]]`` for
+    every i, gathering :data:`PAIR_BLOCK` pairs' images at a time from the stacks (arrays or memory maps,
+    (n, H, W)), so memory is bounded whatever the number of pairs.
+
+    ``flips`` (one orientation per pair, or None) and ``kwargs`` are passed on. Returns one Alignment over
+    all pairs, in order.
+    """
+    fr, mr = np.asarray(fixed_rows, np.int64), np.asarray(moving_rows, np.int64)
+    if fr.shape != mr.shape:
+        raise ValueError(f"fixed_rows {fr.shape} and moving_rows {mr.shape} must have the same shape.")
+    parts = []
+    for a in range(0, max(len(fr), 1), PAIR_BLOCK):
+        sl = slice(a, a + PAIR_BLOCK)
+        parts.append(
+            register_pairs(fixed[fr[sl]], moving[mr[sl]], flips=None if flips is None else flips[sl], **kwargs)
+        )
+    if len(parts) == 1:
+        return parts[0]
+    return Alignment(
+        ncc=np.concatenate([p.ncc for p in parts]),
+        angle=np.concatenate([p.angle for p in parts]),
+        scale=np.concatenate([p.scale for p in parts]),
+        shift=np.concatenate([p.shift for p in parts]),
+        flip=np.concatenate([p.flip for p in parts]),
+        overlap=np.concatenate([p.overlap for p in parts]) if all(p.overlap is not None for p in parts) else None,
+    )
+
+
 @runtime_checkable
 class Matcher(Protocol):
     """What the pipeline's match stage needs of a scorer (the default mode's and the paper's).
@@ -622,9 +666,11 @@ class MemorizationScorer:
                 # `verify_top` per query (those that can still win) are then verified at full resolution
                 # under the orientation found here
                 q = rows[r]
-                pre = register_pairs(
-                    images[q],
-                    self.images_[cand[q, c]],
+                pre = register_blocks(
+                    images,
+                    q,
+                    self.images_,
+                    cand[q, c],
                     flips=None if self.align_flips == "all" else flip_names[cand_view[q, c]],
                     orientations=orientations,
                     size=min(32, self.align_size),
@@ -649,9 +695,11 @@ class MemorizationScorer:
                 t = cand[q, c]
                 if given is None:
                     given = None if self.align_flips == "all" else flip_names[cand_view[q, c]]
-                al = register_pairs(
-                    images[q],
-                    self.images_[t],
+                al = register_blocks(
+                    images,
+                    q,
+                    self.images_,
+                    t,
                     flips=given,
                     orientations=orientations,
                     size=self.align_size,

@@ -133,7 +133,7 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
     for i, s in enumerate(cohort.slices):
         object.__setattr__(s, "array", arr[i])
     cohort.store = arr
-    _release_freed_memory()
+    release_freed_memory()
     return cohort
 
 
@@ -204,7 +204,7 @@ class SliceSpill:
         self.spilled += len(self.pending)
         self.files += 1
         self.pending = []
-        _release_freed_memory()
+        release_freed_memory()
 
 
 def _mappings(arrays: Any) -> list[Any]:
@@ -235,8 +235,13 @@ def _drop_pages(maps: list[Any]) -> None:
             pass
 
 
-def _release_freed_memory() -> None:
-    """Hand the heap the freed slice arrays leave back to the OS (glibc keeps it otherwise); no-op elsewhere."""
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    glibc keeps the memory of freed arrays below its mmap threshold (which rises to 32 MB as large blocks are
+    freed) in its arenas; a stage that allocates and frees many such temporaries (the 3D verification, the
+    slice loader) otherwise grows the process by fragmentation, not by what it holds.
+    """
     try:
         import ctypes
 

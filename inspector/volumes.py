@@ -43,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .store import release_freed_memory
 from .types import ProgressFn
 
 __all__ = [
@@ -490,10 +491,14 @@ def _evaluate(
     return _masked_ncc(fixed, warped[:, 0], w), cov
 
 
-#: Starts times voxels evaluated at once by :func:`_evaluate_chunked` (about 16 MB per float32 temporary):
+#: Starts times voxels evaluated at once by :func:`_evaluate_chunked` (about 4 MB per float32 temporary):
 #: the coarse level scores several hundred starts per candidate, whose sampling grids would otherwise take
 #: hundreds of MB at once whatever the cohort's size.
-EVAL_VOXELS = 1 << 22
+EVAL_VOXELS = 1 << 20
+
+#: Starts times voxels refined at once by :func:`_gauss_newton` (its Jacobian holds 14 floats per voxel and
+#: start, about 25 MB per start at the 48-voxel grid): 4 starts at a time there.
+GN_VOXELS = 1 << 19
 
 
 def _evaluate_chunked(
@@ -519,6 +524,14 @@ def _gauss_newton(
     gradients; ``g, h`` are a per-pair intensity gain and bias solved jointly (so the fit is the correlation's,
     invariant to linear intensity changes). The best iterate by masked NCC is kept.
     """
+    step = max(1, GN_VOXELS // max(1, int(fixed[0].numel())))
+    if fixed.shape[0] > step:  # the starts are independent: refine them a few at a time (bounded memory)
+        return torch.cat(
+            [
+                _gauss_newton(fixed[a : a + step], moving[a : a + step], mat[a : a + step], iterations, damping)
+                for a in range(0, fixed.shape[0], step)
+            ]
+        )
     base = _base(tuple(fixed.shape[1:]), fixed.device)
     bsz = fixed.shape[0]
     grads = _gradients(moving)
@@ -764,6 +777,8 @@ def match_volumes(
         tv = [stack_volume(train_images, train_refs[r.train_volume]) for r in runs]
         zm = [run_z_map(r, ref, train_refs[r.train_volume]) for r in runs]
         al = register_volumes(q, tv, z_maps=zm, size=size, device=device)
+        del q, tv
+        release_freed_memory()  # each volume's temporaries (hundreds of MB) would otherwise fragment the heap
         j = int(np.argmax([a.score for a in al]))
         tr = train_refs[runs[j].train_volume]
         out.append(

@@ -111,6 +111,24 @@ def test_pruned_verification_agrees_with_full_verification(train: np.ndarray) ->
         MemorizationScorer(max_angle=-5).fit(f_t, images=train)
 
 
+def test_pairs_are_registered_in_blocks_with_the_same_result(train: np.ndarray, monkeypatch) -> None:
+    import inspector.align as A
+    import inspector.matching as M
+
+    rng = np.random.default_rng(3)
+    fr, mr = rng.integers(0, len(train), 10), rng.integers(0, len(train), 10)
+    one = A.register_pairs(train[fr], train[mr], device="cpu", batch_size=3, max_angle=180.0)
+    monkeypatch.setattr(M, "PAIR_BLOCK", 3)  # blocks of one batch each, the last one short
+    blocks = M.register_blocks(train, fr, train, mr, device="cpu", batch_size=3, max_angle=180.0)
+    for key in ("ncc", "angle", "scale", "shift", "overlap"):
+        assert_array_equal(getattr(blocks, key), getattr(one, key))
+    assert list(blocks.flip) == list(one.flip)
+    given = M.register_blocks(train, fr, train, mr, flips=one.flip, device="cpu", batch_size=3)
+    assert_array_equal(given.flip, one.flip)
+    with pytest.raises(ValueError, match="same shape"):
+        M.register_blocks(train, fr, train, mr[:4])
+
+
 def test_union_of_candidate_lists_reference() -> None:
     a = np.array([[3, 1, -1], [0, 2, 5]])
     av = np.array([[0, 1, 0], [2, 2, 2]])
