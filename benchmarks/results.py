@@ -28,7 +28,7 @@ def put_section(title: str, body: str, command: str, seconds: float, machine: st
     )
     pattern = re.compile(re.escape(head) + r".*?(?=\n### |\n## |\Z)", re.S)
     if pattern.search(doc):
-        doc = pattern.sub(lambda _m: section.rstrip("\n"), doc)
+        doc = pattern.sub(lambda _m: section.rstrip("\n") + "\n", doc)  # a blank line before the next heading
     else:
         anchor = "## Speed and memory\n"
         if anchor not in doc:

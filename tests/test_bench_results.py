@@ -18,6 +18,7 @@ def test_put_section_inserts_then_replaces(tmp_path, monkeypatch):
     results.put_section("New (`bench_y`)", "| a |\n|---|\n| 2 |", "python -m benchmarks.bench_y", 4.0, "machine M")
     text = doc.read_text()
     assert text.count("### New (`bench_y`)") == 1 and "| 2 |" in text and "| 1 |" not in text
+    assert "| 2 |\n\n### Old (`bench_x`)" in text  # a replaced section keeps the blank line before the next
     assert "x body" in text and text.rstrip().endswith("end")  # the other sections are kept
 
 
