@@ -283,11 +283,18 @@ class Cohort:
         st = self.store
         if st is not None and len(st) == len(self.slices) and (size is None or st.shape[1:] == (size, size)):
             return st  # the memory-mapped store itself (read-only), not a copy
-        arrays = [s.array if size is None else resize_square(s.array, size) for s in self.slices]
-        shapes = {a.shape for a in arrays}
-        if len(shapes) > 1:
-            raise ValueError(f"Cohort {self.name!r} mixes slice shapes {sorted(shapes)[:4]}; pass size= to resize.")
-        return np.stack(arrays).astype(np.float32, copy=False)
+        if size is None:
+            shapes = {s.array.shape for s in self.slices}
+            if len(shapes) > 1:
+                raise ValueError(f"Cohort {self.name!r} mixes slice shapes {sorted(shapes)[:4]}; pass size= to resize.")
+            shape = shapes.pop()
+        else:
+            shape = (int(size), int(size))
+        # filled in place, one slice at a time: no list of every slice beside the stacked copy
+        out = np.empty((len(self.slices), *shape), np.float32)
+        for i, s in enumerate(self.slices):
+            out[i] = s.array if size is None else resize_square(s.array, size)
+        return out
 
     def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Cohort:
         """A new cohort holding the slices at ``indices``.

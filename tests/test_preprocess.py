@@ -268,6 +268,13 @@ def test_cohort_summary_stack_and_duplicates(tmp_path):
     c = Cohort(s, tmp_path)
     assert len(c) == 3 and c.subjects == ["s0", "s1"]
     assert c.stack().shape == (3, 4, 4) and c.stack(8).shape == (3, 8, 8)
+    assert c.stack().dtype == np.float32
+    assert_allclose(c.stack(), np.stack([x.array for x in s]).astype(np.float32), rtol=0, atol=0)
+    assert_allclose(c.stack(8), np.stack([resize_square(x.array, 8) for x in s]), rtol=0, atol=0)
+    mixed = Cohort([*s, Slice(np.zeros((4, 6)), subject_id="s2", path="g.png")], tmp_path)
+    with pytest.raises(ValueError, match="mixes slice shapes"):
+        mixed.stack()
+    assert mixed.stack(8).shape == (4, 8, 8)
     assert "3 slices from 3 files, 2 subjects" in c.summary()
     assert c.content_hash != c.subset([0, 1]).content_hash
     with pytest.raises(ValueError, match="duplicate"):
