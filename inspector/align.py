@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -163,6 +163,18 @@ class Alignment:
             overlap=get("overlap"),
             train_index=get("train_index"),
         )
+
+    @classmethod
+    def concat(cls, parts: Sequence[Alignment]) -> Alignment:
+        """The rows of ``parts`` one after the other (``overlap``, ``train_index`` kept when every part has them)."""
+        if not parts:
+            raise ValueError("Alignment.concat needs at least one part.")
+
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [getattr(a, name) for a in parts]
+            return None if any(x is None for x in arrays) else np.concatenate(arrays)
+
+        return cls(**{f.name: cat(f.name) for f in fields(cls)})
 
     def take(self, index: np.ndarray | Sequence[int]) -> Alignment:
         """A new :class:`Alignment` with the rows ``index`` (integer array or boolean mask)."""

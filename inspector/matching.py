@@ -72,16 +72,7 @@ def register_blocks(
         parts.append(
             register_pairs(fixed[fr[sl]], moving[mr[sl]], flips=None if flips is None else flips[sl], **kwargs)
         )
-    if len(parts) == 1:
-        return parts[0]
-    return Alignment(
-        ncc=np.concatenate([p.ncc for p in parts]),
-        angle=np.concatenate([p.angle for p in parts]),
-        scale=np.concatenate([p.scale for p in parts]),
-        shift=np.concatenate([p.shift for p in parts]),
-        flip=np.concatenate([p.flip for p in parts]),
-        overlap=np.concatenate([p.overlap for p in parts]) if all(p.overlap is not None for p in parts) else None,
-    )
+    return parts[0] if len(parts) == 1 else Alignment.concat(parts)
 
 
 @runtime_checkable
@@ -781,20 +772,7 @@ def concat_match_results(results: Sequence[MatchResult]) -> MatchResult:
 
     alignment = None
     if all(r.alignment is not None for r in results):
-        als = [r.alignment for r in results]
-        fields = ("overlap", "train_index")
-        opt = {
-            f: (np.concatenate([getattr(a, f) for a in als]) if all(getattr(a, f) is not None for a in als) else None)
-            for f in fields
-        }
-        alignment = Alignment(
-            ncc=np.concatenate([a.ncc for a in als]),
-            angle=np.concatenate([a.angle for a in als]),
-            scale=np.concatenate([a.scale for a in als]),
-            shift=np.concatenate([a.shift for a in als]),
-            flip=np.concatenate([a.flip for a in als]),
-            **opt,
-        )
+        alignment = Alignment.concat([r.alignment for r in results])
     candidates = None
     if all(r.candidates is not None for r in results):
         width = max(r.candidates.shape[1] for r in results)

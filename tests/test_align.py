@@ -445,6 +445,16 @@ def test_alignment_container():
     sub = al.take(np.array([True, False]))
     assert len(sub) == 1 and sub.flip[0] == "id"
     assert set(al.as_dict()) == {"ncc", "angle", "scale", "shift", "flip"}
+    both = Alignment.concat([al, sub])
+    assert_allclose(both.ncc, [0.9, 0.5, 0.9])
+    assert list(both.flip) == ["id", "hflip", "id"]
+    assert_allclose(both.shift, [[0, 0], [0.1, -0.1], [0, 0]])
+    assert both.overlap is None
+    with_ov = Alignment(ncc=[0.2], angle=[0], scale=[1], shift=[[0, 0]], flip=["id"], overlap=[0.7])
+    assert Alignment.concat([with_ov, with_ov]).overlap.tolist() == pytest.approx([0.7, 0.7])
+    assert Alignment.concat([al, with_ov]).overlap is None  # kept only when every part has it
+    with pytest.raises(ValueError, match="at least one part"):
+        Alignment.concat([])
     with pytest.raises(ValueError, match="angle has 1 rows"):
         Alignment(ncc=[0.9, 0.5], angle=[1], scale=[1, 1], shift=[[0, 0], [0, 0]], flip=["id", "id"])
     with pytest.raises(ValueError, match=r"Unknown view .*'diagonal'"):  # (the name is repr'd as np.str_)
