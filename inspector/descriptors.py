@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .preprocess import affine_warp
+from .store import release_pages
 
 __all__ = [
     "DESCRIPTOR_SIZES",
@@ -186,6 +187,7 @@ def structure_descriptor(
             v = v - v.mean(1, keepdim=True)
             v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)
             out[f"mn{k}"][start : start + len(chunk)] = v.numpy()
+        release_pages(arr)  # a slice store's pages read for this chunk leave the process
     return out
 
 
@@ -326,4 +328,5 @@ def rotation_descriptor(
         v = mag.sqrt().reshape(x.shape[0], -1)
         v = v - v.mean(1, keepdim=True)
         out[start : start + len(x)] = (v / v.norm(dim=1, keepdim=True).clamp_min(1e-8)).numpy()
+        release_pages(arr)
     return out

@@ -24,6 +24,7 @@ from . import __version__
 from .cache import EmbeddingCache, hash_key
 from .models import Extractor, get_extractor
 from .preprocess import resize_square
+from .store import release_pages
 from .types import Cohort, ProgressFn
 from .views import apply_view, canonical_view_name
 
@@ -209,6 +210,9 @@ def _run(
                     out[name] = _layer_array((n, arr.shape[1]), spill_dir, f"{stage}-{name}")
                 out[name][done : done + len(arr)] = arr
             done += len(batch)
+            # the pages of a slice store read for this batch, and of spilled layer arrays written, leave the
+            # process (they stay in the page cache; written ones are flushed by the kernel)
+            release_pages(images, *out.values())
             if progress:
                 progress(stage, done, n)
     for name, arr in out.items():

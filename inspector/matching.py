@@ -28,6 +28,7 @@ from .align import Alignment, register_pairs
 from .descriptors import DESCRIPTOR_ZOOMS, rotation_descriptor, structure_descriptor
 from .index import NeighbourIndex
 from .scores import PaperScorer, Whitener
+from .store import release_pages
 from .types import ProgressFn
 from .views import FLIPS, View, parse_view, training_to_query
 
@@ -72,6 +73,7 @@ def register_blocks(
         parts.append(
             register_pairs(fixed[fr[sl]], moving[mr[sl]], flips=None if flips is None else flips[sl], **kwargs)
         )
+        release_pages(fixed, moving)  # the gathered rows' pages of a slice store leave this process
     return parts[0] if len(parts) == 1 else Alignment.concat(parts)
 
 

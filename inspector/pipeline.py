@@ -48,6 +48,7 @@ from .preprocess import PreprocessConfig
 from .privacy import load_or_create_key
 from .result import VOLUME_EVIDENCE_COLUMNS, AuditResult, versions
 from .scores import PaperScorer, PaperScores
+from .store import release_pages
 from .types import Cohort, ProgressFn
 
 __all__ = [
@@ -423,9 +424,12 @@ def match(
         rows = loso_volume_rows(inputs.train, cfg.volume_null_train, cfg.seed)
         if rows.size:
             views = {"id": {layer: np.asarray(f)[rows] for layer, f in features.train.layers.items()}}
+            sample = img_t[rows]
+            release_pages(img_t)  # the sample is a copy: the store's pages read for it leave the process
             out.train_loso = matcher.score_samples(
-                views, images=img_t[rows], groups=groups[rows], progress=progress, stage="volume null"
+                views, images=sample, groups=groups[rows], progress=progress, stage="volume null"
             )
+            del sample
             out.train_loso_rows = rows
         out.seconds = time.perf_counter() - t0
     return out
@@ -542,6 +546,7 @@ def verify_volumes(
 
     Returns None when the unit is ``slice`` (:func:`resolve_unit`) or in paper mode (the paper scores slices).
     """
+    from .store import RowSubset
     from .volumes import group_volumes, match_volumes, match_weights
 
     cfg = config or AuditConfig()
@@ -586,7 +591,8 @@ def verify_volumes(
         # a sample of training volumes, each against the other subjects (rows index the sample's slices)
         rows = matches.train_loso_rows
         q_refs = refs([inputs.train.slices[int(i)] for i in rows], volume_ids(inputs.train)[rows])
-        loso = run(q_refs, img_t[rows], matches.train_loso, "volumes:null")
+        # read one volume at a time from the store, not copied whole (64 volumes are 400 MB at 128 px)
+        loso = run(q_refs, RowSubset(img_t, rows), matches.train_loso, "volumes:null")
     return VolumeEvidence(syn, hold, time.perf_counter() - t0, loso)
 
 

@@ -277,6 +277,7 @@ class Cohort:
             The cohort's read-only, memory-mapped :attr:`store` when it has one at that size; else a new array.
         """
         from .preprocess import resize_square
+        from .store import release_pages
 
         if not self.slices:
             raise ValueError(f"Cohort {self.name!r} is empty; nothing to stack.")
@@ -294,6 +295,10 @@ class Cohort:
         out = np.empty((len(self.slices), *shape), np.float32)
         for i, s in enumerate(self.slices):
             out[i] = s.array if size is None else resize_square(s.array, size)
+            if st is not None and (i + 1) % 1024 == 0:
+                release_pages(st)  # the store's pages read so far leave the process (not the copy's)
+        if st is not None:
+            release_pages(st)
         return out
 
     def subset(self, indices: Sequence[int] | np.ndarray, name: str | None = None) -> Cohort:

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .store import release_freed_memory
+from .store import release_freed_memory, release_pages
 from .types import ProgressFn
 
 __all__ = [
@@ -735,7 +735,8 @@ def match_volumes(
     ----------
     query_refs : sequence of VolumeRef
         The query (synthetic or holdout) volumes; their rows index ``query_images`` and ``matches``.
-    query_images, train_images : arrays (n, H, W)
+    query_images, train_images : arrays (n, H, W), or row-indexable stacks such as
+        :class:`inspector.store.RowSubset`
         The cohorts' slices in [0, 1].
     train_refs : sequence of VolumeRef
         The training volumes (rows index ``train_images``).
@@ -778,6 +779,7 @@ def match_volumes(
         zm = [run_z_map(r, ref, train_refs[r.train_volume]) for r in runs]
         al = register_volumes(q, tv, z_maps=zm, size=size, device=device)
         del q, tv
+        release_pages(query_images, train_images)  # the slice stores' pages read for this volume
         release_freed_memory()  # each volume's temporaries (hundreds of MB) would otherwise fragment the heap
         j = int(np.argmax([a.score for a in al]))
         tr = train_refs[runs[j].train_volume]

@@ -137,3 +137,53 @@ def test_spilled_loading_gives_the_same_slices_and_leaves_no_file(tmp_path):
     assert_array_equal(spilled.store, plain.stack())
     with pytest.raises(ValueError, match="chunk"):
         SliceSpill(tmp_path, chunk=0)
+
+
+def _rss_file_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+@pytest.mark.skipif(_rss_file_kb() is None, reason="needs Linux /proc/self/status")
+def test_release_pages_drops_a_read_store_from_the_resident_set_and_keeps_its_data(tmp_path):
+    from inspector.store import release_pages
+
+    rng = np.random.default_rng(0)
+    data = rng.random((512, 128, 128), dtype=np.float32)  # 32 MB
+    np.save(tmp_path / "s.npy", data)
+    arr = np.load(tmp_path / "s.npy", mmap_mode="r")
+    before = _rss_file_kb()
+    total = float(np.asarray(arr, np.float64).sum())  # touches every page
+    touched = _rss_file_kb()
+    assert touched - before > 24_000  # the mapped pages are now resident in this process
+    release_pages(arr[3], None, data, "not an array", np.asarray(arr))  # a row view finds the whole mapping
+    after = _rss_file_kb()
+    assert touched - after > 24_000, (before, touched, after)
+    assert float(np.asarray(arr, np.float64).sum()) == total  # re-read from the page cache, unchanged
+    assert_array_equal(arr[100], data[100])
+    release_pages()  # nothing to do
+
+
+def test_row_subset_reads_the_rows_it_names_and_rejects_rows_outside_the_stack(tmp_path):
+    from inspector.store import RowSubset
+    from inspector.volumes import VolumeRef, stack_volume
+
+    rng = np.random.default_rng(1)
+    data = rng.random((20, 8, 8), dtype=np.float32)
+    np.save(tmp_path / "s.npy", data)
+    stack = np.load(tmp_path / "s.npy", mmap_mode="r")
+    rows = np.array([3, 7, 8, 9, 15])
+    sub = RowSubset(stack, rows)
+    assert len(sub) == 5 and sub.shape == (5, 8, 8)
+    assert_array_equal(sub[np.array([4, 0])], data[[15, 3]])
+    assert_array_equal(sub[1:3], data[[7, 8]])
+    ref = VolumeRef("v", np.array([1, 2, 3]), np.array([0, 1, 2]), "s")
+    assert_array_equal(stack_volume(sub, ref), stack_volume(data[rows], ref))  # as the copied sample reads
+    with pytest.raises(IndexError, match=r"rows \[20, -1\] are outside the stack's 20 rows"):
+        RowSubset(stack, [0, 20, -1])
