@@ -309,6 +309,8 @@ def pixel_correlation(
     views: Sequence[str] = ("id",),
     *,
     return_index: bool = False,
+    size: int | None = None,
+    chunk: int = 4096,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Maximum Pearson correlation of raw pixels between each generated image and the training images.
 
@@ -316,13 +318,22 @@ def pixel_correlation(
     ``rot<deg>``), with every training image as given; the maximum over training images and views is
     returned. A constant image (zero variance) has correlation 0 with everything.
 
+    The training images are read ``chunk`` rows at a time (a memory-mapped slice store is never copied whole,
+    and its pages are released after each chunk), each chunk resized to ``size`` when given; the result is the
+    same as on the whole stack at once.
+
     Parameters
     ----------
     train_images : array-like, shape (n, H, W)
+        An array or a row-indexable memory map.
     gen_images : array-like, shape (m, H, W)
     views : sequence of str
     return_index : bool
         Also return the index of the best-correlated training image.
+    size : int, optional
+        Resize both sets to ``size x size`` (:func:`inspector.preprocess.resize_square`) first.
+    chunk : int
+        Training rows per chunk (>= 1).
 
     Returns
     -------
@@ -330,19 +341,30 @@ def pixel_correlation(
         Higher = more memorised (1 = identical up to brightness and contrast). With ``return_index``,
         ``(correlations, indices)``.
     """
-    tr = np.asarray(train_images)
+    from .preprocess import resize_square
+    from .store import release_pages
+
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be >= 1 training rows; got {chunk}.")
+    tr = (
+        train_images
+        if hasattr(train_images, "shape") and hasattr(train_images, "__getitem__")
+        else np.asarray(train_images)
+    )
     ge = np.asarray(gen_images)
+    if size is not None and ge.ndim == 3:
+        ge = resize_square(ge, int(size))
     for name, a in (("train_images", tr), ("gen_images", ge)):
-        if a.ndim != 3:
-            raise ValueError(f"{name} must have shape (n, H, W); got {a.shape}.")
-        if not np.isfinite(a).all():
-            raise DegenerateInputError(f"{name} contains NaN or Inf pixels.")
-    if tr.shape[0] == 0:
+        if len(a.shape) != 3:
+            raise ValueError(f"{name} must have shape (n, H, W); got {tuple(a.shape)}.")
+    if not np.isfinite(ge).all():
+        raise DegenerateInputError("gen_images contains NaN or Inf pixels.")
+    n = int(tr.shape[0])
+    if n == 0:
         raise DegenerateInputError("train_images is empty.")
-    if tr.shape[1:] != ge.shape[1:]:
-        raise ValueError(
-            f"image sizes differ: train {tr.shape[1:]} vs generated {ge.shape[1:]}; resize both to one size."
-        )
+    t_shape = (int(size), int(size)) if size is not None else tuple(tr.shape[1:])
+    if t_shape != ge.shape[1:]:
+        raise ValueError(f"image sizes differ: train {t_shape} vs generated {ge.shape[1:]}; resize both to one size.")
     views = tuple(views)
     if not views:
         raise ValueError("views must name at least one view, e.g. ('id',).")
@@ -351,20 +373,28 @@ def pixel_correlation(
     best_idx = np.full(m, -1, np.int64)
     if m == 0:
         return (best, best_idx) if return_index else best
-    base = _centred_unit_rows(tr)
     for view in views:
         if view.startswith("rot") and ge.shape[1] != ge.shape[2]:
             raise ValueError(f"rotated views need square images; got {ge.shape[1:]}.")
-        q = _centred_unit_rows(apply_view(ge, view))
-        sims, idx = knn(q, base, 1, metric="ip")
-        better = sims[:, 0] > best
-        best[better] = sims[better, 0]
-        best_idx[better] = idx[better, 0]
+    queries = [_centred_unit_rows(apply_view(ge, view)) for view in views]
+    for lo in range(0, n, int(chunk)):
+        part = np.asarray(tr[lo : lo + int(chunk)], np.float32)
+        release_pages(tr)
+        if not np.isfinite(part).all():
+            raise DegenerateInputError("train_images contains NaN or Inf pixels.")
+        if size is not None:
+            part = resize_square(part, int(size))
+        base = _centred_unit_rows(part)
+        del part
+        for q in queries:
+            sims, idx = knn(q, base, 1, metric="ip")
+            better = sims[:, 0] > best
+            best[better] = sims[better, 0]
+            best_idx[better] = idx[better, 0] + lo
     best = np.clip(best, -1.0, 1.0)
     return (best, best_idx) if return_index else best
 
 
-# ---------------------------------------------------------------------------------------------- the audit's runner
 def baseline_space(train_layers: Mapping[str, ArrayLike], *others: Mapping[str, ArrayLike]) -> list[np.ndarray]:
     """The baselines' feature space: per layer standardised (training mean and std), L2-normalised, scaled by
     ``1/sqrt(L)`` and concatenated.
@@ -425,7 +455,6 @@ def run_baselines(
     summary : dict
         ``dcr_median``, ``auth_pct``, ``ct_score``, ``ct_cells``, ``pixel_corr_median`` (or ``<name>_error``).
     """
-    from .preprocess import resize_square
 
     cols: dict[str, np.ndarray] = {}
     out: dict[str, Any] = {}
@@ -461,9 +490,7 @@ def run_baselines(
         out["ct_score_error"] = "CT-score needs a holdout (test) set of real scans"
     try:
         cols["pixel_corr"] = pixel_correlation(
-            resize_square(train_images, pixel_size),
-            resize_square(synthetic_images, pixel_size),
-            views=tuple(v.value for v in FLIPS),
+            train_images, synthetic_images, views=tuple(v.value for v in FLIPS), size=pixel_size
         )
         out["pixel_corr_median"] = float(np.median(cols["pixel_corr"]))
     except Exception as e:  # noqa: BLE001

@@ -276,6 +276,31 @@ def test_pixel_correlation_rotation_view_and_errors():
         pixel_correlation(train, np.full((1, 32, 32), np.nan))
     with pytest.raises(ValueError, match="Unknown view"):
         pixel_correlation(train, gen, views=("mirror",))
+    with pytest.raises(DegenerateInputError, match="NaN"):
+        pixel_correlation(np.full((2, 32, 32), np.nan, np.float32), gen)
+    with pytest.raises(ValueError, match="chunk"):
+        pixel_correlation(train, gen, chunk=0)
+
+
+def test_pixel_correlation_streams_a_memory_mapped_stack_in_chunks(tmp_path):
+    """Chunks of a memory map, resized as read, give the whole stack's correlations and indices."""
+    from inspector.preprocess import resize_square
+
+    rng = np.random.default_rng(10)
+    train = rng.random((23, 40, 40)).astype(np.float32)
+    gen = rng.random((5, 40, 40)).astype(np.float32)
+    gen[1] = train[17]
+    gen[3] = train[4][:, ::-1]
+    path = tmp_path / "t.npy"
+    np.save(path, train)
+    mm = np.load(path, mmap_mode="r")
+    views = ("id", "hflip")
+    whole = pixel_correlation(resize_square(train, 16), resize_square(gen, 16), views=views, return_index=True)
+    for chunk in (1, 5, 23, 100):
+        got = pixel_correlation(mm, gen, views=views, return_index=True, size=16, chunk=chunk)
+        assert_allclose(got[0], whole[0], atol=1e-6)
+        np.testing.assert_array_equal(got[1], whole[1])
+    assert got[1][1] == 17 and got[1][3] == 4
 
 
 # ---------------------------------------------------------------------------------------------- the audit's runner
