@@ -10,8 +10,9 @@ This family makes such cohorts from one real brain, the ICBM 2009a MNI152 T1w te
 * multiplicative bias field (smooth, about +-15 %), contrast change (gamma 0.85-1.15) and Rician-like noise
   (sigma 1-2.5 % of the range),
 
-resampled at 1.5 mm and cut into axial slices 4.5 mm apart through the brain (about 28 per subject). Slices
-are normalised with the product's rule and resized to the audit's loading size.
+resampled at 1.5 mm and cut into axial slices 4.5 mm apart through the brain (26 per subject, less the
+background-only slices the product's loader would skip: about 5 % of them, above the vertex of a shifted
+subject). Slices are normalised with the product's rule and resized to the audit's loading size.
 
 Split by subject (:func:`make_cohort`): ``n_train`` subjects form T, ``n_holdout`` unseen subjects form the
 holdout H, ``n_novel`` other unseen subjects give the novel slices of G; copies are slices of ``n_copied``
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from inspector.config import AuditConfig
-from inspector.preprocess import normalise_volume, resize_square
+from inspector.preprocess import is_background, normalise_volume, resize_square
 
 from .data import DATA_DIR, builder
 
@@ -47,7 +48,7 @@ VOXEL_MM = 1.5
 #: Distance between kept axial slices (mm): three voxels, as the protocol's MIN_GAP.
 SLICE_GAP_MM = 4.5
 #: Version of the generator (part of the cache key).
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: the loader's background rule drops slices outside the head
 
 
 def template() -> np.ndarray:
@@ -135,6 +136,11 @@ def _axial_slices(vol: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     # the brain's axial extent of the template: skip the lowest 22 % (neck, cerebellum tail) and top 18 %
     lo, hi = int(0.22 * z), int(0.82 * z)
     idx = np.arange(lo, hi, step)
+    # the product's loader skips a volume's background-only slices (its rule, on the volume-normalised
+    # intensities): a subject shifted by the affine jitter has a slice or two of pure noise above the vertex
+    # at the top of this range, which a real audit would never load (nor score, nor flag)
+    vn = normalise_volume(vol, (0.5, 99.5), name="subject")
+    idx = np.array([k for k in idx if not is_background(vn[:, :, k])], dtype=np.int64)
     out = []
     for k in idx:
         s = np.rot90(vol[:, :, k])  # anterior up, patient right on the image left (radiological)

@@ -41,7 +41,7 @@ from .data import DATA_DIR
 from .detection import ranking_metrics
 from .writers import apply_any
 
-__all__ = ["LookalikeConfig", "run", "tables", "main", "DEFAULT_CONDITIONS"]
+__all__ = ["LookalikeConfig", "run", "tables", "main", "put_lookalike_section", "DEFAULT_CONDITIONS"]
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--conditions", nargs="+", default=list(DEFAULT_CONDITIONS))
     p.add_argument("--pixels", action="store_true", help="also score the default mode with the pixels extractor")
     p.add_argument("--previous-seeds", type=int, nargs="*", default=[], help="seeds of the previous settings")
+    p.add_argument("--small-angles-seeds", type=int, nargs="*", default=[], help="seeds of the small-angles settings")
+    p.add_argument(
+        "--update-results",
+        action="store_true",
+        help="replace the look-alike section of benchmarks/RESULTS.md with this run's (the rest is kept)",
+    )
     p.add_argument("--holdout-subjects", type=int, default=LookalikeConfig.n_holdout, help="unseen holdout subjects")
     p.add_argument("--novel-subjects", type=int, default=LookalikeConfig.n_novel, help="unseen novel subjects")
     p.add_argument("--set", action="append", default=[], metavar="NAME:FIELD=VALUE", help="an extra method")
@@ -314,9 +320,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.previous_seeds:
         methods["previous"] = dict(PREVIOUS)
         seeds_of["previous"] = a.previous_seeds
+    if a.small_angles_seeds:
+        methods["small angles"] = dict(SMALL_ANGLES)
+        seeds_of["small angles"] = a.small_angles_seeds
+    t0 = time.perf_counter()
     lc = LookalikeConfig(
         sizes=a.sizes,
-        seeds=sorted({*a.seeds, *a.previous_seeds}),
+        seeds=sorted({*a.seeds, *a.previous_seeds, *a.small_angles_seeds}),
         conditions=a.conditions,
         methods=methods,
         n_holdout=a.holdout_subjects,
@@ -328,7 +338,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     pc.to_csv(a.out / "lookalike_per_condition.csv", index=False)
     ps.to_csv(a.out / "lookalike_per_size.csv", index=False)
     print(tables(pc, ps))
+    if a.update_results:
+        cmd = "python -m benchmarks.lookalike " + " ".join(sys.argv[1:] if argv is None else argv)
+        path = put_lookalike_section(pc, ps, cmd, time.perf_counter() - t0)
+        print(f"updated {path}", file=sys.stderr)
     return 0
+
+
+def put_lookalike_section(per_cond: pd.DataFrame, per_size: pd.DataFrame, command: str, seconds: float) -> Path:
+    """Replace the look-alike section of RESULTS.md (up to the next ``## `` heading or the 3D section's marker)
+    with :func:`section` of this run, stating the machine, the date and the command; the rest is kept."""
+    import datetime as _dt
+    import re
+
+    from .detection import machine
+    from .results import RESULTS
+
+    doc = RESULTS.read_text(encoding="utf-8")
+    head = "## Look-alike cohorts: detection as the cohort grows\n"
+    body = section(per_cond, per_size)
+    stamp = (
+        f"_This section regenerated on {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` ({seconds / 60:.0f} min; "
+        f"{machine()})._\n\n"
+    )
+    body = body.replace(head, head + "\n" + stamp, 1)
+    pattern = re.compile(re.escape(head) + r".*?(?=\n## |\n<!-- volumes3d:start -->|\Z)", re.S)
+    if not pattern.search(doc):
+        raise SystemExit("RESULTS.md has no look-alike section; run python -m benchmarks.run_all first.")
+    doc = pattern.sub(lambda _m: body.rstrip("\n") + "\n", doc, count=1)
+    RESULTS.write_text(doc, encoding="utf-8")
+    return RESULTS
 
 
 if __name__ == "__main__":
