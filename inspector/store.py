@@ -21,12 +21,14 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .cache import default_cache_dir, hash_key
-from .types import Cohort
+
+if TYPE_CHECKING:  # annotations only: types imports this module (Cohort.stack releases its pages)
+    from .types import Cohort
 
 __all__ = [
     "STORE_VERSION",
