@@ -66,3 +66,22 @@ def test_carry_over_copies_the_sections_not_rerun_verbatim(tmp_path):
     text2 = run_all.render(None, [], command="c", machine="M", date="now", seconds={}, mri_core=None,
                            carried=run_all.carried_sections(again))  # fmt: skip
     assert text2.count(run_all.CARRIED) == 4 and text2.count("new app body") == 1 and text2.count("vol body") == 1
+
+
+def test_put_lookalike_section_replaces_only_that_section(tmp_path, monkeypatch):
+    from benchmarks import lookalike
+
+    doc = tmp_path / "RESULTS.md"
+    head = "## Look-alike cohorts: detection as the cohort grows\n"
+    doc.write_text(f"# R\n\n## Detection\n\nd\n\n{head}\nold tables\n\n<!-- volumes3d:start -->\n## 3D\n\nv\n")
+    monkeypatch.setattr(results, "RESULTS", doc)
+    monkeypatch.setattr(lookalike, "section", lambda pc, ps: head + "\nnew tables\n")
+    monkeypatch.setattr("benchmarks.detection.machine", lambda: "machine M")
+    lookalike.put_lookalike_section(None, None, "python -m benchmarks.lookalike --seeds 0", 120.0)
+    text = doc.read_text()
+    assert "old tables" not in text and "new tables" in text and text.count(head) == 1
+    assert "`python -m benchmarks.lookalike --seeds 0` (2 min; machine M)" in text
+    assert "new tables\n\n<!-- volumes3d:start -->\n## 3D\n\nv\n" in text and "## Detection\n\nd\n" in text
+    doc.write_text("# R\n\nnothing\n")
+    with pytest.raises(SystemExit, match="look-alike"):
+        lookalike.put_lookalike_section(None, None, "c", 1.0)
