@@ -395,6 +395,7 @@ def pixel_correlation(
     return (best, best_idx) if return_index else best
 
 
+# ---------------------------------------------------------------------------------------------- the audit's runner
 def baseline_space(train_layers: Mapping[str, ArrayLike], *others: Mapping[str, ArrayLike]) -> list[np.ndarray]:
     """The baselines' feature space: per layer standardised (training mean and std), L2-normalised, scaled by
     ``1/sqrt(L)`` and concatenated.
@@ -455,7 +456,6 @@ def run_baselines(
     summary : dict
         ``dcr_median``, ``auth_pct``, ``ct_score``, ``ct_cells``, ``pixel_corr_median`` (or ``<name>_error``).
     """
-
     cols: dict[str, np.ndarray] = {}
     out: dict[str, Any] = {}
     spaces = baseline_space(train_layers, synthetic_layers, *([holdout_layers] if holdout_layers is not None else []))
