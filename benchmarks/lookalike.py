@@ -348,31 +348,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def put_lookalike_section(per_cond: pd.DataFrame, per_size: pd.DataFrame, command: str, seconds: float) -> Path:
     """Replace the look-alike section of RESULTS.md (up to the next ``## `` heading or the 3D section's marker)
     with :func:`section` of this run, stating the machine, the date and the command; the rest is kept."""
-    import datetime as _dt
-    import re
+    from .results import put_top_section
 
-    from .detection import machine
-    from .results import RESULTS
-
-    doc = RESULTS.read_text(encoding="utf-8")
-    head = "## Look-alike cohorts: detection as the cohort grows\n"
-    body = section(per_cond, per_size)
-    stamp = (
-        f"_This section regenerated on {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` ({seconds / 60:.0f} min; "
-        f"{machine()})._\n\n"
+    return put_top_section(
+        LOOKALIKE_HEAD, section(per_cond, per_size), command, seconds, ("\n## ", "\n<!-- volumes3d:start -->")
     )
-    body = body.replace(head, head + "\n" + stamp, 1)
-    pattern = re.compile(re.escape(head) + r".*?(?=\n## |\n<!-- volumes3d:start -->|\Z)", re.S)
-    if not pattern.search(doc):
-        raise SystemExit("RESULTS.md has no look-alike section; run python -m benchmarks.run_all first.")
-    doc = pattern.sub(lambda _m: body.rstrip("\n") + "\n", doc, count=1)
-    RESULTS.write_text(doc, encoding="utf-8")
-    return RESULTS
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
+#: The look-alike section's heading in RESULTS.md.
+LOOKALIKE_HEAD = "## Look-alike cohorts: detection as the cohort grows\n"
 
 #: Targets of issue 16 on look-alike cohorts.
 TARGET_AUC = 0.99
@@ -445,7 +429,7 @@ def targets(per_cond: pd.DataFrame, per_size: pd.DataFrame, alpha: float = 0.01)
 
 def section(per_cond: pd.DataFrame, per_size: pd.DataFrame) -> str:
     """The look-alike section of RESULTS.md, every number from the run."""
-    parts = ["## Look-alike cohorts: detection as the cohort grows\n", _cohort_text(per_size) + "\n"]
+    parts = [LOOKALIKE_HEAD, _cohort_text(per_size) + "\n"]
     parts.append("### Targets (issue 16)\n")
     parts.append(targets(per_cond, per_size) + "\n")
     parts.append(
@@ -456,3 +440,7 @@ def section(per_cond: pd.DataFrame, per_size: pd.DataFrame) -> str:
     )
     parts.append(tables(per_cond, per_size) + "\n")
     return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

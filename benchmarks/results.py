@@ -9,16 +9,33 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+def replace_block(doc: str, head: str, block: str, ends: tuple[str, ...]) -> str | None:
+    """``doc`` with the text from the line ``head`` up to the first of ``ends`` (or the end) replaced by ``block``.
+
+    Returns None when ``doc`` has no ``head``. The block is followed by one blank line before what comes next.
+    The one place where a benchmark's section replaces its older self in RESULTS.md.
+    """
+    pattern = re.compile(re.escape(head) + r".*?(?=" + "|".join(re.escape(e) for e in ends) + r"|\Z)", re.S)
+    if not pattern.search(doc):
+        return None
+    return pattern.sub(lambda _m: block.rstrip("\n") + "\n", doc, count=1)
+
+
+def _machine(machine: str | None) -> str:
+    if machine is not None:
+        return machine
+    from benchmarks.detection import machine as _detected
+
+    return _detected()
+
+
 def put_section(title: str, body: str, command: str, seconds: float, machine: str | None = None) -> Path:
     """Put ``### title`` (machine, date, command, status, then ``body``) into RESULTS.md, replacing an older one.
 
     A new section goes first under ``## Speed and memory``, after its introduction. ``machine`` defaults to
     :func:`benchmarks.detection.machine`.
     """
-    if machine is None:
-        from benchmarks.detection import machine as _machine
-
-        machine = _machine()
+    machine = _machine(machine)
     doc = RESULTS.read_text(encoding="utf-8")
     head = f"### {title}"
     date = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -26,9 +43,9 @@ def put_section(title: str, body: str, command: str, seconds: float, machine: st
         f"{head}\n\n- Machine: {machine}\n- Date: {date}\n- Command: `{command}`\n- Status: ok, {seconds:.0f} s "
         f"wall\n\n{body.strip()}\n"
     )
-    pattern = re.compile(re.escape(head) + r".*?(?=\n### |\n## |\Z)", re.S)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _m: section.rstrip("\n") + "\n", doc)  # a blank line before the next heading
+    replaced = replace_block(doc, head, section, ("\n### ", "\n## "))
+    if replaced is not None:
+        doc = replaced
     else:
         anchor = "## Speed and memory\n"
         if anchor not in doc:
@@ -36,5 +53,26 @@ def put_section(title: str, body: str, command: str, seconds: float, machine: st
         before, after = doc.split(anchor, 1)
         intro, rest = after.split("\n### ", 1) if "\n### " in after else (after, "")
         doc = before + anchor + intro.rstrip("\n") + "\n\n" + section + ("\n### " + rest if rest else "")
+    RESULTS.write_text(doc, encoding="utf-8")
+    return RESULTS
+
+
+def put_top_section(head: str, body: str, command: str, seconds: float, ends: tuple[str, ...],
+                    machine: str | None = None) -> Path:  # fmt: skip
+    """Replace the ``## `` section ``head`` of RESULTS.md (up to the first of ``ends``) with ``body``, stamped.
+
+    ``body`` starts with ``head``; a line stating the date, the command, its wall time and the machine goes
+    under the heading. The section must exist (``python -m benchmarks.run_all`` writes every one).
+    """
+    if not head.endswith("\n"):
+        head += "\n"
+    stamp = (
+        f"_This section regenerated on {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` ({seconds / 60:.0f} min; "
+        f"{_machine(machine)})._\n\n"
+    )
+    block = body.replace(head, head + "\n" + stamp, 1)
+    doc = replace_block(RESULTS.read_text(encoding="utf-8"), head, block, ends)
+    if doc is None:
+        raise SystemExit(f"RESULTS.md has no section {head.strip()!r}; run python -m benchmarks.run_all first.")
     RESULTS.write_text(doc, encoding="utf-8")
     return RESULTS

@@ -83,5 +83,5 @@ def test_put_lookalike_section_replaces_only_that_section(tmp_path, monkeypatch)
     assert "`python -m benchmarks.lookalike --seeds 0` (2 min; machine M)" in text
     assert "new tables\n\n<!-- volumes3d:start -->\n## 3D\n\nv\n" in text and "## Detection\n\nd\n" in text
     doc.write_text("# R\n\nnothing\n")
-    with pytest.raises(SystemExit, match="look-alike"):
+    with pytest.raises(SystemExit, match="no section .*Look-alike cohorts"):
         lookalike.put_lookalike_section(None, None, "c", 1.0)
