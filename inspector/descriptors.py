@@ -37,6 +37,7 @@ from .store import release_pages
 __all__ = [
     "DESCRIPTOR_SIZES",
     "DESCRIPTOR_ZOOMS",
+    "DESCRIPTOR_ZOOM_SIZES",
     "TARGET_RADIUS",
     "foreground_moments",
     "moment_normalise",
@@ -49,8 +50,14 @@ __all__ = [
 #: Thumbnail sizes of the structure descriptor (layers ``mn<k>``).
 DESCRIPTOR_SIZES: tuple[int, ...] = (12, 24)
 #: Zoom factors of the extra training entries of the descriptor search (a copy written zoomed in, the anatomy
-#: cut by the frame, has other moments than its whole source; the source zoomed by about as much matches it).
-DESCRIPTOR_ZOOMS: tuple[float, ...] = (1.25, 1.45, 1.7)
+#: cut by the frame, has other moments than its whole source; the source zoomed by about as much matches it):
+#: a geometric grid, 12 % apart, over the zoomed-in half of the registration's scale range (up to 2). At 17 %
+#: apart (1.25, 1.45, 1.7), copies zoomed midway between two entries left the shortlist at 128 look-alike
+#: subjects (benchmarks/RESULTS.md).
+DESCRIPTOR_ZOOMS: tuple[float, ...] = (1.12, 1.25, 1.4, 1.57, 1.76, 1.97)
+#: Thumbnail sizes the zoomed entries keep: the finer one alone (the 12 px thumbnail does not tell look-alike
+#: subjects apart once the frame cuts the anatomy; 576 values, 2.3 KB, per training slice and zoom).
+DESCRIPTOR_ZOOM_SIZES: tuple[int, ...] = (24,)
 #: Radius of gyration of the foreground after :func:`moment_normalise`, as a fraction of the half-frame.
 TARGET_RADIUS = 0.45
 #: Foreground rule of the moments: above this fraction of the slice's intensity range.

@@ -25,7 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from .align import Alignment, register_pairs
-from .descriptors import DESCRIPTOR_ZOOMS, rotation_descriptor, structure_descriptor
+from .descriptors import DESCRIPTOR_ZOOM_SIZES, DESCRIPTOR_ZOOMS, rotation_descriptor, structure_descriptor
 from .index import NeighbourIndex
 from .scores import PaperScorer, Whitener
 from .store import release_pages
@@ -191,6 +191,9 @@ class MemorizationScorer:
         cropped has its anatomy cut by the frame, so its moments (and the moment-normalised thumbnail) differ
         from those of its whole source but match the source zoomed by about as much. A hit on a zoomed entry
         is a candidate for its training slice; the registration then finds the exact zoom. ``()`` turns it off.
+    descriptor_zoom_sizes : sequence of int, optional
+        The thumbnail sizes (a subset of :data:`inspector.descriptors.DESCRIPTOR_SIZES`) the zoomed entries keep
+        and are searched by (:data:`inspector.descriptors.DESCRIPTOR_ZOOM_SIZES`); None: every size.
     rotation_shortlist : int
         Extra candidates per query from the rotation-invariant descriptor
         (:func:`inspector.descriptors.rotation_descriptor`, whitened on T; one search, as it is the same under
@@ -226,6 +229,7 @@ class MemorizationScorer:
         margin_k: int = 32,
         descriptor_shortlist: int = 5,
         descriptor_zooms: Sequence[float] = DESCRIPTOR_ZOOMS,
+        descriptor_zoom_sizes: Sequence[int] | None = DESCRIPTOR_ZOOM_SIZES,
         rotation_shortlist: int = 5,
         max_angle: float = 180.0,
         verify_top: int = 3,
@@ -242,6 +246,8 @@ class MemorizationScorer:
         self.margin_k = margin_k
         self.descriptor_shortlist = descriptor_shortlist
         self.descriptor_zooms = tuple(float(z) for z in descriptor_zooms)
+        zs = descriptor_zoom_sizes
+        self.descriptor_zoom_sizes = None if zs is None else tuple(int(k) for k in zs)
         self.rotation_shortlist = rotation_shortlist
         self.max_angle = max_angle
         self.verify_top = verify_top
@@ -321,9 +327,10 @@ class MemorizationScorer:
             if bad:
                 raise ValueError(f"descriptor_zooms must be factors in (1, 4] (zoomed in); got {bad}.")
             self.desc_train_ = self._desc_concat(desc)
+            zsizes = self._zoom_sizes()
             # (n * zooms, d): every slice at the first zoom, then at the second, ...; searched on their own
             # so that they add candidates instead of displacing the whole slices' (a zoomed-out copy's)
-            zoomed = [self._desc_concat(structure_descriptor(images, zoom=z)) for z in self.descriptor_zooms]
+            zoomed = [self._desc_concat(structure_descriptor(images, zsizes, zoom=z)) for z in self.descriptor_zooms]
             self.desc_zoom_train_ = np.concatenate(zoomed) if zoomed else None
         self.rot_whitener_: Whitener | None = None
         if self.rerank and self.rotation_shortlist > 0:
@@ -350,6 +357,17 @@ class MemorizationScorer:
         parts = [np.asarray(w[k].transform(np.asarray(x, np.float64)), np.float32) for k, x in desc.items()]
         return _scaled_concat(parts)
 
+    def _zoom_sizes(self) -> tuple[int, ...]:
+        """Thumbnail sizes of the zoomed descriptor entries (checked against the whole slices' layers)."""
+        sizes = tuple(int(k[2:]) for k in self.desc_whiteners_)
+        z = self.__dict__.get("descriptor_zoom_sizes") or sizes  # a matcher pickled before the option: every size
+        bad = [k for k in z if k not in sizes]
+        if bad or not z:
+            raise ValueError(
+                f"descriptor_zoom_sizes must be a non-empty subset of the descriptor's sizes {sizes}; got {z}."
+            )
+        return tuple(z)
+
     def _descriptor_candidates(
         self,
         images: np.ndarray,
@@ -364,7 +382,7 @@ class MemorizationScorer:
         if self.desc_zoom_train_ is not None:
             bases.append((self.desc_zoom_train_, self.desc_zoom_train_.shape[0] // self.n_))
         query = structure_descriptor(images)
-        per_view = []  # (view index, whitened descriptor) under each orientation among the views
+        per_view = []  # (view index, descriptor layers) under each orientation among the views
         for i, v in enumerate(views):
             view = parse_view(v)
             if not isinstance(view, View):  # a small rotation ("rot+5"): the registration's search covers it
@@ -373,14 +391,16 @@ class MemorizationScorer:
             for name, x in query.items():
                 side = int(round(np.sqrt(x.shape[1])))
                 dv[name] = np.ascontiguousarray(view.apply(x.reshape(-1, side, side))).reshape(x.shape[0], -1)
-            per_view.append((i, self._desc_concat(dv)))
+            per_view.append((i, dv))
+        zoom_layers = [f"mn{k}" for k in self._zoom_sizes()] if self.desc_zoom_train_ is not None else []
         out = []
-        for base, entries in bases:
+        for b, (base, entries) in enumerate(bases):
             # a slice may hit under several zooms: ask for enough neighbours to keep k distinct slices
             k = min(base.shape[0], self.descriptor_shortlist * entries)
             sims, idx, view_of = [], [], []
-            for i, q in per_view:
-                s_, ix = self._search("desc" if entries == 1 else "desc_zoom", q, k, qg)
+            for i, dv in per_view:
+                q = self._desc_concat(dv) if b == 0 else self._desc_concat({n: dv[n] for n in zoom_layers})
+                s_, ix = self._search("desc" if b == 0 else "desc_zoom", q, k, qg)
                 sims.append(s_)
                 idx.append(np.where(ix >= 0, ix % self.n_, -1))
                 view_of.append(np.full(ix.shape[1], i))

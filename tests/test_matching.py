@@ -152,7 +152,11 @@ def test_zoomed_descriptor_entries_find_a_zoomed_in_copy(train: np.ndarray) -> N
     kw = {"device": "cpu", "shortlist": 1, "descriptor_shortlist": 1, "rotation_shortlist": 0}
     off = MemorizationScorer(descriptor_zooms=(), **kw).fit(feats, images=train)
     on = MemorizationScorer(**kw).fit(feats, images=train)
-    assert off.desc_zoom_train_ is None and on.desc_zoom_train_.shape[0] == 3 * n
+    from inspector.descriptors import DESCRIPTOR_ZOOM_SIZES, DESCRIPTOR_ZOOMS
+
+    assert off.desc_zoom_train_ is None
+    # every slice under every zoom, keeping the zoomed entries' thumbnail sizes only
+    assert on.desc_zoom_train_.shape == (len(DESCRIPTOR_ZOOMS) * n, sum(k * k for k in DESCRIPTOR_ZOOM_SIZES))
     r_off, r_on = off.score_samples(qf, images=q), on.score_samples(qf, images=q)
     found_on = (r_on.candidates == src[:, None]).any(1)
     found_off = (r_off.candidates == src[:, None]).any(1)
@@ -163,6 +167,13 @@ def test_zoomed_descriptor_entries_find_a_zoomed_in_copy(train: np.ndarray) -> N
     np.testing.assert_allclose(r_on.alignment.scale[ok], zoom.numpy()[ok], rtol=0.05)
     with pytest.raises(ValueError, match="descriptor_zooms"):
         MemorizationScorer(descriptor_zooms=(0.8,), **kw).fit(feats, images=train)
+    with pytest.raises(ValueError, match="descriptor_zoom_sizes"):
+        MemorizationScorer(descriptor_zoom_sizes=(16,), **kw).fit(feats, images=train)
+    # one zoom only (its base is searched as the zoomed entries, not as the whole slices), at every size
+    one = MemorizationScorer(descriptor_zooms=(1.6,), descriptor_zoom_sizes=None, **kw).fit(feats, images=train)
+    assert one.desc_zoom_train_.shape == (n, one.desc_train_.shape[1])
+    found_one = (one.score_samples(qf, images=q).candidates == src[:, None]).any(1)
+    assert found_one.mean() > found_off.mean(), (found_one, found_off)
 
 
 def test_search_indexes_are_built_once_and_answer_as_knn(train: np.ndarray, monkeypatch) -> None:
