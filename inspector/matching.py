@@ -360,7 +360,8 @@ class MemorizationScorer:
     def _zoom_sizes(self) -> tuple[int, ...]:
         """Thumbnail sizes of the zoomed descriptor entries (checked against the whole slices' layers)."""
         sizes = tuple(int(k[2:]) for k in self.desc_whiteners_)
-        z = self.__dict__.get("descriptor_zoom_sizes") or sizes  # a matcher pickled before the option: every size
+        z = self.__dict__.get("descriptor_zoom_sizes")  # absent: a matcher pickled before the option
+        z = sizes if z is None else z
         bad = [k for k in z if k not in sizes]
         if bad or not z:
             raise ValueError(

@@ -169,6 +169,8 @@ def test_zoomed_descriptor_entries_find_a_zoomed_in_copy(train: np.ndarray) -> N
         MemorizationScorer(descriptor_zooms=(0.8,), **kw).fit(feats, images=train)
     with pytest.raises(ValueError, match="descriptor_zoom_sizes"):
         MemorizationScorer(descriptor_zoom_sizes=(16,), **kw).fit(feats, images=train)
+    with pytest.raises(ValueError, match="non-empty"):
+        MemorizationScorer(descriptor_zoom_sizes=(), **kw).fit(feats, images=train)
     # one zoom only (its base is searched as the zoomed entries, not as the whole slices), at every size
     one = MemorizationScorer(descriptor_zooms=(1.6,), descriptor_zoom_sizes=None, **kw).fit(feats, images=train)
     assert one.desc_zoom_train_.shape == (n, one.desc_train_.shape[1])
