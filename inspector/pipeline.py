@@ -423,16 +423,68 @@ def match(
     if out.holdout is not None and cfg.volume_null_train > 0 and resolve_unit(cfg, inputs) == "volume":
         rows = loso_volume_rows(inputs.train, cfg.volume_null_train, cfg.seed)
         if rows.size:
-            views = {"id": {layer: np.asarray(f)[rows] for layer, f in features.train.layers.items()}}
-            sample = img_t[rows]
-            release_pages(img_t)  # the sample is a copy: the store's pages read for it leave the process
-            out.train_loso = matcher.score_samples(
-                views, images=sample, groups=groups[rows], progress=progress, stage="volume null"
-            )
-            del sample
+            out.train_loso = score_rows(matcher, features.train.layers, img_t, groups, rows, progress)
             out.train_loso_rows = rows
         out.seconds = time.perf_counter() - t0
     return out
+
+
+#: Training rows scored per part by :func:`score_rows` (2,048 slices of 128 px = 128 MB of images at a time).
+SCORE_PART_ROWS = 2048
+
+
+def score_rows(
+    matcher: Matcher,
+    layers: dict[str, np.ndarray],
+    img_t: np.ndarray,
+    groups: np.ndarray,
+    rows: np.ndarray,
+    progress: ProgressFn | None = None,
+    part: int = SCORE_PART_ROWS,
+) -> MatchResult:
+    """Training rows ``rows`` scored leave-one-subject-out (the volume null's training part), ``part`` rows at a
+    time so that the sample's images are never all in memory (each part is read from the store and its pages
+    released); the parts' results joined in order are those of one call over every row.
+
+    Parameters
+    ----------
+    matcher : Matcher
+        Fitted on the training set.
+    layers : dict of str to np.ndarray, shape (n, d_l)
+        The training features.
+    img_t : np.ndarray, shape (n, H, W)
+        The training images (typically a memory-mapped store).
+    groups : np.ndarray of str, shape (n,)
+    rows : np.ndarray of int, shape (k,)
+    progress : callable, optional
+    part : int
+        Rows per part (>= 1).
+
+    Returns
+    -------
+    MatchResult
+        One row per entry of ``rows``.
+    """
+    from .matching import concat_match_results
+
+    if part < 1:
+        raise ValueError(f"part must be >= 1 row; got {part}.")
+    rows = np.asarray(rows, np.int64)
+    results = []
+    for s in range(0, rows.size, part):
+        r = rows[s : s + part]
+        views = {"id": {layer: np.asarray(f)[r] for layer, f in layers.items()}}
+        sample = np.asarray(img_t[r], np.float32)
+        release_pages(img_t)  # the part is a copy: the store's pages read for it leave the process
+
+        def prog(name: str, done: int, total: int, off: int = s, n: int = r.size) -> None:
+            if progress is not None:  # this part's progress as a share of all rows
+                progress(name, off + done * n // max(total, 1), rows.size)
+
+        res = matcher.score_samples(views, images=sample, groups=groups[r], progress=prog, stage="volume null")
+        results.append(res)
+        del sample
+    return concat_match_results(results)
 
 
 def loso_volume_rows(train: Cohort, limit: int, seed: int) -> np.ndarray:

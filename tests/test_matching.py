@@ -213,6 +213,26 @@ def test_search_indexes_are_built_once_and_answer_as_knn(train: np.ndarray, monk
     assert sc._indexes == {}  # a new fit forgets the old indexes
 
 
+def test_training_rows_scored_in_parts_equal_one_call(train: np.ndarray) -> None:
+    """pipeline.score_rows (the volume null's training part) reads and scores a few rows at a time: same result."""
+    from inspector.pipeline import score_rows
+
+    groups = np.repeat(["a", "b", "c", "d"], [3, 3, 3, len(train) - 9])
+    feats = _features(train, ("id",))["id"]
+    sc = MemorizationScorer(device="cpu", shortlist=3).fit(feats, images=train, groups=groups)
+    rows = np.array([0, 2, 4, 5, 7, 9, 10])
+    whole = sc.score_samples({"id": {k: v[rows] for k, v in feats.items()}}, images=train[rows], groups=groups[rows])
+    seen: list[tuple[str, int, int]] = []
+    parts = score_rows(sc, feats, train, groups, rows, progress=lambda *a: seen.append(a), part=3)
+    for name in ("similarity", "nearest", "feature_similarity", "margin"):
+        assert_array_equal(getattr(parts, name), getattr(whole, name))
+    assert_array_equal(parts.candidates, whole.candidates)
+    assert (groups[parts.nearest] != groups[rows]).all()  # leave-one-subject-out in every part
+    assert all(total == rows.size and 0 <= done <= total for _, done, total in seen)
+    with pytest.raises(ValueError, match="part must be >= 1"):
+        score_rows(sc, feats, train, groups, rows, part=0)
+
+
 def test_rotation_shortlist_and_any_angle_find_a_copy_rotated_by_any_angle(train: np.ndarray) -> None:
     # features that say nothing, the structure descriptor off: only the rotation-invariant descriptor can
     # shortlist a copy rotated far from every 90-degree step, and only the any-angle registration verifies it
