@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from benchmarks import results
@@ -85,3 +87,45 @@ def test_put_lookalike_section_replaces_only_that_section(tmp_path, monkeypatch)
     doc.write_text("# R\n\nnothing\n")
     with pytest.raises(SystemExit, match="no section .*Look-alike cohorts"):
         lookalike.put_lookalike_section(None, None, "c", 1.0)
+
+
+def test_resplit_fpr_is_the_mean_over_subject_splits():
+    from benchmarks.lookalike import resplit_fpr
+    from inspector.scores import empirical_p_values
+
+    rng = np.random.default_rng(0)
+    null_g, novel_g = np.repeat(np.arange(20), 25), np.repeat(np.arange(20, 40), 25)
+    null, novel = rng.normal(size=500), rng.normal(size=500)
+    got = resplit_fpr(null, null_g, novel, novel_g, alphas=(0.05,), n_splits=3, seed=7)
+    # reference: the same three splits drawn and scored one by one
+    s, g = np.r_[null, novel], np.r_[null_g, novel_g]
+    r = np.random.default_rng(7)
+    hits = total = 0
+    for _ in range(3):
+        pick = np.zeros(40, bool)
+        pick[r.choice(40, 20, replace=False)] = True
+        p = empirical_p_values(s[~pick[g]], s[pick[g]])
+        hits, total = hits + int((p <= 0.05).sum()), total + p.size
+    np.testing.assert_allclose(got[0.05], hits / total)
+    # exchangeable scores: the expectation is alpha up to the p-values' granularity
+    many = resplit_fpr(null, null_g, novel, novel_g, n_splits=400)
+    assert 0.04 <= many[0.05] <= 0.055 and 0.005 <= many[0.01] <= 0.0115, many
+    # one subject group on both sides: no split to draw
+    with pytest.raises(ValueError, match="both sides"):
+        resplit_fpr(null, np.zeros(500), novel, np.zeros(500))
+
+
+def test_lookalike_targets_pool_calibration_runs():
+    from benchmarks.lookalike import CALIBRATION, targets
+
+    pc = pd.DataFrame([{"method": "default", "seed": 0, "size": 8, "condition": "none", "auc": 1.0, "recall": 1.0}])
+    ps = pd.DataFrame(
+        [
+            {"method": m, "seed": sd, "size": n, "n_novel": 500, "fpr_0.01": f, "fpr_0.05": 0.05,
+             "fpr_resplit_0.01": 0.009, "fpr_resplit_0.05": 0.05}
+            for m, sd, n, f in (("default", 0, 8, 0.0), (CALIBRATION, 1, 32, 0.004), (CALIBRATION, 2, 32, 0.008))
+        ]
+    )  # fmt: skip
+    text = targets(pc, ps)
+    assert "6/1500 = 0.0040" in text and "3 independent holdout draws" in text
+    assert "0.0090 (runs 0.0090 to 0.0090) | yes" in text
