@@ -102,6 +102,8 @@ class LookalikeConfig:
         training subjects, its null and its novel slices, copies unscored: method ``calibration``): each seed
         draws new holdout and novel subjects, so the fixed-split FPR pools more independent holdouts.
     calibration_size : int
+    size_seeds : dict of int to sequence of int
+        Sizes run on some seeds only, by the default mode only (a costly large cohort).
     """
 
     sizes: Sequence[int] = (8, 32, 128)
@@ -115,6 +117,13 @@ class LookalikeConfig:
     cache_dir: Path = DATA_DIR / "cache"
     calibration_seeds: Sequence[int] = ()
     calibration_size: int = 32
+    size_seeds: dict[int, Sequence[int]] = field(default_factory=dict)
+
+    def sizes_of(self, seed: int, method: str = "default") -> list[int]:
+        """The cohort sizes run for ``seed`` and ``method`` (a size in ``size_seeds``: default mode, its seeds)."""
+        return [
+            n for n in self.sizes if n not in self.size_seeds or (method == "default" and seed in self.size_seeds[n])
+        ]
 
 
 def _recall(candidates: np.ndarray | None, source: np.ndarray) -> float:
@@ -184,7 +193,7 @@ def run_one(
     lc: LookalikeConfig, seed: int, n_train: int, method: str, overrides: dict[str, Any], say: Callable[[str], None]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score one (seed, size, method); returns per-condition rows and the per-size row."""
-    co = make_cohort(max(lc.sizes), n_holdout=lc.n_holdout, n_novel=lc.n_novel, seed=seed)
+    co = make_cohort(max(lc.sizes_of(seed)), n_holdout=lc.n_holdout, n_novel=lc.n_novel, seed=seed)
     train_subjects = np.unique(co.subject[co.rows("train")])[:n_train]
     t_rows = np.flatnonzero(np.isin(co.subject, train_subjects))
     h_rows, n_rows = co.rows("holdout"), co.rows("novel")
@@ -283,12 +292,12 @@ def run(lc: LookalikeConfig, progress: Callable[[str], None] | None = None) -> t
     for seed in lc.seeds:
         for n in lc.sizes:
             for method, over in lc.methods.items():
-                if seed not in lc.method_seeds.get(method, lc.seeds):
+                if seed not in lc.method_seeds.get(method, lc.seeds) or n not in lc.sizes_of(seed, method):
                     continue
                 r, s = run_one(lc, seed, n, method, over, say)
                 rows += r
                 sizes.append(s)
-    cal = dataclasses.replace(lc, sizes=(lc.calibration_size,), conditions=("none",))
+    cal = dataclasses.replace(lc, sizes=(lc.calibration_size,), conditions=("none",), size_seeds={})
     for seed in lc.calibration_seeds:
         r, s = run_one(cal, seed, lc.calibration_size, CALIBRATION, {}, say)
         rows += r
@@ -384,6 +393,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="more seeds on which only the calibration (null and novel FPR) is measured, at --calibration-size",
     )
+    p.add_argument(
+        "--size-seeds",
+        nargs="*",
+        default=[],
+        metavar="SIZE:SEED[,SEED]",
+        help="a size (also given in --sizes) run on these seeds only, default mode only (e.g. 1000:0)",
+    )
     p.add_argument("--calibration-size", type=int, default=LookalikeConfig.calibration_size)
     p.add_argument("--holdout-subjects", type=int, default=LookalikeConfig.n_holdout, help="unseen holdout subjects")
     p.add_argument("--novel-subjects", type=int, default=LookalikeConfig.n_novel, help="unseen novel subjects")
@@ -419,6 +435,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         n_novel=a.novel_subjects,
         calibration_seeds=a.calibration_seeds,
         calibration_size=a.calibration_size,
+        size_seeds={int(k): [int(x) for x in v.split(",")] for k, _, v in (t.partition(":") for t in a.size_seeds)},
     )
     lc.method_seeds = {"default": a.seeds, **seeds_of}
     pc, ps = run(lc, progress=lambda m: print(m, file=sys.stderr, flush=True))
