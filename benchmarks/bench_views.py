@@ -9,7 +9,8 @@ and their features extracted once per setting (not timed), then the match stage 
 view, registration of the candidates, the holdout null through the same path) is timed ``--repeats`` times,
 interleaving the settings so that the machine's load affects them alike; the median is reported with the
 ratio to the matching settings before issue 16 (four flips, the encoder's shortlist only, every candidate
-verified in full, rotations within 15 degrees) measured in the same run, and the planted copies' ROC-AUC from ``labels.csv``.
+verified in full, rotations within 15 degrees) measured in the same run, and the planted copies' ROC-AUC
+from ``labels.csv``.
 """
 
 from __future__ import annotations

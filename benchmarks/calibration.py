@@ -80,6 +80,86 @@ def _one(
     return bool(v.copying), bool(lo > ALPHA), vol
 
 
+#: The heading of the clustered-holdout table (written into the calibration section on its own).
+CLUSTERED_HEAD = "### Independent synthetic slices against a holdout of volumes"
+
+
+def clustered(reps: int, quick: bool = False) -> str:
+    """The verdict when the synthetic slices are independent (2D outputs) but the holdout comes in volumes.
+
+    The holdout's slices are volume-correlated (volumes of :data:`VOLUME` slices, a volume effect plus AR(1)
+    noise, rescaled to unit variance), the synthetic slices independent draws from the same marginal: under no
+    copying each novel slice passes with a probability that depends on this one holdout, and with 10-20
+    volumes that probability varies much more than the Beta-binomial of independent null slices says. Rows:
+    false alarms and power of the verdict (which takes the larger of the Beta-binomial and the volume-bootstrap
+    p-values, :func:`inspector.calibration.clustered_count_test_p_value`) and of the Beta-binomial alone.
+    """
+    rng = np.random.default_rng(20261204)
+    t0 = time.perf_counter()
+
+    def holdout(n: int) -> tuple[np.ndarray, np.ndarray]:
+        h, hg = _volumes(rng, n)
+        return h / np.sqrt(2.0), hg  # volume effect N(0, 1) + unit AR(1) noise: unit variance, as the slices
+
+    rows = []
+    ms = (48, 1000) if quick else (48, 1000, 10000)
+    for copied in (0.0, 0.01, 0.05, 0.20):
+        for m in ms:
+            if copied and m < 1000:
+                continue
+            for n in (500, 1000):
+                r = max(50, reps // (4 if m >= 10000 else 1) // (2 if copied else 1))
+                new, old = [], []
+                for _ in range(r):
+                    g = rng.normal(size=m)
+                    k = int(round(copied * m))
+                    if k:
+                        g[rng.choice(m, k, replace=False)] += 10.0
+                    h, hg = holdout(n)
+                    new.append(Calibration(g, h, null_kind="holdout", alpha=ALPHA, null_groups=hg).verdict().copying)
+                    old.append(Calibration(g, h, null_kind="holdout", alpha=ALPHA).verdict().copying)
+                rows.append((copied, m, n, r, float(np.mean(new)), float(np.mean(old))))
+    out = [
+        f"{CLUSTERED_HEAD}\n",
+        f"alpha = {ALPHA:g} per slice; synthetic slices independent N(0, 1) (copies +10); the holdout in volumes of "
+        f"{VOLUME} slices (a volume effect plus AR(1) noise with correlation {RHO:g}, unit variance); "
+        f"{time.perf_counter() - t0:.0f} s. Under no copying the rate is the false-alarm rate (stated level 0.05), "
+        "else the power.\n",
+        "| copied slices | m | n_null (volumes) | runs | verdict (Beta-binomial and volume bootstrap) | "
+        "Beta-binomial alone (the rule before) |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for copied, m, n, r, new, old in rows:
+        out.append(f"| {copied:.0%} | {m} | {n} ({n // VOLUME}) | {r} | {new:.3f} | {old:.3f} |")
+    fa = [(new, r) for copied, _, _, r, new, _ in rows if not copied]
+    worst = max(f - 0.05 - 2 * np.sqrt(0.05 * 0.95 / r) for f, r in fa)
+    out.append(
+        f"\nEvery false-alarm rate of the verdict within 2 s.e. of 5 % or below: **{'yes' if worst <= 0 else 'no'}** "
+        f"(largest excess over 5 % + 2 s.e.: {worst:+.3f}).\n"
+    )
+    return "\n".join(out) + "\n"
+
+
+def put_clustered(text: str, command: str, seconds: float) -> None:
+    """Put :func:`clustered`'s table into RESULTS.md's calibration section (before its real-MRI table)."""
+    from .results import RESULTS, _machine, replace_block
+
+    block = text.replace(
+        f"{CLUSTERED_HEAD}\n",
+        f"{CLUSTERED_HEAD}\n\n_Run on {time.strftime('%Y-%m-%d %H:%M')} by `{command}` ({seconds:.0f} s; "
+        f"{_machine(None)})._\n",
+        1,
+    )
+    doc = RESULTS.read_text(encoding="utf-8")
+    new = replace_block(doc, CLUSTERED_HEAD, block, ("\n### ", "\n## "))
+    if new is None:
+        anchor = "### On real MRI: novel-slice false positives"
+        if anchor not in doc:
+            raise SystemExit("RESULTS.md has no calibration section; run python -m benchmarks.run_all first.")
+        new = doc.replace(anchor, block.rstrip("\n") + "\n\n" + anchor, 1)
+    RESULTS.write_text(new, encoding="utf-8")
+
+
 def real(seeds: Sequence[int], splits: Sequence[str], n_draws: int = 20, n_g: int = 48) -> str:
     """Novel-slice FPR at alpha 0.01 / 0.05 and the verdict's false alarms on novel-only sets, on real MRI."""
     from .data import load_bank, make_split
@@ -191,8 +271,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=1000, help="simulated audits per cell (fewer for m = 10,000)")
     ap.add_argument("--quick", action="store_true", help="m <= 1,000 and 200 runs per cell; real MRI: one seed")
     ap.add_argument("--no-real", action="store_true", help="simulations only")
+    ap.add_argument(
+        "--clustered-only",
+        action="store_true",
+        help="only the table of independent synthetic slices against a holdout of volumes",
+    )
+    ap.add_argument("--update-results", action="store_true", help="with --clustered-only: put it into RESULTS.md")
     args = ap.parse_args(argv)
-    print(run(200 if args.quick else args.reps, quick=args.quick))
+    reps = 200 if args.quick else args.reps
+    t0 = time.perf_counter()
+    text = clustered(max(50, reps // 2), quick=args.quick)
+    print(text)
+    if args.clustered_only:
+        if args.update_results:
+            cmd = "python -m benchmarks.calibration " + " ".join(sys.argv[1:] if argv is None else argv)
+            put_clustered(text, cmd.strip(), time.perf_counter() - t0)
+        return 0
+    print(run(reps, quick=args.quick))
     if not args.no_real:
         seeds = (0,) if args.quick else (0, 1, 2, 3, 4)
         print(real(seeds, ("slice",) if args.quick else ("slice", "subject")))

@@ -636,6 +636,7 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
             raise AuditFolderError(f"{folder / 'audit.npz'} holds no null; re-run 'inspector scan ... --out {folder}'.")
         null = np.asarray(z["null_similarity"], np.float64)
         null_groups = np.asarray(z["null_groups"]).astype(object) if "null_groups" in z.files else None
+        null_subjects = np.asarray(z["null_subjects"]).astype(object) if "null_subjects" in z.files else None
         level = float(z["level"]) if "level" in z.files else None
         volume_null = (
             np.asarray(z["volume_null_similarity"], np.float64) if "volume_null_similarity" in z.files else None
@@ -682,7 +683,16 @@ def load_audit_folder(audit_dir: str | Path) -> AuditFolder:
                 if c in volume_evidence:
                     volume_evidence[c] = volume_evidence[c].fillna("").astype(str)
     calibration = _calibration(
-        summary, table, null, folder, null_groups, level, volume_evidence, volume_null, volume_null_text or None
+        summary,
+        table,
+        null,
+        folder,
+        null_groups,
+        level,
+        volume_evidence,
+        volume_null,
+        volume_null_text or None,
+        null_subjects=null_subjects,
     )
     integrity = []
     for name, expected in (manifest or {}).get("outputs", {}).items():
@@ -780,6 +790,7 @@ def _calibration(
     volume_evidence: pd.DataFrame | None = None,
     volume_null: np.ndarray | None = None,
     volume_null_description: str | None = None,
+    null_subjects: np.ndarray | None = None,
 ) -> Calibration:
     from .calibration import VERDICT_LEVEL
 
@@ -803,6 +814,7 @@ def _calibration(
             mode=str(cfg.get("mode", v.get("mode", "default"))),
             groups=table["synthetic_path"].astype(str).to_numpy(object),
             null_groups=null_groups,
+            null_subjects=null_subjects,
             level=VERDICT_LEVEL if level is None else level,
             diagnostics=tuple(v.get("diagnostics", ())),
             volume_scores=scores,
@@ -1287,6 +1299,8 @@ def _write_outputs(result: AuditResult, out: Path) -> None:
     cal = result.calibration
     if cal.null_groups is not None:  # the holdout volume of each null score: the volume-level calibration
         arrays["null_groups"] = cal.null_groups.astype(str)
+    if getattr(cal, "null_subjects", None) is not None:  # the holdout subject of each null score: its clusters
+        arrays["null_subjects"] = cal.null_subjects.astype(str)
     arrays["level"] = np.array(cal.level)
     if getattr(cal, "volume_verified", False):  # the holdout volumes' 3D-verified similarities: the volume null
         arrays["volume_null_similarity"] = np.asarray(cal.volume_null_similarity, np.float64)

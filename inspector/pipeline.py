@@ -675,6 +675,7 @@ def calibrate(
         mode=cfg.mode,
         groups=volume_ids(inputs.synthetic),
         null_groups=volume_ids(inputs.holdout) if holdout_null else None,
+        null_subjects=inputs.holdout.subject_ids if holdout_null else None,
         diagnostics=exchangeability_diagnostics(inputs.holdout, inputs.synthetic) if holdout_null else (),
         volume_scores=volumes.scores() if volumes is not None and holdout_null else None,
         volume_null=volumes.null() if volumes is not None and holdout_null else None,

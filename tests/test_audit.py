@@ -213,6 +213,17 @@ def test_save_writes_the_cli_contract(default_result, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["verdict"]["n_flagged"] == default_result.verdict.n_flagged
     assert summary["config"]["mode"] == "default"
+    # the null's subjects (the clusters of the count test) travel with the folder, pseudonymised: the reloaded
+    # verdict is the audit's own
+    from inspector.folder import load_audit_folder
+
+    cal = default_result.calibration
+    assert cal.null_subjects is not None and len(cal.null_subjects) == cal.n_null
+    with np.load(out / "audit.npz", allow_pickle=False) as z:
+        saved = z["null_subjects"].astype(str)
+    assert len(set(saved)) == len(set(cal.null_subjects.astype(str)))
+    back = load_audit_folder(out).calibration.verdict()
+    assert back.test == default_result.verdict.test and back.test_p_value == default_result.verdict.test_p_value
 
 
 @pytest.fixture(scope="module")
