@@ -973,26 +973,39 @@ def clustered_count_test_p_value(
     a = _check_alpha(alpha)
     if m <= 0 or k <= 0:
         return 1.0
-    _, inv = np.unique(g, return_inverse=True)
-    order = np.argsort(inv, kind="stable")
-    members = np.split(z[order], np.flatnonzero(np.diff(inv[order])) + 1)  # each volume's scores
-    sizes = np.asarray([x.size for x in members])
+    _, grp = np.unique(g, return_inverse=True)
+    n_groups = int(grp.max()) + 1
+    order = np.argsort(-z, kind="stable")  # every score once, descending, with its volume
+    vals, grp = z[order], grp[order]
     rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n_groups, (n_boot, n_groups))  # each resample: as many volumes, with replacement
     u = np.full(n_boot, np.nan)  # NaN: a resample that left no volume out (not counted)
-    for b in range(n_boot):
-        pick = rng.integers(0, len(members), len(members))
-        n_b = int(sizes[pick].sum())
-        c = int(math.floor(a * (n_b + 1) + 1e-9)) - 1
-        out = np.setdiff1d(np.arange(len(members)), pick)
-        if out.size == 0:
-            continue
-        if c < 0:
-            u[b] = 0.0  # nothing can pass against this resample
-            continue
-        boot = np.concatenate([members[i] for i in pick])
-        t = -np.partition(-boot, c)[c]  # the (c + 1)-th largest: a score passes when it is above it
-        oob = np.concatenate([members[i] for i in out])
-        u[b] = float(np.mean(oob > t))
+    sizes = np.bincount(grp, minlength=n_groups)
+    # the threshold lies among the largest scores: look there first (the whole list for resamples it misses)
+    top = min(z.size, int(8 * a * z.size) + 64)
+    step = max(1, (1 << 22) // top)  # resamples at a time: (step, top) temporaries of ~32 MB
+    for s0 in range(0, n_boot, step):
+        cnt = np.stack([np.bincount(p, minlength=n_groups) for p in picks[s0 : s0 + step]])  # (b, G)
+        c = np.floor(a * (cnt @ sizes + 1) + 1e-9).astype(np.int64) - 1
+        n_oob = (cnt == 0).astype(np.int64) @ sizes  # scores left out of each resample
+        t = np.full(len(cnt), np.inf)
+        hit = np.zeros(len(cnt))
+        for cols in (top, z.size):
+            todo = np.flatnonzero(~np.isfinite(t) & (c >= 0))
+            if not todo.size:
+                break
+            w = cnt[todo][:, grp[:cols]]  # (b, cols): how often each of the largest scores is in the resample
+            cw = np.cumsum(w, axis=1)
+            found = cw[:, -1] >= c[todo] + 1
+            j = np.argmax(cw >= (c[todo] + 1)[:, None], axis=1)
+            rows = todo[found]
+            # the (c + 1)-th largest resampled score; a score passes when it is above it
+            t[rows] = vals[j[found]]
+            above = np.searchsorted(-vals, -t[rows], side="left")  # scores strictly above it (all within cols)
+            oob = np.cumsum(w[found] == 0, axis=1)
+            hit[rows] = np.where(above > 0, oob[np.arange(rows.size), np.maximum(above - 1, 0)], 0)
+        ub = np.where(c < 0, 0.0, hit / np.maximum(n_oob, 1))
+        u[s0 : s0 + len(cnt)] = np.where(n_oob > 0, ub, np.nan)
     u = u[np.isfinite(u)]
     if u.size == 0:  # a single volume: nothing to resample
         return 1.0

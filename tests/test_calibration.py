@@ -293,6 +293,13 @@ def test_clustered_count_test_matches_its_reference_and_is_used_for_a_holdout_of
     for k in (1, 3, 6, 12):
         got = clustered_count_test_p_value(k, 300, null, groups, 0.05, n_boot=40, seed=3)
         assert_allclose(got, ref_clustered_count_test(k, 300, null, groups, 0.05, 40, 3), rtol=1e-10, atol=1e-12)
+    # one large volume holding every high score: resamples that leave it out find their threshold only past the
+    # largest scores the fast path looks at first (the whole list is searched for them)
+    big_g = np.r_[np.zeros(1500, int), np.repeat(np.arange(1, 10), 50)].astype(str)
+    big = np.r_[5 + rng.normal(size=1500), rng.normal(size=450)]
+    for k in (2, 30):
+        got = clustered_count_test_p_value(k, 500, big, big_g, 0.01, n_boot=20, seed=1)
+        assert_allclose(got, ref_clustered_count_test(k, 500, big, big_g, 0.01, 20, 1), rtol=1e-10, atol=1e-12)
     assert clustered_count_test_p_value(0, 300, null, groups, 0.05) == 1.0
     assert clustered_count_test_p_value(3, 300, null, np.zeros(240), 0.05) == 1.0  # one volume: nothing to resample
     with pytest.raises(ValueError, match="null_groups must have shape"):
