@@ -84,9 +84,10 @@ CALIBRATED_NULLS: tuple[str, ...] = ("holdout",)
 #: The default false-alarm level of the dataset verdict.
 VERDICT_LEVEL = 0.05
 
-#: Fewest holdout volumes for which the dataset verdict on independent synthetic slices holds its level against
-#: a holdout of volumes (benchmarks/RESULTS.md, calibration section); fewer are stated in the verdict.
-MIN_NULL_VOLUMES = 20
+#: Fewest holdout subjects (else volumes) for which the dataset verdict on independent synthetic slices held its
+#: level against a holdout whose slices come in subjects (benchmarks/RESULTS.md, calibration section); fewer are
+#: stated in the verdict.
+MIN_NULL_SUBJECTS = 20
 
 #: The CI gate's rules (``--fail-on``).
 GATES: tuple[str, ...] = ("never", "flagged", "verdict")
@@ -353,13 +354,13 @@ class Calibration:
         self.volume_ids, self.volume_simes = group_simes(self.p_values, self.groups)
         self._volume_of = {g: i for i, g in enumerate(self.volume_ids)}
         n_clusters = self._null_clusters()
-        if n_clusters is not None and n_clusters < MIN_NULL_VOLUMES and len(self.volume_ids) == m:
+        if n_clusters is not None and n_clusters < MIN_NULL_SUBJECTS and len(self.volume_ids) == m:
             what = "subjects" if self.null_subjects is not None else "volumes"
             self._diagnose(
                 f"the holdout holds {n_clusters} {what}: slices of one {what[:-1]} are alike, so the threshold of "
                 "independent synthetic slices rests on few independent units and the dataset verdict may raise "
                 f"false alarms above its level (simulated: about 10 % with 10, within 5 % from "
-                f"{MIN_NULL_VOLUMES}); give a holdout of at least {MIN_NULL_VOLUMES} subjects."
+                f"{MIN_NULL_SUBJECTS}); give a holdout of at least {MIN_NULL_SUBJECTS} subjects."
             )
         self.volume_null = self._holdout_volume_simes()
         if self.volume_null is not None:
