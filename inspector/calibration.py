@@ -359,8 +359,8 @@ class Calibration:
             self._diagnose(
                 f"the holdout holds {n_clusters} {what}: slices of one {what[:-1]} are alike, so the threshold of "
                 "independent synthetic slices rests on few independent units and the dataset verdict may raise "
-                f"false alarms above its level (simulated: about 10 % with 10, within 5 % from "
-                f"{MIN_NULL_SUBJECTS}); give a holdout of at least {MIN_NULL_SUBJECTS} subjects."
+                f"false alarms above its level (simulated, benchmarks/RESULTS.md: up to about 7 % with 10, about 5 % "
+                f"or less from {MIN_NULL_SUBJECTS}); give a holdout of at least {MIN_NULL_SUBJECTS} subjects."
             )
         self.volume_null = self._holdout_volume_simes()
         if self.volume_null is not None:
@@ -941,10 +941,10 @@ def clustered_count_test_p_value(
     ``t_b`` taken, and ``U_b`` is the share of the slices of the volumes it left out (out of bag, the slices
     the threshold was not fitted on) above it; ``P(K' >= k) = mean_b P(Binomial(m, U_b) >= k)``. A resample
     holds about 63 % of the distinct volumes, so its threshold varies somewhat more than the holdout's own:
-    the test leans conservative (simulated, benchmarks/RESULTS.md, calibration section: false alarms 1.8-5.8 % at
-    a 5 % level with 10-20 strongly correlated volumes, where the Beta-binomial alone gave 8-54 %; the price is
-    power: 5 % copied slices detected in 20-34 % of such audits). Using the share of the whole null instead
-    (the plain bootstrap) left false alarms at 13-19 %.
+    the test leans conservative (simulated, benchmarks/RESULTS.md, calibration section: false alarms 1.4-7.2 % at
+    a 5 % level, each within 2 s.e. of it, with 10-20 correlated volumes, where the Beta-binomial alone gave
+    5-54 %; the price is power: 5 % copied slices detected in 20-59 % of such audits). Using the share of the
+    whole null instead (the plain bootstrap) left false alarms at 13-19 %.
 
     Parameters
     ----------
