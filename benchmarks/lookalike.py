@@ -10,7 +10,11 @@ For each seed and cohort size (training subjects), on a cohort of :mod:`benchmar
 * per condition: slice ROC-AUC and TPR at 1 % FPR of the calibrated similarity (copies against novel),
   the feature-shortlist AUC (feature similarity alone), the shortlist's **recall** (is the true source among
   the verified candidates?), the fraction of copies flagged at alpha; per size: the novel-slice FPR at
-  alpha = 0.01 and 0.05 and the wall time per stage.
+  alpha = 0.01 and 0.05 (on the run's split, and expected over random subject re-splits of holdout and novel
+  subjects, :func:`resplit_fpr`) and the wall time per stage;
+* ``--calibration-seeds``: more seeds on which only the calibration is measured (new holdout and novel subjects
+  each), so that the FPR pools more independent holdouts; ``--size-seeds 1000:0`` runs a costly size on some
+  seeds only.
 
 ``python -m benchmarks.lookalike --sizes 8 32 128 --seeds 0 1`` prints the tables; ``run_all`` renders them in
 RESULTS.md.
