@@ -353,9 +353,9 @@ class Calibration:
             raise ValueError(f"null_subjects must have shape {self.null.shape}; got {self.null_subjects.shape}.")
         self.volume_ids, self.volume_simes = group_simes(self.p_values, self.groups)
         self._volume_of = {g: i for i, g in enumerate(self.volume_ids)}
-        n_clusters = self._null_clusters()
-        if n_clusters is not None and n_clusters < MIN_NULL_SUBJECTS and len(self.volume_ids) == m:
-            what = "subjects" if self.null_subjects is not None else "volumes"
+        clusters = self._null_clusters()
+        if clusters is not None and clusters[1] < MIN_NULL_SUBJECTS and len(self.volume_ids) == m:
+            _, n_clusters, what = clusters
             self._diagnose(
                 f"the holdout holds {n_clusters} {what}: slices of one {what[:-1]} are alike, so the threshold of "
                 "independent synthetic slices rests on few independent units and the dataset verdict may raise "
@@ -559,7 +559,7 @@ class Calibration:
         null = np.sort(self.null)
         n = len(null)
         # p = (1 + #{null >= s}) / (1 + n) <= alpha  <=>  #{null >= s} <= alpha (1 + n) - 1
-        allowed = int(math.floor(a * (1 + n) - 1 + 1e-9))
+        allowed = _passing_rank(a, n)
         if allowed < 0:
             return float("inf")
         if allowed >= n:
@@ -582,13 +582,12 @@ class Calibration:
             p = count_test_p_value(k, len(self), self.n_null, a)
             test = f"conformal count test (Beta-binomial, shared null of {self.n_null})"
             assumption = "novel synthetic slices and holdout slices are exchangeable and independent of each other"
-            n_clusters = self._null_clusters()
-            if n_clusters is not None:
+            clusters = self._null_clusters()
+            if clusters is not None:
                 # the null's slices come in volumes: its threshold varies from holdout to holdout more than the
                 # Beta-binomial of independent null slices says; the test takes the larger of the two p-values
-                pb = clustered_count_test_p_value(k, len(self), self.null, self._cluster_labels(), a)
-                p = max(p, pb)
-                what = "subjects" if self.null_subjects is not None else "volumes"
+                labels, n_clusters, what = clusters
+                p = max(p, clustered_count_test_p_value(k, len(self), self.null, labels, a))
                 test = (
                     f"conformal count test (shared null of {self.n_null} slices of {n_clusters} holdout {what}: "
                     f"the larger of the Beta-binomial and the {what[:-1]}-bootstrap p-values)"
@@ -623,17 +622,16 @@ class Calibration:
         assumption = "each novel slice's p-value is valid; any dependence within and across volumes"
         return "volume", test, n_v, int((self.volume_p_values <= a).sum()), p, assumption
 
-    def _cluster_labels(self) -> np.ndarray | None:
-        """The null's clusters: its subjects when known, else its volumes (None when neither is)."""
-        return self.null_subjects if self.null_subjects is not None else self.null_groups
-
-    def _null_clusters(self) -> int | None:
-        """Clusters of the null (subjects, else volumes) when at least two hold several slices, else None."""
-        labels = self._cluster_labels()
+    def _null_clusters(self) -> tuple[np.ndarray, int, str] | None:
+        """The null's clusters, its subjects when known, else its volumes: ``(label of each null score, number of
+        clusters, "subjects" or "volumes")`` when at least two hold several slices, else None."""
+        labels, what = (
+            (self.null_subjects, "subjects") if self.null_subjects is not None else (self.null_groups, "volumes")
+        )
         if labels is None:
             return None
         ids, counts = np.unique(labels.astype(str), return_counts=True)
-        return int(ids.size) if (counts > 1).sum() >= 2 else None
+        return (labels, int(ids.size), what) if (counts > 1).sum() >= 2 else None
 
     def _holdout_volumes(self) -> list[np.ndarray]:
         """Masks over the null of each multi-slice holdout volume (empty without two such volumes)."""
@@ -898,6 +896,13 @@ def permutation_mean_test(g: Any, h: Any, *, n_perm: int = 9999, seed: int = 0) 
     return float((1 + hits) / (1 + n_perm))
 
 
+def _passing_rank(alpha: float, n_null: Any) -> Any:
+    """``c = floor(alpha (n + 1)) - 1``: a score has conformal ``p <= alpha`` against ``n`` null scores when at
+    most ``c`` of them are at least as high (``-1``: none can). Integer, or int64 array for an array ``n``."""
+    c = np.floor(alpha * (np.asarray(n_null) + 1) + 1e-9).astype(np.int64) - 1
+    return c if c.ndim else int(c)
+
+
 def count_test_p_value(k: int, m: int, n_null: int, alpha: float) -> float:
     """``P(K' >= k)`` for ``K'`` the number of ``m`` novel units with conformal ``p <= alpha`` against one null of
     ``n_null``: ``K' ~ BetaBinomial(m, c + 1, n_null - c)``, ``c = floor(alpha (n_null + 1)) - 1``.
@@ -907,7 +912,7 @@ def count_test_p_value(k: int, m: int, n_null: int, alpha: float) -> float:
     """
     from scipy.stats import betabinom
 
-    c = int(math.floor(alpha * (n_null + 1) + 1e-9)) - 1
+    c = _passing_rank(alpha, n_null)
     if c < 0 or m <= 0:
         return 1.0
     if c >= n_null:
@@ -987,7 +992,7 @@ def clustered_count_test_p_value(
     step = max(1, (1 << 22) // top)  # resamples at a time: (step, top) temporaries of ~32 MB
     for s0 in range(0, n_boot, step):
         cnt = np.stack([np.bincount(p, minlength=n_groups) for p in picks[s0 : s0 + step]])  # (b, G)
-        c = np.floor(a * (cnt @ sizes + 1) + 1e-9).astype(np.int64) - 1
+        c = _passing_rank(a, cnt @ sizes)
         n_oob = (cnt == 0).astype(np.int64) @ sizes  # scores left out of each resample
         t = np.full(len(cnt), np.inf)
         hit = np.zeros(len(cnt))

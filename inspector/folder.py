@@ -1299,7 +1299,7 @@ def _write_outputs(result: AuditResult, out: Path) -> None:
     cal = result.calibration
     if cal.null_groups is not None:  # the holdout volume of each null score: the volume-level calibration
         arrays["null_groups"] = cal.null_groups.astype(str)
-    if getattr(cal, "null_subjects", None) is not None:  # the holdout subject of each null score: its clusters
+    if cal.null_subjects is not None:  # the holdout subject of each null score: its clusters
         arrays["null_subjects"] = cal.null_subjects.astype(str)
     arrays["level"] = np.array(cal.level)
     if getattr(cal, "volume_verified", False):  # the holdout volumes' 3D-verified similarities: the volume null

@@ -266,7 +266,7 @@ class Naming:
         out.groups = np.asarray(self.column("synthetic", cal.groups), dtype=object)
         if cal.null_groups is not None:
             out.null_groups = np.asarray(self.column("holdout", cal.null_groups), dtype=object)
-        if getattr(cal, "null_subjects", None) is not None:
+        if cal.null_subjects is not None:
             out.null_subjects = np.asarray(self.subject_column(cal.null_subjects), dtype=object)
         out.volume_ids = np.asarray(self.column("synthetic", cal.volume_ids), dtype=object)
         out._volume_of = {g: i for i, g in enumerate(out.volume_ids)}
