@@ -30,6 +30,7 @@ import math
 import re
 import warnings
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faiss
@@ -80,10 +81,13 @@ DEFAULT_RERANK_FACTOR = 4
 
 # Largest k asked of faiss (GPU faiss supports up to 2048). Beyond it, a blocked float64 brute force is used.
 _FAISS_MAX_K = 1024
-# Minimum extra candidates asked for in exact mode, beyond k and the query's own group.
-_MIN_SLACK = 16
+# Extra candidates asked for in exact mode, beyond k and the query's own group (before rounding up on the bucket
+# grid); they certify that no unreturned row can reach the top k, and a row whose certificate fails is retried.
+_MIN_SLACK = 4
 # Element budget for float64 temporaries (re-ranking gathers, brute-force blocks): 2**23 float64 = 64 MiB.
 _ELEM_BUDGET = 1 << 23
+# Element budget of one re-ranking gather: 2**18 float64 = 2 MiB stays in cache (a 64 MiB gather ran 3x slower).
+_RERANK_BUDGET = 1 << 18
 _U32 = 2.0**-24  # unit round-off of float32
 
 
@@ -108,6 +112,11 @@ def gpu_available() -> bool:
         return int(faiss.get_num_gpus()) > 0
     except Exception:  # noqa: BLE001 - a broken CUDA runtime means "no GPU", never a crash
         return False
+
+
+def _threads() -> int:
+    """Threads for the re-ranking gathers: faiss' OpenMP count (the cores faiss itself uses)."""
+    return max(1, int(faiss.omp_get_max_threads()))
 
 
 def _resolve_device(device: str) -> tuple[str, int]:
@@ -278,6 +287,62 @@ def _select_topk(sims: np.ndarray, ids: np.ndarray, kk: int) -> tuple[np.ndarray
     return sims, ids
 
 
+def _sortable_key(vals32: np.ndarray, ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """uint64 keys whose ascending order is descending float32 value, then ascending id; invalid entries last.
+
+    Parameters
+    ----------
+    vals32 : (r, c) float32, no NaN
+    ids : (r, c) int64, ``0 <= id < 2**32`` where valid
+    valid : (r, c) bool
+
+    Returns
+    -------
+    (r, c) uint64
+    """
+    v = vals32 + np.float32(0.0)  # -0.0 -> +0.0: equal values must get equal keys
+    bits = v.view(np.uint32)
+    # IEEE order as unsigned order: flip every bit of negatives, set the sign bit of non-negatives
+    mono = np.where(bits & np.uint32(0x80000000), ~bits, bits | np.uint32(0x80000000))
+    desc = (~mono).astype(np.uint64)  # larger value -> smaller key
+    key = (desc << np.uint64(32)) | np.where(valid, ids, 0).astype(np.uint64)
+    key[~valid] = np.iinfo(np.uint64).max
+    return key
+
+
+def _topk_by_key(
+    vals32: np.ndarray, ids: np.ndarray, valid: np.ndarray, kk: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``kk`` valid entries of every row by float32 value, equal values by lower id (one sort of packed keys).
+
+    Parameters
+    ----------
+    vals32 : (r, c) float32
+    ids : (r, c) int64 (non-negative where valid)
+    valid : (r, c) bool
+    kk : int
+
+    Returns
+    -------
+    (r, kk) float64 and (r, kk) int64 (``-inf`` / ``-1`` where fewer than ``kk`` valid entries exist).
+    """
+    r, c = vals32.shape
+    key = _sortable_key(vals32, ids, valid)
+    if c > kk:
+        key = np.partition(key, kk - 1, axis=1)[:, :kk]
+    key = np.sort(key, axis=1)
+    if c < kk:
+        key = np.concatenate([key, np.full((r, kk - c), np.iinfo(np.uint64).max, dtype=np.uint64)], axis=1)
+    empty = key == np.iinfo(np.uint64).max
+    out_i = (key & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    mono = ~(key >> np.uint64(32)).astype(np.uint32)
+    bits = np.where(mono & np.uint32(0x80000000), mono & np.uint32(0x7FFFFFFF), ~mono)
+    out_s = bits.view(np.float32).astype(np.float64)
+    out_s[empty] = -np.inf
+    out_i[empty] = -1
+    return out_s, out_i
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the index
 # --------------------------------------------------------------------------------------------------------------
@@ -361,6 +426,11 @@ class NeighbourIndex:
         self._base, norms = _prepare(x, self.metric, "base")
         self._max_norm = float(norms.max())
         self.n_, self.d_ = (int(s) for s in self._base.shape)
+        if self.n_ >= 2**32:
+            raise IndexInputError(
+                f"base has {self.n_:,} rows; one index holds fewer than 2**32 (row ids are packed in 32 bits). Split "
+                "the base into shards and merge their top-k (inspector.cluster does)."
+            )
         if groups is None:
             self._lut: dict[Any, int] | None = None
             self._base_codes = None
@@ -504,11 +574,12 @@ class NeighbourIndex:
         out_i = np.full((r, kk), -1, dtype=np.int64)
         own = self._own_group_sizes(codes, r)
         if exact:
-            want = kk + own + max(kk, _MIN_SLACK)
+            want = kk + own + _MIN_SLACK
         else:
             want = self.rerank_factor * kk + own
-        # candidates per row, rounded up on a coarse grid so that rows with similar needs share a faiss call
-        kprime = _bucket(want)
+        # candidates per row, rounded up on a coarse grid so that rows with similar needs share a faiss call (rows
+        # that all need the same ask for exactly that: every candidate more costs faiss heap work)
+        kprime = _bucket(want) if want.min() != want.max() else want.astype(np.int64)
         approx = np.full(r, not exact)
         pending = np.arange(r)
         # float32 rounding bound of faiss' inner products: |faiss - exact| <= d u |q| |b| (+ margin)
@@ -609,22 +680,30 @@ class NeighbourIndex:
             dv = np.where(valid, dist.astype(np.float64), -np.inf)
             dth = -np.partition(-dv, nk - 1, axis=1)[:, nk - 1]
             score = valid & (dv >= dth[:, None])
-        sims = np.full((r, c), -np.inf)
         rr, cc = np.nonzero(score)
-        step = max(1, _ELEM_BUDGET // (4 * self.d_))
-        for s in range(0, rr.size, step):
-            rs, cs = rr[s : s + step], cc[s : s + step]
-            # one contiguous row reduction per pair: identical base rows get bit-identical scores
-            prod = self._base[cand[rs, cs]].astype(np.float64)
-            prod *= q[rs]
-            sims[rs, cs] = prod.sum(axis=1)
-        order = np.argsort(np.where(score, cand, np.iinfo(np.int64).max), axis=1, kind="stable")  # by base index
-        cand = np.take_along_axis(cand, order, axis=1)
-        sims = np.take_along_axis(sims, order, axis=1)
-        score = np.take_along_axis(score, order, axis=1)
-        sims = sims.astype(np.float32).astype(np.float64)  # ties are defined on the returned float32 values
-        sims[~score] = -np.inf
-        top_s, top_i = _select_topk(sims, cand, kk)
+        flat = cand[rr, cc]
+        vals = np.empty(rr.size)
+        q64 = q.astype(np.float64)
+        base = self._base
+        step = max(1, _RERANK_BUDGET // self.d_)
+
+        def part(s: int) -> None:
+            e = min(s + step, rr.size)
+            # float32 x float32 products are exact in float64; the sum's float64 rounding (~d 2^-53) is far below
+            # the float32 rounding of the returned value
+            vals[s:e] = np.einsum("ij,ij->i", np.take(base, flat[s:e], axis=0).astype(np.float64), q64[rr[s:e]])
+
+        starts = range(0, rr.size, step)
+        workers = min(_threads(), len(starts))
+        if workers > 1:  # gathers and einsum release the GIL: the parts run on all cores
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(part, starts))
+        else:
+            for s in starts:
+                part(s)
+        vals32 = np.full((r, c), np.inf, dtype=np.float32)  # +inf: not scored (the key sorts it last)
+        vals32[rr, cc] = vals.astype(np.float32)
+        top_s, top_i = _topk_by_key(vals32, cand, score, kk)
         return top_s, top_i, nvalid
 
     def _dense(self, q: np.ndarray, codes: np.ndarray | None, kk: int) -> tuple[np.ndarray, np.ndarray]:

@@ -462,3 +462,40 @@ def test_gpu_matches_cpu():
     index = NeighbourIndex(device="cuda", exact=False).fit(b)
     sims, idx = index.search(q, 10)
     assert index.device_ == "cuda" and np.all(idx >= 0)
+
+
+# ---------------------------------------------------------------------------------------------------- selection
+
+
+def test_packed_key_top_k_equals_the_reference_selection():
+    """_topk_by_key (one sort of packed keys) == _select_topk (partition + stable argsort), ties and signs included."""
+    rng = np.random.default_rng(11)
+    for c, kk in [(46, 32), (9, 9), (5, 8), (40, 1)]:
+        vals = rng.choice(np.array([-1.5, -0.25, -0.0, 0.0, 0.25, 0.7, 3.0], dtype=np.float32), size=(64, c))
+        vals += rng.standard_normal((64, c)).astype(np.float32) * (rng.random((64, c)) < 0.3)
+        ids = np.stack([rng.permutation(10_000)[:c] for _ in range(64)]).astype(np.int64)
+        valid = rng.random((64, c)) < 0.8
+        got_s, got_i = index_mod._topk_by_key(vals, ids, valid, kk)
+        # reference: invalid -> -inf, laid out by increasing id so that equal values keep the lower id first
+        order = np.argsort(np.where(valid, ids, np.iinfo(np.int64).max), axis=1, kind="stable")
+        s = np.take_along_axis(np.where(valid, vals.astype(np.float64), -np.inf), order, axis=1)
+        i = np.take_along_axis(ids, order, axis=1)
+        ref_s, ref_i = index_mod._select_topk(s, i, kk)
+        np.testing.assert_array_equal(got_s, ref_s)
+        np.testing.assert_array_equal(got_i, ref_i)
+        assert got_s.dtype == np.float64 and got_i.dtype == np.int64 and got_s.shape == (64, kk)
+
+
+def test_threaded_rerank_is_bit_identical_to_one_thread(monkeypatch):
+    rng = np.random.default_rng(12)
+    b = rng.standard_normal((3000, 48)).astype(np.float32)
+    q = rng.standard_normal((700, 48)).astype(np.float32)
+    monkeypatch.setattr(index_mod, "_RERANK_BUDGET", 48 * 64)  # many parts
+    monkeypatch.setattr(index_mod, "_threads", lambda: 3)
+    s3, i3 = knn(q, b, 20)
+    monkeypatch.setattr(index_mod, "_threads", lambda: 1)
+    s1, i1 = knn(q, b, 20)
+    np.testing.assert_array_equal(s3, s1)
+    np.testing.assert_array_equal(i3, i1)
+    ref_s, ref_i, full = _brute(q, b, 20)
+    _assert_same_neighbours(s3, i3, ref_s, ref_i, full)
