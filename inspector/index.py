@@ -310,9 +310,7 @@ def _sortable_key(vals32: np.ndarray, ids: np.ndarray, valid: np.ndarray) -> np.
     return key
 
 
-def _topk_by_key(
-    vals32: np.ndarray, ids: np.ndarray, valid: np.ndarray, kk: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _topk_by_key(vals32: np.ndarray, ids: np.ndarray, valid: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
     """Top ``kk`` valid entries of every row by float32 value, equal values by lower id (one sort of packed keys).
 
     Parameters
