@@ -94,20 +94,26 @@ class StageSampler:
         self.stage = "loading"
         self.peaks: dict[str, float] = {}
         self.first: dict[str, float] = {}
+        self.entry_mb: dict[str, float] = {}  # RSS when a stage first reported
+        self.sub = "loading"
+        self.sub_peaks: dict[str, float] = {}  # peaks per full progress name ("aligning:synthetic", ...)
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, args=(period,), daemon=True)
         self.t0 = time.perf_counter()
 
     def progress(self, stage: str, done: int, total: int) -> None:
         name = stage.split(":", 1)[0]
+        self.sub = stage
         if name != self.stage:
             self.stage = name
             self.first.setdefault(name, time.perf_counter() - self.t0)
+            self.entry_mb.setdefault(name, rss_mb())
 
     def _run(self, period: float) -> None:
         while not self._stop.wait(period):
             r = rss_mb()
             self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), r)
+            self.sub_peaks[self.sub] = max(self.sub_peaks.get(self.sub, 0.0), r)
 
     def __enter__(self) -> StageSampler:
         self._t.start()
@@ -151,6 +157,9 @@ def run_one(root: Path, cache: Path, out: Path, extractor: str, cluster: str | N
                 "base_rss_mb": base,
                 "peak_rss_mb": peak_rss(),
                 "stage_peak_mb": sampler.peaks,
+                "stage_entry_mb": sampler.entry_mb,
+                "stage_start_s": sampler.first,
+                "substage_peak_mb": sampler.sub_peaks,
                 "unit": res.config.unit,
                 "flagged": int(res.table["flagged"].sum()),
                 "verdict": res.verdict.copying_reason,
