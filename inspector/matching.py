@@ -294,9 +294,9 @@ class MemorizationScorer:
         self.n_ = n.pop()
         if self.n_ < 2:
             raise ValueError(f"The training cohort has {self.n_} slice(s); at least 2 are needed to whiten features.")
+        # the whiteners stream their statistics and transforms in blocks of rows: no float64 copy of a whole base
         self.whiteners_ = {
-            layer: Whitener(method="shrinkage", shrinkage=self.shrinkage).fit(np.asarray(x, np.float64))
-            for layer, x in train_layers.items()
+            layer: Whitener(method="shrinkage", shrinkage=self.shrinkage).fit(x) for layer, x in train_layers.items()
         }
         self.train_white_ = {layer: self._white(layer, x) for layer, x in train_layers.items()}
         self.train_concat_ = self._concat(self.train_white_)
@@ -320,21 +320,28 @@ class MemorizationScorer:
         if self.rerank and self.descriptor_shortlist > 0:
             desc = structure_descriptor(images)
             self.desc_whiteners_ = {
-                k: Whitener(method="shrinkage", shrinkage=self.shrinkage).fit(np.asarray(x, np.float64))
-                for k, x in desc.items()
+                k: Whitener(method="shrinkage", shrinkage=self.shrinkage).fit(x) for k, x in desc.items()
             }
             bad = [z for z in self.descriptor_zooms if not (np.isfinite(z) and 1.0 < z <= 4.0)]
             if bad:
                 raise ValueError(f"descriptor_zooms must be factors in (1, 4] (zoomed in); got {bad}.")
             self.desc_train_ = self._desc_concat(desc)
+            del desc
             zsizes = self._zoom_sizes()
             # (n * zooms, d): every slice at the first zoom, then at the second, ...; searched on their own
-            # so that they add candidates instead of displacing the whole slices' (a zoomed-out copy's)
-            zoomed = [self._desc_concat(structure_descriptor(images, zsizes, zoom=z)) for z in self.descriptor_zooms]
-            self.desc_zoom_train_ = np.concatenate(zoomed) if zoomed else None
+            # so that they add candidates instead of displacing the whole slices' (a zoomed-out copy's); each
+            # zoom written into its rows as computed (no list of parts and a concatenated copy)
+            zoomed: np.ndarray | None = None
+            for j, z in enumerate(self.descriptor_zooms):
+                part = self._desc_concat(structure_descriptor(images, zsizes, zoom=z))
+                if zoomed is None:
+                    zoomed = np.empty((len(self.descriptor_zooms) * self.n_, part.shape[1]), np.float32)
+                zoomed[j * self.n_ : (j + 1) * self.n_] = part
+                del part
+            self.desc_zoom_train_ = zoomed
         self.rot_whitener_: Whitener | None = None
         if self.rerank and self.rotation_shortlist > 0:
-            rot = np.asarray(rotation_descriptor(images), np.float64)
+            rot = rotation_descriptor(images)
             self.rot_whitener_ = Whitener(method="shrinkage", shrinkage=self.shrinkage).fit(rot)
             self.rot_train_ = self._rot_white(rot)
         self.groups_ = None if groups is None else np.asarray(groups).astype(str)
@@ -343,19 +350,18 @@ class MemorizationScorer:
         return self
 
     def _white(self, layer: str, x: np.ndarray) -> np.ndarray:
-        return np.asarray(self.whiteners_[layer].transform(np.asarray(x, np.float64)), np.float32)
+        return self.whiteners_[layer].transform(x)
 
     def _concat(self, white: Mapping[str, np.ndarray]) -> np.ndarray:
         return _scaled_concat([white[layer] for layer in self.layers_])
 
     def _rot_white(self, x: np.ndarray) -> np.ndarray:
         assert self.rot_whitener_ is not None
-        return _scaled_concat([np.asarray(self.rot_whitener_.transform(np.asarray(x, np.float64)), np.float32)])
+        return _scaled_concat([self.rot_whitener_.transform(x)])
 
     def _desc_concat(self, desc: Mapping[str, np.ndarray]) -> np.ndarray:
         w = self.desc_whiteners_
-        parts = [np.asarray(w[k].transform(np.asarray(x, np.float64)), np.float32) for k, x in desc.items()]
-        return _scaled_concat(parts)
+        return _scaled_concat([w[k].transform(x) for k, x in desc.items()])
 
     def _zoom_sizes(self) -> tuple[int, ...]:
         """Thumbnail sizes of the zoomed descriptor entries (checked against the whole slices' layers)."""
@@ -820,7 +826,12 @@ def _scaled_concat(parts: Sequence[np.ndarray]) -> np.ndarray:
     """Concatenate L whitened, L2-normalised blocks (n, C_l), each scaled by 1/sqrt(L): one inner product then
     gives the mean of the L cosines. Returns (n, sum C_l) float32, C-contiguous."""
     scale = np.float32(1.0 / np.sqrt(len(parts)))
-    return np.ascontiguousarray(np.concatenate([x * scale for x in parts], axis=1))
+    out = np.empty((parts[0].shape[0], sum(x.shape[1] for x in parts)), np.float32)
+    c = 0
+    for x in parts:  # written in place: no scaled copy of every part before the concatenation
+        np.multiply(x, scale, out=out[:, c : c + x.shape[1]])
+        c += x.shape[1]
+    return out
 
 
 def _union_candidates(

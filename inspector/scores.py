@@ -594,13 +594,29 @@ class Whitener:
             everything) instead of becoming NaN.
         """
         _check_fitted(self, "components_")
-        x = _as_2d(X, "features", min_rows=0)
+        x = _check_2d(X, "features", min_rows=0)
         if x.shape[1] != self.n_features_in_:
             raise ValueError(
                 f"features have {x.shape[1]} columns but the Whitener was fitted on {self.n_features_in_}; "
                 "use features of the same layer and extractor."
             )
-        return _l2_normalise(self._whiten(x)).astype(np.float32)
+        # in blocks of rows: the float64 temporaries are O(block d), not O(m d) (4 copies of a 100,000-slice
+        # descriptor base would be GBs)
+        out = np.empty(x.shape, np.float32)
+        bad = 0
+        step = int(_FIT_CHUNK_ROWS)
+        for start in range(0, x.shape[0], step):
+            blk = np.asarray(x[start : start + step], dtype=np.float64)
+            finite = np.isfinite(blk).all(axis=1)
+            if not finite.all():
+                bad += int((~finite).sum())
+                continue
+            out[start : start + step] = _l2_normalise(self._whiten(blk))
+        if bad:
+            raise DegenerateInputError(
+                f"features contains NaN or Inf in {bad} row(s); remove or fix those samples (e.g. empty slices)."
+            )
+        return out
 
     def fit_transform(self, X: ArrayLike, y: None = None) -> np.ndarray:
         """``fit(X).transform(X)``; shape (n, d) float32."""

@@ -780,3 +780,21 @@ def test_ledoit_wolf_shrinkage_errors():
         ledoit_wolf_shrinkage(xc, block_size=0)
     with pytest.raises(ValueError, match="2-D"):
         ledoit_wolf_shrinkage(xc[0])
+
+
+def test_transform_in_blocks_equals_one_block_and_counts_bad_rows_over_blocks(monkeypatch):
+    """The transform streams blocks of rows (float64 temporaries O(block d)); the answer is the one-block one."""
+    rng = np.random.default_rng(41)
+    x = rng.normal(size=(300, 12)).astype(np.float32) @ rng.normal(size=(12, 12)).astype(np.float32)
+    w = Whitener().fit(x)
+    whole = w.transform(x)
+    monkeypatch.setattr(scores_mod, "_FIT_CHUNK_ROWS", 7)
+    parts = w.transform(x)
+    assert parts.dtype == np.float32 and parts.shape == x.shape
+    assert_allclose(parts, whole, rtol=0, atol=1e-7)
+    assert_allclose(parts, ref_whiten(x.astype(np.float64), w.mean_, w.whitening_), atol=2e-6)
+    bad = x.copy()
+    bad[[3, 150, 299], [0, 5, 11]] = [np.nan, np.inf, -np.inf]  # three rows in three different blocks
+    with pytest.raises(scores_mod.DegenerateInputError, match=r"NaN or Inf in 3 row\(s\)"):
+        w.transform(bad)
+    assert w.transform(x[:0]).shape == (0, 12)
