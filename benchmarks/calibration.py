@@ -153,14 +153,9 @@ def clustered(reps: int, quick: bool = False) -> str:
 
 def put_clustered(text: str, command: str, seconds: float) -> None:
     """Put :func:`clustered`'s table into RESULTS.md's calibration section (before its real-MRI table)."""
-    from .results import RESULTS, _machine, replace_block
+    from .results import RESULTS, replace_block, stamp
 
-    block = text.replace(
-        f"{CLUSTERED_HEAD}\n",
-        f"{CLUSTERED_HEAD}\n\n_Run on {time.strftime('%Y-%m-%d %H:%M')} by `{command}` ({seconds:.0f} s; "
-        f"{_machine(None)})._\n",
-        1,
-    )
+    block = text.replace(f"{CLUSTERED_HEAD}\n", f"{CLUSTERED_HEAD}\n\n{stamp(command, seconds)}\n", 1)
     doc = RESULTS.read_text(encoding="utf-8")
     new = replace_block(doc, CLUSTERED_HEAD, block, ("\n### ", "\n## "))
     if new is None:

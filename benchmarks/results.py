@@ -57,6 +57,17 @@ def put_section(title: str, body: str, command: str, seconds: float, machine: st
     return RESULTS
 
 
+def stamp(
+    command: str, seconds: float, machine: str | None = None, *, lead: str = "Run on", minutes: bool = False
+) -> str:
+    """The italic line under a generated heading: ``_{lead} DATE by `command` (duration; machine)._``.
+
+    The duration in seconds, or in whole minutes with ``minutes``; ``machine`` defaults as in :func:`put_section`.
+    """
+    took = f"{seconds / 60:.0f} min" if minutes else f"{seconds:.0f} s"
+    return f"_{lead} {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` ({took}; {_machine(machine)})._"
+
+
 def put_top_section(head: str, body: str, command: str, seconds: float, ends: tuple[str, ...],
                     machine: str | None = None) -> Path:  # fmt: skip
     """Replace the ``## `` section ``head`` of RESULTS.md (up to the first of ``ends``) with ``body``, stamped.
@@ -66,11 +77,8 @@ def put_top_section(head: str, body: str, command: str, seconds: float, ends: tu
     """
     if not head.endswith("\n"):
         head += "\n"
-    stamp = (
-        f"_This section regenerated on {_dt.datetime.now():%Y-%m-%d %H:%M} by `{command}` ({seconds / 60:.0f} min; "
-        f"{_machine(machine)})._\n\n"
-    )
-    block = body.replace(head, head + "\n" + stamp, 1)
+    line = stamp(command, seconds, machine, lead="This section regenerated on", minutes=True)
+    block = body.replace(head, head + "\n" + line + "\n\n", 1)
     doc = replace_block(RESULTS.read_text(encoding="utf-8"), head, block, ends)
     if doc is None:
         raise SystemExit(f"RESULTS.md has no section {head.strip()!r}; run python -m benchmarks.run_all first.")

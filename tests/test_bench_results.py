@@ -129,3 +129,21 @@ def test_lookalike_targets_pool_calibration_runs():
     text = targets(pc, ps)
     assert "6/1500 = 0.0040" in text and "3 independent holdout draws" in text
     assert "0.0090 (runs 0.0090 to 0.0090) | yes" in text
+
+
+def test_clustered_table_is_stamped_and_put_before_the_real_mri_table(tmp_path, monkeypatch):
+    from benchmarks import calibration
+
+    doc = tmp_path / "RESULTS.md"
+    anchor = "### On real MRI: novel-slice false positives"
+    doc.write_text(f"# R\n\n## Calibration\n\n{anchor}\n\nreal\n")
+    monkeypatch.setattr(results, "RESULTS", doc)
+    monkeypatch.setattr("benchmarks.detection.machine", lambda: "machine M")
+    head = calibration.CLUSTERED_HEAD
+    calibration.put_clustered(f"{head}\n\n| t1 |\n", "python -m benchmarks.calibration --clustered-only", 170.0)
+    text = doc.read_text()
+    assert text.index(head) < text.index(anchor) and "| t1 |" in text
+    assert "by `python -m benchmarks.calibration --clustered-only` (170 s; machine M)._" in text
+    calibration.put_clustered(f"{head}\n\n| t2 |\n", "c", 5.0)  # replaced, not added
+    text = doc.read_text()
+    assert text.count(head) == 1 and "| t2 |" in text and "| t1 |" not in text and "real" in text
