@@ -357,7 +357,9 @@ def render(rows: list[dict], rates: list[dict], header: str) -> str:
             f"{reg['size']} px (the orientation given by the pre-pass); the pre-pass of every candidate under "
             f"{reg['orientations']} orientations at 32 px: {reg['pairs'] / reg['pre_s']:.0f} pairs/s.",
         ]
-    made = [f"T = {r['n']['train']:,} {r['run']}: {r.get('commit', 'unknown')} ({r.get('date', 'undated')})" for r in rows]
+    made = [
+        f"T = {r['n']['train']:,} {r['run']}: {r.get('commit', 'unknown')} ({r.get('date', 'undated')})" for r in rows
+    ]
     if made:
         lines += ["", "Audit rows measured by the code at: " + "; ".join(made) + ". Rates measured now."]
     return "\n".join(lines) + "\n"
