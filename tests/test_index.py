@@ -491,6 +491,7 @@ def test_threaded_rerank_is_bit_identical_to_one_thread(monkeypatch):
     b = rng.standard_normal((3000, 48)).astype(np.float32)
     q = rng.standard_normal((700, 48)).astype(np.float32)
     monkeypatch.setattr(index_mod, "_RERANK_BUDGET", 48 * 64)  # many parts
+    monkeypatch.setattr(index_mod, "_THREADED_PARTS", 2)
     monkeypatch.setattr(index_mod, "_threads", lambda: 3)
     s3, i3 = knn(q, b, 20)
     monkeypatch.setattr(index_mod, "_threads", lambda: 1)
