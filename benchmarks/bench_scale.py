@@ -87,6 +87,18 @@ def code_version() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ memory
+def rss_parts_mb() -> dict[str, float]:
+    """RssAnon (heap, tensors) and RssFile (pages of memory-mapped files, e.g. the slice store) now, MB."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(("RssAnon:", "RssFile:")):
+                out[line.split(":")[0][3:].lower()] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return out
+
+
 def rss_mb() -> float:
     """Resident set size of this process now, MB (VmRSS from /proc; 0 where unavailable). Its peak is
     :func:`benchmarks.bench_extract.rss_mb`."""
@@ -109,6 +121,7 @@ class StageSampler:
         self.entry_mb: dict[str, float] = {}  # RSS when a stage first reported
         self.sub = "loading"
         self.sub_peaks: dict[str, float] = {}  # peaks per full progress name ("aligning:synthetic", ...)
+        self.sub_parts: dict[str, dict[str, float]] = {}
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, args=(period,), daemon=True)
         self.t0 = time.perf_counter()
@@ -125,7 +138,9 @@ class StageSampler:
         while not self._stop.wait(period):
             r = rss_mb()
             self.peaks[self.stage] = max(self.peaks.get(self.stage, 0.0), r)
-            self.sub_peaks[self.sub] = max(self.sub_peaks.get(self.sub, 0.0), r)
+            if r >= self.sub_peaks.get(self.sub, 0.0):
+                self.sub_peaks[self.sub] = r
+                self.sub_parts[self.sub] = rss_parts_mb()  # anonymous vs file-backed at that peak
 
     def __enter__(self) -> StageSampler:
         self._t.start()
@@ -172,6 +187,7 @@ def run_one(root: Path, cache: Path, out: Path, extractor: str, cluster: str | N
                 "stage_entry_mb": sampler.entry_mb,
                 "stage_start_s": sampler.first,
                 "substage_peak_mb": sampler.sub_peaks,
+                "substage_peak_parts_mb": sampler.sub_parts,
                 "unit": res.config.unit,
                 "flagged": int(res.table["flagged"].sum()),
                 "verdict": res.verdict.copying_reason,
