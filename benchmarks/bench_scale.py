@@ -373,12 +373,71 @@ def render(rows: list[dict], rates: list[dict], header: str) -> str:
             f"{reg['size']} px (the orientation given by the pre-pass); the pre-pass of every candidate under "
             f"{reg['orientations']} orientations at 32 px: {reg['pairs'] / reg['pre_s']:.0f} pairs/s.",
         ]
+    lines += ["", *targets(rows, rates)]
     made = [
         f"T = {r['n']['train']:,} {r['run']}: {r.get('commit', 'unknown')} ({r.get('date', 'undated')})" for r in rows
     ]
     if made:
         lines += ["", "Audit rows measured by the code at: " + "; ".join(made) + ". Rates measured now."]
     return "\n".join(lines) + "\n"
+
+
+#: The study-scale point of issue 17's targets: rows with at least this many training slices are "T = 100k".
+TARGET_T = 90_000
+
+
+def targets(rows: list[dict], rates: list[dict]) -> list[str]:
+    """Issue 17's targets against this table's rows and rates (markdown lines); "not run" where a row is absent."""
+
+    def largest(run: str) -> dict | None:
+        cand = [r for r in rows if r["run"].startswith(run) and r["n"]["train"] >= TARGET_T]
+        return max(cand, key=lambda r: r["n"]["train"]) if cand else None
+
+    def met(ok: bool) -> str:
+        return "yes" if ok else "**no**"
+
+    out = ["Targets (issue 17; 2-core CPU machine):", "", "| target | measured | met |", "|---|---|---|"]
+    cold, warm = largest("cold"), largest("warm")
+    if cold is not None:
+        t, mb = cold["timings"].get("total", cold["wall"]), cold["peak_rss_mb"]
+        stage = max(cold["stage_peak_mb"], key=cold["stage_peak_mb"].get) if cold["stage_peak_mb"] else "-"
+        at = f"T = {cold['n']['train']:,}, G + H = {cold['n']['synthetic'] + cold['n']['holdout']:,}"
+        out.append(f"| peak RSS <= 3 GB at T = 100k | {mb:,.0f} MB ({at}; in {stage}) | {met(mb <= 3072)} |")
+        out.append(f"| cold end to end <= 45 min at T = 100k | {t / 60:.1f} min ({at}) | {met(t <= 45 * 60)} |")
+    else:
+        out += [
+            "| peak RSS <= 3 GB at T = 100k | not run | - |",
+            "| cold end to end <= 45 min at T = 100k | not run | - |",
+        ]
+    if warm is not None:
+        t = warm["timings"].get("total", warm["wall"])
+        out.append(f"| warm end to end <= 10 min at T = 100k | {t / 60:.1f} min | {met(t <= 600)} |")
+    else:
+        out.append("| warm end to end <= 10 min at T = 100k | not run | - |")
+    trained = [(r["timings"]["training"], r["n"]["train"]) for r in rows if r["timings"].get("training", 0) > 5]
+    if trained:
+        worst = max(trained)
+        out.append(
+            f"| encoder training <= 5 min whatever T | at most {worst[0]:.0f} s (T = {worst[1]:,}; cold rows: "
+            + ", ".join(f"{s:.0f} s at {n:,}" for s, n in sorted(trained, key=lambda x: x[1]))
+            + f") | {met(worst[0] <= 300)} |"
+        )
+    big = max(rates, key=lambda r: r["n"]) if rates else None
+    if big is not None:
+        s = big["search"]
+        frac, ratio = s["gemm"] / s["knn"], s["sklearn_brute"] / s["knn"]
+        at = f"m = {big['m']:,}, n = {big['n']:,}"
+        out.append(f"| search >= 70 % of the GEMM rate | {frac:.0%} ({at}) | {met(frac >= 0.7)} |")
+        out.append(f"| search >= 4x scikit-learn brute force | {ratio:.1f}x ({at}) | {met(ratio >= 4)} |")
+    reg = next((r["registration"] for r in rates if r.get("registration")), None)
+    if reg:
+        v = reg["pairs"] / reg["verify_s"]
+        out.append(f"| registration >= 2,000 verified pairs/s (CPU, {reg['size']} px) | {v:.0f} | {met(v >= 2000)} |")
+    out += [
+        "| MRI-CORE (ViT-B, 224 px) extraction >= 10,000 slices/s on one H200 | not measured (no GPU lent) | - |",
+        "| 1M x 1M search <= 2 min on one H200 | not measured (no GPU lent) | - |",
+    ]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

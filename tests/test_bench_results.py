@@ -147,3 +147,36 @@ def test_clustered_table_is_stamped_and_put_before_the_real_mri_table(tmp_path, 
     calibration.put_clustered(f"{head}\n\n| t2 |\n", "c", 5.0)  # replaced, not added
     text = doc.read_text()
     assert text.count(head) == 1 and "| t2 |" in text and "| t1 |" not in text and "real" in text
+
+
+def test_scale_targets_are_computed_from_the_rows_and_rates():
+    from benchmarks.bench_scale import targets
+
+    def row(t, run, total, mb, train_s):
+        n = {"train": t, "synthetic": t // 10, "holdout": t // 10}
+        timings = {"total": total, "training": train_s}
+        return {
+            "n": n,
+            "run": run,
+            "wall": total,
+            "timings": timings,
+            "peak_rss_mb": mb,
+            "stage_peak_mb": {"volumes": mb},
+        }
+
+    reg = {"pairs": 100, "verify_s": 0.04, "pre_s": 0.1, "orientations": 8, "size": 64}
+    rates = [
+        {"m": 20, "n": 100_000, "search": {"gemm": 1.0, "knn": 1.25, "sklearn_brute": 6.0}},
+        {"m": 2, "n": 1_000, "search": {"gemm": 1.0, "knn": 9.0, "sklearn_brute": 1.0}, "registration": reg},
+    ]
+    rows = [row(1_000, "cold", 80.0, 900.0, 20.0), row(100_000, "cold", 2400.0, 3500.0, 70.0)]
+    text = "\n".join(targets(rows, rates))
+    assert "| peak RSS <= 3 GB at T = 100k | 3,500 MB" in text and "in volumes) | **no** |" in text
+    assert "| cold end to end <= 45 min at T = 100k | 40.0 min (T = 100,000, G + H = 20,000) | yes |" in text
+    assert "| warm end to end <= 10 min at T = 100k | not run | - |" in text
+    assert "| search >= 70 % of the GEMM rate | 80% (m = 20, n = 100,000) | yes |" in text  # the largest n
+    assert "| search >= 4x scikit-learn brute force | 4.8x" in text
+    assert "| registration >= 2,000 verified pairs/s (CPU, 64 px) | 2500 | yes |" in text
+    assert "at most 70 s" in text
+    small = "\n".join(targets([row(1_000, "cold", 80.0, 900.0, 20.0)], []))
+    assert "| cold end to end <= 45 min at T = 100k | not run | - |" in small and "GEMM" not in small
