@@ -87,15 +87,24 @@ def write_vit_b_checkpoint(path: Path) -> None:
     torch.save({"teacher": sd}, path)
 
 
-def rss_mb() -> float:
-    """Peak resident memory of this process in MB (VmHWM; ru_maxrss on Linux survives exec from the parent)."""
+def status_mb(*fields: str) -> dict[str, float]:
+    """The given kB fields of /proc/self/status (``"VmRSS"``, ``"RssAnon"``, ...) in MB; those absent are left out
+    (all of them where /proc is unavailable)."""
+    out = {}
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
+            name = line.split(":", 1)[0]
+            if name in fields:
+                out[name] = int(line.split()[1]) / 1024.0
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return out
+
+
+def rss_mb() -> float:
+    """Peak resident memory of this process in MB (VmHWM; ru_maxrss on Linux survives exec from the parent)."""
+    peak = status_mb("VmHWM").get("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def worker(spec: dict) -> dict:

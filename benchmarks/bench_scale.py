@@ -91,26 +91,17 @@ def code_version() -> str:
 # ------------------------------------------------------------------------------------------------ memory
 def rss_parts_mb() -> dict[str, float]:
     """RssAnon (heap, tensors) and RssFile (pages of memory-mapped files, e.g. the slice store) now, MB."""
-    out = {}
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(("RssAnon:", "RssFile:")):
-                out[line.split(":")[0][3:].lower()] = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return out
+    from benchmarks.bench_extract import status_mb
+
+    return {k[3:].lower(): v for k, v in status_mb("RssAnon", "RssFile").items()}
 
 
 def rss_mb() -> float:
     """Resident set size of this process now, MB (VmRSS from /proc; 0 where unavailable). Its peak is
     :func:`benchmarks.bench_extract.rss_mb`."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    from benchmarks.bench_extract import status_mb
+
+    return status_mb("VmRSS").get("VmRSS", 0.0)
 
 
 class StageSampler:
@@ -158,25 +149,24 @@ class StageSampler:
 def _marked_stages(sampler: StageSampler) -> Iterator[None]:
     """Report the audit's stages that emit no progress of their own (calibration, attribution and baselines,
     naming) to ``sampler``, so their memory is not booked to the volume stage before them."""
-    from inspector import pipeline
+    from inspector import naming, pipeline
 
-    saved = {}
-    for name, label in (("calibrate", "calibrating"), ("attribute", "attributing"), ("publish", "publishing")):
-        saved[name] = getattr(pipeline, name, None)
-        if saved[name] is None:
-            continue
+    # where audit() looks each one up: the pipeline's module globals, and naming's (imported inside audit)
+    marks = ((pipeline, "calibrate", "calibrating"), (pipeline, "attribute", "attributing"),
+             (naming, "publish", "publishing"))  # fmt: skip
+    saved = [(module, name, getattr(module, name)) for module, name, _ in marks]
+    for (module, name, f), (_, _, label) in zip(saved, marks, strict=True):
 
-        def wrapped(*a: Any, _f: Any = saved[name], _label: str = label, **k: Any) -> Any:
+        def wrapped(*a: Any, _f: Any = f, _label: str = label, **k: Any) -> Any:
             sampler.progress(_label, 0, 1)
             return _f(*a, **k)
 
-        setattr(pipeline, name, wrapped)
+        setattr(module, name, wrapped)
     try:
         yield
     finally:
-        for name, f in saved.items():
-            if f is not None:
-                setattr(pipeline, name, f)
+        for module, name, f in saved:
+            setattr(module, name, f)
 
 
 def run_one(root: Path, cache: Path, out: Path, extractor: str, cluster: str | None) -> None:
@@ -441,7 +431,7 @@ def targets(rows: list[dict], rates: list[dict]) -> list[str]:
         out.append(f"| warm end to end <= 10 min at T = 100k | {t / 60:.1f} min | {met(t <= 600)} |")
     else:
         out.append("| warm end to end <= 10 min at T = 100k | not run | - |")
-    trained = [(r["timings"]["training"], r["n"]["train"]) for r in rows if r["timings"].get("training", 0) > 5]
+    trained = [(r["timings"]["training"], r["n"]["train"]) for r in rows if r["run"].startswith("cold")]
     if trained:
         worst = max(trained)
         out.append(

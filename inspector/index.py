@@ -243,8 +243,12 @@ def _as_groups(groups: Any, length: int, name: str, rows: str) -> list[Any]:
 
 
 def _bucket(want: np.ndarray) -> np.ndarray:
-    """Round candidate counts up to a half-power-of-two grid (32, 46, 64, 91, ...) so rows share faiss calls."""
-    w = np.maximum(np.asarray(want, dtype=np.float64), 1.0)
+    """Round candidate counts up to a half-power-of-two grid (32, 46, 64, 91, ...) so rows share faiss calls;
+    rows that all need the same get exactly that (every candidate more costs faiss heap work)."""
+    w = np.asarray(want)
+    if w.size and w.min() == w.max():
+        return np.maximum(w, 1).astype(np.int64)
+    w = np.maximum(w.astype(np.float64), 1.0)
     return np.ceil(2.0 ** (np.ceil(2.0 * np.log2(w) - 1e-9) / 2.0)).astype(np.int64)
 
 
@@ -577,9 +581,8 @@ class NeighbourIndex:
             want = kk + own + _MIN_SLACK
         else:
             want = self.rerank_factor * kk + own
-        # candidates per row, rounded up on a coarse grid so that rows with similar needs share a faiss call (rows
-        # that all need the same ask for exactly that: every candidate more costs faiss heap work)
-        kprime = _bucket(want) if want.min() != want.max() else want.astype(np.int64)
+        # candidates per row, rounded up on a coarse grid so that rows with similar needs share a faiss call
+        kprime = _bucket(want)
         approx = np.full(r, not exact)
         pending = np.arange(r)
         # float32 rounding bound of faiss' inner products: |faiss - exact| <= d u |q| |b| (+ margin)
@@ -703,7 +706,7 @@ class NeighbourIndex:
         else:
             for s in starts:
                 part(s)
-        vals32 = np.full((r, c), np.inf, dtype=np.float32)  # +inf: not scored (the key sorts it last)
+        vals32 = np.zeros((r, c), dtype=np.float32)  # entries not scored are masked out by `score` below
         vals32[rr, cc] = vals.astype(np.float32)
         top_s, top_i = _topk_by_key(vals32, cand, score, kk)
         return top_s, top_i, nvalid

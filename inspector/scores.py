@@ -84,11 +84,15 @@ def _as_2d(x: ArrayLike, name: str, *, min_rows: int = 1) -> np.ndarray:
     """Check that ``x`` is a finite 2-D float array with at least ``min_rows`` rows; return float64."""
     arr = _check_2d(x, name, min_rows=min_rows).astype(np.float64, copy=False)
     if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).any(axis=1).sum())
-        raise DegenerateInputError(
-            f"{name} contains NaN or Inf in {bad} row(s); remove or fix those samples (e.g. empty slices)."
-        )
+        raise _non_finite_rows(name, int((~np.isfinite(arr)).any(axis=1).sum()))
     return arr
+
+
+def _non_finite_rows(name: str, bad: int) -> DegenerateInputError:
+    """The error for ``bad`` rows of ``name`` holding NaN or Inf."""
+    return DegenerateInputError(
+        f"{name} contains NaN or Inf in {bad} row(s); remove or fix those samples (e.g. empty slices)."
+    )
 
 
 def _as_1d(x: ArrayLike, name: str, *, min_len: int = 0) -> np.ndarray:
@@ -613,9 +617,7 @@ class Whitener:
                 continue
             out[start : start + step] = _l2_normalise(self._whiten(blk))
         if bad:
-            raise DegenerateInputError(
-                f"features contains NaN or Inf in {bad} row(s); remove or fix those samples (e.g. empty slices)."
-            )
+            raise _non_finite_rows("features", bad)
         return out
 
     def fit_transform(self, X: ArrayLike, y: None = None) -> np.ndarray:
