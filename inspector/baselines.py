@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _METRICS = ("l2", "cosine")
 _CANDIDATES = 8  # neighbours re-scored exactly in float64 after the float32 search
+_RESCORE_BUDGET = 2**21  # float64 values (16 MB) per block of the exact re-scoring of nearest_distances
 
 
 def _check_metric(metric: str) -> None:
@@ -83,25 +84,35 @@ def nearest_distances(
         return np.empty(0, np.float64), np.empty(0, np.int64)
     groups = {"query_groups": np.arange(n), "base_groups": np.arange(n)} if exclude_self else {}
     k = min(_CANDIDATES, n - 1 if exclude_self else n)
+    dist = np.empty(m, np.float64)
+    nearest = np.empty(m, np.int64)
     if metric == "cosine":
         qn, bn = _l2_normalise(q), _l2_normalise(b)
         _, idx = knn(qn.astype(np.float32), bn.astype(np.float32), k, metric="ip", **groups)
-        valid = idx >= 0
-        safe = np.where(valid, idx, 0)
-        d = 1.0 - np.einsum("md,mkd->mk", qn, bn[safe])
+        qs, bs = qn, bn
     else:
         mu = b.mean(axis=0)
-        qc, bc = q - mu, b - mu
-        qa = np.hstack([qc, np.ones((m, 1))]).astype(np.float32)
-        ba = np.hstack([bc, -0.5 * (bc * bc).sum(axis=1, keepdims=True)]).astype(np.float32)
+        qs, bs = q - mu, b - mu
+        qa = np.hstack([qs, np.ones((m, 1))]).astype(np.float32)
+        ba = np.hstack([bs, -0.5 * (bs * bs).sum(axis=1, keepdims=True)]).astype(np.float32)
         _, idx = knn(qa, ba, k, metric="ip", **groups)
-        valid = idx >= 0
-        safe = np.where(valid, idx, 0)
-        d = np.sqrt(((qc[:, None, :] - bc[safe]) ** 2).sum(axis=2))
-    d = np.where(valid, d, np.inf)
-    best = d.argmin(axis=1)
-    rows = np.arange(m)
-    return d[rows, best].astype(np.float64), safe[rows, best].astype(np.int64)
+        del qa, ba
+    # The exact float64 re-scoring, a block of query rows at a time: (rows, k, d) never grows with m.
+    step = max(1, _RESCORE_BUDGET // max(1, k * q.shape[1]))
+    for lo in range(0, m, step):
+        hi = min(m, lo + step)
+        valid = idx[lo:hi] >= 0
+        safe = np.where(valid, idx[lo:hi], 0)
+        if metric == "cosine":
+            d = 1.0 - np.einsum("md,mkd->mk", qs[lo:hi], bs[safe])
+        else:
+            d = np.sqrt(((qs[lo:hi, None, :] - bs[safe]) ** 2).sum(axis=2))
+        d = np.where(valid, d, np.inf)
+        best = d.argmin(axis=1)
+        rows = np.arange(hi - lo)
+        dist[lo:hi] = d[rows, best]
+        nearest[lo:hi] = safe[rows, best]
+    return dist, nearest
 
 
 # ---------------------------------------------------------------------------------------------- Meehan 2020

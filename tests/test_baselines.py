@@ -94,6 +94,23 @@ def test_nearest_distances_match_brute_force(metric):
     assert (d[:5] < 1e-3).all()
 
 
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_nearest_distances_blocked_rescoring_is_the_whole(monkeypatch, metric, exclude_self):
+    """The exact re-scoring runs in blocks of query rows (memory O(block), issue 17); the result is the same."""
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(60, 5))
+    q = base if exclude_self else rng.normal(size=(37, 5))
+    whole = nearest_distances(q, base, metric=metric, exclude_self=exclude_self)
+    monkeypatch.setattr(B, "_RESCORE_BUDGET", 3 * 8 * 5)  # 3 query rows per block, the last one short
+    blocked = nearest_distances(q, base, metric=metric, exclude_self=exclude_self)
+    rd, ri = ref_nearest(q, base, metric, exclude_self=exclude_self)
+    assert_allclose(blocked[0], whole[0], rtol=0, atol=0)
+    assert_array_equal(blocked[1], whole[1])
+    assert_allclose(blocked[0], rd, rtol=1e-6, atol=1e-9)
+    assert_array_equal(blocked[1], ri)
+
+
 def test_nearest_distances_exclude_self_keeps_duplicates():
     rng = np.random.default_rng(1)
     base = rng.normal(size=(20, 4))
