@@ -67,12 +67,9 @@ def cohort_images(cohort: Cohort | np.ndarray, size: int) -> np.ndarray:
 
 
 def _content_hash(images: np.ndarray) -> str:
-    import hashlib
+    from .cache import stack_hash
 
-    h = hashlib.blake2b(digest_size=32)
-    h.update(str(images.shape).encode())
-    h.update(np.ascontiguousarray(images, dtype=np.float32).tobytes())
-    return h.hexdigest()
+    return stack_hash(images)
 
 
 @dataclass

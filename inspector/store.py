@@ -34,6 +34,7 @@ __all__ = [
     "STORE_VERSION",
     "to_store",
     "store_path",
+    "resized_store",
     "SliceSpill",
     "RowSubset",
     "release_pages",
@@ -71,6 +72,12 @@ def _valid(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
         )
         return None
     return arr
+
+
+def _npy_header(fh: Any, shape: tuple[int, ...]) -> None:
+    """The ``.npy`` header of a C-ordered float32 array of ``shape`` (its rows are then written as raw bytes)."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(fh, header)
 
 
 def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
@@ -120,14 +127,7 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
             # plain writes, not a writable mapping: the written pages go to the page cache and are never
             # counted in this process's resident memory
             with open(tmp, "wb") as fh:
-                np.lib.format.write_array_header_1_0(
-                    fh,
-                    {
-                        "descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)),
-                        "fortran_order": False,
-                        "shape": shape,
-                    },
-                )
+                _npy_header(fh, shape)
                 for i, r in enumerate(cohort.slices):
                     fh.write(np.ascontiguousarray(r.array, np.float32).tobytes())
                     if spilled and (i + 1) % _CHUNK == 0:
@@ -145,6 +145,61 @@ def to_store(cohort: Cohort, cache_dir: str | Path | None = None) -> Cohort:
     cohort.store = arr
     release_freed_memory()
     return cohort
+
+
+def resized_store(store: np.ndarray, size: int) -> np.ndarray | None:
+    """The slices of a store resized to ``size x size``, as a second memory-mapped store beside it.
+
+    The extractor trains and reads at its own input size (64 px for ``ssl``), smaller than the store's loading
+    size (128 px); resizing the whole store into memory would hold a second copy of every slice (1.6 GB at
+    100,000 slices) in the process. The resized copy is written once, chunk by chunk (the parent's pages are
+    released after each chunk), next to the parent file as ``<parent>-<size>px.npy`` (same key, owner-only), so
+    it is content-addressed like the parent and reused by later stages and later audits. Each row equals
+    :func:`inspector.preprocess.resize_square` of the parent's row.
+
+    Parameters
+    ----------
+    store : np.ndarray, shape (n, H, W) float32
+        A cohort's :attr:`~inspector.types.Cohort.store` (a read-only memory map of a ``.npy`` file).
+    size : int
+        Target side, >= 1.
+
+    Returns
+    -------
+    np.ndarray or None
+        The read-only mapped array, shape (n, size, size) float32; ``None`` when ``store`` is not a file-backed
+        store (the caller then resizes in memory).
+    """
+    from .preprocess import resize_square
+
+    name = getattr(store, "filename", None)
+    if name is None or store.ndim != 3:
+        return None
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"resized_store needs size >= 1; got {size}.")
+    parent = Path(name)
+    path = parent.with_name(f"{parent.stem}-{size}px.npy")
+    shape = (int(store.shape[0]), size, size)
+    arr = _valid(path, shape) if path.exists() else None
+    if arr is not None:
+        return arr
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npy")
+    os.close(fd)
+    try:
+        os.chmod(tmp, 0o600)
+        with open(tmp, "wb") as fh:
+            _npy_header(fh, shape)
+            for lo in range(0, shape[0], _CHUNK):
+                part = resize_square(np.asarray(store[lo : lo + _CHUNK], np.float32), size)
+                fh.write(np.ascontiguousarray(part, np.float32).tobytes())
+                release_pages(store)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    log.info("slice store: %d slices resized to %d px in %s", shape[0], size, path.name)
+    return np.load(path, mmap_mode="r")
 
 
 class SliceSpill:

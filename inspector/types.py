@@ -274,7 +274,8 @@ class Cohort:
         Returns
         -------
         np.ndarray, shape (n, H, W), float32
-            The cohort's read-only, memory-mapped :attr:`store` when it has one at that size; else a new array.
+            The cohort's read-only, memory-mapped :attr:`store` when it has one (the store itself at its size,
+            its resized copy beside it at another: :func:`inspector.store.resized_store`); else a new array.
         """
         from .preprocess import resize_square
         from .store import release_pages
@@ -284,6 +285,12 @@ class Cohort:
         st = self.store
         if st is not None and len(st) == len(self.slices) and (size is None or st.shape[1:] == (size, size)):
             return st  # the memory-mapped store itself (read-only), not a copy
+        if st is not None and len(st) == len(self.slices) and size is not None:
+            from .store import resized_store
+
+            sized = resized_store(st, int(size))  # a second mapped store at that size, written once
+            if sized is not None:
+                return sized
         if size is None:
             shapes = {s.array.shape for s in self.slices}
             if len(shapes) > 1:

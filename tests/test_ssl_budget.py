@@ -111,6 +111,29 @@ def test_under_budget_is_bit_identical_to_the_unbounded_loop():
         _assert_same_weights(ext.model, old_model)
 
 
+def test_training_from_a_memory_mapped_store_reads_batches_and_trains_the_same(tmp_path, monkeypatch):
+    """A read-only memmap is trained from a batch at a time (no whole copy: issue 17), with the in-memory weights."""
+    imgs = _images()
+    np.save(tmp_path / "store.npy", imgs)
+    mapped = np.load(tmp_path / "store.npy", mmap_mode="r")
+    released = []
+    real = ssl_mod._all_finite
+    monkeypatch.setattr(ssl_mod, "_RELEASE_EVERY", 2)
+    import inspector.store as store_mod
+
+    orig = store_mod.release_pages
+    monkeypatch.setattr(store_mod, "release_pages", lambda *a: (released.append(a), orig(*a)))
+    monkeypatch.setattr(ssl_mod, "_all_finite", lambda x, chunk=4096: real(x, chunk=3))
+    from_disk = _fit(mapped)
+    assert released and all(np.shares_memory(r[0], mapped) for r in released)  # its pages given back as it went
+    _assert_same_weights(from_disk.model, _fit(imgs).model)
+    assert from_disk.train_hash == _fit(imgs).train_hash  # the streamed hash is the whole array's
+    bad = imgs.copy()
+    bad[17, 3, 3] = np.nan  # in the last chunk of the streamed check
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        _fit(bad)
+
+
 def test_steps_are_min_of_epochs_times_steps_per_epoch_and_max_steps():
     imgs = _images()
     # losses: one per epoch under budget; in blocks of ceil(7 / 3) = 3 steps when it cuts: 3 + 3 + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import stat
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -78,6 +79,28 @@ def test_store_rejects_a_file_of_another_shape(tmp_path, caplog):
     assert c.store.shape == (7, 16, 16)
 
 
+def test_resized_store_is_the_in_memory_resize_written_once_beside_its_parent(tmp_path):
+    from inspector.preprocess import resize_square
+    from inspector.store import resized_store
+
+    rng = np.random.default_rng(11)
+    c = to_store(_cohort(rng, n=5), tmp_path)
+    memory = np.stack([resize_square(s.array, 7) for s in Cohort(list(c.slices), root="/data/x").slices])
+    sized = c.stack(size=7)
+    assert isinstance(sized, np.memmap) and not sized.flags.writeable
+    assert_array_equal(sized, memory)
+    path = Path(sized.filename)
+    assert path.name == f"{Path(c.store.filename).stem}-7px.npy" and stat.S_IMODE(path.stat().st_mode) == 0o600
+    mtime = path.stat().st_mtime_ns
+    assert_array_equal(c.stack(size=7), memory) and path.stat().st_mtime_ns == mtime  # reused, not rewritten
+    assert c.stack(size=c.store.shape[1]) is c.store  # at the store's own size: the store itself
+    assert resized_store(np.zeros((2, 4, 4), np.float32), 3) is None  # not a file: the caller resizes in memory
+    with pytest.raises(ValueError, match="size >= 1"):
+        resized_store(c.store, 0)
+    path.write_bytes(b"damaged")  # a damaged copy is rewritten
+    assert_array_equal(c.stack(size=7), memory)
+
+
 def test_mixed_shapes_and_empty_cohorts_stay_in_memory(tmp_path):
     rng = np.random.default_rng(3)
     c = _cohort(rng, n=2)
@@ -93,7 +116,14 @@ def test_audit_uses_the_store_only_with_the_cache_and_gives_the_same_result(audi
     cfg = AuditConfig(extractor="pixels")
     with_store = audit(p["train"], p["synthetic"], p["holdout"], cfg, cache_dir=tmp_path / "c")
     files = sorted((tmp_path / "c" / "slices").glob("*.npy"))
-    assert len(files) == 3  # train, synthetic, holdout
+    parents = [f for f in files if not f.stem.endswith("px")]
+    assert len(parents) == 3  # train, synthetic, holdout
+    # and each one's copy at the extractor's input size (read by training and extraction), none other
+    from inspector.models import extractor_class
+
+    size = extractor_class("pixels").config_cls().input_size
+    assert size != cfg.size  # else no resized copy is needed and this test checks nothing
+    assert sorted(f.name for f in files if f not in parents) == sorted(f"{f.stem}-{size}px.npy" for f in parents)
     without = audit(p["train"], p["synthetic"], p["holdout"], cfg, cache_dir=tmp_path / "n", use_cache=False)
     assert not (tmp_path / "n").exists() or not (tmp_path / "n" / "slices").exists()
     cols = ["similarity", "p_value", "flagged", "nearest_train_path", "view"]
