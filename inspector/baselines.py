@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _METRICS = ("l2", "cosine")
 _CANDIDATES = 8  # neighbours re-scored exactly in float64 after the float32 search
+_ROWS = 8192  # rows per block of baseline_space's standardisation
 _RESCORE_BUDGET = 2**21  # float64 values (16 MB) per block of the exact re-scoring of nearest_distances
 
 
@@ -87,12 +88,14 @@ def nearest_distances(
     dist = np.empty(m, np.float64)
     nearest = np.empty(m, np.int64)
     if metric == "cosine":
-        qn, bn = _l2_normalise(q), _l2_normalise(b)
+        bn = _l2_normalise(b)
+        qn = bn if q is b else _l2_normalise(q)
         _, idx = knn(qn.astype(np.float32), bn.astype(np.float32), k, metric="ip", **groups)
         qs, bs = qn, bn
     else:
         mu = b.mean(axis=0)
-        qs, bs = q - mu, b - mu
+        bs = b - mu
+        qs = bs if q is b else q - mu  # AuthPct's training-vs-training pass: one centred copy, not two
         qa = np.hstack([qs, np.ones((m, 1))]).astype(np.float32)
         ba = np.hstack([bs, -0.5 * (bs * bs).sum(axis=1, keepdims=True)]).astype(np.float32)
         _, idx = knn(qa, ba, k, metric="ip", **groups)
@@ -424,16 +427,23 @@ def baseline_space(train_layers: Mapping[str, ArrayLike], *others: Mapping[str, 
         ``[train (n, D), *others (m_i, D)]`` with ``D = sum of C_layer``.
     """
     sets = [train_layers, *others]
-    out: list[list[np.ndarray]] = [[] for _ in sets]
     layers = list(train_layers)
-    for layer in layers:
+    widths = [int(np.shape(train_layers[layer])[1]) for layer in layers]
+    # written into each set's float32 matrix a layer and a block of rows at a time: no float64 copy of a set
+    out = [np.empty((int(np.shape(f[layers[0]])[0]), sum(widths)), np.float32) for f in sets]
+    col = 0
+    for layer, width in zip(layers, widths, strict=True):
         x = np.asarray(train_layers[layer], np.float64)
         mu, sd = x.mean(0), x.std(0) + 1e-8
+        del x
         for i, f in enumerate(sets):
-            z = (np.asarray(f[layer], np.float64) - mu) / sd
-            z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
-            out[i].append(z / np.sqrt(len(layers)))
-    return [np.concatenate(parts, axis=1).astype(np.float32) for parts in out]
+            a = f[layer]
+            for lo in range(0, out[i].shape[0], _ROWS):
+                z = (np.asarray(a[lo : lo + _ROWS], np.float64) - mu) / sd
+                z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+                out[i][lo : lo + _ROWS, col : col + width] = z / np.sqrt(len(layers))
+        col += width
+    return out
 
 
 def run_baselines(

@@ -380,6 +380,15 @@ def test_baseline_space_matches_reference():
     assert len(baseline_space(train)) == 1
 
 
+def test_baseline_space_in_blocks_of_rows_is_the_whole(monkeypatch):
+    """Standardised a block of rows at a time into float32 (no float64 copy of a set: issue 17), bit for bit."""
+    train, syn, hold, *_ = _audit_inputs(30)
+    whole = baseline_space(train, syn, hold)
+    monkeypatch.setattr(B, "_ROWS", 7)  # 60, 30 and 40 rows: short last blocks
+    for a, b in zip(baseline_space(train, syn, hold), whole, strict=True):
+        assert_array_equal(a, b)
+
+
 def test_run_baselines_on_planted_copies():
     train, syn, hold, train_img, syn_img, src = _audit_inputs(30)
     cols, summ = run_baselines(train, syn, hold, train_img, syn_img, pixel_size=16, seed=3)
