@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["default_cache_dir", "hash_key", "stack_hash", "EmbeddingCache", "atomic_write_bytes"]
+__all__ = ["default_cache_dir", "hash_key", "EmbeddingCache", "atomic_write_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -63,40 +63,6 @@ def hash_key(**parts: Any) -> str:
     """
     blob = json.dumps(_canonical(parts), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def stack_hash(images: np.ndarray, chunk: int = 1024) -> str:
-    """blake2b (32 bytes) over the shape and the float32 bytes of an image stack, read ``chunk`` rows at a time.
-
-    The identity of a cohort's pixels in the cache keys (the ssl weights, the embeddings). Streamed: a
-    memory-mapped store is hashed without a whole copy of its bytes (1.6 GB at 100,000 slices of 64 px), its
-    pages released after each chunk; the digest is the one of the whole array's bytes at once.
-
-    Parameters
-    ----------
-    images : np.ndarray, shape (n, ...)
-    chunk : int
-        Rows per update (>= 1).
-
-    Returns
-    -------
-    str
-        64 hex characters.
-    """
-    from .store import release_pages
-
-    if int(chunk) < 1:
-        raise ValueError(f"chunk must be >= 1 rows; got {chunk}.")
-    arr = np.asanyarray(images)
-    h = hashlib.blake2b(digest_size=32)
-    h.update(str(tuple(arr.shape)).encode())
-    if arr.ndim == 0:
-        h.update(np.ascontiguousarray(arr, np.float32).tobytes())
-        return h.hexdigest()
-    for lo in range(0, arr.shape[0], int(chunk)):
-        h.update(np.ascontiguousarray(arr[lo : lo + int(chunk)], dtype=np.float32).data)
-        release_pages(arr)
-    return h.hexdigest()
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -67,7 +67,7 @@ def cohort_images(cohort: Cohort | np.ndarray, size: int) -> np.ndarray:
 
 
 def _content_hash(images: np.ndarray) -> str:
-    from .cache import stack_hash
+    from .store import stack_hash
 
     return stack_hash(images)
 

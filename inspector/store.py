@@ -17,6 +17,7 @@ memory as before.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -35,6 +36,7 @@ __all__ = [
     "to_store",
     "store_path",
     "resized_store",
+    "stack_hash",
     "SliceSpill",
     "RowSubset",
     "release_pages",
@@ -200,6 +202,38 @@ def resized_store(store: np.ndarray, size: int) -> np.ndarray | None:
         raise
     log.info("slice store: %d slices resized to %d px in %s", shape[0], size, path.name)
     return np.load(path, mmap_mode="r")
+
+
+def stack_hash(images: np.ndarray, chunk: int = 1024) -> str:
+    """blake2b (32 bytes) over the shape and the float32 bytes of an image stack, read ``chunk`` rows at a time.
+
+    The identity of a cohort's pixels in the cache keys (the ssl weights, the embeddings). Streamed: a
+    memory-mapped store is hashed without a whole copy of its bytes (1.6 GB at 100,000 slices of 64 px), its
+    pages released after each chunk; the digest is the one of the whole array's bytes at once.
+
+    Parameters
+    ----------
+    images : np.ndarray, shape (n, ...)
+    chunk : int
+        Rows per update (>= 1).
+
+    Returns
+    -------
+    str
+        64 hex characters.
+    """
+    if int(chunk) < 1:
+        raise ValueError(f"chunk must be >= 1 rows; got {chunk}.")
+    arr = np.asanyarray(images)
+    h = hashlib.blake2b(digest_size=32)
+    h.update(str(tuple(arr.shape)).encode())
+    if arr.ndim == 0:
+        h.update(np.ascontiguousarray(arr, np.float32).tobytes())
+        return h.hexdigest()
+    for lo in range(0, arr.shape[0], int(chunk)):
+        h.update(np.ascontiguousarray(arr[lo : lo + int(chunk)], dtype=np.float32).data)
+        release_pages(arr)
+    return h.hexdigest()
 
 
 class SliceSpill:

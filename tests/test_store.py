@@ -217,3 +217,20 @@ def test_row_subset_reads_the_rows_it_names_and_rejects_rows_outside_the_stack(t
     assert_array_equal(stack_volume(sub, ref), stack_volume(data[rows], ref))  # as the copied sample reads
     with pytest.raises(IndexError, match=r"rows \[20, -1\] are outside the stack's 20 rows"):
         RowSubset(stack, [0, 20, -1])
+
+
+def test_stack_hash_streams_the_digest_of_the_whole_array(tmp_path):
+    import hashlib
+
+    from inspector.store import stack_hash
+
+    a = np.random.default_rng(2).random((9, 5, 4)).astype(np.float32)
+    h = hashlib.blake2b(digest_size=32)
+    h.update(str(a.shape).encode())
+    h.update(a.tobytes())
+    np.save(tmp_path / "a.npy", a)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert stack_hash(a) == stack_hash(mapped, chunk=2) == stack_hash(a.astype(np.float64), chunk=4) == h.hexdigest()
+    assert stack_hash(a[:, ::-1]) != h.hexdigest()  # a non-contiguous view hashes its values, in order
+    with pytest.raises(ValueError, match="chunk"):
+        stack_hash(a, chunk=0)

@@ -264,8 +264,8 @@ def _all_finite(images: np.ndarray, chunk: int = 4096) -> bool:
 
 def images_hash(images: np.ndarray) -> str:
     """blake2b over the shape and float32 bytes of an image stack (the training set's identity; streamed,
-    :func:`inspector.cache.stack_hash`)."""
-    from ..cache import stack_hash
+    :func:`inspector.store.stack_hash`)."""
+    from ..store import stack_hash
 
     return stack_hash(images)
 
